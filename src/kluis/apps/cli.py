@@ -1,0 +1,291 @@
+"""The ``kluis`` command: run a server, hand out licences, and message from the shell.
+
+Exit status: 0 on success, 1 on a Kluis error (printed as ``error: CODE: message`` on stderr),
+2 on a usage error. The passphrase comes from KLUIS_PASSPHRASE when set, else from a prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import logging
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+
+from kluis.client.client import KluisClient
+from kluis.errors import KluisError, LocalProtocolError
+
+DEFAULT_PORT = 8448
+
+
+def _passphrase(confirm: bool = False) -> str:
+    env = os.environ.get("KLUIS_PASSPHRASE")
+    if env is not None:
+        return env
+    first = getpass.getpass("Passphrase: ")
+    if confirm and getpass.getpass("Passphrase again: ") != first:
+        raise LocalProtocolError("the passphrases differ")
+    return first
+
+
+def _warn(client_errors: Sequence[KluisError]) -> None:
+    for err in client_errors:
+        print(f"warning: {err}", file=sys.stderr)
+        if err.code == "key_changed":
+            account = err.details.get("account", "ID")
+            print(
+                f"  check with the peer, then: kluis trust --profile DIR {account}", file=sys.stderr
+            )
+
+
+# ---- server side ---------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
+    from kluis.server.app import serve
+    from kluis.server.config import DAY, Limits, ServerConfig
+
+    limits = Limits()
+    if args.envelope_ttl_days is not None:
+        limits = replace(limits, envelope_ttl_s=int(args.envelope_ttl_days * DAY))
+    if args.mailbox_quota is not None:
+        limits = replace(limits, mailbox_quota=args.mailbox_quota)
+    if args.max_frame_bytes is not None:
+        limits = replace(limits, max_frame_bytes=args.max_frame_bytes)
+    if args.send_rate is not None:
+        limits = replace(
+            limits, send_rate_per_s=args.send_rate, send_burst=int(args.send_rate * 10)
+        )
+    config = ServerConfig(
+        data_dir=Path(args.data),
+        host=args.host,
+        port=args.port,
+        limits=limits,
+        sqlite_synchronous=args.sync,
+    )
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    serve(config)
+
+
+def cmd_licence_create(args: argparse.Namespace) -> None:
+    from kluis.server.accounts import Accounts
+    from kluis.server.config import Limits, ServerConfig
+    from kluis.server.store import SqliteStore
+
+    config = ServerConfig(data_dir=Path(args.data))
+    store = SqliteStore(config.database_path)
+    try:
+        codes = Accounts(store, time.time, Limits()).create_licences(args.count, args.days)
+    finally:
+        store.close()
+    for code in codes:
+        print(code)
+
+
+# ---- client side ---------------------------------------------------------------------------------
+
+
+async def _register(args: argparse.Namespace) -> None:
+    client = await KluisClient.register(
+        args.server, args.licence, Path(args.profile), _passphrase(confirm=True)
+    )
+    await client.close()
+    print(client.account_id)
+
+
+async def _whoami(args: argparse.Namespace) -> None:
+    client = KluisClient.open(Path(args.profile), _passphrase())
+    try:
+        if not client.account_id:  # a linked device learns its account at first login
+            await client.connect()
+        print(client.account_id)
+    finally:
+        await client.close()
+
+
+async def _device_request(args: argparse.Namespace) -> None:
+    code = await KluisClient.request_link(
+        args.server, Path(args.profile), _passphrase(confirm=True)
+    )
+    print(code)
+
+
+async def _with_client(
+    args: argparse.Namespace, body: Callable[[KluisClient], Awaitable[None]]
+) -> None:
+    client = KluisClient.open(Path(args.profile), _passphrase())
+    try:
+        await client.connect()
+        await body(client)
+    finally:
+        await client.close()
+
+
+async def _device_approve(args: argparse.Namespace) -> None:
+    async def body(client: KluisClient) -> None:
+        print(await client.approve(args.code))
+
+    await _with_client(args, body)
+
+
+async def _device_list(args: argparse.Namespace) -> None:
+    async def body(client: KluisClient) -> None:
+        for record in await client.devices():
+            mark = " (this device)" if record.keys.ed25519 == client.core.device_id else ""
+            print(f"{record.keys.ed25519}{mark}")
+
+    await _with_client(args, body)
+
+
+async def _device_revoke(args: argparse.Namespace) -> None:
+    async def body(client: KluisClient) -> None:
+        await client.revoke(args.device)
+
+    await _with_client(args, body)
+
+
+async def _send(args: argparse.Namespace) -> None:
+    async def body(client: KluisClient) -> None:
+        await client.send(args.id, args.text)
+
+    await _with_client(args, body)
+
+
+async def _inbox(args: argparse.Namespace) -> None:
+    async def body(client: KluisClient) -> None:
+        for message in await client.receive(wait=args.wait):
+            print(message.line(), flush=True)
+        _warn(client.errors)
+
+    await _with_client(args, body)
+
+
+def cmd_history(args: argparse.Namespace) -> None:
+    client = KluisClient.open(Path(args.profile), _passphrase())
+    try:
+        for message in client.history(args.id):
+            print(message.line())
+    finally:
+        client.core.store.close()
+
+
+def cmd_trust(args: argparse.Namespace) -> None:
+    client = KluisClient.open(Path(args.profile), _passphrase())
+    try:
+        client.acknowledge_key_change(args.id)
+    finally:
+        client.core.store.close()
+
+
+# ---- argument parsing ----------------------------------------------------------------------------
+
+
+def _async(
+    fn: Callable[[argparse.Namespace], Awaitable[None]],
+) -> Callable[[argparse.Namespace], None]:
+    return lambda args: asyncio.run(fn(args))  # type: ignore[arg-type]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kluis", description="End-to-end encrypted messaging.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run a server node (embedded SQLite in --data)")
+    s.add_argument("--data", required=True)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=DEFAULT_PORT)
+    s.add_argument(
+        "--sync",
+        choices=["normal", "full"],
+        default="normal",
+        help="SQLite durability: normal survives a crash, full also a power cut",
+    )
+    s.add_argument("--envelope-ttl-days", type=float)
+    s.add_argument("--mailbox-quota", type=int)
+    s.add_argument("--max-frame-bytes", type=int)
+    s.add_argument("--send-rate", type=float, help="sends per second per device")
+    s.set_defaults(func=cmd_serve)
+
+    lic = sub.add_parser("licence", help="manage licence codes").add_subparsers(
+        dest="action", required=True
+    )
+    lc = lic.add_parser("create", help="print new licence codes, one per line")
+    lc.add_argument("--data", required=True)
+    lc.add_argument("--days", type=int, default=182)
+    lc.add_argument("--count", type=int, default=1)
+    lc.set_defaults(func=cmd_licence_create)
+
+    r = sub.add_parser("register", help="redeem a licence; prints the new ID")
+    r.add_argument("--server", required=True)
+    r.add_argument("--licence", required=True)
+    r.add_argument("--profile", required=True)
+    r.set_defaults(func=_async(_register))
+
+    w = sub.add_parser("whoami", help="print this profile's ID")
+    w.add_argument("--profile", required=True)
+    w.set_defaults(func=_async(_whoami))
+
+    dev = sub.add_parser("device", help="link, list and revoke devices").add_subparsers(
+        dest="action", required=True
+    )
+    dr = dev.add_parser("request", help="new device: print a one-time link code")
+    dr.add_argument("--server", required=True)
+    dr.add_argument("--profile", required=True)
+    dr.set_defaults(func=_async(_device_request))
+    da = dev.add_parser("approve", help="existing device: admit the device showing CODE")
+    da.add_argument("--profile", required=True)
+    da.add_argument("code")
+    da.set_defaults(func=_async(_device_approve))
+    dl = dev.add_parser("list")
+    dl.add_argument("--profile", required=True)
+    dl.set_defaults(func=_async(_device_list))
+    dv = dev.add_parser("revoke")
+    dv.add_argument("--profile", required=True)
+    dv.add_argument("device")
+    dv.set_defaults(func=_async(_device_revoke))
+
+    sd = sub.add_parser("send", help="send TEXT to ID; exits 0 once the server stored it")
+    sd.add_argument("--profile", required=True)
+    sd.add_argument("id")
+    sd.add_argument("text")
+    sd.set_defaults(func=_async(_send))
+
+    ib = sub.add_parser("inbox", help="fetch, decrypt and print incoming messages")
+    ib.add_argument("--profile", required=True)
+    ib.add_argument("--wait", type=float, default=0.0)
+    ib.set_defaults(func=_async(_inbox))
+
+    h = sub.add_parser("history", help="print stored conversations, oldest first")
+    h.add_argument("--profile", required=True)
+    h.add_argument("id", nargs="?")
+    h.set_defaults(func=cmd_history)
+
+    t = sub.add_parser("trust", help="accept the changed keys of ID")
+    t.add_argument("--profile", required=True)
+    t.add_argument("id")
+    t.set_defaults(func=cmd_trust)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except KluisError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,344 @@
+"""The friendly async API over the sans-IO core and the transport.
+
+    client = await KluisClient.register("ws://127.0.0.1:8448", licence, profile_dir, passphrase)
+    await client.send(peer_id, "hello")
+    async for message in client.messages():
+        print(message.sender, message.text)
+    await client.close()
+
+Messages are acknowledged to the server only after they are decrypted and stored in the profile,
+so a crash at any point loses nothing (the server redelivers; duplicates are shown once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from types import TracebackType
+from typing import TypeVar
+
+import msgspec
+
+from kluis.client.core import ClientCore, Message, Opened, Payload
+from kluis.client.store import ProfileStore
+from kluis.client.transport import Transport
+from kluis.errors import (
+    CryptoError,
+    KeyChanged,
+    LocalProtocolError,
+    MalformedFrame,
+    MismatchedDevices,
+    TransportError,
+    UnknownDevice,
+)
+from kluis.protocol import frames as f
+
+_SEND_ATTEMPTS = 3
+F = TypeVar("F", bound=f.ClientFrame)
+
+
+def _with_rid(frame: F) -> Callable[[int], F]:
+    return lambda rid: msgspec.structs.replace(frame, rid=rid)
+
+
+_BACKLOG_TIMEOUT = 10.0
+
+
+class KluisClient:
+    def __init__(self, core: ClientCore) -> None:
+        self.core = core
+        self._transport: Transport | None = None
+        self.errors: list[CryptoError | MalformedFrame] = []  # envelopes that could not be read
+        self._held: list[f.InEnvelope] = []  # waiting for a key-change acknowledgement
+        self._synced = False  # the server has sent this connection's stored backlog
+
+    # ---- opening ------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, profile: Path, passphrase: str) -> KluisClient:
+        """Unlock an existing profile (no network yet)."""
+        return cls(ClientCore.load(ProfileStore.open(profile, passphrase)))
+
+    @classmethod
+    async def register(
+        cls, server: str, licence: str, profile: Path, passphrase: str
+    ) -> KluisClient:
+        """Create a profile, redeem ``licence`` and publish this device's keys."""
+        store = ProfileStore.create(profile, passphrase)
+        client = cls(ClientCore.create(store, server))
+        transport = Transport(server)
+        nonce = await transport.connect()
+        core = client.core
+        try:
+            welcome = await transport.request(
+                lambda rid: f.Register(
+                    rid=rid,
+                    licence=licence,
+                    device=core.device_keys(),
+                    sig=core.sign_challenge(nonce),
+                ),
+                f.Welcome,
+            )
+        except BaseException:
+            await transport.close()
+            store.close()
+            for name in (
+                ProfileStore.DB,
+                ProfileStore.META,
+                ProfileStore.DB + "-wal",
+                ProfileStore.DB + "-shm",
+            ):
+                with contextlib.suppress(FileNotFoundError):
+                    (profile / name).unlink()  # a refused licence leaves no half-made profile
+            raise
+        core.set_account(welcome.account)
+        client._transport = transport
+        await client._upload_keys(welcome.otk_count)
+        return client
+
+    @classmethod
+    async def request_link(cls, server: str, profile: Path, passphrase: str) -> str:
+        """Create a profile for a new device and ask to join an account; return the link code."""
+        store = ProfileStore.create(profile, passphrase)
+        core = ClientCore.create(store, server)
+        transport = Transport(server)
+        try:
+            nonce = await transport.connect()
+            otks, fallback = core.keys_to_upload(0)
+            pending = await transport.request(
+                lambda rid: f.LinkRequest(
+                    rid=rid,
+                    device=core.device_keys(),
+                    sig=core.sign_challenge(nonce),
+                    one_time_keys=otks,
+                    fallback_key=fallback,
+                ),
+                f.LinkPending,
+            )
+            core.keys_published()
+            core.set_link_token(pending.token)
+        finally:
+            await transport.close()
+            store.close()
+        from kluis.client.core import link_fingerprint
+
+        return f"{pending.token}-{link_fingerprint(core.device_keys())}"
+
+    async def connect(self) -> None:
+        """Authenticate this device; receive anything queued for it."""
+        if self._transport is not None:
+            return
+        transport = Transport(self.core.server)
+        nonce = await transport.connect()
+        try:
+            welcome = await transport.request(
+                lambda rid: f.Auth(
+                    rid=rid, device=self.core.device_id, sig=self.core.sign_challenge(nonce)
+                ),
+                f.Welcome,
+            )
+        except UnknownDevice as exc:
+            await transport.close()
+            if self.core.link_token:
+                raise UnknownDevice("this device has not been approved yet") from exc
+            raise
+        except BaseException:
+            await transport.close()
+            raise
+        self.core.set_account(welcome.account)
+        self._transport, self._synced = transport, False
+        await self._upload_keys(welcome.otk_count)
+
+    async def close(self) -> None:
+        if self._transport is not None:
+            await self._transport.close()
+            self._transport = None
+        self.core.store.close()
+
+    async def __aenter__(self) -> KluisClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    @property
+    def account_id(self) -> str:
+        return self.core.account_id
+
+    @property
+    def transport(self) -> Transport:
+        if self._transport is None:
+            raise LocalProtocolError("not connected; call connect() first")
+        return self._transport
+
+    # ---- keys and devices ---------------------------------------------------------------------
+
+    async def _upload_keys(self, server_count: int) -> None:
+        otks, fallback = self.core.keys_to_upload(server_count)
+        if not otks and fallback is None:
+            return
+        await self.transport.request(
+            lambda rid: f.UploadKeys(rid=rid, one_time_keys=otks, fallback_key=fallback), f.KeyCount
+        )
+        self.core.keys_published()
+
+    async def refresh_devices(self, account: str) -> None:
+        """Fetch an account's device list and check it against our pins (may raise KeyChanged)."""
+        answer = await self.transport.request(
+            lambda rid: f.ListDevices(rid=rid, account=account), f.Devices
+        )
+        self.core.accept_devices(account, answer.devices)
+
+    async def devices(self) -> list[f.DeviceRecord]:
+        answer = await self.transport.request(
+            lambda rid: f.ListDevices(rid=rid, account=self.account_id), f.Devices
+        )
+        return answer.devices
+
+    async def approve(self, code: str) -> str:
+        """Admit the device that showed ``code``; return its device ID."""
+        token, _, fingerprint = code.strip().rpartition("-")
+        if not token or not fingerprint:
+            raise LocalProtocolError("a link code looks like 'token-fingerprint'")
+        info = await self.transport.request(
+            lambda rid: f.LinkFetch(rid=rid, token=token), f.LinkInfo
+        )
+        record = self.core.approve(info.device, fingerprint)
+        await self.transport.request(
+            lambda rid: f.LinkApprove(rid=rid, token=token, device=record), f.Done
+        )
+        await self.refresh_devices(self.account_id)
+        return record.keys.ed25519
+
+    async def revoke(self, device: str) -> None:
+        await self.transport.request(lambda rid: f.Revoke(rid=rid, device=device), f.Done)
+        if device != self.core.device_id:
+            await self.refresh_devices(self.account_id)
+
+    def acknowledge_key_change(self, account: str) -> None:
+        """Accept a peer's changed keys; held messages from it are read on the next receive."""
+        self.core.acknowledge_key_change(account)
+
+    # ---- sending ------------------------------------------------------------------------------
+
+    async def send(self, peer: str, text: str) -> Message:
+        """Encrypt to every device of ``peer`` and to our other devices; return once stored."""
+        if self.core.pending_key_change(peer):
+            raise KeyChanged(f"keys of {peer} changed; acknowledge before sending", account=peer)
+        payload = self.core.new_payload("text", text)
+        await self._send_payload(peer, payload)
+        self.core.record_sent(peer, payload)
+        copy = Payload(id=payload.id, ts=payload.ts, kind="sync", text=text, to=peer)
+        await self._send_payload(self.account_id, copy)
+        return self.core.history(peer)[-1]
+
+    async def _send_payload(self, account: str, payload: Payload) -> None:
+        for attempt in range(_SEND_ATTEMPTS):
+            if attempt or self.core.trusted_devices(account) is None:
+                await self.refresh_devices(account)
+            missing = self.core.devices_without_session(account)
+            if missing:
+                bundles = await self.transport.request(
+                    _with_rid(f.ClaimKeys(rid=0, account=account, devices=missing)), f.Bundles
+                )
+                self.core.add_bundles(account, bundles.bundles)
+            envelopes = self.core.encrypt(account, payload)
+            if not envelopes and account == self.account_id:
+                return  # we have no other device
+            try:
+                await self.transport.request(
+                    _with_rid(f.Send(rid=0, account=account, envelopes=envelopes)), f.Done
+                )
+                return
+            except MismatchedDevices:
+                if attempt == _SEND_ATTEMPTS - 1:
+                    raise
+
+    # ---- receiving ----------------------------------------------------------------------------
+
+    async def receive(self, wait: float = 0.0) -> list[Message]:
+        """Read everything queued for this device; with ``wait``, listen that long for more."""
+        out: list[Message] = []
+        self._retry_held()
+        pushes = self.transport.pushes
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while True:
+            remaining = deadline - loop.time()
+            if not self._synced:
+                remaining = max(remaining, _BACKLOG_TIMEOUT)  # the stored backlog is on its way
+            elif remaining <= 0 and pushes.empty():
+                break
+            try:
+                push = await asyncio.wait_for(pushes.get(), max(0.0, remaining))
+            except TimeoutError:
+                break
+            if push is None:
+                raise TransportError("connection lost while receiving")
+            if isinstance(push, f.Synced):
+                self._synced = True
+            elif isinstance(push, f.KeysLow):
+                await self._upload_keys(push.otk_count)
+            else:
+                out.extend(await self._handle_deliver(push.envelopes))
+        await self._recover_sessions()
+        return out
+
+    async def messages(self) -> AsyncIterator[Message]:
+        """Every incoming message, as it arrives, forever."""
+        while True:
+            for m in await self.receive(wait=3600):
+                yield m
+
+    def _retry_held(self) -> None:
+        held, self._held = self._held, []
+        if held:  # after a key-change acknowledgement they may now decrypt
+            self.transport.pushes.put_nowait(f.Deliver(envelopes=held))
+
+    async def _handle_deliver(self, envelopes: list[f.InEnvelope]) -> list[Message]:
+        out: list[Message] = []
+        ack: list[int] = []
+        for env in envelopes:
+            try:
+                message = await self._decrypt(env)
+            except KeyChanged as exc:
+                self.errors.append(exc)
+                self._held.append(env)  # not acknowledged: it stays on the server
+                continue
+            except (CryptoError, MalformedFrame) as exc:
+                self.errors.append(exc)  # it can never be read: drop it
+            else:
+                if message is not None:
+                    out.append(message)
+            ack.append(env.id)
+        if ack:
+            await self.transport.request(lambda rid: f.Ack(rid=rid, ids=ack), f.Done)
+        return out
+
+    async def _decrypt(self, env: f.InEnvelope) -> Message | None:
+        opened: Opened | None = self.core.open_envelope(env)
+        if opened is None:
+            return None
+        s = opened.sealed
+        if not self.core.knows_device(s.account, s.device):
+            await self.refresh_devices(s.account)
+        try:
+            return self.core.decrypt(opened)
+        except CryptoError as exc:
+            if exc.code == "decryption_failed":
+                self.core.mark_session_broken(s.account, s.device)
+            raise
+
+    async def _recover_sessions(self) -> None:
+        """Open fresh sessions to devices whose session broke, with a message they ignore."""
+        for account in self.core.broken_accounts():
+            with contextlib.suppress(KeyChanged, MismatchedDevices, UnknownDevice):
+                await self._send_payload(account, self.core.new_payload("dummy"))
+
+    def history(self, peer: str | None = None) -> list[Message]:
+        return self.core.history(peer)

@@ -1,0 +1,211 @@
+"""The profile: a device's keys, sessions, pins and message history, encrypted at rest.
+
+Layout of a profile folder:
+- ``profile.json``: argon2id parameters and salt, and a verifier (an AEAD box of a known string)
+  that tells a wrong passphrase apart from a damaged file. Nothing secret.
+- ``profile.sqlite3`` (WAL): every value is a ChaCha20-Poly1305 box bound to its row (AAD), under
+  a key derived from the passphrase. Lookups use keyed digests (HMAC), never plaintext IDs.
+
+Every change of crypto state happens inside :meth:`ProfileStore.transaction`, and callers commit
+before anything goes on the wire (a restored older session state would reuse message keys).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import msgspec
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from kluis.crypto.aead import RecordCipher
+from kluis.crypto.profile_key import KdfParams, derive_key, new_params
+from kluis.errors import DecryptionError, LocalProtocolError, WrongPassphrase
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS kv (name TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS sessions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    peer BLOB NOT NULL,
+    used INTEGER NOT NULL,
+    value BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sessions_by_peer ON sessions(peer, used);
+CREATE TABLE IF NOT EXISTS messages (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    peer BLOB NOT NULL,
+    value BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_by_peer ON messages(peer, seq);
+CREATE TABLE IF NOT EXISTS seen (digest BLOB PRIMARY KEY) WITHOUT ROWID;
+"""
+
+_VERIFIER = b"kluis-profile-v1"
+
+
+class ProfileMeta(msgspec.Struct, frozen=True):
+    kdf: KdfParams
+    verifier: bytes
+
+
+def _subkey(key: bytes, purpose: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=purpose).derive(key)
+
+
+class ProfileStore:
+    META = "profile.json"
+    DB = "profile.sqlite3"
+
+    def __init__(self, path: Path, key: bytes) -> None:
+        self.path = path
+        self._cipher = RecordCipher(_subkey(key, b"kluis-profile-records"))
+        self.pickle_key = _subkey(key, b"kluis-profile-pickles")
+        self._db = sqlite3.connect(path / self.DB, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA secure_delete=ON")
+        self._db.executescript(_SCHEMA)
+        self._depth = 0
+
+    # ---- opening ------------------------------------------------------------------------------
+
+    @classmethod
+    def exists(cls, path: Path) -> bool:
+        return (path / cls.META).exists()
+
+    @classmethod
+    def create(cls, path: Path, passphrase: str, params: KdfParams | None = None) -> ProfileStore:
+        if cls.exists(path):
+            raise LocalProtocolError(f"a profile already exists in {path}")
+        path.mkdir(parents=True, exist_ok=True)
+        os.chmod(path, 0o700)
+        params = params or new_params()
+        key = derive_key(passphrase, params)
+        verifier = RecordCipher(_subkey(key, b"kluis-profile-verifier")).encrypt(_VERIFIER, b"")
+        tmp = path / (cls.META + ".tmp")
+        tmp.write_bytes(msgspec.json.encode(ProfileMeta(kdf=params, verifier=verifier)))
+        os.replace(tmp, path / cls.META)  # atomic: a half-written profile never looks valid
+        return cls(path, key)
+
+    @classmethod
+    def open(cls, path: Path, passphrase: str) -> ProfileStore:
+        if not cls.exists(path):
+            raise LocalProtocolError(f"no profile in {path}; register or request a device first")
+        try:
+            meta = msgspec.json.decode((path / cls.META).read_bytes(), type=ProfileMeta)
+        except msgspec.DecodeError as exc:
+            raise LocalProtocolError(f"{path / cls.META} is damaged") from exc
+        key = derive_key(passphrase, meta.kdf)
+        try:
+            RecordCipher(_subkey(key, b"kluis-profile-verifier")).decrypt(meta.verifier, b"")
+        except DecryptionError as exc:
+            raise WrongPassphrase("wrong passphrase for this profile") from exc
+        return cls(path, key)
+
+    def close(self) -> None:
+        self._db.close()
+
+    # ---- transactions -------------------------------------------------------------------------
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Nestable; only the outermost level commits."""
+        if self._depth == 0:
+            self._db.execute("BEGIN IMMEDIATE")
+        self._depth += 1
+        try:
+            yield
+        except BaseException:
+            self._depth -= 1
+            if self._depth == 0:
+                self._db.execute("ROLLBACK")
+            raise
+        self._depth -= 1
+        if self._depth == 0:
+            self._db.execute("COMMIT")
+
+    def blind(self, data: str | bytes) -> bytes:
+        return self._cipher.blind(data.encode() if isinstance(data, str) else data)
+
+    # ---- key/value ----------------------------------------------------------------------------
+
+    def get(self, name: str) -> bytes | None:
+        row = self._db.execute("SELECT value FROM kv WHERE name = ?", (name,)).fetchone()
+        return self._cipher.decrypt(row[0], b"kv:" + name.encode()) if row else None
+
+    def put(self, name: str, value: bytes) -> None:
+        with self.transaction():
+            self._db.execute(
+                "INSERT OR REPLACE INTO kv(name, value) VALUES (?, ?)",
+                (name, self._cipher.encrypt(value, b"kv:" + name.encode())),
+            )
+
+    def names(self, prefix: str) -> list[str]:
+        rows = self._db.execute(
+            "SELECT name FROM kv WHERE name >= ? AND name < ?", (prefix, prefix + "\uffff")
+        ).fetchall()
+        return [str(r[0]) for r in rows]
+
+    # ---- Olm sessions -------------------------------------------------------------------------
+
+    def sessions(self, peer_curve: str) -> list[tuple[int, bytes]]:
+        """(row id, value) for a peer device, most recently used first."""
+        rows = self._db.execute(
+            "SELECT id, value FROM sessions WHERE peer = ? ORDER BY used DESC, id DESC",
+            (self.blind(peer_curve),),
+        ).fetchall()
+        return [(int(i), self._cipher.decrypt(v, b"session:" + str(i).encode())) for i, v in rows]
+
+    def save_session(self, row_id: int | None, peer_curve: str, value: bytes, used: int) -> int:
+        with self.transaction():
+            if row_id is None:
+                cur = self._db.execute(
+                    "INSERT INTO sessions(peer, used, value) VALUES (?, ?, x'')",
+                    (self.blind(peer_curve), used),
+                )
+                row_id = int(cur.lastrowid or 0)
+            self._db.execute(
+                "UPDATE sessions SET used = ?, value = ? WHERE id = ?",
+                (used, self._cipher.encrypt(value, b"session:" + str(row_id).encode()), row_id),
+            )
+        return row_id
+
+    def drop_sessions(self, peer_curve: str) -> None:
+        with self.transaction():
+            self._db.execute("DELETE FROM sessions WHERE peer = ?", (self.blind(peer_curve),))
+
+    # ---- history and replay protection --------------------------------------------------------
+
+    def add_message(self, peer: str, value: bytes) -> None:
+        with self.transaction():
+            cur = self._db.execute(
+                "INSERT INTO messages(peer, value) VALUES (?, x'')", (self.blind(peer),)
+            )
+            seq = int(cur.lastrowid or 0)
+            self._db.execute(
+                "UPDATE messages SET value = ? WHERE seq = ?",
+                (self._cipher.encrypt(value, b"message:" + str(seq).encode()), seq),
+            )
+
+    def messages(self, peer: str | None = None) -> list[bytes]:
+        if peer is None:
+            rows = self._db.execute("SELECT seq, value FROM messages ORDER BY seq").fetchall()
+        else:
+            rows = self._db.execute(
+                "SELECT seq, value FROM messages WHERE peer = ? ORDER BY seq", (self.blind(peer),)
+            ).fetchall()
+        return [self._cipher.decrypt(v, b"message:" + str(s).encode()) for s, v in rows]
+
+    def seen(self, token: bytes) -> bool:
+        row = self._db.execute(
+            "SELECT 1 FROM seen WHERE digest = ?", (self.blind(token),)
+        ).fetchone()
+        return row is not None
+
+    def mark_seen(self, token: bytes) -> None:
+        with self.transaction():
+            self._db.execute("INSERT OR IGNORE INTO seen(digest) VALUES (?)", (self.blind(token),))

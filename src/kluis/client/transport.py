@@ -1,0 +1,124 @@
+"""The client's async transport: one WebSocket, requests matched to answers by ``rid``.
+
+This is the only client module that does network I/O, and the one place where aiohttp's
+exceptions become :class:`kluis.errors.TransportError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections.abc import Callable
+from typing import TypeVar
+
+import aiohttp
+
+from kluis.errors import KluisError, MalformedFrame, TransportError, error_for_code
+from kluis.protocol import frames as f
+
+T = TypeVar("T", bound=f.ServerFrame)
+Push = f.Deliver | f.KeysLow | f.Synced
+
+
+class Transport:
+    def __init__(self, url: str, *, max_frame_bytes: int = 4 * 1024 * 1024) -> None:
+        self.url = url.rstrip("/") + "/v1/ws" if not url.rstrip("/").endswith("/v1/ws") else url
+        self._max_frame = max_frame_bytes
+        self._session: aiohttp.ClientSession | None = None
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._rids = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future[f.ServerFrame]] = {}
+        self.pushes: asyncio.Queue[Push | None] = asyncio.Queue()  # None: connection ended
+        self.nonce = b""
+
+    async def connect(self, timeout: float = 10.0) -> bytes:
+        """Open the socket and return the server's challenge nonce."""
+        self._session = aiohttp.ClientSession()
+        try:
+            self._ws = await self._session.ws_connect(
+                self.url, max_msg_size=self._max_frame, timeout=aiohttp.ClientWSTimeout(ws_close=2)
+            )
+            first = await asyncio.wait_for(self._ws.receive(), timeout)
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            await self.close()
+            raise TransportError(f"cannot connect to {self.url}: {exc}") from exc
+        if first.type != aiohttp.WSMsgType.BINARY:
+            await self.close()
+            raise TransportError("server closed the connection before the challenge")
+        challenge = f.decode_server_frame(first.data)
+        if not isinstance(challenge, f.Challenge):
+            await self.close()
+            raise MalformedFrame("server did not start with a challenge")
+        self.nonce = challenge.nonce
+        self._reader = asyncio.create_task(self._read())
+        return challenge.nonce
+
+    async def _read(self) -> None:
+        assert self._ws is not None
+        error: KluisError = TransportError("connection closed")
+        try:
+            async for msg in self._ws:
+                if msg.type != aiohttp.WSMsgType.BINARY:
+                    break
+                frame = f.decode_server_frame(msg.data)
+                if isinstance(frame, f.Deliver | f.KeysLow | f.Synced):
+                    self.pushes.put_nowait(frame)
+                    continue
+                rid = getattr(frame, "rid", None)
+                fut = self._waiting.pop(rid, None) if rid is not None else None
+                if fut is not None and not fut.done():
+                    fut.set_result(frame)
+            if self._ws.close_code is not None:
+                reason = f"connection closed by server ({self._ws.close_code})"
+                error = TransportError(reason, close_code=self._ws.close_code)
+        except KluisError as exc:
+            error = exc
+        except (aiohttp.ClientError, OSError) as exc:
+            error = TransportError(f"connection lost: {exc}")
+        finally:
+            for fut in self._waiting.values():
+                if not fut.done():
+                    fut.set_exception(error)
+            self._waiting.clear()
+            self.pushes.put_nowait(None)
+
+    async def request(self, make: Callable[[int], f.ClientFrame], expect: type[T]) -> T:
+        """Send the frame ``make(rid)`` and return its answer; a server Error is raised typed."""
+        if self._ws is None or self._ws.closed:
+            raise TransportError("not connected")
+        rid = next(self._rids)
+        fut: asyncio.Future[f.ServerFrame] = asyncio.get_running_loop().create_future()
+        self._waiting[rid] = fut
+        try:
+            await self._ws.send_bytes(f.encode(make(rid)))
+        except (aiohttp.ClientError, OSError, ConnectionError) as exc:
+            self._waiting.pop(rid, None)
+            raise TransportError(f"send failed: {exc}") from exc
+        answer = await fut
+        if isinstance(answer, f.Error):
+            raise error_for_code(
+                answer.code, answer.message, missing=answer.missing, extra=answer.extra
+            )
+        if not isinstance(answer, expect):
+            raise MalformedFrame(f"expected {expect.__name__}, got {type(answer).__name__}")
+        return answer
+
+    async def send_raw(self, data: bytes) -> None:
+        """Send bytes as they are (tests use this to send malformed frames)."""
+        if self._ws is None:
+            raise TransportError("not connected")
+        await self._ws.send_bytes(data)
+
+    async def close(self) -> None:
+        if self._ws is not None and not self._ws.closed:
+            with contextlib.suppress(Exception):
+                await self._ws.close()
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reader
+        if self._session is not None:
+            await self._session.close()
+        self._ws = self._session = self._reader = None

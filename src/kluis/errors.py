@@ -1,0 +1,154 @@
+"""Every error Kluis raises, with a stable machine-readable code.
+
+The server sends the same codes on the wire (``Error{code, message}``), so a client can map a
+remote refusal back to the class below with :func:`error_for_code`.
+
+    KluisError
+    ├── LocalProtocolError        you misused the API (our bug or the caller's)
+    ├── RemoteProtocolError       the peer sent something that breaks the protocol
+    │   ├── MalformedFrame            bad_frame: undecodable or schema-violating frame
+    │   ├── FrameTooLarge             frame_too_large
+    │   ├── Unauthenticated           unauthenticated: request before a valid signature
+    │   ├── BadSignature              bad_signature
+    │   ├── RateLimited               rate_limited
+    │   ├── QuotaExceeded             quota_exceeded: recipient mailbox is full
+    │   ├── LicenceInvalid            licence_invalid: unknown, expired or already redeemed
+    │   ├── AccountExpired            account_expired
+    │   ├── UnknownAccount            unknown_account
+    │   ├── UnknownDevice             unknown_device
+    │   ├── MismatchedDevices         mismatched_devices: a send did not address exactly the
+    │   │                             recipient's current devices
+    │   ├── LinkInvalid               link_invalid: unknown or expired device-link code
+    │   └── ServerError               internal: the server failed; nothing was changed
+    ├── CryptoError
+    │   ├── DecryptionError           decryption_failed: tampered or undecryptable envelope
+    │   ├── ReplayError               replay: a message seen before
+    │   ├── UntrustedDevice           untrusted_device: a device without a valid approval chain
+    │   ├── KeyChanged                key_changed: a pinned identity key changed; sending to that
+    │   │                             peer is refused until the change is acknowledged
+    │   └── WrongPassphrase           wrong_passphrase: the profile key does not open the store
+    └── TransportError                transport: connection lost, refused or timed out
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class KluisError(Exception):
+    """Base of every Kluis error; ``code`` is stable and machine-readable."""
+
+    code: ClassVar[str] = "error"
+
+    def __init__(self, message: str = "", **details: object) -> None:
+        super().__init__(message or self.code)
+        self.message = message or self.code
+        self.details = details
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+class LocalProtocolError(KluisError):
+    code = "local_protocol"
+
+
+class RemoteProtocolError(KluisError):
+    code = "remote_protocol"
+
+
+class MalformedFrame(RemoteProtocolError):
+    code = "bad_frame"
+
+
+class FrameTooLarge(RemoteProtocolError):
+    code = "frame_too_large"
+
+
+class Unauthenticated(RemoteProtocolError):
+    code = "unauthenticated"
+
+
+class BadSignature(RemoteProtocolError):
+    code = "bad_signature"
+
+
+class RateLimited(RemoteProtocolError):
+    code = "rate_limited"
+
+
+class QuotaExceeded(RemoteProtocolError):
+    code = "quota_exceeded"
+
+
+class LicenceInvalid(RemoteProtocolError):
+    code = "licence_invalid"
+
+
+class AccountExpired(RemoteProtocolError):
+    code = "account_expired"
+
+
+class UnknownAccount(RemoteProtocolError):
+    code = "unknown_account"
+
+
+class UnknownDevice(RemoteProtocolError):
+    code = "unknown_device"
+
+
+class MismatchedDevices(RemoteProtocolError):
+    code = "mismatched_devices"
+
+
+class LinkInvalid(RemoteProtocolError):
+    code = "link_invalid"
+
+
+class ServerError(RemoteProtocolError):
+    code = "internal"
+
+
+class CryptoError(KluisError):
+    code = "crypto"
+
+
+class DecryptionError(CryptoError):
+    code = "decryption_failed"
+
+
+class ReplayError(CryptoError):
+    code = "replay"
+
+
+class UntrustedDevice(CryptoError):
+    code = "untrusted_device"
+
+
+class KeyChanged(CryptoError):
+    code = "key_changed"
+
+
+class WrongPassphrase(CryptoError):
+    code = "wrong_passphrase"
+
+
+class TransportError(KluisError):
+    code = "transport"
+
+
+def _all_subclasses(cls: type[KluisError]) -> list[type[KluisError]]:
+    out: list[type[KluisError]] = []
+    for sub in cls.__subclasses__():
+        out.append(sub)
+        out.extend(_all_subclasses(sub))
+    return out
+
+
+_BY_CODE: dict[str, type[KluisError]] = {c.code: c for c in _all_subclasses(KluisError)}
+
+
+def error_for_code(code: str, message: str, **details: object) -> KluisError:
+    """Rebuild the typed error for a code received on the wire."""
+    cls = _BY_CODE.get(code, RemoteProtocolError)
+    return cls(message, **details)

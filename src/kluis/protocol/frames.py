@@ -1,0 +1,273 @@
+"""Wire frames: every message between a Kluis client and server, as typed msgspec structs.
+
+Theory of operation: one WebSocket carries binary msgpack frames. The server speaks first with a
+``Challenge``; the client answers with ``Register``, ``Auth`` or ``LinkRequest``, each signed over
+the challenge with the device's Ed25519 key. Requests carry ``rid`` (request id); the server
+answers each with exactly one response of the same ``rid`` or an ``Error``. The server pushes
+``Deliver`` (stored envelopes) and ``KeysLow`` without a ``rid``; the client acknowledges
+delivered envelopes with ``Ack``, after which the server deletes them.
+
+Frames are decoded exactly once, here, at the edge: a frame that does not match its schema raises
+:class:`kluis.errors.MalformedFrame` and nothing deeper ever sees a raw dict.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+from kluis.errors import MalformedFrame
+
+# Field bounds shared by both sides; the server's configurable limits sit below these.
+KeyStr = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+IdStr = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+SigStr = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+Rid = Annotated[int, msgspec.Meta(ge=0, le=2**53)]
+
+
+class _Frame(msgspec.Struct, frozen=True, tag_field="t", forbid_unknown_fields=True):
+    pass
+
+
+# ---- shared value objects ---------------------------------------------------------------------
+
+
+class DeviceKeys(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A device's public identity: Olm keys, the sealing key, and its self-signature."""
+
+    ed25519: KeyStr
+    curve25519: KeyStr
+    seal: KeyStr
+    sig: SigStr  # by ed25519 over signing.device_keys_message(...)
+
+
+class DeviceRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A device as listed in the key directory, with the approval that admitted it."""
+
+    keys: DeviceKeys
+    approver: str = ""  # ed25519 of the approving device; "" for the account's first device
+    approval: str = ""  # approver's signature over signing.approval_message(...)
+
+
+class SignedKey(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    key_id: KeyStr
+    key: KeyStr
+    sig: SigStr  # by the device's ed25519 over signing.one_time_key_message(...)
+
+
+class Bundle(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    device: DeviceRecord
+    one_time_key: SignedKey
+    fallback: bool
+
+
+class OutEnvelope(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    device: IdStr
+    body: bytes
+
+
+class InEnvelope(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    id: int
+    body: bytes
+
+
+# ---- client -> server -------------------------------------------------------------------------
+
+
+class Register(_Frame, frozen=True, tag="register"):
+    rid: Rid
+    licence: Annotated[str, msgspec.Meta(max_length=64)]
+    device: DeviceKeys
+    sig: SigStr  # over signing.challenge_message(nonce, device)
+
+
+class Auth(_Frame, frozen=True, tag="auth"):
+    rid: Rid
+    device: IdStr
+    sig: SigStr
+
+
+class LinkRequest(_Frame, frozen=True, tag="link_request"):
+    """A new device asks to join an account; its keys are published once it is approved."""
+
+    rid: Rid
+    device: DeviceKeys
+    sig: SigStr
+    one_time_keys: list[SignedKey] = []
+    fallback_key: SignedKey | None = None
+
+
+class PendingLink(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What the server keeps for a link request until it is approved or expires."""
+
+    device: DeviceKeys
+    one_time_keys: list[SignedKey] = []
+    fallback_key: SignedKey | None = None
+
+
+class LinkFetch(_Frame, frozen=True, tag="link_fetch"):
+    rid: Rid
+    token: Annotated[str, msgspec.Meta(max_length=32)]
+
+
+class LinkApprove(_Frame, frozen=True, tag="link_approve"):
+    rid: Rid
+    token: Annotated[str, msgspec.Meta(max_length=32)]
+    device: DeviceRecord
+
+
+class UploadKeys(_Frame, frozen=True, tag="upload_keys"):
+    rid: Rid
+    one_time_keys: list[SignedKey]
+    fallback_key: SignedKey | None = None
+
+
+class ListDevices(_Frame, frozen=True, tag="list_devices"):
+    rid: Rid
+    account: IdStr
+
+
+class ClaimKeys(_Frame, frozen=True, tag="claim_keys"):
+    rid: Rid
+    account: IdStr
+    devices: list[IdStr]
+
+
+class Send(_Frame, frozen=True, tag="send"):
+    rid: Rid
+    account: IdStr
+    envelopes: list[OutEnvelope]
+
+
+class Ack(_Frame, frozen=True, tag="ack"):
+    rid: Rid
+    ids: list[int]
+
+
+class Revoke(_Frame, frozen=True, tag="revoke"):
+    rid: Rid
+    device: IdStr
+
+
+ClientFrame = (
+    Register
+    | Auth
+    | LinkRequest
+    | LinkFetch
+    | LinkApprove
+    | UploadKeys
+    | ListDevices
+    | ClaimKeys
+    | Send
+    | Ack
+    | Revoke
+)
+
+
+# ---- server -> client -------------------------------------------------------------------------
+
+
+class Challenge(_Frame, frozen=True, tag="challenge"):
+    nonce: bytes
+
+
+class Welcome(_Frame, frozen=True, tag="welcome"):
+    rid: Rid
+    account: str
+    device: str
+    otk_count: int
+    expires_at: int  # account's subscription end, unix seconds
+
+
+class LinkPending(_Frame, frozen=True, tag="link_pending"):
+    rid: Rid
+    token: str
+    expires_at: int
+
+
+class LinkInfo(_Frame, frozen=True, tag="link_info"):
+    rid: Rid
+    device: DeviceKeys
+
+
+class KeyCount(_Frame, frozen=True, tag="key_count"):
+    rid: Rid
+    otk_count: int
+
+
+class Devices(_Frame, frozen=True, tag="devices"):
+    rid: Rid
+    account: str
+    devices: list[DeviceRecord]
+
+
+class Bundles(_Frame, frozen=True, tag="bundles"):
+    rid: Rid
+    bundles: list[Bundle]
+
+
+class Done(_Frame, frozen=True, tag="done"):
+    rid: Rid
+
+
+class Error(_Frame, frozen=True, tag="error"):
+    rid: Rid | None
+    code: str
+    message: str
+    missing: list[str] = []
+    extra: list[str] = []
+
+
+class Deliver(_Frame, frozen=True, tag="deliver"):
+    envelopes: list[InEnvelope]
+
+
+class KeysLow(_Frame, frozen=True, tag="keys_low"):
+    otk_count: int
+
+
+class Synced(_Frame, frozen=True, tag="synced"):
+    """Pushed once after login, right after the stored backlog: the mailbox is drained."""
+
+
+ServerFrame = (
+    Challenge
+    | Welcome
+    | LinkPending
+    | LinkInfo
+    | KeyCount
+    | Devices
+    | Bundles
+    | Done
+    | Error
+    | Deliver
+    | KeysLow
+    | Synced
+)
+
+_encoder = msgspec.msgpack.Encoder()
+_client_decoder = msgspec.msgpack.Decoder(ClientFrame)
+_server_decoder = msgspec.msgpack.Decoder(ServerFrame)
+
+
+def encode(frame: msgspec.Struct) -> bytes:
+    return _encoder.encode(frame)
+
+
+def decode_client_frame(data: bytes) -> ClientFrame:
+    """Decode a frame sent by a client; raise MalformedFrame on anything else."""
+    try:
+        frame: ClientFrame = _client_decoder.decode(data)
+        return frame
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise MalformedFrame(f"undecodable client frame: {exc}") from exc
+
+
+def decode_server_frame(data: bytes) -> ServerFrame:
+    """Decode a frame sent by a server; raise MalformedFrame on anything else."""
+    try:
+        frame: ServerFrame = _server_decoder.decode(data)
+        return frame
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise MalformedFrame(f"undecodable server frame: {exc}") from exc

@@ -1,0 +1,42 @@
+"""Server configuration: every limit is explicit, named and overridable."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DAY = 86_400
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_frame_bytes: int = 256 * 1024
+    max_envelope_bytes: int = 96 * 1024
+    max_envelopes_per_send: int = 64
+    max_keys_per_upload: int = 100
+    max_stored_one_time_keys: int = 200
+    keys_low_threshold: int = 10
+    send_rate_per_s: float = 50.0  # envelopes-carrying requests per device, sustained
+    send_burst: int = 500
+    claim_rate_per_s: float = 2.0  # key claims per device, sustained
+    claim_burst: int = 50
+    mailbox_quota: int = 10_000  # stored envelopes per recipient device
+    envelope_ttl_s: int = 30 * DAY
+    link_ttl_s: int = 600
+    auth_timeout_s: float = 10.0
+    push_batch: int = 256  # envelopes per Deliver frame
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8448
+    limits: Limits = field(default_factory=Limits)
+    # "normal": a commit survives a killed process (WAL); "full": it also survives power loss.
+    sqlite_synchronous: str = "normal"
+    sweep_interval_s: float = 60.0
+
+    @property
+    def database_path(self) -> Path:
+        return self.data_dir / "kluis.sqlite3"

@@ -1,0 +1,143 @@
+"""Store-and-forward mailbox with group commit and push to connected devices.
+
+Theory of operation: a send is acknowledged only once its envelopes are committed. Deposits and
+acknowledgements that arrive in the same event-loop turn share one SQLite transaction (group
+commit), which is what makes durable storage cheap. After each commit, envelopes for connected
+devices are pushed through the delivery registry; the rest wait until the device connects.
+Acknowledged envelopes are deleted; unacknowledged ones expire after ``envelope_ttl_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Protocol
+
+from kluis.errors import QuotaExceeded
+from kluis.server.config import Limits
+from kluis.server.store import SqliteStore
+
+
+class Recipient(Protocol):
+    def push(self, envelope_id: int, body: bytes) -> None: ...
+
+
+class Mailbox:
+    def __init__(self, store: SqliteStore, limits: Limits, clock: Callable[[], float]) -> None:
+        self._store = store
+        self._limits = limits
+        self._clock = clock
+        self._online: dict[str, Recipient] = {}
+        self._counts: dict[str, int] = {}  # stored envelopes per device, loaded lazily
+        self._deposits: list[tuple[list[tuple[str, bytes]], asyncio.Future[list[int]]]] = []
+        self._acks: list[tuple[list[tuple[str, int]], asyncio.Future[None]]] = []
+        self._flush_scheduled = False
+
+    # ---- delivery registry ----------------------------------------------------------------
+
+    def attach(self, device_id: str, recipient: Recipient) -> Recipient | None:
+        """Route pushes for ``device_id`` to ``recipient``; return the one it replaces."""
+        old = self._online.get(device_id)
+        self._online[device_id] = recipient
+        return old
+
+    def detach(self, device_id: str, recipient: Recipient) -> None:
+        if self._online.get(device_id) is recipient:
+            del self._online[device_id]
+
+    def is_online(self, device_id: str) -> bool:
+        return device_id in self._online
+
+    @property
+    def online_count(self) -> int:
+        return len(self._online)
+
+    # ---- quota ----------------------------------------------------------------------------
+
+    def _count(self, device_id: str) -> int:
+        n = self._counts.get(device_id)
+        if n is None:
+            n = self._counts[device_id] = self._store.count_envelopes(device_id)
+        return n
+
+    def forget(self, device_id: str) -> None:
+        self._counts.pop(device_id, None)
+
+    # ---- deposit / ack with group commit --------------------------------------------------
+
+    def deposit(self, items: list[tuple[str, bytes]]) -> asyncio.Future[list[int]]:
+        """Queue envelopes (device, body); the future resolves once they are committed."""
+        for device_id, _ in items:
+            if self._count(device_id) >= self._limits.mailbox_quota:
+                raise QuotaExceeded("the recipient's mailbox is full; try again later")
+        for device_id, _ in items:
+            self._counts[device_id] += 1
+        fut: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+        self._deposits.append((items, fut))
+        self._schedule()
+        return fut
+
+    def acknowledge(self, device_id: str, ids: list[int]) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._acks.append(([(device_id, i) for i in ids], fut))
+        self._schedule()
+        return fut
+
+    def _schedule(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        deposits, self._deposits = self._deposits, []
+        acks, self._acks = self._acks, []
+        if deposits:
+            self._flush_deposits(deposits)
+        if acks:
+            self._flush_acks(acks)
+
+    def _flush_deposits(
+        self, deposits: list[tuple[list[tuple[str, bytes]], asyncio.Future[list[int]]]]
+    ) -> None:
+        expires = int(self._clock()) + self._limits.envelope_ttl_s
+        rows = [(d, expires, b) for items, _ in deposits for d, b in items]
+        try:
+            ids = self._store.insert_envelopes(rows)
+        except Exception as exc:  # nothing was committed: undo the counts, fail every sender
+            for items, fut in deposits:
+                for d, _ in items:
+                    self._counts[d] -= 1
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        pos = 0
+        for items, fut in deposits:
+            mine = ids[pos : pos + len(items)]
+            pos += len(items)
+            if not fut.done():
+                fut.set_result(mine)
+        for (device_id, _, body), env_id in zip(rows, ids, strict=True):
+            recipient = self._online.get(device_id)
+            if recipient is not None:
+                recipient.push(env_id, body)
+
+    def _flush_acks(self, acks: list[tuple[list[tuple[str, int]], asyncio.Future[None]]]) -> None:
+        rows = [r for items, _ in acks for r in items]
+        try:
+            self._store.delete_envelopes(rows)
+        except Exception as exc:
+            for _, fut in acks:
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        for device_id in {d for d, _ in rows}:
+            self._counts.pop(device_id, None)  # reload on next use: acks may repeat ids
+        for _, fut in acks:
+            if not fut.done():
+                fut.set_result(None)
+
+    def pending(self, device_id: str, after_id: int) -> list[tuple[int, bytes]]:
+        return self._store.envelopes_after(
+            device_id, after_id, int(self._clock()), self._limits.push_batch
+        )

@@ -1,0 +1,304 @@
+"""Server persistence on embedded SQLite (WAL), the only module that talks to the database.
+
+What is stored, and why it is safe to seize:
+- licences: SHA-256 of each code (an unredeemed code cannot be read back), its days, redemption time;
+- accounts: a random ID and the subscription window, nothing personal;
+- devices: public keys and the approval signature that admitted each one;
+- one-time and fallback keys: public keys only;
+- envelopes: recipient device, expiry and an opaque sealed body (no sender, no plaintext),
+  deleted as soon as the device acknowledges them;
+- links: pending device-link requests (public keys), deleted on approval or expiry.
+
+Every multi-row change runs in one transaction: a failure leaves the database as it was.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+
+from kluis.protocol.frames import DeviceRecord, PendingLink, SignedKey
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS licences (
+    code_hash BLOB PRIMARY KEY,
+    days INTEGER NOT NULL,
+    created_at INTEGER NOT NULL,
+    redeemed_at INTEGER
+);
+CREATE TABLE IF NOT EXISTS accounts (
+    id TEXT PRIMARY KEY,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS devices (
+    id TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL REFERENCES accounts(id),
+    record BLOB NOT NULL,
+    created_at INTEGER NOT NULL,
+    revoked INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS devices_by_account ON devices(account_id);
+CREATE TABLE IF NOT EXISTS one_time_keys (
+    device_id TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    key BLOB NOT NULL,
+    PRIMARY KEY (device_id, key_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS fallback_keys (
+    device_id TEXT PRIMARY KEY,
+    key BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS envelopes (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    device_id TEXT NOT NULL,
+    expires_at INTEGER NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS envelopes_by_device ON envelopes(device_id, id);
+CREATE INDEX IF NOT EXISTS envelopes_by_expiry ON envelopes(expires_at);
+CREATE TABLE IF NOT EXISTS links (
+    token TEXT PRIMARY KEY,
+    keys BLOB NOT NULL,
+    expires_at INTEGER NOT NULL
+);
+"""
+
+_record_enc = msgspec.msgpack.Encoder()
+_record_dec = msgspec.msgpack.Decoder(DeviceRecord)
+_key_dec = msgspec.msgpack.Decoder(SignedKey)
+_link_dec = msgspec.msgpack.Decoder(PendingLink)
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    id: str
+    created_at: int
+    expires_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoredDevice:
+    account_id: str
+    record: DeviceRecord
+    revoked: bool
+
+
+class SqliteStore:
+    """Synchronous store; calls are short and run on the server's event loop thread."""
+
+    def __init__(self, path: Path, *, synchronous: str = "normal") -> None:
+        if synchronous not in ("normal", "full"):
+            raise ValueError("synchronous must be 'normal' or 'full'")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        # Deleted envelopes must not linger in free pages of a seized disk.
+        self._db.execute("PRAGMA secure_delete=ON")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """Nestable: only the outermost level begins and commits."""
+        if self._db.in_transaction:
+            yield self._db
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # ---- licences and accounts ----------------------------------------------------------------
+
+    def add_licences(self, code_hashes: Sequence[bytes], days: int, now: int) -> None:
+        with self.transaction() as db:
+            db.executemany(
+                "INSERT INTO licences(code_hash, days, created_at) VALUES (?, ?, ?)",
+                [(h, days, now) for h in code_hashes],
+            )
+
+    def register(
+        self, code_hash: bytes, account_id: str, device: DeviceRecord, now: int
+    ) -> Account | None:
+        """Redeem the licence and create the account with its first device, atomically.
+
+        Returns None (and changes nothing) when the licence is unknown or already redeemed.
+        """
+        with self.transaction() as db:
+            row = db.execute(
+                "UPDATE licences SET redeemed_at = ? WHERE code_hash = ? AND redeemed_at IS NULL "
+                "RETURNING days",
+                (now, code_hash),
+            ).fetchone()
+            if row is None:
+                return None
+            account = Account(account_id, now, now + int(row[0]) * 86_400)
+            db.execute(
+                "INSERT INTO accounts(id, created_at, expires_at) VALUES (?, ?, ?)",
+                (account.id, account.created_at, account.expires_at),
+            )
+            db.execute(
+                "INSERT INTO devices(id, account_id, record, created_at) VALUES (?, ?, ?, ?)",
+                (device.keys.ed25519, account_id, _record_enc.encode(device), now),
+            )
+        return account
+
+    def account(self, account_id: str) -> Account | None:
+        row = self._db.execute(
+            "SELECT id, created_at, expires_at FROM accounts WHERE id = ?", (account_id,)
+        ).fetchone()
+        return Account(*row) if row else None
+
+    # ---- devices ------------------------------------------------------------------------------
+
+    def device(self, device_id: str) -> StoredDevice | None:
+        row = self._db.execute(
+            "SELECT account_id, record, revoked FROM devices WHERE id = ?", (device_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        return StoredDevice(row[0], _record_dec.decode(row[1]), bool(row[2]))
+
+    def active_devices(self, account_id: str) -> list[DeviceRecord]:
+        rows = self._db.execute(
+            "SELECT record FROM devices WHERE account_id = ? AND revoked = 0 ORDER BY created_at, id",
+            (account_id,),
+        ).fetchall()
+        return [_record_dec.decode(r[0]) for r in rows]
+
+    def add_device(self, account_id: str, device: DeviceRecord, link_token: str, now: int) -> bool:
+        """Add an approved device with its keys, consuming its link; False if the link is gone."""
+        with self.transaction() as db:
+            row = db.execute("DELETE FROM links WHERE token = ? RETURNING keys", (link_token,))
+            found = row.fetchone()
+            if found is None:
+                return False
+            link = _link_dec.decode(found[0])
+            db.execute(
+                "INSERT INTO devices(id, account_id, record, created_at) VALUES (?, ?, ?, ?)",
+                (device.keys.ed25519, account_id, _record_enc.encode(device), now),
+            )
+            self.add_keys(device.keys.ed25519, link.one_time_keys, link.fallback_key)
+        return True
+
+    def revoke_device(self, device_id: str) -> None:
+        """Revoke a device and drop everything held for it: keys and undelivered envelopes."""
+        with self.transaction() as db:
+            db.execute("UPDATE devices SET revoked = 1 WHERE id = ?", (device_id,))
+            db.execute("DELETE FROM one_time_keys WHERE device_id = ?", (device_id,))
+            db.execute("DELETE FROM fallback_keys WHERE device_id = ?", (device_id,))
+            db.execute("DELETE FROM envelopes WHERE device_id = ?", (device_id,))
+
+    # ---- device links -------------------------------------------------------------------------
+
+    def put_link(self, token: str, link: PendingLink, expires_at: int) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO links(token, keys, expires_at) VALUES (?, ?, ?)",
+                (token, _record_enc.encode(link), expires_at),
+            )
+
+    def link(self, token: str, now: int) -> PendingLink | None:
+        row = self._db.execute(
+            "SELECT keys FROM links WHERE token = ? AND expires_at > ?", (token, now)
+        ).fetchone()
+        return _link_dec.decode(row[0]) if row else None
+
+    # ---- key directory ------------------------------------------------------------------------
+
+    def add_keys(
+        self, device_id: str, one_time_keys: Iterable[SignedKey], fallback: SignedKey | None
+    ) -> int:
+        with self.transaction() as db:
+            db.executemany(
+                "INSERT OR IGNORE INTO one_time_keys(device_id, key_id, key) VALUES (?, ?, ?)",
+                [(device_id, k.key_id, _record_enc.encode(k)) for k in one_time_keys],
+            )
+            if fallback is not None:
+                db.execute(
+                    "INSERT OR REPLACE INTO fallback_keys(device_id, key) VALUES (?, ?)",
+                    (device_id, _record_enc.encode(fallback)),
+                )
+        return self.count_one_time_keys(device_id)
+
+    def count_one_time_keys(self, device_id: str) -> int:
+        row = self._db.execute(
+            "SELECT COUNT(*) FROM one_time_keys WHERE device_id = ?", (device_id,)
+        ).fetchone()
+        return int(row[0])
+
+    def claim_key(self, device_id: str) -> tuple[SignedKey, bool] | None:
+        """Hand out one unused one-time key, atomically; the fallback key when none are left."""
+        with self.transaction() as db:
+            row = db.execute(
+                "DELETE FROM one_time_keys WHERE device_id = ? AND key_id = (SELECT key_id "
+                "FROM one_time_keys WHERE device_id = ? LIMIT 1) RETURNING key",
+                (device_id, device_id),
+            ).fetchone()
+            if row is None:
+                row = db.execute(
+                    "SELECT key FROM fallback_keys WHERE device_id = ?", (device_id,)
+                ).fetchone()
+                return (_key_dec.decode(row[0]), True) if row else None
+        return _key_dec.decode(row[0]), False
+
+    # ---- mailbox ------------------------------------------------------------------------------
+
+    def insert_envelopes(self, rows: Sequence[tuple[str, int, bytes]]) -> list[int]:
+        """Store (device, expires_at, body) rows in one transaction; return their ids in order."""
+        ids: list[int] = []
+        with self.transaction() as db:
+            for row in rows:
+                cur = db.execute(
+                    "INSERT INTO envelopes(device_id, expires_at, body) VALUES (?, ?, ?)", row
+                )
+                ids.append(int(cur.lastrowid or 0))
+        return ids
+
+    def envelopes_after(
+        self, device_id: str, after_id: int, now: int, limit: int
+    ) -> list[tuple[int, bytes]]:
+        return [
+            (int(r[0]), bytes(r[1]))
+            for r in self._db.execute(
+                "SELECT id, body FROM envelopes WHERE device_id = ? AND id > ? AND expires_at > ? "
+                "ORDER BY id LIMIT ?",
+                (device_id, after_id, now, limit),
+            )
+        ]
+
+    def delete_envelopes(self, rows: Sequence[tuple[str, int]]) -> int:
+        """Delete (device, id) rows in one transaction; a device may delete only its own."""
+        with self.transaction() as db:
+            cur = db.executemany("DELETE FROM envelopes WHERE device_id = ? AND id = ?", rows)
+            return int(cur.rowcount)
+
+    def count_envelopes(self, device_id: str) -> int:
+        row = self._db.execute(
+            "SELECT COUNT(*) FROM envelopes WHERE device_id = ?", (device_id,)
+        ).fetchone()
+        return int(row[0])
+
+    def sweep(self, now: int) -> tuple[int, int]:
+        """Delete expired envelopes and device links; return how many of each."""
+        with self.transaction() as db:
+            env = db.execute("DELETE FROM envelopes WHERE expires_at <= ?", (now,)).rowcount
+            links = db.execute("DELETE FROM links WHERE expires_at <= ?", (now,)).rowcount
+        return int(env), int(links)
+
+    def checkpoint(self) -> None:
+        """Fold the WAL back into the database so deleted rows leave no copy in the WAL file."""
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
