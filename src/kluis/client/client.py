@@ -261,8 +261,11 @@ class KluisClient:
 
     # ---- receiving ----------------------------------------------------------------------------
 
-    async def receive(self, wait: float = 0.0) -> list[Message]:
-        """Read everything queued for this device; with ``wait``, listen that long for more."""
+    async def receive(self, wait: float = 0.0, *, until: int | None = None) -> list[Message]:
+        """Read everything queued for this device; with ``wait``, listen that long for more.
+
+        With ``until``, return as soon as that many messages have arrived.
+        """
         out: list[Message] = []
         self._retry_held()
         pushes = self.transport.pushes
@@ -286,6 +289,8 @@ class KluisClient:
                 await self._upload_keys(push.otk_count)
             else:
                 out.extend(await self._handle_deliver(push.envelopes))
+                if until is not None and len(out) >= until and self._synced:
+                    break
         await self._recover_sessions()
         return out
 

@@ -1,0 +1,40 @@
+# Kluis: the two set-up commands are `make serve` and `make test` (see README.md).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+DATA   ?= ./data
+HOST   ?= 127.0.0.1
+PORT   ?= 8448
+
+.PHONY: install serve test lint typecheck pytest clean
+
+$(BIN)/kluis: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+install: $(BIN)/kluis
+
+# Install, print a first licence code, and run one node on embedded SQLite in $(DATA).
+serve: install
+	@mkdir -p $(DATA)
+	@echo "First licence code (redeem with: kluis register --server http://$(HOST):$(PORT) --licence CODE --profile DIR):"
+	@$(BIN)/kluis licence create --data $(DATA) --count 1
+	$(BIN)/kluis serve --data $(DATA) --host $(HOST) --port $(PORT)
+
+lint: install
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+typecheck: install
+	$(BIN)/mypy
+
+pytest: install
+	$(BIN)/pytest -q
+
+# The whole suite: lint, types, tests.
+test: lint typecheck pytest
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,106 @@
+"""Two real clients and a third device, over a real server on loopback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kluis.client.client import KluisClient
+from tests.kluis_testing import PASSPHRASE, ServerProcess, link_device, register
+
+
+def texts(messages: list) -> list[str]:  # type: ignore[type-arg]
+    return [m.text for m in messages]
+
+
+async def test_two_users_and_a_second_device_both_directions(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    alice = await register(server, tmp_path / "alice")
+    bob = await register(server, tmp_path / "bob")
+    alice2 = await link_device(alice, server, tmp_path / "alice2")
+    assert alice2.account_id == alice.account_id
+    assert len(await alice.devices()) == 2
+
+    await alice.send(bob.account_id, "hello bob")
+    got = await bob.receive(wait=5, until=1)
+    assert [(m.sender, m.text) for m in got] == [(alice.account_id, "hello bob")]
+
+    # Bob answers: both of Alice's devices get it.
+    await bob.send(alice.account_id, "hi alice")
+    assert texts(await alice.receive(wait=5, until=1)) == ["hi alice"]
+    # Alice's second device sees her own sent message (a sync copy) and Bob's answer.
+    got2 = await alice2.receive(wait=5, until=2)
+    assert [(m.sender, m.text) for m in got2] == [
+        (alice.account_id, "hello bob"),
+        (bob.account_id, "hi alice"),
+    ]
+
+    # From the second device: Bob receives it; the first device gets the copy.
+    await alice2.send(bob.account_id, "from my laptop")
+    assert texts(await bob.receive(wait=5, until=1)) == ["from my laptop"]
+    assert texts(await alice.receive(wait=5, until=1)) == ["from my laptop"]
+
+    # Histories agree, oldest first.
+    want = ["hello bob", "hi alice", "from my laptop"]
+    assert texts(alice.history(bob.account_id)) == want
+    assert texts(alice2.history(bob.account_id)) == want
+    assert texts(bob.history(alice.account_id)) == want
+    for c in (alice, alice2, bob):
+        assert c.errors == []
+        await c.close()
+
+
+async def test_recipient_offline_then_online(server: ServerProcess, tmp_path: Path) -> None:
+    alice = await register(server, tmp_path / "alice")
+    bob = await register(server, tmp_path / "bob")
+    bob_id = bob.account_id
+    await bob.close()  # Bob goes offline
+
+    for i in range(5):
+        await alice.send(bob_id, f"while you were away {i}")
+
+    bob = KluisClient.open(tmp_path / "bob", PASSPHRASE)
+    await bob.connect()
+    got = await bob.receive()
+    assert texts(got) == [f"while you were away {i}" for i in range(5)]
+    # Acknowledged: a new connection receives nothing more.
+    await bob.close()
+    bob = KluisClient.open(tmp_path / "bob", PASSPHRASE)
+    await bob.connect()
+    assert await bob.receive() == []
+    await bob.close()
+    await alice.close()
+
+
+async def test_many_messages_in_a_row_keep_order(server: ServerProcess, tmp_path: Path) -> None:
+    alice = await register(server, tmp_path / "alice")
+    bob = await register(server, tmp_path / "bob")
+    for i in range(30):
+        await alice.send(bob.account_id, f"m{i}")
+    got = await bob.receive(wait=5, until=30)
+    assert texts(got) == [f"m{i}" for i in range(30)]
+    await alice.close()
+    await bob.close()
+
+
+async def test_revoked_device_gets_nothing_more(server: ServerProcess, tmp_path: Path) -> None:
+    alice = await register(server, tmp_path / "alice")
+    bob = await register(server, tmp_path / "bob")
+    alice2 = await link_device(alice, server, tmp_path / "alice2")
+    await bob.send(alice.account_id, "before")
+    assert texts(await alice2.receive(wait=5, until=1)) == ["before"]
+    await alice.revoke(alice2.core.device_id)
+    assert len(await alice.devices()) == 1
+    await bob.send(alice.account_id, "after")  # Bob's first try addresses 2 devices: corrected
+    assert texts(await alice.receive(wait=5, until=2)) == ["before", "after"]
+    await alice2.close()
+    again = KluisClient.open(tmp_path / "alice2", PASSPHRASE)
+    try:
+        await again.connect()
+        raise AssertionError("a revoked device must not log in")
+    except Exception as exc:
+        assert getattr(exc, "code", "") == "unknown_device"
+    finally:
+        await again.close()
+    await alice.close()
+    await bob.close()

@@ -1,0 +1,113 @@
+"""Test helpers: a real Kluis server process on loopback, and real clients."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from kluis.client.client import KluisClient
+
+PASSPHRASE = "correct horse battery staple"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServerProcess:
+    """`kluis serve` in a subprocess, on a free loopback port, with its own data folder."""
+
+    def __init__(self, data: Path, *extra_args: str) -> None:
+        self.data = data
+        self.port = free_port()
+        self.extra_args = list(extra_args)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = data.parent / f"{data.name}-server.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def cli(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "kluis.apps.cli", *args]
+
+    def start(self) -> None:
+        self.data.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:  # the child keeps its own copy of the fd
+            self.proc = subprocess.Popen(
+                self.cli(
+                    "serve", "--data", str(self.data), "--port", str(self.port), *self.extra_args
+                ),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.log_path.read_text()}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("server did not start")
+
+    def kill(self) -> None:
+        """kill -9: no chance to flush or clean up."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.proc = None
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()
+
+    def licences(self, count: int = 1, days: int = 182) -> list[str]:
+        out = subprocess.run(
+            self.cli(
+                "licence",
+                "create",
+                "--data",
+                str(self.data),
+                "--count",
+                str(count),
+                "--days",
+                str(days),
+            ),
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        return out.split()
+
+
+async def register(server: ServerProcess, profile: Path) -> KluisClient:
+    (code,) = server.licences(1)
+    return await KluisClient.register(server.url, code, profile, PASSPHRASE)
+
+
+async def link_device(existing: KluisClient, server: ServerProcess, profile: Path) -> KluisClient:
+    code = await KluisClient.request_link(server.url, profile, PASSPHRASE)
+    await existing.approve(code)
+    client = KluisClient.open(profile, PASSPHRASE)
+    await client.connect()
+    return client
