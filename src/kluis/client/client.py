@@ -237,17 +237,23 @@ class KluisClient:
         await self._send_payload(self.account_id, copy)
         return self.core.history(peer)[-1]
 
+    async def encrypt(
+        self, account: str, payload: Payload, *, refresh: bool = False
+    ) -> list[f.OutEnvelope]:
+        """Envelopes of ``payload`` for every trusted device of ``account``, opening sessions."""
+        if refresh or self.core.trusted_devices(account) is None:
+            await self.refresh_devices(account)
+        missing = self.core.devices_without_session(account)
+        if missing:
+            bundles = await self.transport.request(
+                _with_rid(f.ClaimKeys(rid=0, account=account, devices=missing)), f.Bundles
+            )
+            self.core.add_bundles(account, bundles.bundles)
+        return self.core.encrypt(account, payload)
+
     async def _send_payload(self, account: str, payload: Payload) -> None:
         for attempt in range(_SEND_ATTEMPTS):
-            if attempt or self.core.trusted_devices(account) is None:
-                await self.refresh_devices(account)
-            missing = self.core.devices_without_session(account)
-            if missing:
-                bundles = await self.transport.request(
-                    _with_rid(f.ClaimKeys(rid=0, account=account, devices=missing)), f.Bundles
-                )
-                self.core.add_bundles(account, bundles.bundles)
-            envelopes = self.core.encrypt(account, payload)
+            envelopes = await self.encrypt(account, payload, refresh=attempt > 0)
             if not envelopes and account == self.account_id:
                 return  # we have no other device
             try:

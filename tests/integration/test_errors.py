@@ -1,0 +1,183 @@
+"""Bad input: tampered and replayed envelopes, malformed, oversized and unauthenticated frames."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from kluis.errors import DecryptionError
+from kluis.protocol import frames as f
+from tests.kluis_testing import ServerProcess, register
+
+
+class RawConnection:
+    """A bare WebSocket speaking frames by hand, to send what a real client never would."""
+
+    def __init__(self, session: aiohttp.ClientSession, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.session, self.ws = session, ws
+        self.nonce = b""
+
+    async def recv(self) -> f.ServerFrame:
+        msg = await self.ws.receive(timeout=5)
+        assert msg.type == aiohttp.WSMsgType.BINARY, msg
+        return f.decode_server_frame(msg.data)
+
+    async def send(self, data: bytes) -> None:
+        await self.ws.send_bytes(data)
+
+
+@pytest.fixture
+async def raw(server: ServerProcess) -> AsyncIterator[RawConnection]:
+    session = aiohttp.ClientSession()
+    ws = await session.ws_connect(server.url + "/v1/ws", max_msg_size=0)
+    conn = RawConnection(session, ws)
+    challenge = await conn.recv()
+    assert isinstance(challenge, f.Challenge)
+    conn.nonce = challenge.nonce
+    yield conn
+    await ws.close()
+    await session.close()
+
+
+async def expect_error(conn: RawConnection, code: str) -> f.Error:
+    frame = await conn.recv()
+    assert isinstance(frame, f.Error), frame
+    assert frame.code == code, frame
+    assert frame.message
+    return frame
+
+
+async def test_garbage_frame_gets_bad_frame_and_connection_survives(raw: RawConnection) -> None:
+    await raw.send(b"\xff\x00garbage")
+    await expect_error(raw, "bad_frame")
+    await raw.send(f.encode(f.Ack(rid=7, ids=[1])))  # well-formed but not logged in
+    err = await expect_error(raw, "unauthenticated")
+    assert err.rid == 7
+    await raw.ws.send_str("text frames are not the protocol")
+    await expect_error(raw, "bad_frame")
+
+
+async def test_schema_violation_is_bad_frame(raw: RawConnection) -> None:
+    import msgspec
+
+    await raw.send(msgspec.msgpack.encode({"t": "send", "rid": 1, "account": 5}))
+    await expect_error(raw, "bad_frame")
+    await raw.send(msgspec.msgpack.encode({"t": "no_such_frame", "rid": 1}))
+    await expect_error(raw, "bad_frame")
+
+
+async def test_bad_signature_and_unknown_device(
+    raw: RawConnection, server: ServerProcess, tmp_path: Path
+) -> None:
+    alice = await register(server, tmp_path / "alice")
+    await raw.send(f.encode(f.Auth(rid=1, device=alice.core.device_id, sig="A" * 86)))
+    await expect_error(raw, "bad_signature")
+    await raw.send(f.encode(f.Auth(rid=2, device="nobody", sig="A" * 86)))
+    await expect_error(raw, "unknown_device")
+    # A correct signature still works on the same connection afterwards.
+    await raw.send(
+        f.encode(
+            f.Auth(rid=3, device=alice.core.device_id, sig=alice.core.sign_challenge(raw.nonce))
+        )
+    )
+    welcome = await raw.recv()
+    assert isinstance(welcome, f.Welcome) and welcome.account == alice.account_id
+    await alice.close()
+
+
+async def test_oversized_frame_typed_error_then_cut(tmp_path: Path) -> None:
+    srv = ServerProcess(tmp_path / "server", "--max-frame-bytes", "65536")
+    srv.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            ws = await session.ws_connect(srv.url + "/v1/ws", max_msg_size=0)
+            await ws.receive(timeout=5)  # challenge
+            await ws.send_bytes(b"\x00" * 70_000)  # a little too large: typed error, still open
+            msg = await ws.receive(timeout=5)
+            frame = f.decode_server_frame(msg.data)
+            assert isinstance(frame, f.Error) and frame.code == "frame_too_large"
+            await ws.send_bytes(b"\x00" * 1_000_000)  # far too large: the connection is cut
+            msg = await ws.receive(timeout=5)
+            assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+            assert ws.close_code == 1009
+        # The server is still up for everyone else.
+        async with aiohttp.ClientSession() as session, session.get(srv.url + "/health") as r:
+            assert r.status == 200
+    finally:
+        srv.stop()
+
+
+async def test_oversized_envelope_and_mismatched_devices(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    alice = await register(server, tmp_path / "alice")
+    bob = await register(server, tmp_path / "bob")
+    big = f.OutEnvelope(device=bob.core.device_id, body=b"x" * (100 * 1024))
+    with pytest.raises(Exception) as info:
+        await alice.transport.request(
+            lambda rid: f.Send(rid=rid, account=bob.account_id, envelopes=[big]), f.Done
+        )
+    assert getattr(info.value, "code", "") == "frame_too_large"
+    wrong = f.OutEnvelope(device="not-a-device", body=b"x")
+    with pytest.raises(Exception) as info:
+        await alice.transport.request(
+            lambda rid: f.Send(rid=rid, account=bob.account_id, envelopes=[wrong]), f.Done
+        )
+    assert info.value.code == "mismatched_devices"  # type: ignore[attr-defined]
+    assert info.value.details["missing"] == [bob.core.device_id]  # type: ignore[attr-defined]
+    # Nothing was stored by the refused sends; a real message still goes through.
+    await alice.send(bob.account_id, "still fine")
+    assert [m.text for m in await bob.receive(wait=5, until=1)] == ["still fine"]
+    await alice.close()
+    await bob.close()
+
+
+async def test_tampered_envelope_rejected_session_survives(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    alice = await register(server, tmp_path / "alice")
+    bob = await register(server, tmp_path / "bob")
+    await alice.send(bob.account_id, "first")
+    assert [m.text for m in await bob.receive(wait=5, until=1)] == ["first"]
+
+    (env,) = await alice.encrypt(bob.account_id, alice.core.new_payload("text", "tampered"))
+    body = bytearray(env.body)
+    body[len(body) // 2] ^= 0x01
+    bad = f.OutEnvelope(device=env.device, body=bytes(body))
+    await alice.transport.request(
+        lambda rid: f.Send(rid=rid, account=bob.account_id, envelopes=[bad]), f.Done
+    )
+    assert await bob.receive(wait=1) == []
+    assert len(bob.errors) == 1 and isinstance(bob.errors[0], DecryptionError)
+    assert "tampered" in str(bob.errors[0])
+
+    # The session is intact in both directions.
+    await alice.send(bob.account_id, "second")
+    assert [m.text for m in await bob.receive(wait=5, until=1)] == ["second"]
+    await bob.send(alice.account_id, "reply")
+    assert [m.text for m in await alice.receive(wait=5, until=1)] == ["reply"]
+    await alice.close()
+    await bob.close()
+
+
+async def test_replayed_envelope_shown_once(server: ServerProcess, tmp_path: Path) -> None:
+    alice = await register(server, tmp_path / "alice")
+    bob = await register(server, tmp_path / "bob")
+    (env,) = await alice.encrypt(bob.account_id, alice.core.new_payload("text", "only once"))
+    for _ in range(3):  # the server (or anyone) delivers the same envelope three times
+        await alice.transport.request(
+            lambda rid: f.Send(rid=rid, account=bob.account_id, envelopes=[env]), f.Done
+        )
+    got = await bob.receive(wait=2, until=3)
+    assert [m.text for m in got] == ["only once"]
+    assert bob.errors == []
+    # Replayed again later, after the first copy was acknowledged and deleted.
+    await alice.transport.request(
+        lambda rid: f.Send(rid=rid, account=bob.account_id, envelopes=[env]), f.Done
+    )
+    assert await bob.receive(wait=1) == []
+    await alice.close()
+    await bob.close()
