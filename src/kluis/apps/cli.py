@@ -90,6 +90,31 @@ def cmd_licence_create(args: argparse.Namespace) -> None:
         print(code)
 
 
+def cmd_audit_storage(args: argparse.Namespace) -> None:
+    from kluis.server import audit
+
+    database = audit.parse_database_url(args.database) if args.database else None
+    secrets = [(f"secret {i + 1}", audit.decode_secret(s)) for i, s in enumerate(args.secret)]
+    for profile in args.profile:
+        secrets.extend(audit.profile_secrets(Path(profile), _passphrase()))
+    report = audit.audit(
+        Path(args.data),
+        database=database,
+        markers=args.marker,
+        raw=[(f"bytes {h[:16]}", audit.decode_secret(h)) for h in args.bytes],
+        secrets=secrets,
+        extra_paths=[Path(p) for p in args.also],
+        expect_empty=args.expect_empty,
+    )
+    for note in report.notes:
+        print(f"note: {note}")
+    for finding in report.findings:
+        print(finding.line())
+    print(f"{report.files} files scanned, {len(report.findings)} findings")
+    if not report.clean:
+        raise SystemExit(1)
+
+
 # ---- client side ---------------------------------------------------------------------------------
 
 
@@ -222,6 +247,23 @@ def build_parser() -> argparse.ArgumentParser:
     lc.add_argument("--days", type=int, default=182)
     lc.add_argument("--count", type=int, default=1)
     lc.set_defaults(func=cmd_licence_create)
+
+    au = sub.add_parser(
+        "audit-storage", help="scan a server's data as a seizer would; exit 1 on any finding"
+    )
+    au.add_argument("--data", required=True)
+    au.add_argument("--database", help="sqlite:///PATH (PostgreSQL: not supported yet)")
+    au.add_argument("--marker", action="append", default=[], help="plaintext that must not appear")
+    au.add_argument("--bytes", action="append", default=[], help="raw bytes (hex/base64)")
+    au.add_argument("--secret", action="append", default=[], help="private key (hex/base64)")
+    au.add_argument("--profile", action="append", default=[], help="client profile's secrets")
+    au.add_argument("--also", action="append", default=[], help="more files: logs kept elsewhere")
+    au.add_argument(
+        "--expect-empty",
+        action="store_true",
+        help="every device has synced: no envelope may remain",
+    )
+    au.set_defaults(func=cmd_audit_storage)
 
     r = sub.add_parser("register", help="redeem a licence; prints the new ID")
     r.add_argument("--server", required=True)

@@ -1,0 +1,326 @@
+"""Seizure audit: what would someone who takes the server's disk find? (``kluis audit-storage``)
+
+Theory of operation: the audit reads, never writes. It walks every file under the data folder
+(the database, its WAL and shared-memory files, logs, anything else) plus any extra paths, as raw
+bytes, so deleted-but-not-overwritten data in free pages and old WAL frames counts too. It looks
+for three kinds of finding:
+
+1. **markers**: plaintext strings the caller knows were sent (as UTF-8, UTF-16, UTF-32, base64
+   and hex), and raw byte strings (for example the ciphertext of an envelope already delivered);
+2. **private key material**: secrets the caller hands in (``--secret``, or read from client
+   profiles with ``--profile``), and anything that looks like a private key: PEM/OpenSSH private
+   key blocks and long base64 runs such as vodozemac pickles (the server stores only public keys
+   and signatures, which are short);
+3. **metadata that outlives delivery**: in a copy of the SQLite database, any row that names
+   devices or accounts of two different accounts (a sender/recipient link), envelopes past their
+   expiry, and, with ``expect_empty`` (every device has synced), any stored envelope at all.
+
+A finding is a :class:`Finding`; the command exits 1 when there is any, 0 when there is none.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import shutil
+import sqlite3
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kluis.errors import LocalProtocolError
+
+DB_NAME = "kluis.sqlite3"
+# A run of base64 text this long is no public key (43 chars) or signature (86 chars) the server
+# keeps; vodozemac pickles are 500+ characters.
+LONG_BASE64_RUN = 200
+_B64_RUN = re.compile(rb"[A-Za-z0-9+/]{%d,}={0,2}" % LONG_BASE64_RUN)
+_PEM_PRIVATE = re.compile(rb"-----BEGIN [A-Z ]*PRIVATE KEY-----")
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    kind: str  # "marker", "key", "link", "envelope"
+    where: str
+    detail: str
+
+    def line(self) -> str:
+        return f"FOUND {self.kind}: {self.detail} in {self.where}"
+
+
+@dataclass(slots=True)
+class Report:
+    findings: list[Finding] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what was looked at, for the reader
+    files: int = 0
+
+    @property
+    def clean(self) -> bool:
+        return not self.findings
+
+
+# ---- encodings of a needle --------------------------------------------------------------------
+
+
+def _base64_forms(data: bytes) -> list[bytes]:
+    """The base64 text that must appear when ``data`` sits anywhere inside an encoded stream.
+
+    For each of the three alignments, keep only the characters that depend on ``data`` alone.
+    """
+    forms = []
+    for shift in range(3):
+        encoded = base64.b64encode(bytes(shift) + data)
+        start = -(-8 * shift // 6)  # first character made of data bits only
+        end = 8 * (shift + len(data)) // 6  # one past the last such character
+        core = encoded[start:end]
+        if len(core) >= 8:
+            forms.append(core)
+            forms.append(core.replace(b"+", b"-").replace(b"/", b"_"))  # urlsafe
+    return forms
+
+
+def encodings(text: str) -> dict[str, bytes | list[bytes]]:
+    """Every encoding of a plaintext marker worth looking for."""
+    raw = text.encode()
+    out: dict[str, bytes | list[bytes]] = {
+        "utf-8": raw,
+        "utf-16-le": text.encode("utf-16-le"),
+        "utf-16-be": text.encode("utf-16-be"),
+        "utf-32-le": text.encode("utf-32-le"),
+        "hex": [raw.hex().encode(), raw.hex().upper().encode()],
+        "base64": _base64_forms(raw),
+    }
+    return out
+
+
+def byte_encodings(data: bytes) -> dict[str, bytes | list[bytes]]:
+    """Encodings of a raw byte string (a key, a ciphertext)."""
+    return {
+        "raw": data,
+        "hex": [data.hex().encode(), data.hex().upper().encode()],
+        "base64": _base64_forms(data),
+    }
+
+
+# ---- the scan ---------------------------------------------------------------------------------
+
+
+def _files(paths: Iterable[Path]) -> Iterator[Path]:
+    for p in paths:
+        if p.is_file():
+            yield p
+        elif p.is_dir():
+            yield from sorted(q for q in p.rglob("*") if q.is_file())
+
+
+def _search(
+    report: Report, blob: bytes, where: str, kind: str, label: str, forms: dict[str, object]
+) -> None:
+    for enc, needle in forms.items():
+        needles = needle if isinstance(needle, list) else [needle]
+        for n in needles:
+            assert isinstance(n, bytes)
+            pos = blob.find(n) if n else -1
+            if pos >= 0:
+                report.findings.append(Finding(kind, where, f"{label} ({enc}) at offset {pos}"))
+                break
+
+
+def _looks_like_key(report: Report, blob: bytes, where: str) -> None:
+    m = _PEM_PRIVATE.search(blob)
+    if m:
+        report.findings.append(Finding("key", where, f"PEM private key at offset {m.start()}"))
+    for m in _B64_RUN.finditer(blob):
+        report.findings.append(
+            Finding(
+                "key",
+                where,
+                f"{m.end() - m.start()}-character base64 run at offset {m.start()} "
+                "(looks like a vodozemac pickle or an exported key)",
+            )
+        )
+
+
+def scan_files(
+    report: Report,
+    paths: Sequence[Path],
+    markers: Sequence[str],
+    raw: Sequence[tuple[str, bytes]],
+    secrets: Sequence[tuple[str, bytes]],
+) -> None:
+    marker_forms = [(repr(m), encodings(m)) for m in markers if m]
+    raw_forms = [(label, byte_encodings(b)) for label, b in raw if b]
+    secret_forms = [(label, byte_encodings(b)) for label, b in secrets if b]
+    for path in _files(paths):
+        report.files += 1
+        blob = path.read_bytes()
+        where = str(path)
+        for label, forms in marker_forms:
+            _search(report, blob, where, "marker", f"marker {label}", dict(forms))
+        for label, forms in raw_forms:
+            _search(report, blob, where, "marker", label, dict(forms))
+        for label, forms in secret_forms:
+            _search(report, blob, where, "key", label, dict(forms))
+        _looks_like_key(report, blob, where)
+
+
+# ---- the database -----------------------------------------------------------------------------
+
+
+def _copy_database(db: Path, into: Path) -> Path:
+    """Copy the database with its WAL so that opening it cannot change the evidence."""
+    target = into / db.name
+    for suffix in ("", "-wal", "-shm"):
+        src = db.with_name(db.name + suffix)
+        if src.exists():
+            shutil.copyfile(src, into / (db.name + suffix))
+    return target
+
+
+def _cells(row: Sequence[object]) -> bytes:
+    return b"\x00".join(
+        c if isinstance(c, bytes) else str(c).encode() for c in row if c is not None
+    )
+
+
+def scan_database(report: Report, db: Path, *, expect_empty: bool, now: int) -> None:
+    if not db.exists():
+        report.notes.append(f"no database at {db}")
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        conn = sqlite3.connect(_copy_database(db, Path(tmp)))
+        try:
+            _scan_tables(report, conn, str(db), expect_empty=expect_empty, now=now)
+        finally:
+            conn.close()
+
+
+def _scan_tables(
+    report: Report, conn: sqlite3.Connection, where: str, *, expect_empty: bool, now: int
+) -> None:
+    tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+    owner: dict[bytes, str] = {}  # device or account ID -> account
+    if "accounts" in tables:
+        for (account,) in conn.execute("SELECT id FROM accounts"):
+            owner[str(account).encode()] = str(account)
+    if "devices" in tables:
+        for device, account in conn.execute("SELECT id, account_id FROM devices"):
+            owner[str(device).encode()] = str(account)
+    report.notes.append(f"{len(owner)} account and device IDs known to the database")
+
+    # A row that names IDs of two different accounts links them (who writes to whom).
+    for table in tables:
+        if table == "sqlite_sequence":
+            continue
+        for n, cells in enumerate(conn.execute(f'SELECT * FROM "{table}"'), 1):
+            blob = _cells(cells)
+            accounts = {a for ident, a in owner.items() if ident in blob}
+            if len(accounts) > 1:
+                report.findings.append(
+                    Finding(
+                        "link",
+                        f"{where} table {table} row {n}",
+                        f"row names IDs of {len(accounts)} different accounts",
+                    )
+                )
+
+    if "envelopes" in tables:
+        stored = conn.execute(
+            "SELECT device_id, COUNT(*), SUM(expires_at <= ?) FROM envelopes GROUP BY device_id",
+            (now,),
+        ).fetchall()
+        total = sum(int(n) for _, n, _ in stored)
+        report.notes.append(f"{total} stored envelopes for {len(stored)} devices")
+        for device, n, expired in stored:
+            if int(expired or 0):
+                report.findings.append(
+                    Finding("envelope", where, f"{expired} expired envelopes kept for {device}")
+                )
+            if expect_empty:
+                report.findings.append(
+                    Finding("envelope", where, f"{n} envelopes still stored for {device}")
+                )
+        for (body,) in conn.execute("SELECT body FROM envelopes"):
+            named = {a for ident, a in owner.items() if ident in bytes(body)}
+            if named:
+                report.findings.append(
+                    Finding("link", where, "an envelope body names an account or device ID")
+                )
+
+
+# ---- entry point ------------------------------------------------------------------------------
+
+
+def audit(
+    data: Path,
+    *,
+    markers: Sequence[str] = (),
+    raw: Sequence[tuple[str, bytes]] = (),
+    secrets: Sequence[tuple[str, bytes]] = (),
+    extra_paths: Sequence[Path] = (),
+    expect_empty: bool = False,
+    database: Path | None = None,
+    now: int | None = None,
+) -> Report:
+    """Audit the data folder ``data`` (and ``extra_paths``, e.g. log files kept elsewhere).
+
+    ``database`` is the SQLite file when it is not ``data/kluis.sqlite3``; it is scanned as raw
+    bytes too.
+    """
+    if not data.is_dir():
+        raise LocalProtocolError(f"no data folder at {data}")
+    report = Report()
+    scan_files(report, [data, *extra_paths], markers, raw, secrets)
+    scan_database(report, data / DB_NAME, expect_empty=expect_empty, now=int(now or time.time()))
+    return report
+
+
+def parse_database_url(url: str) -> Path:
+    """``sqlite:///path`` or a plain path; other databases are not supported yet."""
+    if url.startswith("sqlite:///"):
+        return Path(url[len("sqlite://") :])
+    if url.startswith(("postgres://", "postgresql://")):
+        raise LocalProtocolError(
+            "auditing PostgreSQL is not supported yet: Kluis has no PostgreSQL store"
+        )
+    if "://" in url:
+        raise LocalProtocolError(f"unsupported database URL {url.split('://')[0]}://")
+    return Path(url)
+
+
+def decode_secret(text: str) -> bytes:
+    """A secret given on the command line, as hex or base64."""
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        pass
+    try:
+        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise LocalProtocolError("--secret takes hex or base64") from exc
+
+
+def profile_secrets(profile: Path, passphrase: str) -> list[tuple[str, bytes]]:
+    """The private material a client profile holds: what must never reach the server."""
+    import msgspec
+
+    from kluis.client.core import Identity
+    from kluis.client.store import ProfileStore
+
+    store = ProfileStore.open(profile, passphrase)
+    try:
+        raw = store.get("identity")
+        if raw is None:
+            return []
+        identity = msgspec.msgpack.decode(raw, type=Identity)
+        name = profile.name
+        return [
+            (f"sealing private key of {name}", identity.seal_private),
+            (f"Olm account pickle of {name}", identity.account_pickle.encode()[:64]),
+            (f"pickle key of {name}", store.pickle_key),
+        ]
+    finally:
+        store.close()

@@ -1,0 +1,145 @@
+"""`kluis audit-storage` after a realistic workload: a seized disk shows nothing worth taking.
+
+Workload: two accounts, one with a second device, messages both ways with known marker strings,
+everything delivered and acknowledged. Then the audit looks through the server's data folder and
+its log for the markers (in several encodings), for the ciphertexts of delivered envelopes, for
+the private keys of every client profile, for anything shaped like a private key, and for rows
+linking two accounts; it must come back clean. A marker planted afterwards must be found.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kluis.client.client import KluisClient
+from kluis.protocol import frames as f
+from kluis.server import audit
+from tests.kluis_testing import PASSPHRASE, ServerProcess, link_device, register
+
+MARKERS = ["MARKER-tulip-7731", "geheim bericht 0x5eed", "Ünïcødé-marker-✓"]
+
+
+def run_audit(*args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, KLUIS_PASSPHRASE=PASSPHRASE)
+    return subprocess.run(
+        [sys.executable, "-m", "kluis.apps.cli", "audit-storage", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+
+
+def record_bodies(client: KluisClient, into: list[bytes]) -> None:
+    """Keep the ciphertext of every envelope the client opens (to look for it on disk later)."""
+    core = client.core
+    original = core.open_envelope
+
+    def spy(env: f.InEnvelope) -> object:
+        into.append(env.body)
+        return original(env)
+
+    core.open_envelope = spy  # type: ignore[method-assign,assignment]
+
+
+async def workload(server: ServerProcess, tmp_path: Path) -> tuple[list[Path], list[bytes]]:
+    alice = await register(server, tmp_path / "alice")
+    bob = await register(server, tmp_path / "bob")
+    alice2 = await link_device(alice, server, tmp_path / "alice2")
+    bodies: list[bytes] = []
+    for c in (alice, bob, alice2):
+        record_bodies(c, bodies)
+    await alice.send(bob.account_id, f"{MARKERS[0]} from alice")
+    await bob.send(alice.account_id, f"{MARKERS[1]} from bob")
+    await alice2.send(bob.account_id, f"{MARKERS[2]} from the laptop")
+    assert len(await bob.receive(wait=5, until=2)) == 2
+    assert len(await alice.receive(wait=5, until=2)) == 2
+    assert len(await alice2.receive(wait=5, until=2)) == 2
+    for c in (alice, bob, alice2):
+        assert c.errors == []
+        await c.close()
+    assert len(bodies) == 6
+    return [tmp_path / "alice", tmp_path / "bob", tmp_path / "alice2"], bodies
+
+
+def audit_args(server: ServerProcess, profiles: list[Path], bodies: list[bytes]) -> list[str]:
+    args = ["--data", str(server.data), "--also", str(server.log_path), "--expect-empty"]
+    for m in MARKERS:
+        args += ["--marker", m]
+    for b in bodies:
+        args += ["--bytes", b[33:97].hex()]  # 64 bytes of the sealed ciphertext
+    for p in profiles:
+        args += ["--profile", str(p)]
+    return args
+
+
+async def test_seized_disk_after_workload_is_clean(server: ServerProcess, tmp_path: Path) -> None:
+    profiles, bodies = await workload(server, tmp_path)
+    # The sweeper's checkpoint (or a clean stop) folds the WAL; stop cleanly, as an operator would.
+    server.stop()
+    out = run_audit(*audit_args(server, profiles, bodies))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert ", 0 findings" in out.stdout
+
+    # The audit does see things: a planted marker in a new row, in UTF-16, is found.
+    db = sqlite3.connect(server.data / audit.DB_NAME)
+    db.execute("CREATE TABLE planted (x BLOB)")
+    db.execute("INSERT INTO planted VALUES (?)", (MARKERS[1].encode("utf-16-le"),))
+    db.commit()
+    db.close()
+    out = run_audit("--data", str(server.data), "--marker", MARKERS[1])
+    assert out.returncode == 1, out.stdout
+    assert f"marker {MARKERS[1]!r} (utf-16-le)" in out.stdout
+
+
+async def test_audit_finds_leaks_of_each_kind(server: ServerProcess, tmp_path: Path) -> None:
+    alice = await register(server, tmp_path / "alice")
+    bob = await register(server, tmp_path / "bob")
+    await alice.close()
+    await bob.close()
+    server.stop()
+    db = sqlite3.connect(server.data / audit.DB_NAME)
+    # A row linking two accounts, an undelivered envelope, a pickle-like blob, a log with a key.
+    db.execute("CREATE TABLE leak (sender TEXT, recipient TEXT)")
+    db.execute("INSERT INTO leak VALUES (?, ?)", (alice.account_id, bob.account_id))
+    db.execute(
+        "INSERT INTO envelopes(device_id, expires_at, body) VALUES (?, ?, ?)",
+        ("dev", 0, b"x"),
+    )
+    db.execute("INSERT INTO leak VALUES (?, ?)", ("A" * 600, ""))
+    db.commit()
+    db.close()
+    (seal_label, seal_key), *_ = audit.profile_secrets(tmp_path / "alice", PASSPHRASE)
+    (server.data / "debug.log").write_text(f"key={seal_key.hex()}\n")
+
+    out = run_audit("--data", str(server.data), "--profile", str(tmp_path / "alice"))
+    assert out.returncode == 1
+    assert "FOUND link: row names IDs of 2 different accounts" in out.stdout
+    assert "FOUND envelope: 1 expired envelopes kept for dev" in out.stdout
+    assert "base64 run" in out.stdout
+    assert f"FOUND key: {seal_label} (hex)" in out.stdout
+
+
+def test_audit_refuses_postgresql_and_missing_folders(tmp_path: Path) -> None:
+    out = run_audit("--data", str(tmp_path), "--database", "postgresql://localhost/kluis")
+    assert out.returncode == 1
+    assert "not supported yet" in out.stderr
+    out = run_audit("--data", str(tmp_path / "nope"))
+    assert out.returncode == 1
+    assert "no data folder" in out.stderr
+
+
+@pytest.mark.parametrize("shift", [0, 1, 2])
+def test_marker_encodings_are_found_inside_larger_streams(shift: int) -> None:
+    import base64
+
+    text = "needle-in-the-haystack"
+    forms = audit.encodings(text)
+    stream = base64.b64encode(os.urandom(shift) + text.encode() + os.urandom(5))
+    assert any(form in stream for form in forms["base64"])  # type: ignore[union-attr]
