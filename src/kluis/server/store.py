@@ -103,6 +103,7 @@ class SqliteStore:
         # Deleted envelopes must not linger in free pages of a seized disk.
         self._db.execute("PRAGMA secure_delete=ON")
         self._db.executescript(_SCHEMA)
+        self.deleted_since_checkpoint = False  # old copies of deleted rows may sit in the WAL
 
     def close(self) -> None:
         self._db.close()
@@ -201,6 +202,7 @@ class SqliteStore:
             db.execute("DELETE FROM one_time_keys WHERE device_id = ?", (device_id,))
             db.execute("DELETE FROM fallback_keys WHERE device_id = ?", (device_id,))
             db.execute("DELETE FROM envelopes WHERE device_id = ?", (device_id,))
+            self.deleted_since_checkpoint = True
 
     # ---- device links -------------------------------------------------------------------------
 
@@ -284,6 +286,7 @@ class SqliteStore:
         """Delete (device, id) rows in one transaction; a device may delete only its own."""
         with self.transaction() as db:
             cur = db.executemany("DELETE FROM envelopes WHERE device_id = ? AND id = ?", rows)
+            self.deleted_since_checkpoint = True
             return int(cur.rowcount)
 
     def count_envelopes(self, device_id: str) -> int:
@@ -302,3 +305,4 @@ class SqliteStore:
     def checkpoint(self) -> None:
         """Fold the WAL back into the database so deleted rows leave no copy in the WAL file."""
         self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self.deleted_since_checkpoint = False
