@@ -28,7 +28,8 @@ class Mailbox:
         self._limits = limits
         self._clock = clock
         self._online: dict[str, Recipient] = {}
-        self._counts: dict[str, int] = {}  # stored envelopes per device, loaded lazily
+        self._counts: dict[str, int] = {}  # stored envelopes per device (upper bound), lazily
+        self._exact: set[str] = set()  # devices whose count has been exact since their last ack
         self._deposits: list[tuple[list[tuple[str, bytes]], asyncio.Future[list[int]]]] = []
         self._acks: list[tuple[list[tuple[str, int]], asyncio.Future[None]]] = []
         self._flush_scheduled = False
@@ -55,13 +56,20 @@ class Mailbox:
     # ---- quota ----------------------------------------------------------------------------
 
     def _count(self, device_id: str) -> int:
+        """An upper bound of the envelopes stored for ``device_id``: acks do not lower it.
+
+        Counting in the database on every send after an ack cost more than the insert itself,
+        so the bound is made exact (counted) only when it reaches the quota.
+        """
         n = self._counts.get(device_id)
-        if n is None:
+        if n is None or (n >= self._limits.mailbox_quota and device_id not in self._exact):
             n = self._counts[device_id] = self._store.count_envelopes(device_id)
+            self._exact.add(device_id)
         return n
 
     def forget(self, device_id: str) -> None:
         self._counts.pop(device_id, None)
+        self._exact.discard(device_id)
 
     # ---- deposit / ack with group commit --------------------------------------------------
 
@@ -89,27 +97,27 @@ class Mailbox:
             asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
+        """Commit every queued deposit and ack in one transaction, then answer and push."""
         self._flush_scheduled = False
         deposits, self._deposits = self._deposits, []
         acks, self._acks = self._acks, []
-        if deposits:
-            self._flush_deposits(deposits)
-        if acks:
-            self._flush_acks(acks)
-
-    def _flush_deposits(
-        self, deposits: list[tuple[list[tuple[str, bytes]], asyncio.Future[list[int]]]]
-    ) -> None:
         expires = int(self._clock()) + self._limits.envelope_ttl_s
         rows = [(d, expires, b) for items, _ in deposits for d, b in items]
+        ack_rows = [r for items, _ in acks for r in items]
         try:
-            ids = self._store.insert_envelopes(rows)
-        except Exception as exc:  # nothing was committed: undo the counts, fail every sender
+            with self._store.transaction():
+                ids = self._store.insert_envelopes(rows) if rows else []
+                if ack_rows:
+                    self._store.delete_envelopes(ack_rows)
+        except Exception as exc:  # nothing was committed: undo the counts, fail every caller
             for items, fut in deposits:
                 for d, _ in items:
                     self._counts[d] -= 1
                 if not fut.done():
                     fut.set_exception(exc)
+            for _, ack_fut in acks:
+                if not ack_fut.done():
+                    ack_fut.set_exception(exc)
             return
         pos = 0
         for items, fut in deposits:
@@ -117,25 +125,16 @@ class Mailbox:
             pos += len(items)
             if not fut.done():
                 fut.set_result(mine)
+        online = self._online
         for (device_id, _, body), env_id in zip(rows, ids, strict=True):
-            recipient = self._online.get(device_id)
+            recipient = online.get(device_id)
             if recipient is not None:
                 recipient.push(env_id, body)
-
-    def _flush_acks(self, acks: list[tuple[list[tuple[str, int]], asyncio.Future[None]]]) -> None:
-        rows = [r for items, _ in acks for r in items]
-        try:
-            self._store.delete_envelopes(rows)
-        except Exception as exc:
-            for _, fut in acks:
-                if not fut.done():
-                    fut.set_exception(exc)
-            return
-        for device_id in {d for d, _ in rows}:
-            self._counts.pop(device_id, None)  # reload on next use: acks may repeat ids
-        for _, fut in acks:
-            if not fut.done():
-                fut.set_result(None)
+        for device_id, _ in ack_rows:
+            self._exact.discard(device_id)  # the bound in _counts may now be above the truth
+        for _, ack_fut in acks:
+            if not ack_fut.done():
+                ack_fut.set_result(None)
 
     def pending(self, device_id: str, after_id: int) -> list[tuple[int, bytes]]:
         return self._store.envelopes_after(

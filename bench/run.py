@@ -1,0 +1,94 @@
+"""Run Kluis's benchmark workloads and write one JSON file per workload into bench/results/.
+
+    python -m bench.run [--quick] [--crypto] [--only pairs,paced,idle,burst]
+
+Each workload starts its own server on loopback and stops it; the whole run is bounded in time.
+Field names follow ../shared/bench-peer/README.md so one table holds Kluis and its peers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import RESULTS, machine, raise_nofile, write_result
+from bench.workloads import burst_workload, idle_workload, pairs_workload
+
+RAW = RESULTS / "raw"
+
+
+def _save(name: str, res: dict[str, Any], out: Path) -> None:
+    lat = res.pop("_latencies_ms", None)
+    if lat is not None:
+        RAW.mkdir(parents=True, exist_ok=True)
+        (RAW / f"{name}-latencies-ms.json").write_text(json.dumps([round(x, 4) for x in lat]))
+    res["machine"] = machine()
+    res["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    path = write_result(name, res, out)
+    shown = {k: v for k, v in res.items() if k not in ("steps", "machine", "child_errors")}
+    print(f"== {name} -> {path}\n{json.dumps(shown, indent=1)}", flush=True)
+
+
+async def main(args: argparse.Namespace) -> None:
+    raise_nofile()
+    out = Path(args.out)
+    only = set(args.only.split(","))
+    q = args.quick
+    mode = "crypto" if args.crypto else "no-crypto"
+    if "pairs" in only:
+        if args.crypto:
+            from bench.crypto_mode import crypto_pairs_workload
+
+            res = await crypto_pairs_workload("kluis-pairs-crypto", 50, 40 if q else 200)
+            _save("pairs-crypto", res, out)
+        else:
+            res = await pairs_workload(
+                "kluis-pairs", 50, args.messages or 200, profile=args.profile
+            )
+            _save("pairs", res, out)
+    if "paced" in only:
+        msgs = 20 if q else 100
+        if args.crypto:
+            from bench.crypto_mode import crypto_pairs_workload
+
+            res = await crypto_pairs_workload("kluis-paced-crypto", 50, msgs, rate=40.0)
+            _save("paced-crypto", res, out)
+        else:
+            res = await pairs_workload("kluis-paced", 50, msgs, rate=40.0)
+            _save("paced", res, out)
+    if "burst" in only and not args.crypto:
+        res = await burst_workload("kluis-burst", envelopes=10_000)
+        _save("burst", res, out)
+    if "idle" in only and not args.crypto:
+        counts = [int(x) for x in args.idle.split(",")] if args.idle else None
+        if counts is None:
+            counts = [2_000] if q else [5_000, 10_000, 19_000]
+        res = await idle_workload("kluis-idle", counts, procs=args.procs)
+        _save("idle", res, out)
+    print(f"mode {mode}: results in {out}")
+
+
+def cli() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="small sizes; under two minutes")
+    ap.add_argument("--crypto", action="store_true", help="real vodozemac clients (pairs, paced)")
+    ap.add_argument("--only", default="pairs,paced,burst,idle")
+    ap.add_argument("--idle", default="", help="comma-separated idle connection counts")
+    ap.add_argument("--procs", type=int, default=4, help="idle generator processes")
+    ap.add_argument("--messages", type=int, default=0, help="pairs: messages per sender")
+    ap.add_argument("--profile", default="", help="pairs: py-spy raw stacks to this file")
+    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--deadline", type=float, default=1800.0, help="hard stop for the whole run")
+    args = ap.parse_args()
+    import uvloop
+
+    uvloop.install()
+    asyncio.run(asyncio.wait_for(main(args), args.deadline))
+
+
+if __name__ == "__main__":
+    cli()

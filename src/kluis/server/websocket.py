@@ -1,0 +1,163 @@
+"""The WebSocket transport of ``/v1/ws``: feeds frames to a Connection, writes what it answers.
+
+Theory of operation: aiohttp parses incoming frames; everything the server sends after the
+``Challenge`` goes through one :class:`Outbox` per connection. Replies and pushes queue up there
+and are written once per event-loop turn as ONE transport write holding every WebSocket frame
+(unmasked binary frames, built here). Measurement (BENCHMARKS.md) showed that the ``write``
+system call was the largest single cost of a message; a receiver's acknowledgement reply and
+the next delivery usually leave in the same turn and now share one call. There is no writer task
+per connection: the flush is a loop callback, which also keeps idle connections small.
+
+Order on the wire: within one turn, replies go before pushes and deliveries before notices, so a
+login answers ``Welcome``, then the stored backlog, then ``Synced``. When the client does not read
+(the transport buffer is above ``_HIGH_WATER``), pushes wait in the Connection and the reader
+stops taking requests until the buffer drains, as aiohttp's own flow control would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import struct
+from typing import TYPE_CHECKING
+
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from kluis.errors import FrameTooLarge, MalformedFrame
+from kluis.protocol import frames as f
+from kluis.server.connection import Connection, State
+
+if TYPE_CHECKING:
+    from kluis.server.app import ServerState
+
+# The transport accepts frames up to this multiple of the configured limit so that a frame a
+# little too large gets a typed error on a live connection; far larger ones close it (1009).
+_HARD_FRAME_FACTOR = 4
+_HIGH_WATER = 1 << 20  # bytes buffered for one client before pushes wait and reading pauses
+_RETRY_S = 0.01
+
+_LEN2 = struct.Struct("!BBH")
+_LEN3 = struct.Struct("!BBQ")
+
+
+def binary_frame(payload: bytes) -> bytes:
+    """One final, unmasked binary WebSocket frame (RFC 6455 5.2), as a server sends it."""
+    n = len(payload)
+    if n < 126:
+        return bytes((0x82, n)) + payload
+    if n < 65536:
+        return _LEN2.pack(0x82, 126, n) + payload
+    return _LEN3.pack(0x82, 127, n) + payload
+
+
+class Outbox:
+    """Coalesces one connection's replies and pushes into one write per event-loop turn."""
+
+    __slots__ = ("_close_task", "_conn", "_handle", "_loop", "_replies", "_transport", "_ws")
+
+    def __init__(self, ws: web.WebSocketResponse, transport: asyncio.Transport) -> None:
+        self._ws = ws
+        self._transport = transport
+        self._loop = asyncio.get_running_loop()
+        self._replies: list[bytes] = []
+        self._handle: asyncio.Handle | None = None
+        self._conn: Connection | None = None
+        self._close_task: asyncio.Task[None] | None = None
+
+    def attach(self, conn: Connection) -> None:
+        self._conn = conn
+
+    def wake(self) -> None:
+        """Pushes are waiting (the Connection's wake callback), or a close was requested."""
+        if self._handle is None:
+            self._handle = self._loop.call_soon(self.flush)
+
+    def reply(self, frame: bytes) -> None:
+        self._replies.append(frame)
+        self.wake()
+
+    @property
+    def congested(self) -> bool:
+        return self._transport.get_write_buffer_size() > _HIGH_WATER
+
+    def flush(self) -> None:
+        self._handle = None
+        transport, conn = self._transport, self._conn
+        if transport.is_closing():
+            self._replies = []
+            return
+        out = self._replies
+        self._replies = []
+        if conn is not None:
+            if self.congested:  # the client is not reading: hold pushes, look again soon
+                self._handle = self._loop.call_later(_RETRY_S, self.flush)
+            else:
+                out.extend(conn.take_outgoing())
+        if out:
+            transport.write(b"".join([binary_frame(p) for p in out]))
+        if conn is not None and conn.close_requested and self._close_task is None:
+            self._close_task = asyncio.ensure_future(self._close())
+
+    async def _close(self) -> None:
+        await self._ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"replaced or revoked")
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    async def closed(self) -> None:
+        if self._close_task is not None:
+            with contextlib.suppress(Exception):
+                await self._close_task
+
+
+async def websocket_handler(request: web.Request) -> web.StreamResponse:
+    state: ServerState = request.app["state"]
+    limits = state.config.limits
+    ws = web.WebSocketResponse(
+        max_msg_size=limits.max_frame_bytes * _HARD_FRAME_FACTOR, compress=False, heartbeat=60
+    )
+    await ws.prepare(request)
+    transport = request.transport
+    if transport is None:  # the client left during the handshake
+        return ws
+    outbox = Outbox(ws, transport)
+    conn = Connection(state, outbox.wake)
+    outbox.attach(conn)
+    try:
+        await ws.send_bytes(f.encode(f.Challenge(nonce=conn.nonce)))
+        while True:
+            while outbox.congested and not transport.is_closing():
+                await asyncio.sleep(_RETRY_S)  # flow control: read no more until it drains
+            timeout = limits.auth_timeout_s if conn.state is State.AWAITING_AUTH else None
+            try:
+                msg = await ws.receive(timeout=timeout)
+            except TimeoutError:
+                outbox.flush()
+                await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"auth timeout")
+                break
+            if msg.type == WSMsgType.BINARY:
+                outbox.reply(await conn.handle(msg.data))
+            elif msg.type == WSMsgType.TEXT:
+                err = MalformedFrame("frames are binary msgpack")
+                outbox.reply(f.encode(f.Error(rid=None, code=err.code, message=err.message)))
+            elif msg.type == WSMsgType.ERROR:
+                if isinstance(msg.data, Exception) and "too big" in str(msg.data).lower():
+                    outbox.flush()
+                    code = FrameTooLarge.code
+                    await ws.close(code=WSCloseCode.MESSAGE_TOO_BIG, message=code.encode())
+                break
+            else:  # CLOSE, CLOSING, CLOSED
+                break
+            if conn.close_requested:
+                outbox.flush()  # the reply, then the close (revoked itself, or replaced)
+                await outbox.closed()
+                break
+    finally:
+        conn.closed()
+        outbox.cancel()
+        await outbox.closed()
+        if not ws.closed:
+            await ws.close()
+    return ws
