@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from kluis.client.client import KluisClient
 from kluis.protocol import frames as f
 from tests.kluis_testing import PASSPHRASE, ServerProcess, register
@@ -58,10 +60,8 @@ async def test_kill_after_decrypt_before_ack_shows_once(
         return await original(make, expect)
 
     bob.transport.request = drop_acks  # type: ignore[method-assign]
-    try:
+    with pytest.raises(ConnectionError):
         await bob.receive(wait=5, until=1)
-    except ConnectionError:
-        pass
     await bob.close()
     await alice.close()
     offline = KluisClient.open(tmp_path / "bob", PASSPHRASE)

@@ -21,7 +21,7 @@ from typing import TypeVar
 
 import msgspec
 
-from kluis.client.core import ClientCore, Message, Opened, Payload
+from kluis.client.core import ClientCore, Message, Opened, Payload, link_fingerprint
 from kluis.client.store import ProfileStore
 from kluis.client.transport import Transport
 from kluis.errors import (
@@ -68,10 +68,10 @@ class KluisClient:
         """Create a profile, redeem ``licence`` and publish this device's keys."""
         store = ProfileStore.create(profile, passphrase)
         client = cls(ClientCore.create(store, server))
-        transport = Transport(server)
-        nonce = await transport.connect()
         core = client.core
+        transport = Transport(server)
         try:
+            nonce = await transport.connect()
             welcome = await transport.request(
                 lambda rid: f.Register(
                     rid=rid,
@@ -83,15 +83,7 @@ class KluisClient:
             )
         except BaseException:
             await transport.close()
-            store.close()
-            for name in (
-                ProfileStore.DB,
-                ProfileStore.META,
-                ProfileStore.DB + "-wal",
-                ProfileStore.DB + "-shm",
-            ):
-                with contextlib.suppress(FileNotFoundError):
-                    (profile / name).unlink()  # a refused licence leaves no half-made profile
+            store.destroy()  # a refused licence or a dead server leaves no half-made profile
             raise
         core.set_account(welcome.account)
         client._transport = transport
@@ -119,12 +111,14 @@ class KluisClient:
             )
             core.keys_published()
             core.set_link_token(pending.token)
-        finally:
+        except BaseException:
             await transport.close()
-            store.close()
-        from kluis.client.core import link_fingerprint
-
-        return f"{pending.token}-{link_fingerprint(core.device_keys())}"
+            store.destroy()
+            raise
+        await transport.close()
+        code = f"{pending.token}-{link_fingerprint(core.device_keys())}"
+        store.close()
+        return code
 
     async def connect(self) -> None:
         """Authenticate this device; receive anything queued for it."""
@@ -139,6 +133,7 @@ class KluisClient:
                 ),
                 f.Welcome,
             )
+            self.core.set_account(welcome.account)  # refuses a server that moved this device
         except UnknownDevice as exc:
             await transport.close()
             if self.core.link_token:
@@ -147,7 +142,6 @@ class KluisClient:
         except BaseException:
             await transport.close()
             raise
-        self.core.set_account(welcome.account)
         self._transport, self._synced = transport, False
         await self._upload_keys(welcome.otk_count)
 

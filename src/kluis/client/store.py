@@ -109,6 +109,12 @@ class ProfileStore:
     def close(self) -> None:
         self._db.close()
 
+    def destroy(self) -> None:
+        """Close and delete this profile's files (a profile whose set-up failed)."""
+        self.close()
+        for name in (self.DB, self.DB + "-wal", self.DB + "-shm", self.META):
+            (self.path / name).unlink(missing_ok=True)
+
     # ---- transactions -------------------------------------------------------------------------
 
     @contextmanager
