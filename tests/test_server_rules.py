@@ -1,0 +1,116 @@
+"""Server rules with an injected clock: subscriptions, expiry of envelopes and links, rates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kluis.crypto.olm import OlmAccount
+from kluis.crypto.seal import SealKeyPair
+from kluis.errors import AccountExpired, BadSignature, LicenceInvalid, LinkInvalid
+from kluis.protocol import signing
+from kluis.protocol.frames import DeviceKeys, PendingLink
+from kluis.server.accounts import Accounts, licence_hash, normalise_licence
+from kluis.server.config import DAY, Limits
+from kluis.server.ratelimit import TokenBucket
+from kluis.server.store import SqliteStore
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def device() -> tuple[OlmAccount, DeviceKeys]:
+    acct = OlmAccount()
+    seal = SealKeyPair().public
+    sig = acct.sign(signing.device_keys_message(acct.ed25519, acct.curve25519, seal))
+    return acct, DeviceKeys(ed25519=acct.ed25519, curve25519=acct.curve25519, seal=seal, sig=sig)
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> tuple[SqliteStore, Accounts, Clock]:
+    clock = Clock()
+    store = SqliteStore(tmp_path / "db.sqlite3")
+    return store, Accounts(store, clock, Limits(link_ttl_s=600)), clock
+
+
+def test_subscription_ends_after_its_days(world: tuple[SqliteStore, Accounts, Clock]) -> None:
+    _, accounts, clock = world
+    (code,) = accounts.create_licences(1, days=182)
+    acct, keys = device()
+    nonce = b"n" * 32
+    account = accounts.register(
+        code, keys, nonce, acct.sign(signing.challenge_message(nonce, keys.ed25519))
+    )
+    assert account.expires_at == int(clock.now) + 182 * DAY
+    clock.now += 181 * DAY
+    accounts.authenticate(
+        keys.ed25519, nonce, acct.sign(signing.challenge_message(nonce, keys.ed25519))
+    )
+    clock.now += 2 * DAY
+    with pytest.raises(AccountExpired):
+        accounts.authenticate(
+            keys.ed25519, nonce, acct.sign(signing.challenge_message(nonce, keys.ed25519))
+        )
+
+
+def test_challenge_signature_is_bound_to_the_nonce(
+    world: tuple[SqliteStore, Accounts, Clock],
+) -> None:
+    _, accounts, _ = world
+    (code,) = accounts.create_licences(1, days=1)
+    acct, keys = device()
+    old = acct.sign(signing.challenge_message(b"old" * 11, keys.ed25519))
+    with pytest.raises(BadSignature):  # a recorded login cannot be replayed on a new challenge
+        accounts.register(code, keys, b"new" * 11, old)
+    # and the refused attempt did not use up the licence
+    accounts.register(
+        code, keys, b"new" * 11, acct.sign(signing.challenge_message(b"new" * 11, keys.ed25519))
+    )
+    with pytest.raises(LicenceInvalid):
+        acct2, keys2 = device()
+        accounts.register(
+            code, keys2, b"x" * 32, acct2.sign(signing.challenge_message(b"x" * 32, keys2.ed25519))
+        )
+
+
+def test_licence_codes_normalise(world: tuple[SqliteStore, Accounts, Clock]) -> None:
+    _, accounts, _ = world
+    (code,) = accounts.create_licences(1, days=1)
+    assert licence_hash(code) == licence_hash(" " + code.lower().replace("-", " ") + " ")
+    assert normalise_licence(code) == code.replace("-", "")
+
+
+def test_undelivered_envelopes_and_links_expire(world: tuple[SqliteStore, Accounts, Clock]) -> None:
+    store, accounts, clock = world
+    now = int(clock.now)
+    store.insert_envelopes([("dev", now + 30 * DAY, b"a"), ("dev", now + 1, b"b")])
+    acct, keys = device()
+    nonce = b"n" * 32
+    token, _ = accounts.request_link(
+        PendingLink(device=keys), nonce, acct.sign(signing.challenge_message(nonce, keys.ed25519))
+    )
+    assert accounts.link_keys(token) == keys
+    clock.now += 601
+    with pytest.raises(LinkInvalid):
+        accounts.link_keys(token)
+    assert store.sweep(int(clock.now)) == (1, 1)
+    assert [b for _, b in store.envelopes_after("dev", 0, int(clock.now), 10)] == [b"a"]
+    clock.now += 30 * DAY
+    assert store.envelopes_after("dev", 0, int(clock.now), 10) == []  # never handed out expired
+    assert store.sweep(int(clock.now)) == (1, 0)
+
+
+def test_token_bucket() -> None:
+    clock = Clock()
+    bucket = TokenBucket(rate_per_s=2, burst=3, clock=clock)
+    assert [bucket.take() for _ in range(4)] == [True, True, True, False]
+    clock.now += 0.5
+    assert bucket.take() and not bucket.take()
+    clock.now += 100
+    assert [bucket.take() for _ in range(4)] == [True, True, True, False]  # capped at the burst
