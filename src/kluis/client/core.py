@@ -495,4 +495,6 @@ class ClientCore:
     # ---- history ------------------------------------------------------------------------------
 
     def history(self, peer: str | None = None) -> list[Message]:
-        return [Message.from_stored(_stored_dec.decode(v)) for v in self.store.messages(peer)]
+        """Stored messages, oldest first by the sender's clock (arrival order breaks ties)."""
+        stored = [_stored_dec.decode(v) for v in self.store.messages(peer)]
+        return [Message.from_stored(m) for m in sorted(stored, key=lambda m: m.ts)]
