@@ -43,6 +43,28 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
+_LOGIN: frozenset[type] = frozenset({f.Register, f.Auth, f.LinkRequest})
+_SESSION: frozenset[type] = frozenset(
+    {f.Send, f.Ack, f.UploadKeys, f.ListDevices, f.ClaimKeys, f.LinkFetch, f.LinkApprove, f.Revoke}
+)
+
+# The state machine as data: the requests each state accepts. Login requests move
+# AWAITING_AUTH to AUTHENTICATED (Register, Auth) or LINK_PENDING (LinkRequest); nothing else
+# changes the state. A request a state does not accept is refused and changes nothing.
+ACCEPTS: dict[State, frozenset[type]] = {
+    State.AWAITING_AUTH: _LOGIN,
+    State.LINK_PENDING: frozenset(),
+    State.AUTHENTICATED: _SESSION,
+    State.CLOSED: frozenset(),
+}
+REFUSALS: dict[State, str] = {
+    State.AWAITING_AUTH: "sign the challenge first (auth or register)",
+    State.LINK_PENDING: "this device waits for approval; reconnect once approved",
+    State.AUTHENTICATED: "already logged in on this connection",
+    State.CLOSED: "connection closed",
+}
+
+
 class Connection:
     """Implements the mailbox's Recipient protocol: pushes queue up in ``outgoing``."""
 
@@ -126,14 +148,11 @@ class Connection:
         return f.encode(reply)
 
     async def _dispatch(self, frame: f.ClientFrame) -> f.ServerFrame:
+        if type(frame) not in ACCEPTS[self.state]:
+            raise Unauthenticated(REFUSALS[self.state])
         match frame:
             case f.Register() | f.Auth() | f.LinkRequest():
-                if self.state is not State.AWAITING_AUTH:
-                    raise Unauthenticated("already authenticated on this connection")
                 return self._login(frame)
-        if self.state is not State.AUTHENTICATED:
-            raise Unauthenticated("sign the challenge first (auth or register)")
-        match frame:
             case f.Send():
                 return await self._send(frame)
             case f.Ack():
