@@ -114,3 +114,18 @@ def test_token_bucket() -> None:
     assert bucket.take() and not bucket.take()
     clock.now += 100
     assert [bucket.take() for _ in range(4)] == [True, True, True, False]  # capped at the burst
+
+
+def test_limits_are_configurable_by_name() -> None:
+    from kluis.server.config import limits_with_overrides
+
+    limits = limits_with_overrides(Limits(), ["claim_rate_per_s=5", "mailbox-quota=7"])
+    assert limits.claim_rate_per_s == 5.0 and limits.mailbox_quota == 7
+    for bad in (
+        ["no_such_limit=1"],
+        ["mailbox_quota=lots"],
+        ["mailbox_quota=-1"],
+        ["mailbox_quota"],
+    ):
+        with pytest.raises(ValueError):
+            limits_with_overrides(Limits(), bad)

@@ -49,9 +49,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
     from kluis.server.app import serve
-    from kluis.server.config import DAY, Limits, ServerConfig
+    from kluis.server.config import DAY, Limits, ServerConfig, limits_with_overrides
 
-    limits = Limits()
+    try:
+        limits = limits_with_overrides(Limits(), args.limit)
+    except ValueError as exc:
+        raise LocalProtocolError(str(exc)) from exc
     if args.envelope_ttl_days is not None:
         limits = replace(limits, envelope_ttl_s=int(args.envelope_ttl_days * DAY))
     if args.mailbox_quota is not None:
@@ -76,6 +79,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_licence_create(args: argparse.Namespace) -> None:
+    if not 1 <= args.count <= 100_000 or not 1 <= args.days <= 36_500:
+        raise LocalProtocolError("--count must be 1..100000 and --days 1..36500")
     from kluis.server.accounts import Accounts
     from kluis.server.config import Limits, ServerConfig
     from kluis.server.store import SqliteStore
@@ -237,6 +242,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mailbox-quota", type=int)
     s.add_argument("--max-frame-bytes", type=int)
     s.add_argument("--send-rate", type=float, help="sends per second per device")
+    s.add_argument(
+        "--limit",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="override any limit of server/config.py:Limits, e.g. claim_rate_per_s=5",
+    )
     s.set_defaults(func=cmd_serve)
 
     lic = sub.add_parser("licence", help="manage licence codes").add_subparsers(

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
 DAY = 86_400
 
@@ -25,6 +26,24 @@ class Limits:
     link_ttl_s: int = 600
     auth_timeout_s: float = 10.0
     push_batch: int = 256  # envelopes per Deliver frame
+
+
+def limits_with_overrides(base: Limits, overrides: list[str]) -> Limits:
+    """Apply ``NAME=VALUE`` overrides (the ``--limit`` option); unknown names are refused."""
+    types = {f.name: f.type for f in fields(Limits)}
+    changes: dict[str, Any] = {}
+    for item in overrides:
+        name, sep, value = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or name not in types:
+            raise ValueError(f"unknown limit {name!r}; known: {', '.join(sorted(types))}")
+        try:
+            changes[name] = float(value) if types[name] in (float, "float") else int(value)
+        except ValueError as exc:
+            raise ValueError(f"limit {name} needs a number, not {value!r}") from exc
+        if changes[name] < 0:
+            raise ValueError(f"limit {name} cannot be negative")
+    return replace(base, **changes)
 
 
 @dataclass(frozen=True, slots=True)
