@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import msgspec
+
 from kluis.client.client import KluisClient
+from kluis.protocol import frames as f
 from tests.kluis_testing import PASSPHRASE, ServerProcess, link_device, register
 
 
@@ -104,3 +107,33 @@ async def test_revoked_device_gets_nothing_more(server: ServerProcess, tmp_path:
         await again.close()
     await alice.close()
     await bob.close()
+
+
+async def test_newest_connection_of_a_device_wins(server: ServerProcess, tmp_path: Path) -> None:
+    alice = await register(server, tmp_path / "alice")
+    bob = await register(server, tmp_path / "bob")
+    await bob.close()
+    first = KluisClient.open(tmp_path / "bob", PASSPHRASE)
+    await first.connect()
+    second = KluisClient.open(tmp_path / "bob", PASSPHRASE)
+    await second.connect()  # the server closes the first connection
+    got = await first.transport.pushes.get()
+    while got is not None:  # drain until the close arrives
+        got = await first.transport.pushes.get()
+    await first.close()  # closing the old one must not unhook the new one
+    await alice.send(bob.account_id, "to the newest connection")
+    assert texts(await second.receive(wait=5, until=1)) == ["to the newest connection"]
+    # Notices reach the newest connection too: draining Bob's keys makes it refill them.
+    claim = f.ClaimKeys(rid=0, account=bob.account_id, devices=[bob.core.device_id])
+    for _ in range(20):
+        await alice.transport.request(
+            lambda rid: msgspec.structs.replace(claim, rid=rid), f.Bundles
+        )
+    await second.receive(wait=1.5)  # handles KeysLow by uploading
+    for _ in range(10):
+        answer = await alice.transport.request(
+            lambda rid: msgspec.structs.replace(claim, rid=rid), f.Bundles
+        )
+        assert not answer.bundles[0].fallback
+    await second.close()
+    await alice.close()

@@ -116,7 +116,8 @@ class Connection:
     def closed(self) -> None:
         if self.state is State.AUTHENTICATED:
             self.server.mailbox.detach(self.device_id, self)
-            self.server.connections.pop(self.device_id, None)
+            if self.server.connections.get(self.device_id) is self:  # not a newer connection
+                del self.server.connections[self.device_id]
         self.state = State.CLOSED
 
     # ---- requests ---------------------------------------------------------------------------
