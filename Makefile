@@ -6,7 +6,7 @@ DATA   ?= ./data
 HOST   ?= 127.0.0.1
 PORT   ?= 8448
 
-.PHONY: install serve test lint typecheck pytest clean
+.PHONY: install serve test lint typecheck pytest clean bench bench-quick bench-compare bench-plots
 
 $(BIN)/kluis: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,32 @@ pytest: install
 
 # The whole suite: lint, types, tests.
 test: lint typecheck pytest
+
+# Benchmarks (BENCHMARKS.md): loopback only, bounded in count and time, JSON in bench/results/.
+BENCH_PEER ?= ../shared/bench-peer
+export BENCH_PEER_DIR ?= $(or $(TMPDIR),/tmp)/kluis-bench-peer
+
+$(VENV)/.bench-installed: pyproject.toml $(BIN)/kluis
+	$(BIN)/pip install -q -e '.[dev,bench]'
+	@touch $@
+
+# All four workloads (pairs, paced, burst, idle at 5,000/10,000/19,000), then the plots.
+bench: $(VENV)/.bench-installed
+	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.plots
+
+# Small sizes, under two minutes.
+bench-quick: $(VENV)/.bench-installed
+	$(BIN)/python -m bench.run --quick
+
+# Kluis and Matrix Synapse (../shared/bench-peer) on this machine in one run, side by side.
+bench-compare: $(VENV)/.bench-installed
+	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.compare --peer $(BENCH_PEER)
+	$(BIN)/python -m bench.plots
+
+bench-plots: $(VENV)/.bench-installed
+	$(BIN)/python -m bench.plots
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

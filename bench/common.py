@@ -65,6 +65,21 @@ def latency_fields(latencies_s: list[float]) -> dict[str, float]:
     }
 
 
+async def send_time(start: float, k: int, interval: float) -> float:
+    """The send time of message ``k``: now, or (paced) its schedule after sleeping until then.
+
+    Paced latency counts from the scheduled time, so a stalled server cannot hide its own delay
+    by holding senders back (no coordinated omission); the peer scripts do the same.
+    """
+    if not interval:
+        return time.perf_counter()
+    t0 = start + k * interval
+    delay = t0 - time.perf_counter()
+    if delay > 0:
+        await asyncio.sleep(delay)
+    return t0
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

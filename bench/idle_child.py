@@ -28,18 +28,26 @@ async def main(args: argparse.Namespace) -> None:
     sem = asyncio.Semaphore(args.concurrency)
     devices: list[Device] = []
     fails: dict[str, int] = {}
+    retried = [0]
 
     async def one(i: int, code: str) -> None:
         async with sem:
-            d = Device()
-            try:
-                await d.register(args.url, code, local_addr=(ips[i % len(ips)], 0))
-                devices.append(d)
-            except Exception as exc:
-                key = type(exc).__name__ + ":" + str(exc)[:60]
-                fails[key] = fails.get(key, 0) + 1
-                with contextlib.suppress(Exception):
-                    await d.close()
+            last = "no attempt"
+            for attempt in range(args.attempts):  # a real client reconnects too
+                d = Device()
+                try:
+                    await d.register(args.url, code, local_addr=(ips[i % len(ips)], 0))
+                    devices.append(d)
+                    if attempt:
+                        retried[0] += 1
+                    return
+                except Exception as exc:
+                    last = type(exc).__name__ + ":" + str(exc)[:60]
+                    with contextlib.suppress(Exception):
+                        await d.close()
+                    if d.account:  # registered, then failed: the licence is spent
+                        break
+            fails[last] = fails.get(last, 0) + 1
 
     t0 = time.perf_counter()
     await asyncio.gather(*(one(i, c) for i, c in enumerate(codes)))
@@ -48,6 +56,7 @@ async def main(args: argparse.Namespace) -> None:
     report = {
         "ok": len(devices),
         "fail": sum(fails.values()),
+        "retried": retried[0],
         "connect_s": time.perf_counter() - t0,
         "nofile": limit,
         "rss_mb": psutil.Process().memory_info().rss / MB,
@@ -69,7 +78,8 @@ if __name__ == "__main__":
     ap.add_argument("--url", required=True)
     ap.add_argument("--licences", required=True)
     ap.add_argument("--source-ips", default="127.0.0.2")
-    ap.add_argument("--concurrency", type=int, default=100)
+    ap.add_argument("--concurrency", type=int, default=50)
+    ap.add_argument("--attempts", type=int, default=3)
     ap.add_argument("--hold", type=float, default=600)
     import uvloop
 

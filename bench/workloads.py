@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import MB, ROOT, Sampler, Server, latency_fields
+from bench.common import MB, ROOT, Sampler, Server, latency_fields, send_time
 from bench.device import Device, body, stamp
 from kluis.protocol import frames as f
 
@@ -70,13 +70,7 @@ async def run_pairs(
     async def sender(i: int, s: Device, r: Device) -> None:
         start = t_send0 + (i / len(pairs)) * interval
         for k in range(messages):
-            if interval:
-                t0 = start + k * interval
-                delay = t0 - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-            else:
-                t0 = time.perf_counter()
+            t0 = await send_time(start, k, interval)
             reply = await s.send(r.account, r.device_id, body(t0, k))
             if isinstance(reply, f.Error):
                 errors[0] += 1
@@ -307,6 +301,7 @@ async def _idle_step(
         res["connect_s"] = time.perf_counter() - t
         res["server_cpu_s_connect"] = sampler.cpu() - cpu0
         ok = sum(int(r.get("ok", 0)) for r in reports)
+        res["idle_reconnects"] = sum(int(r.get("retried", 0)) for r in reports)
         fail = sum(max(0, int(r.get("fail", 0))) for r in reports)
         await asyncio.sleep(2.0)  # let the server settle before reading RSS
         health = server.health() or {}
@@ -322,7 +317,12 @@ async def _idle_step(
         # pairs on top of the idle devices: throughput with N connected
         devices = await register_all(server, pair_licences)
         await asyncio.gather(*(d.synced for d in devices))
+        spy_out = os.environ.get("KLUIS_BENCH_PROFILE_IDLE", "")
+        spy = _start_profiler(pid, f"{spy_out}-{n}.txt") if spy_out else None
         pairs = await run_pairs(server, sampler, devices, pairs_messages)
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(timeout=60)
         pairs.pop("_latencies_ms", None)
         res["users"] = n + len(devices)
         res["pairs_send_throughput_msg_s"] = pairs["send_throughput_msg_s"]
