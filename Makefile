@@ -6,7 +6,7 @@ DATA   ?= ./data
 HOST   ?= 127.0.0.1
 PORT   ?= 8448
 
-.PHONY: install serve test lint typecheck pytest clean bench bench-quick bench-compare bench-plots
+.PHONY: install serve test lint typecheck pytest fuzz clean bench bench-quick bench-compare bench-plots
 
 $(BIN)/kluis: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,11 @@ bench-compare: $(VENV)/.bench-installed
 
 bench-plots: $(VENV)/.bench-installed
 	$(BIN)/python -m bench.plots
+
+# A longer run of the Hypothesis properties over every decoder (the suite runs 60 examples each).
+FUZZ_EXAMPLES ?= 5000
+fuzz: install
+	KLUIS_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest -q tests/test_fuzz.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

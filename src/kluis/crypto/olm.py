@@ -57,13 +57,13 @@ class OlmSession:
         try:
             pre = vz.AnyOlmMessage.from_parts(msg_type, body).to_pre_key()
             return pre is not None and bool(self._inner.session_matches(pre))
-        except ValueError:
+        except (ValueError, OverflowError):
             return False
 
     def decrypt(self, msg_type: int, body: bytes) -> bytes:
         try:
             return bytes(self._inner.decrypt(vz.AnyOlmMessage.from_parts(msg_type, body)))
-        except ValueError as exc:
+        except (ValueError, OverflowError) as exc:  # a negative or huge type: OverflowError
             raise DecryptionError("olm message does not decrypt in this session") from exc
 
     def pickle(self, key: bytes) -> str:
@@ -139,7 +139,7 @@ class OlmAccount:
             session, plaintext = self._inner.create_inbound_session(
                 vz.Curve25519PublicKey.from_base64(their_curve25519), pre
             )
-        except ValueError as exc:
+        except (ValueError, OverflowError) as exc:
             raise DecryptionError("pre-key message does not open a session") from exc
         return OlmSession(session), bytes(plaintext)
 
