@@ -69,7 +69,15 @@ values = st.recursive(
 b64key = st.text(
     "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/", min_size=1, max_size=90
 )
-field_value = values | b64key | st.integers(0, 2**53)
+# A string that encode() turns into bytes that are not UTF-8 (msgspec then raises
+# UnicodeDecodeError, which once escaped every decoder): see pack().
+NOT_UTF8 = "\x00not-utf8"
+field_value = values | b64key | st.integers(0, 2**53) | st.just(NOT_UTF8)
+
+
+def pack(obj: Any) -> bytes:
+    """msgpack, with every NOT_UTF8 string's bytes replaced by invalid UTF-8 of equal length."""
+    return msgspec.msgpack.encode(obj).replace(NOT_UTF8.encode(), b"\xff\xfe" * 5)
 
 
 def frame_dicts(classes: tuple[type[Any], ...]) -> st.SearchStrategy[dict[str, Any]]:
@@ -79,7 +87,8 @@ def frame_dicts(classes: tuple[type[Any], ...]) -> st.SearchStrategy[dict[str, A
         names = [fl.name for fl in msgspec.structs.fields(cls)]
         tag = cls.__struct_config__.tag
         return st.fixed_dictionaries(
-            {"t": st.just(tag)}, optional={n: field_value for n in names} | {"zz": values}
+            {"t": st.sampled_from([tag, NOT_UTF8])},
+            optional={n: field_value for n in names} | {"zz": values},
         )
 
     return st.one_of([for_class(c) for c in classes])
@@ -191,7 +200,7 @@ def server(
 @BUDGET
 @given(frame_dicts(CLIENT_FRAMES) | values)
 def test_client_frame_decoder_takes_schema_shaped_garbage(obj: Any) -> None:
-    data = msgspec.msgpack.encode(obj)
+    data = pack(obj)
     try:
         frame = f.decode_client_frame(data)
     except MalformedFrame:
@@ -202,7 +211,7 @@ def test_client_frame_decoder_takes_schema_shaped_garbage(obj: Any) -> None:
 @BUDGET
 @given(frame_dicts(SERVER_FRAMES) | values)
 def test_server_frame_decoder_takes_schema_shaped_garbage(obj: Any) -> None:
-    data = msgspec.msgpack.encode(obj)
+    data = pack(obj)
     try:
         frame = f.decode_server_frame(data)
     except MalformedFrame:
@@ -219,7 +228,7 @@ def _answer(loop: asyncio.AbstractEventLoop, conn: Connection, data: bytes) -> f
 
 
 @BUDGET
-@given(st.binary(max_size=300) | frame_dicts(CLIENT_FRAMES).map(msgspec.msgpack.encode))
+@given(st.binary(max_size=300) | frame_dicts(CLIENT_FRAMES).map(pack))
 def test_server_handler_unauthenticated(
     server: tuple[ServerState, Connection, ClientCore], loop: asyncio.AbstractEventLoop, data: bytes
 ) -> None:
@@ -242,7 +251,7 @@ def test_server_handler_authenticated(
     for name in ("account", "device"):
         if name in obj and isinstance(obj[name], bool):
             obj[name] = device.account_id if name == "account" else device.device_id
-    _answer(loop, conn, msgspec.msgpack.encode(obj))
+    _answer(loop, conn, pack(obj))
 
 
 @BUDGET
@@ -274,7 +283,7 @@ def test_unsealing_garbage_is_a_decryption_error(
 
 
 @BUDGET
-@given(st.binary(max_size=200) | values.map(msgspec.msgpack.encode))
+@given(st.binary(max_size=200) | values.map(pack) | frame_dicts((Sealed,)).map(pack))
 def test_sealed_garbage_for_the_right_key_is_a_decryption_error(
     pair: tuple[ClientCore, ClientCore], inner: bytes
 ) -> None:
@@ -305,9 +314,9 @@ def test_any_olm_type_and_body_from_a_known_device(
 @given(
     st.binary(max_size=300)
     | values.map(msgspec.msgpack.encode).map(padding.pad)
-    | frame_dicts((msgspec.defstruct("P", [("id", bytes), ("ts", int), ("kind", str)]),)).map(
-        lambda d: padding.pad(msgspec.msgpack.encode(d))
-    )
+    | frame_dicts(
+        (msgspec.defstruct("P", [("id", bytes), ("ts", int), ("kind", str), ("text", str)]),)
+    ).map(lambda d: padding.pad(pack(d)))
 )
 def test_olm_plaintext_of_any_shape(pair: tuple[ClientCore, ClientCore], plaintext: bytes) -> None:
     """A peer with a real session sends a plaintext that is not a valid padded Payload."""
@@ -416,3 +425,26 @@ def test_regression_damaged_kdf_parameters(tmp_path: Path, kdf: dict[str, Any]) 
     (tmp_path / ProfileStore.META).write_bytes(msgspec.json.encode({"kdf": kdf, "verifier": ""}))
     with pytest.raises(LocalProtocolError):
         ProfileStore.open(tmp_path, "pw")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"\x81\xa1t\xa2\xff\xfe", b"\x83\xa1t\xa4auth\xa3rid\x01\xa6device\xa2\xff\xfe"],
+)
+def test_regression_frame_that_is_not_utf8_is_bad_frame(data: bytes) -> None:
+    """Was UnicodeDecodeError: the server answered 'internal' and logged a traceback per frame,
+    for anyone, unauthenticated; a client's reader task died on such a server frame."""
+    with pytest.raises(MalformedFrame):
+        f.decode_client_frame(data)
+    with pytest.raises(MalformedFrame):
+        f.decode_server_frame(data)
+
+
+def test_regression_sealed_record_that_is_not_utf8(pair: tuple[ClientCore, ClientCore]) -> None:
+    """Was UnicodeDecodeError out of open_envelope: one envelope wedged the recipient's inbox."""
+    _, bob = pair
+    keys = bob.device_keys()
+    inner = pack({"account": NOT_UTF8, "device": "d", "type": 0, "body": b""})
+    box = seal.seal(keys.seal, inner, keys.ed25519.encode())
+    with pytest.raises(DecryptionError):
+        bob.open_envelope(f.InEnvelope(id=1, body=box))

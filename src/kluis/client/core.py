@@ -412,7 +412,7 @@ class ClientCore:
         inner = self._seal.open(env.body, self.device_id.encode())
         try:
             sealed = _sealed_dec.decode(inner)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # not UTF-8: UnicodeDecodeError
             raise DecryptionError("sealed envelope holds no valid message") from exc
         return Opened(env, sealed)
 
@@ -428,7 +428,7 @@ class ClientCore:
             self.store.mark_seen(b"env:" + opened.envelope.body)
             try:
                 payload = _payload_dec.decode(padding.unpad(plaintext))
-            except msgspec.DecodeError as exc:
+            except (msgspec.DecodeError, UnicodeDecodeError) as exc:
                 raise DecryptionError("decrypted message is malformed") from exc
             if self.store.seen(b"msg:" + payload.id) or payload.kind not in ("text", "sync"):
                 return None

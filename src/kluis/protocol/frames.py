@@ -246,6 +246,8 @@ ServerFrame = (
     | Synced
 )
 
+# msgspec raises UnicodeDecodeError (not DecodeError) for a string that is not UTF-8: the
+# decoders below translate it too.
 _encoder = msgspec.msgpack.Encoder()
 _client_decoder = msgspec.msgpack.Decoder(ClientFrame)
 _server_decoder = msgspec.msgpack.Decoder(ServerFrame)
@@ -260,7 +262,7 @@ def decode_client_frame(data: bytes) -> ClientFrame:
     try:
         frame: ClientFrame = _client_decoder.decode(data)
         return frame
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
         raise MalformedFrame(f"undecodable client frame: {exc}") from exc
 
 
@@ -269,5 +271,5 @@ def decode_server_frame(data: bytes) -> ServerFrame:
     try:
         frame: ServerFrame = _server_decoder.decode(data)
         return frame
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
         raise MalformedFrame(f"undecodable server frame: {exc}") from exc
