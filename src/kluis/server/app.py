@@ -20,6 +20,7 @@ from kluis.server.config import ServerConfig
 from kluis.server.connection import Connection
 from kluis.server.keys import KeyDirectory
 from kluis.server.mailbox import Mailbox
+from kluis.server.ratelimit import TokenBucket
 from kluis.server.store import SqliteStore
 from kluis.server.websocket import websocket_handler
 
@@ -35,6 +36,8 @@ class ServerState:
     keys: KeyDirectory = field(init=False)
     mailbox: Mailbox = field(init=False)
     connections: dict[str, Connection] = field(default_factory=dict)
+    # Per device (send, claim) token buckets, kept across connections; one pair per device.
+    buckets: dict[str, tuple[TokenBucket, TokenBucket]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         limits = self.config.limits
@@ -110,6 +113,7 @@ def serve(config: ServerConfig) -> None:
         host=config.host,
         port=config.port,
         access_log=None,
+        keepalive_timeout=config.limits.handshake_timeout_s,
         print=None,
         handle_signals=True,
     )

@@ -203,6 +203,10 @@ class Connection:
         if old is not None:
             old.revoke()  # one live connection per device: the newest wins
         self.server.connections[device_id] = self
+        # The device's rate limits outlive this connection: reconnecting buys no fresh burst.
+        self._send_bucket, self._claim_bucket = self.server.buckets.setdefault(
+            device_id, (self._send_bucket, self._claim_bucket)
+        )
         self.server.mailbox.attach(device_id, self)
         self._queue_backlog()
         self.notify(f.Synced())

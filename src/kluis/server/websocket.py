@@ -127,10 +127,14 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     outbox.attach(conn)
     try:
         await ws.send_bytes(f.encode(f.Challenge(nonce=conn.nonce)))
+        loop = asyncio.get_running_loop()
+        auth_deadline = loop.time() + limits.auth_timeout_s  # a deadline: frames do not extend it
         while True:
             while outbox.congested and not transport.is_closing():
                 await asyncio.sleep(_RETRY_S)  # flow control: read no more until it drains
-            timeout = limits.auth_timeout_s if conn.state is State.AWAITING_AUTH else None
+            timeout = None
+            if conn.state is not State.AUTHENTICATED:  # a pending link device only waits
+                timeout = max(0.0, auth_deadline - loop.time())
             try:
                 msg = await ws.receive(timeout=timeout)
             except TimeoutError:
