@@ -271,27 +271,34 @@ class KluisClient:
         pushes = self.transport.pushes
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
-        while True:
-            remaining = deadline - loop.time()
-            if not self._synced:
-                remaining = max(remaining, _BACKLOG_TIMEOUT)  # the stored backlog is on its way
-            elif remaining <= 0 and pushes.empty():
-                break
-            try:
-                push = await asyncio.wait_for(pushes.get(), max(0.0, remaining))
-            except TimeoutError:
-                break
-            if push is None:
-                raise TransportError("connection lost while receiving")
-            if isinstance(push, f.Synced):
-                self._synced = True
-            elif isinstance(push, f.KeysLow):
-                await self._upload_keys(push.otk_count)
-            else:
-                out.extend(await self._handle_deliver(push.envelopes))
-                if until is not None and len(out) >= until and self._synced:
+        try:
+            while True:
+                remaining = deadline - loop.time()
+                if not self._synced:
+                    remaining = max(remaining, _BACKLOG_TIMEOUT)  # the backlog is on its way
+                elif remaining <= 0 and pushes.empty():
                     break
-        await self._recover_sessions()
+                try:
+                    push = await asyncio.wait_for(pushes.get(), max(0.0, remaining))
+                except TimeoutError:
+                    break
+                if push is None:
+                    raise TransportError("connection lost while receiving")
+                if isinstance(push, f.Synced):
+                    self._synced = True
+                elif isinstance(push, f.KeysLow):
+                    await self._upload_keys(push.otk_count)
+                else:
+                    await self._handle_deliver(push.envelopes, out)
+                    if until is not None and len(out) >= until and self._synced:
+                        break
+            await self._recover_sessions()
+        except TransportError:
+            # Messages in ``out`` are decrypted and stored, so a redelivery is seen as a
+            # duplicate and never shown: hand them over now; the next call raises.
+            if not out:
+                raise
+            pushes.put_nowait(None)
         return out
 
     async def messages(self) -> AsyncIterator[Message]:
@@ -305,8 +312,8 @@ class KluisClient:
         if held:  # after a key-change acknowledgement they may now decrypt
             self.transport.pushes.put_nowait(f.Deliver(envelopes=held))
 
-    async def _handle_deliver(self, envelopes: list[f.InEnvelope]) -> list[Message]:
-        out: list[Message] = []
+    async def _handle_deliver(self, envelopes: list[f.InEnvelope], out: list[Message]) -> None:
+        """Decrypt into ``out`` as we go (so a lost connection keeps what was read), then ack."""
         ack: list[int] = []
         for env in envelopes:
             try:
@@ -323,7 +330,6 @@ class KluisClient:
             ack.append(env.id)
         if ack:
             await self.transport.request(lambda rid: f.Ack(rid=rid, ids=ack), f.Done)
-        return out
 
     async def _decrypt(self, env: f.InEnvelope) -> Message | None:
         opened: Opened | None = self.core.open_envelope(env)
