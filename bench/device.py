@@ -76,7 +76,7 @@ class Device(WSListener):  # type: ignore[misc]
         self._rid = 0
         self._waiters: dict[int, asyncio.Future[f.ServerFrame]] = {}
         self._ignored: set[int] = set()  # fire-and-forget requests (acks)
-        loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()  # get_running_loop() costs a getpid()
         self._challenge: asyncio.Future[bytes] = loop.create_future()
         self.synced: asyncio.Future[None] = loop.create_future()
         self.closed: asyncio.Future[None] = loop.create_future()
@@ -151,7 +151,7 @@ class Device(WSListener):  # type: ignore[misc]
     async def request(self, frame: Any) -> f.ServerFrame:
         rid = self._next_rid()
         frame = frame.__class__(**{**_fields(frame), "rid": rid})
-        fut: asyncio.Future[f.ServerFrame] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[f.ServerFrame] = self._loop.create_future()
         self._waiters[rid] = fut
         self._write(frame)
         return await fut
@@ -163,7 +163,7 @@ class Device(WSListener):  # type: ignore[misc]
 
     async def send(self, account: str, device: str, data: bytes) -> f.ServerFrame:
         rid = self._next_rid()
-        fut: asyncio.Future[f.ServerFrame] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[f.ServerFrame] = self._loop.create_future()
         self._waiters[rid] = fut
         self._write(
             f.Send(rid=rid, account=account, envelopes=[f.OutEnvelope(device=device, body=data)])

@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from bench.common import MB, ROOT, Sampler, Server, latency_fields, send_time
 from bench.device import Device, body, stamp
 from kluis.protocol import frames as f
@@ -79,6 +81,7 @@ async def run_pairs(
 
     cpu0 = sampler.cpu()
     me0 = _own_cpu()
+    busy0 = _machine_busy()
     timed_out = False
     try:
         await asyncio.wait_for(
@@ -88,7 +91,7 @@ async def run_pairs(
     except TimeoutError:
         timed_out = True
     t_send1 = time.perf_counter()
-    cpu1, me1 = sampler.cpu(), _own_cpu()
+    cpu1, me1, busy1 = sampler.cpu(), _own_cpu(), _machine_busy()
     drain_timed_out = False
     try:
         await asyncio.wait_for(all_in, drain_s)
@@ -113,9 +116,16 @@ async def run_pairs(
         "send_req_ms_p99": _p(send_lat, 99),
         **latency_fields(latencies),
         "server_cpu_pct_during_send": 100 * (cpu1 - cpu0) / wall if wall else 0.0,
+        # server CPU per message: steadier than msg/s when other work shares the machine
+        "server_cpu_us_per_msg": 1e6 * (cpu1 - cpu0) / sent if sent else 0.0,
         "client_cpu_pct_during_send": 100 * (me1 - me0) / wall if wall else 0.0,
         "errors": errors[0] + sum(sum(d.errors.values()) for d in devices),
         "error_codes": _merge_errors(devices),
+        # everything else running on the machine meanwhile (other users' test runs, ...), in %
+        # of one core: this shared 2-core machine is not quiet, and the figures move with it
+        "other_cpu_pct_during_send": (
+            100 * ((busy1 - busy0) - (cpu1 - cpu0) - (me1 - me0)) / wall if wall else 0.0
+        ),
     }
     if timed_out:
         out["send_phase_timed_out"] = True
@@ -137,6 +147,12 @@ def _merge_errors(devices: list[Device]) -> dict[str, int]:
         for k, v in d.errors.items():
             out[k] = out.get(k, 0) + v
     return out
+
+
+def _machine_busy() -> float:
+    """CPU seconds spent by every process on the machine (all cores), from /proc/stat."""
+    t = psutil.cpu_times()
+    return float(t.user + t.nice + t.system + t.irq + t.softirq + getattr(t, "steal", 0.0))
 
 
 def _own_cpu() -> float:

@@ -33,6 +33,7 @@ class Mailbox:
         self._deposits: list[tuple[list[tuple[str, bytes]], asyncio.Future[list[int]]]] = []
         self._acks: list[tuple[list[tuple[str, int]], asyncio.Future[None]]] = []
         self._flush_scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # ---- delivery registry ----------------------------------------------------------------
 
@@ -80,21 +81,29 @@ class Mailbox:
                 raise QuotaExceeded("the recipient's mailbox is full; try again later")
         for device_id, _ in items:
             self._counts[device_id] += 1
-        fut: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[list[int]] = self._running_loop().create_future()
         self._deposits.append((items, fut))
         self._schedule()
         return fut
 
     def acknowledge(self, device_id: str, ids: list[int]) -> asyncio.Future[None]:
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[None] = self._running_loop().create_future()
         self._acks.append(([(device_id, i) for i in ids], fut))
         self._schedule()
         return fut
 
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        # asyncio.get_running_loop() makes a getpid() system call on every call (fork check);
+        # at two calls per message that was a tenth of the server's time (py-spy).
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
+
     def _schedule(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            self._running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
         """Commit every queued deposit and ack in one transaction, then answer and push."""
