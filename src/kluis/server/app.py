@@ -1,6 +1,7 @@
 """Wiring: the aiohttp application that carries the Kluis protocol over one WebSocket route.
 
-Routes: ``GET /v1/ws`` (the protocol, see ``protocol/frames.py``), ``GET /health``. No access log:
+Routes: ``GET /v1/ws`` (the protocol, see ``protocol/frames.py``), ``GET /health``,
+``GET /v1/openapi.json`` (``server/openapi.py``). No access log:
 by default the server logs neither client addresses nor anything about messages.
 """
 
@@ -20,6 +21,7 @@ from kluis.server.config import ServerConfig
 from kluis.server.connection import Connection
 from kluis.server.keys import KeyDirectory
 from kluis.server.mailbox import Mailbox
+from kluis.server.openapi import openapi
 from kluis.server.ratelimit import TokenBucket
 from kluis.server.store import SqliteStore
 from kluis.server.websocket import websocket_handler
@@ -84,6 +86,7 @@ def build_app(state: ServerState) -> web.Application:
     app["state"] = state
     app.router.add_get("/v1/ws", websocket_handler)
     app.router.add_get("/health", health)
+    app.router.add_get("/v1/openapi.json", openapi)  # describes the routes above: keep in step
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         tasks = [asyncio.create_task(_sweeper(state)), asyncio.create_task(_checkpointer(state))]

@@ -1,0 +1,108 @@
+"""The OpenAPI description of the server's HTTP routes, served at ``GET /v1/openapi.json``.
+
+Kluis speaks its protocol over one WebSocket; HTTP is only the upgrade to it, a health check and
+this document. The frames themselves are described in ``protocol/frames.py``, not here: OpenAPI
+has no way to describe messages inside a WebSocket. API fuzzing (schemathesis) runs against this
+description, so it must stay accurate: a route added to ``app.py`` belongs here too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from kluis import __version__
+
+_TEXT_ERROR = {"text/plain": {"schema": {"type": "string"}}}
+
+
+def _header(name: str, description: str, enum: list[str] | None = None) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "string"}
+    if enum:
+        schema["enum"] = enum
+    return {
+        "name": name,
+        "in": "header",
+        "required": True,
+        "description": description,
+        "schema": schema,
+    }
+
+
+SPEC: dict[str, Any] = {
+    "openapi": "3.0.3",
+    "info": {
+        "title": "Kluis server",
+        "version": __version__,
+        "description": (
+            "End-to-end encrypted messaging. Everything but the health check happens in "
+            "binary msgpack frames over the WebSocket at /v1/ws (see protocol/frames.py)."
+        ),
+    },
+    "paths": {
+        "/health": {
+            "get": {
+                "operationId": "health",
+                "summary": "Liveness, and how many devices are connected",
+                "responses": {
+                    "200": {
+                        "description": "The server is up",
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["status", "connections"],
+                                    "properties": {
+                                        "status": {"type": "string", "enum": ["ok"]},
+                                        "connections": {"type": "integer", "minimum": 0},
+                                    },
+                                    "additionalProperties": False,
+                                }
+                            }
+                        },
+                    }
+                },
+            }
+        },
+        "/v1/ws": {
+            "get": {
+                "operationId": "websocket",
+                "summary": "Upgrade to the Kluis protocol (RFC 6455 WebSocket)",
+                "description": (
+                    "The server sends a Challenge frame first and closes a connection that has "
+                    "not authenticated within the auth timeout (10 s)."
+                ),
+                "parameters": [
+                    _header("Upgrade", "Must be 'websocket'", ["websocket"]),
+                    _header("Connection", "Must be 'Upgrade'", ["Upgrade"]),
+                    _header("Sec-WebSocket-Version", "Must be '13'", ["13"]),
+                    _header("Sec-WebSocket-Key", "base64 of 16 random bytes"),
+                ],
+                "responses": {
+                    "101": {"description": "Switching to the WebSocket protocol"},
+                    "400": {
+                        "description": "Not a valid WebSocket handshake",
+                        "content": _TEXT_ERROR,
+                    },
+                },
+            }
+        },
+        "/v1/openapi.json": {
+            "get": {
+                "operationId": "openapi",
+                "summary": "This document",
+                "responses": {
+                    "200": {
+                        "description": "The OpenAPI description of the HTTP routes",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    }
+                },
+            }
+        },
+    },
+}
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(SPEC)
