@@ -6,7 +6,7 @@ DATA   ?= ./data
 HOST   ?= 127.0.0.1
 PORT   ?= 8448
 
-.PHONY: install serve test lint typecheck pytest fuzz clean bench bench-quick bench-compare bench-plots
+.PHONY: install serve test lint typecheck pytest fuzz audit-deps clean bench bench-quick bench-compare bench-plots
 
 $(BIN)/kluis: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,8 +33,12 @@ typecheck: install
 pytest: install
 	$(BIN)/pytest -q
 
-# The whole suite: lint, types, tests.
-test: lint typecheck pytest
+# Known vulnerabilities in the installed dependencies (pip-audit); says SKIP when offline.
+audit-deps: install
+	$(BIN)/python .ci/audit_deps.py
+
+# The whole suite: lint, types, tests, dependency audit.
+test: lint typecheck pytest audit-deps
 
 # Benchmarks (BENCHMARKS.md): loopback only, bounded in count and time, JSON in bench/results/.
 BENCH_PEER ?= ../shared/bench-peer
