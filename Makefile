@@ -48,18 +48,22 @@ $(VENV)/.bench-installed: pyproject.toml $(BIN)/kluis
 	$(BIN)/pip install -q -e '.[dev,bench]'
 	@touch $@
 
-# All four workloads (pairs, paced, burst, idle at 5,000/10,000/19,000), then the plots.
+# All four workloads (pairs, paced, burst, idle at 5,000/10,000/19,000), pairs and paced again
+# with real end-to-end encryption, then the plots.
 bench: $(VENV)/.bench-installed
 	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.run --crypto --only pairs,paced
 	$(BIN)/python -m bench.plots
 
 # Small sizes, under two minutes.
 bench-quick: $(VENV)/.bench-installed
 	$(BIN)/python -m bench.run --quick
+	$(BIN)/python -m bench.run --quick --crypto --only pairs,paced
 
 # Kluis and Matrix Synapse (../shared/bench-peer) on this machine in one run, side by side.
 bench-compare: $(VENV)/.bench-installed
 	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.run --crypto --only pairs,paced
 	$(BIN)/python -m bench.compare --peer $(BENCH_PEER)
 	$(BIN)/python -m bench.plots
 

@@ -94,6 +94,11 @@ ROWS = [
     ("paced", "e2e max, ms", "e2e_ms_max", 1, False),
     ("paced", "server CPU % during send", "server_cpu_pct_during_send", 1, False),
     ("paced", "server RSS peak, MB", "server_rss_peak_mb", 0, False),
+    ("pairs-crypto", "send throughput, msg/s", "send_throughput_msg_s", 0, True),
+    ("pairs-crypto", "e2e p50, ms", "e2e_ms_p50", 1, False),
+    ("pairs-crypto", "e2e p99, ms", "e2e_ms_p99", 1, False),
+    ("paced-crypto", "e2e p50, ms", "e2e_ms_p50", 2, False),
+    ("paced-crypto", "e2e p99, ms", "e2e_ms_p99", 2, False),
 ]
 
 
@@ -132,8 +137,14 @@ def table(
     lines.append("")
     lines.append(
         "Ratios: throughput Kluis/Synapse; latency, CPU and RSS Synapse/Kluis (above 1x = Kluis "
-        "better)."
+        "better). The -crypto rows are Kluis with real vodozemac clients beside plain Synapse."
     )
+    other = _num(kluis.get("pairs"), "other_cpu_pct_during_send")
+    if other is not None:
+        lines.append(
+            f"Other processes used {other:.0f}% of a core during Kluis's pairs send phase "
+            "(this machine is shared)."
+        )
     return "\n".join(lines)
 
 
@@ -157,7 +168,9 @@ def main() -> None:
         synapse["paced"] = run_synapse(
             peer, "synapse-paced", ["--users", "50", "--messages", paced_msgs, "--rate", "40"]
         )
-    kluis = {"pairs": load("pairs"), "paced": load("paced")}
+    kluis = {name: load(name) for name in ("pairs", "paced", "pairs-crypto", "paced-crypto")}
+    # Kluis with real E2E crypto is set beside plain Synapse (the peer's E2E script is not run)
+    synapse["pairs-crypto"], synapse["paced-crypto"] = synapse["pairs"], synapse["paced"]
     text = table(kluis, synapse)
     (RESULTS / "compare.md").write_text(text + "\n")
     print("\n" + text)

@@ -18,14 +18,13 @@ from typing import Any
 from bench.common import RESULTS, machine, raise_nofile, write_result
 from bench.workloads import burst_workload, idle_workload, pairs_workload
 
-RAW = RESULTS / "raw"
-
 
 def _save(name: str, res: dict[str, Any], out: Path) -> None:
     lat = res.pop("_latencies_ms", None)
     if lat is not None:
-        RAW.mkdir(parents=True, exist_ok=True)
-        (RAW / f"{name}-latencies-ms.json").write_text(json.dumps([round(x, 4) for x in lat]))
+        raw = out / "raw"
+        raw.mkdir(parents=True, exist_ok=True)
+        (raw / f"{name}-latencies-ms.json").write_text(json.dumps([round(x, 4) for x in lat]))
     res["machine"] = machine()
     res["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     path = write_result(name, res, out)
