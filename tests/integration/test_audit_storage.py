@@ -154,3 +154,24 @@ def test_marker_encodings_are_found_inside_larger_streams(shift: int) -> None:
     forms = audit.encodings(text)
     stream = base64.b64encode(os.urandom(shift) + text.encode() + os.urandom(5))
     assert any(form in stream for form in forms["base64"])  # type: ignore[union-attr]
+
+
+async def test_a_redeemed_licence_is_not_tied_to_its_account(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    """A reseller knows which code went to whom; the seized disk must not say which account it
+    became. Before: the code's hash stayed with a redemption time equal to the account's
+    creation time."""
+    from kluis.client.client import KluisClient
+    from kluis.server.accounts import licence_hash
+
+    (code,) = server.licences(1)
+    client = await KluisClient.register(server.url, code, tmp_path / "buyer", PASSPHRASE)
+    await client.close()
+    time.sleep(2.0)  # one checkpoint interval: the deletion reaches the WAL too
+    server.kill()
+    out = run_audit("--data", str(server.data), "--bytes", licence_hash(code).hex())
+    assert out.returncode == 0, out.stdout
+    db = sqlite3.connect(server.data / audit.DB_NAME)
+    assert db.execute("SELECT COUNT(*) FROM licences").fetchone() == (0,)
+    db.close()

@@ -1,7 +1,8 @@
 """Server persistence on embedded SQLite (WAL), the only module that talks to the database.
 
 What is stored, and why it is safe to seize:
-- licences: SHA-256 of each code (an unredeemed code cannot be read back), its days, redemption time;
+- licences: SHA-256 of each unredeemed code (it cannot be read back) and its days; a redeemed code's
+  row is deleted, so nothing ties a code to the account it created;
 - accounts: a random ID and the subscription window, nothing personal;
 - devices: public keys and the approval signature that admitted each one;
 - one-time and fallback keys: public keys only;
@@ -139,13 +140,16 @@ class SqliteStore:
         Returns None (and changes nothing) when the licence is unknown or already redeemed.
         """
         with self.transaction() as db:
+            # The redeemed code's row goes: kept with its redemption time, it would tie the code
+            # (known to whoever sold it) to the account created in the same second. A code seen
+            # again is unknown, hence refused, just as a reused one.
             row = db.execute(
-                "UPDATE licences SET redeemed_at = ? WHERE code_hash = ? AND redeemed_at IS NULL "
-                "RETURNING days",
-                (now, code_hash),
+                "DELETE FROM licences WHERE code_hash = ? AND redeemed_at IS NULL RETURNING days",
+                (code_hash,),
             ).fetchone()
             if row is None:
                 return None
+            self.deleted_since_checkpoint = True
             account = Account(account_id, now, now + int(row[0]) * 86_400)
             db.execute(
                 "INSERT INTO accounts(id, created_at, expires_at) VALUES (?, ?, ?)",
