@@ -261,3 +261,17 @@ async def test_mailbox_flooding_is_bounded_by_quota(tmp_path: Path) -> None:
         await bob.close()
     finally:
         srv.stop()
+
+
+async def test_pending_device_links_are_capped(tmp_path: Path) -> None:
+    """A link request needs no account; each stores keys for 10 minutes. Capped, a flood of them
+    cannot grow the database without bound (it can only delay other links)."""
+    srv = ServerProcess(tmp_path / "server", "--limit", "max_pending_links=3")
+    srv.start()
+    try:
+        for i in range(3):
+            await KluisClient.request_link(srv.url, tmp_path / f"new{i}", PASSPHRASE)
+        with pytest.raises(RateLimited):
+            await KluisClient.request_link(srv.url, tmp_path / "one-more", PASSPHRASE)
+    finally:
+        srv.stop()

@@ -23,6 +23,7 @@ from kluis.errors import (
     LinkInvalid,
     MalformedFrame,
     QuotaExceeded,
+    RateLimited,
     UnknownAccount,
     UnknownDevice,
 )
@@ -77,6 +78,7 @@ class Accounts:
         self._clock = clock
         self._link_ttl_s = limits.link_ttl_s
         self._max_keys = limits.max_keys_per_upload
+        self._max_links = limits.max_pending_links
         self._device_ids: dict[str, frozenset[str]] = {}  # hot path of every send
 
     def _now(self) -> int:
@@ -133,6 +135,8 @@ class Accounts:
             check_signed_key(keys.ed25519, k)
         if self._store.device(keys.ed25519) is not None:
             raise BadSignature("this device key is already registered")
+        if self._store.count_links(self._now()) >= self._max_links:
+            raise RateLimited("too many device links are pending; try again in a few minutes")
         token, expires = new_link_token(), self._now() + self._link_ttl_s
         self._store.put_link(token, link, expires)
         return token, expires

@@ -24,6 +24,8 @@ class Limits:
     mailbox_quota: int = 10_000  # stored envelopes per recipient device
     envelope_ttl_s: int = 30 * DAY
     link_ttl_s: int = 600
+    # Link requests need no account: without a cap, anyone could grow the database at will.
+    max_pending_links: int = 1_000
     auth_timeout_s: float = 10.0  # from the upgrade to a valid signature, however busy the peer
     # From TCP accept to a complete HTTP request (aiohttp's keep-alive timer): a client dribbling
     # header bytes (slowloris) is cut after this. Also the idle time between HTTP requests.

@@ -217,6 +217,10 @@ class SqliteStore:
                 (token, _record_enc.encode(link), expires_at),
             )
 
+    def count_links(self, now: int) -> int:
+        row = self._db.execute("SELECT COUNT(*) FROM links WHERE expires_at > ?", (now,)).fetchone()
+        return int(row[0])
+
     def link(self, token: str, now: int) -> PendingLink | None:
         row = self._db.execute(
             "SELECT keys FROM links WHERE token = ? AND expires_at > ?", (token, now)
