@@ -175,3 +175,24 @@ async def test_a_redeemed_licence_is_not_tied_to_its_account(
     db = sqlite3.connect(server.data / audit.DB_NAME)
     assert db.execute("SELECT COUNT(*) FROM licences").fetchone() == (0,)
     db.close()
+
+
+async def test_pending_envelopes_are_reported(server: ServerProcess, tmp_path: Path) -> None:
+    """Undelivered envelopes are no finding by themselves (they wait for their device), but the
+    audit lists them, notes the timing that can pair sender and recipient while they wait, and
+    with --expect-empty (every device has synced) counts each as a finding."""
+    alice = await register(server, tmp_path / "alice")
+    bob = await register(server, tmp_path / "bob")
+    alice2 = await link_device(alice, server, tmp_path / "alice2")
+    await alice2.close()
+    await bob.close()
+    await alice.send(bob.account_id, "waiting for bob")  # one for bob, a copy for alice2
+    await alice.close()
+    server.stop()
+    out = run_audit("--data", str(server.data), "--marker", "waiting for bob")
+    assert out.returncode == 0, out.stdout
+    assert "note: 2 stored envelopes for 2 devices" in out.stdout
+    assert "1 pairs of pending envelopes for different accounts" in out.stdout
+    out = run_audit("--data", str(server.data), "--expect-empty")
+    assert out.returncode == 1
+    assert out.stdout.count("envelopes still stored for") == 2

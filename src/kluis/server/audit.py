@@ -243,12 +243,38 @@ def _scan_tables(
                 report.findings.append(
                     Finding("envelope", where, f"{n} envelopes still stored for {device}")
                 )
+        _note_adjacent_deposits(report, conn, owner)
         for (body,) in conn.execute("SELECT body FROM envelopes"):
             named = {a for ident, a in owner.items() if ident in bytes(body)}
             if named:
                 report.findings.append(
                     Finding("link", where, "an envelope body names an account or device ID")
                 )
+
+
+def _note_adjacent_deposits(
+    report: Report, conn: sqlite3.Connection, owner: dict[bytes, str]
+) -> None:
+    """Pending envelopes with consecutive IDs and equal expiry, for two different accounts.
+
+    A sender with another device deposits its own copies right after the recipient's envelopes,
+    so such a pair may say who wrote to whom while both are undelivered. Timing, not a stored
+    link: a note, not a finding (unrelated sends in the same second look the same).
+    """
+    pairs = 0
+    prev: tuple[int, int, str | None] | None = None
+    for env_id, device, expires in conn.execute(
+        "SELECT id, device_id, expires_at FROM envelopes ORDER BY id"
+    ):
+        account = owner.get(str(device).encode())
+        if prev and prev[0] == env_id - 1 and prev[1] == expires and prev[2] != account:
+            pairs += 1
+        prev = (int(env_id), int(expires), account)
+    if pairs:
+        report.notes.append(
+            f"{pairs} pairs of pending envelopes for different accounts were deposited together "
+            "(timing may pair a sender with a recipient until they are delivered)"
+        )
 
 
 # ---- entry point ------------------------------------------------------------------------------
