@@ -345,6 +345,8 @@ async def _idle_step(
         res["pairs_e2e_ms_p50"] = pairs["e2e_ms_p50"]
         res["pairs_e2e_ms_p99"] = pairs["e2e_ms_p99"]
         res["pairs_messages_lost"] = pairs["messages_lost"]
+        res["pairs_server_cpu_us_per_msg"] = pairs["server_cpu_us_per_msg"]
+        res["pairs_other_cpu_pct_during_send"] = pairs["other_cpu_pct_during_send"]
         res["errors"] += pairs["errors"]
         await asyncio.gather(*(d.close() for d in devices), return_exceptions=True)
         res["connections_held_after_pairs"] = (server.health() or {}).get("connections", 0)
