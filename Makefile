@@ -57,8 +57,8 @@ bench: $(VENV)/.bench-installed
 
 # Small sizes, under two minutes.
 bench-quick: $(VENV)/.bench-installed
-	$(BIN)/python -m bench.run --quick
-	$(BIN)/python -m bench.run --quick --crypto --only pairs,paced
+	$(BIN)/python -m bench.run --quick --out bench/results/quick
+	$(BIN)/python -m bench.run --quick --crypto --only pairs,paced --out bench/results/quick
 
 # Kluis and Matrix Synapse (../shared/bench-peer) on this machine in one run, side by side.
 bench-compare: $(VENV)/.bench-installed
