@@ -56,34 +56,55 @@ def latency() -> Path | None:
     return _save(fig, "latency.png")
 
 
-def _idle_points() -> list[dict[str, Any]]:
-    idle = _load("idle.json")
+def _idle_points(sub: str = "") -> list[dict[str, Any]]:
+    idle = _load(f"{sub}idle.json")
     points = list(idle.get("steps", [])) if idle else []
     return sorted(points, key=lambda s: s.get("connections_held", 0))
 
 
-def throughput_vs_connections() -> Path | None:
-    pts = _idle_points()
-    pairs = _load("pairs.json")
+def _throughput_series(sub: str) -> tuple[list[int], list[float], list[Any]]:
+    pts = _idle_points(sub)
+    pairs = _load(f"{sub}pairs.json")
     xs = [0] if pairs else []
     ys = [pairs["send_throughput_msg_s"]] if pairs else []
+    others = [pairs.get("other_cpu_pct_during_send")] if pairs else []
     xs += [p["connections_held"] for p in pts]
     ys += [p["pairs_send_throughput_msg_s"] for p in pts]
-    if len(xs) < 2:
-        return None
-    others = [pairs.get("other_cpu_pct_during_send")] if pairs else []
     others += [p.get("pairs_other_cpu_pct_during_send") for p in pts]
+    return xs, ys, others
+
+
+def throughput_vs_connections() -> Path | None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    ax.plot(xs, ys, "o-", color="tab:blue", label="Kluis pairs (25 pairs x 200 messages)")
-    for x, y, other in zip(xs, ys, others, strict=True):
-        if isinstance(other, int | float):  # other processes' CPU use meanwhile (shared machine)
-            ax.annotate(f"others {other:.0f}%", (x, y), textcoords="offset points", xytext=(4, -12))
+    drawn = False
+    for sub, colour, label in (
+        ("", "tab:blue", "Kluis pairs, bench-compare run (machine shared)"),
+        ("quiet/", "tab:orange", "Kluis pairs, rerun (bench/results/quiet/)"),
+    ):
+        xs, ys, others = _throughput_series(sub)
+        if len(xs) < 2:
+            continue
+        drawn = True
+        ax.plot(xs, ys, "o-", color=colour, label=label)
+        for x, y, other in zip(xs, ys, others, strict=True):
+            if isinstance(other, int | float):  # other processes' CPU use meanwhile
+                ax.annotate(
+                    f"others {max(0.0, other):.0f}%",
+                    (x, y),
+                    textcoords="offset points",
+                    xytext=(4, -12),
+                    fontsize=7,
+                    color=colour,
+                )
+    if not drawn:
+        plt.close(fig)
+        return None
     ax.axhline(8000, color="grey", ls=":", label="target 8,000 msg/s")
     return _finish(
         fig,
         ax,
         "idle authenticated devices connected to the same server process",
-        "send throughput, messages/s",
+        "send throughput, messages/s (25 pairs x 200)",
         "Throughput with N devices connected (one process, SQLite)",
         "throughput_vs_connections.png",
     )
