@@ -173,6 +173,9 @@ class Device(WSListener):  # type: ignore[misc]
     # ---- log-in -----------------------------------------------------------------------------
 
     async def connect(self, url: str, local_addr: tuple[str, int] | None = None) -> bytes:
+        host = url.split("//", 1)[-1].split("/", 1)[0].rsplit(":", 1)[0]
+        if not host.startswith("127."):
+            raise ValueError(f"the load generator only targets 127.0.0.0/8, not {host!r}")
         kwargs: dict[str, Any] = {"websocket_handshake_timeout": 20}
         if local_addr is not None:
             kwargs["local_addr"] = local_addr
