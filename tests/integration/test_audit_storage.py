@@ -144,6 +144,9 @@ def test_audit_refuses_postgresql_and_missing_folders(tmp_path: Path) -> None:
     out = run_audit("--data", str(tmp_path / "nope"))
     assert out.returncode == 1
     assert "no data folder" in out.stderr
+    out = run_audit("--data", str(tmp_path), "--database", f"sqlite:///{tmp_path}/elsewhere.db")
+    assert out.returncode == 0, out.stdout
+    assert f"note: no database at {tmp_path}/elsewhere.db" in out.stdout
 
 
 @pytest.mark.parametrize("shift", [0, 1, 2])
