@@ -299,15 +299,19 @@ def audit(
     if not data.is_dir():
         raise LocalProtocolError(f"no data folder at {data}")
     report = Report()
-    scan_files(report, [data, *extra_paths], markers, raw, secrets)
-    scan_database(report, data / DB_NAME, expect_empty=expect_empty, now=int(now or time.time()))
+    db = database or data / DB_NAME
+    paths = [data, *extra_paths]
+    if database is not None:  # the database and its WAL, when kept outside the data folder
+        paths += [p for p in database.parent.glob(database.name + "*") if data not in p.parents]
+    scan_files(report, paths, markers, raw, secrets)
+    scan_database(report, db, expect_empty=expect_empty, now=int(now or time.time()))
     return report
 
 
 def parse_database_url(url: str) -> Path:
     """``sqlite:///path`` or a plain path; other databases are not supported yet."""
     if url.startswith("sqlite:///"):
-        return Path(url[len("sqlite://") :])
+        return Path(url[len("sqlite:///") :])  # as SQLAlchemy: sqlite:////abs, sqlite:///rel
     if url.startswith(("postgres://", "postgresql://")):
         raise LocalProtocolError(
             "auditing PostgreSQL is not supported yet: Kluis has no PostgreSQL store"
