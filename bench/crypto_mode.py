@@ -4,7 +4,9 @@ Each simulated device has its own encrypted profile (vodozemac Olm account, seal
 profile store); messages are Olm-encrypted, padded and sealed by the client exactly as the
 ``kluis`` command does, and the receiver decrypts them before its figure is taken. Latency is
 from the (scheduled) send time to the return of ``receive()`` with the decrypted message, which
-includes the receiver's acknowledgement round trip. Only the profile's argon2id parameters are
+includes the receiver's acknowledgement round trip. Senders stay in this process; receivers run
+in ``bench/crypto_receivers.py`` so that decryption does not queue behind encryption on one core.
+Only the profile's argon2id parameters are
 lowered (``time_cost=1, memory_kib=8192``) so that set-up takes seconds, not minutes.
 """
 
@@ -12,14 +14,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import MB, Sampler, Server, latency_fields, pct, send_time
+import psutil
+
+from bench.common import MB, ROOT, Sampler, Server, latency_fields, pct, send_time
 from kluis.client.client import KluisClient
 from kluis.client.core import ClientCore
 from kluis.client.store import ProfileStore
@@ -79,38 +85,57 @@ async def crypto_pairs_workload(
 
         clients = list(await asyncio.gather(*(one(i, c) for i, c in enumerate(server.licences))))
         res["register_s"] = time.perf_counter() - t
-        pairs = [(clients[2 * i], clients[2 * i + 1]) for i in range(len(clients) // 2)]
+        # receivers run in their own process (bench/crypto_receivers.py): the parent keeps the
+        # senders, the child reopens the receivers' profiles
+        senders = clients[0::2]
+        receivers = clients[1::2]
+        rx_accounts = [r.account_id for r in receivers]
+        for r in receivers:
+            await r.close()
+        clients = senders
+        pairs = list(zip(senders, rx_accounts, strict=True))
+        listing = tmp / "receivers.json"
+        listing.write_text(json.dumps([str(tmp / f"d{2 * i + 1}") for i in range(len(pairs))]))
+        child = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "bench.crypto_receivers",
+            "--profiles",
+            str(listing),
+            "--messages",
+            str(messages),
+            "--deadline",
+            str(deadline_s + 30),
+            stdout=asyncio.subprocess.PIPE,
+            cwd=ROOT,
+            limit=1 << 24,  # the LATENCIES line holds every figure
+        )
+        assert child.stdout is not None
+        ready = await asyncio.wait_for(child.stdout.readline(), 120)
+        if not ready.startswith(b"READY"):
+            raise RuntimeError(f"receiver process failed: {ready!r}")
+        rx_proc = psutil.Process(child.pid)
+        held = (server.health() or {}).get("connections", 0)
         total = messages * len(pairs)
-        latencies: list[float] = []
         send_lat: list[float] = []
         errors: dict[str, int] = {}
-        stop = asyncio.Event()
-
-        async def receiver(r: KluisClient) -> None:
-            got = 0
-            while got < messages and not stop.is_set():
-                for m in await r.receive(wait=0.5, until=1):
-                    now = time.perf_counter()
-                    latencies.append(now - float(m.text.split(" ", 1)[0]))
-                    got += 1
 
         t_send0 = time.perf_counter()
         interval = len(pairs) / rate if rate > 0 else 0.0
 
-        async def sender(i: int, s: KluisClient, r: KluisClient) -> None:
+        async def sender(i: int, s: KluisClient, peer: str) -> None:
             start = t_send0 + (i / len(pairs)) * interval
             for k in range(messages):
                 t0 = await send_time(start, k, interval)
                 text = f"{t0:.9f} {k} ".ljust(100, "x")
                 try:
-                    await s.send(r.account_id, text)
+                    await s.send(peer, text)
                     send_lat.append(time.perf_counter() - t0)
                 except Exception as exc:  # counted, not fatal: the figure says how many
                     key = getattr(exc, "code", type(exc).__name__)
                     errors[key] = errors.get(key, 0) + 1
 
-        rx = [asyncio.create_task(receiver(r)) for _, r in pairs]
-        cpu0, me0 = sampler.cpu(), _own_cpu()
+        cpu0, me0, rx0 = sampler.cpu(), _own_cpu(), _proc_cpu(rx_proc)
         timed_out = False
         try:
             await asyncio.wait_for(
@@ -119,16 +144,24 @@ async def crypto_pairs_workload(
         except TimeoutError:
             timed_out = True
         t_send1 = time.perf_counter()
-        cpu1, me1 = sampler.cpu(), _own_cpu()
+        cpu1, me1, rx1 = sampler.cpu(), _own_cpu(), _proc_cpu(rx_proc)
+        latencies: list[float] = []
+        rx_errors = 0
         try:
-            await asyncio.wait_for(asyncio.gather(*rx), 30)
+            async with asyncio.timeout(deadline_s + 60):
+                async for line in child.stdout:
+                    if line.startswith(b"LATENCIES "):
+                        latencies = json.loads(line[len(b"LATENCIES ") :])
+                    elif line.startswith(b"ERRORS "):
+                        rx_errors = int(json.loads(line[len(b"ERRORS ") :]))
+                        break
         except TimeoutError:
             res["drain_timed_out"] = True
-        stop.set()
-        for task in rx:
-            task.cancel()
-        await asyncio.gather(*rx, return_exceptions=True)
         t_recv1 = time.perf_counter()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(child.wait(), 30)
+        if child.returncode is None:
+            child.kill()
         wall = t_send1 - t_send0
         send_lat.sort()
         res.update(
@@ -149,9 +182,10 @@ async def crypto_pairs_workload(
                 **latency_fields(latencies),
                 "server_cpu_pct_during_send": 100 * (cpu1 - cpu0) / wall if wall else 0.0,
                 "client_cpu_pct_during_send": 100 * (me1 - me0) / wall if wall else 0.0,
-                "errors": sum(errors.values()) + sum(len(c.errors) for c in clients),
+                "receiver_process_cpu_pct_during_send": 100 * (rx1 - rx0) / wall if wall else 0.0,
+                "errors": sum(errors.values()) + sum(len(c.errors) for c in clients) + rx_errors,
                 "error_codes": errors,
-                "connections_held": (server.health() or {}).get("connections", 0),
+                "connections_held": held,
                 "server_rss_end_mb": sampler.rss() / MB,
                 "expected_messages": total,
             }
@@ -168,6 +202,14 @@ async def crypto_pairs_workload(
         shutil.rmtree(tmp, ignore_errors=True)
     res["server_rss_peak_mb"] = sampler.peak() / MB
     return res
+
+
+def _proc_cpu(proc: psutil.Process) -> float:
+    try:
+        t = proc.cpu_times()
+    except psutil.Error:
+        return 0.0
+    return float(t.user + t.system)
 
 
 def _own_cpu() -> float:
