@@ -129,3 +129,22 @@ def test_limits_are_configurable_by_name() -> None:
     ):
         with pytest.raises(ValueError):
             limits_with_overrides(Limits(), bad)
+
+
+async def test_full_mailbox_has_room_again_after_expiry(tmp_path: Path) -> None:
+    from kluis.errors import QuotaExceeded
+    from kluis.server.mailbox import Mailbox
+
+    clock = Clock()
+    store = SqliteStore(tmp_path / "db.sqlite3")
+    mailbox = Mailbox(store, Limits(mailbox_quota=2, envelope_ttl_s=60), clock)
+    await mailbox.deposit([("dev", b"1")])
+    await mailbox.deposit([("dev", b"2")])
+    with pytest.raises(QuotaExceeded):
+        mailbox.deposit([("dev", b"3")])
+    clock.now += 61
+    assert store.sweep(int(clock.now)) == (2, 0)
+    mailbox.expired()  # what the server's sweeper does after deleting
+    await mailbox.deposit([("dev", b"3")])
+    assert [b for _, b in store.envelopes_after("dev", 0, int(clock.now), 10)] == [b"3"]
+    store.close()

@@ -64,6 +64,7 @@ async def _sweeper(state: ServerState) -> None:
         try:
             envelopes, _links = state.store.sweep(int(state.clock()))
             if envelopes:
+                state.mailbox.expired()  # a full mailbox may have room again
                 log.info("expired %d undelivered envelopes", envelopes)
             state.store.checkpoint()
         except Exception:
@@ -117,6 +118,7 @@ def serve(config: ServerConfig) -> None:
         port=config.port,
         access_log=None,
         keepalive_timeout=config.limits.handshake_timeout_s,
+        backlog=2048,  # reconnect storms (thousands of devices after a restart) overflowed 128
         print=None,
         handle_signals=True,
     )

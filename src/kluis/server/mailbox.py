@@ -72,6 +72,10 @@ class Mailbox:
         self._counts.pop(device_id, None)
         self._exact.discard(device_id)
 
+    def expired(self) -> None:
+        """The sweeper deleted envelopes: no count is known to be exact any more."""
+        self._exact.clear()
+
     # ---- deposit / ack with group commit --------------------------------------------------
 
     def deposit(self, items: list[tuple[str, bytes]]) -> asyncio.Future[list[int]]:
