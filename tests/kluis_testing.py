@@ -11,7 +11,10 @@ import time
 import urllib.request
 from pathlib import Path
 
+import aiohttp
+
 from kluis.client.client import KluisClient
+from kluis.protocol import frames as f
 
 PASSPHRASE = "correct horse battery staple"
 
@@ -111,3 +114,37 @@ async def link_device(existing: KluisClient, server: ServerProcess, profile: Pat
     client = KluisClient.open(profile, PASSPHRASE)
     await client.connect()
     return client
+
+
+class RawConnection:
+    """A bare WebSocket speaking frames by hand, to send what a real client never would."""
+
+    def __init__(self, session: aiohttp.ClientSession, ws: aiohttp.ClientWebSocketResponse):
+        self.session, self.ws = session, ws
+        self.nonce = b""
+
+    @classmethod
+    async def open(cls, server: ServerProcess) -> RawConnection:
+        session = aiohttp.ClientSession()
+        ws = await session.ws_connect(server.url + "/v1/ws", max_msg_size=0)
+        raw = cls(session, ws)
+        challenge = await raw.recv()
+        assert isinstance(challenge, f.Challenge)
+        raw.nonce = challenge.nonce
+        return raw
+
+    async def recv(self, timeout: float = 5) -> f.ServerFrame:
+        """The next answer, skipping pushes (deliveries and notices)."""
+        while True:
+            msg = await self.ws.receive(timeout=timeout)
+            assert msg.type == aiohttp.WSMsgType.BINARY, msg
+            frame = f.decode_server_frame(msg.data)
+            if not isinstance(frame, f.Deliver | f.Synced | f.KeysLow):
+                return frame
+
+    async def send(self, data: bytes) -> None:
+        await self.ws.send_bytes(data)
+
+    async def close(self) -> None:
+        await self.ws.close()
+        await self.session.close()

@@ -22,7 +22,7 @@ import pytest
 from kluis.client.client import KluisClient
 from kluis.errors import QuotaExceeded, RateLimited
 from kluis.protocol import frames as f
-from tests.kluis_testing import PASSPHRASE, ServerProcess, register
+from tests.kluis_testing import PASSPHRASE, RawConnection, ServerProcess, register
 
 AUTH_TIMEOUT_S = 10.0  # Limits.auth_timeout_s and Limits.handshake_timeout_s
 KNOWN_CODES = {
@@ -38,36 +38,6 @@ KNOWN_CODES = {
     "mismatched_devices",
     "link_invalid",
 }
-
-
-class Raw:
-    """A bare WebSocket: frames by hand, one answer read per request."""
-
-    def __init__(self, session: aiohttp.ClientSession, ws: aiohttp.ClientWebSocketResponse):
-        self.session, self.ws = session, ws
-        self.nonce = b""
-
-    @classmethod
-    async def open(cls, server: ServerProcess) -> Raw:
-        session = aiohttp.ClientSession()
-        ws = await session.ws_connect(server.url + "/v1/ws", max_msg_size=0)
-        raw = cls(session, ws)
-        challenge = await raw.recv()
-        assert isinstance(challenge, f.Challenge)
-        raw.nonce = challenge.nonce
-        return raw
-
-    async def recv(self, timeout: float = 5) -> f.ServerFrame:
-        while True:
-            msg = await self.ws.receive(timeout=timeout)
-            assert msg.type == aiohttp.WSMsgType.BINARY, msg
-            frame = f.decode_server_frame(msg.data)
-            if not isinstance(frame, f.Deliver | f.Synced | f.KeysLow):
-                return frame
-
-    async def close(self) -> None:
-        await self.ws.close()
-        await self.session.close()
 
 
 @pytest.fixture
@@ -118,8 +88,8 @@ async def test_garbage_volley_gets_typed_errors_and_the_server_stays_up(
     account, device = client.account_id, client.core.device_id
     peer = await register(server, tmp_path / "peer")
     await peer.close()
-    strangers = [await Raw.open(server) for _ in range(2)]
-    insider = await Raw.open(server)  # authenticated as a real device of its own account
+    strangers = [await RawConnection.open(server) for _ in range(2)]
+    insider = await RawConnection.open(server)  # authenticated as a real device of its own account
     insider_client = KluisClient.open(tmp_path / "peer", PASSPHRASE)
     auth = f.Auth(
         rid=9,
@@ -174,14 +144,14 @@ async def test_slow_and_silent_connections_are_cut(
         return time.monotonic() - start
 
     async def silent_websocket() -> float:
-        raw = await Raw.open(server)
+        raw = await RawConnection.open(server)
         msg = await raw.ws.receive(timeout=limit)
         assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED), msg
         await raw.close()
         return time.monotonic() - start
 
     async def busy_unauthenticated_websocket() -> float:
-        raw = await Raw.open(server)
+        raw = await RawConnection.open(server)
         try:
             while time.monotonic() - start < limit:
                 await raw.ws.send_bytes(b"\xc1")  # never-valid msgpack: bad_frame, every second

@@ -10,36 +10,14 @@ import pytest
 
 from kluis.errors import DecryptionError
 from kluis.protocol import frames as f
-from tests.kluis_testing import ServerProcess, register
-
-
-class RawConnection:
-    """A bare WebSocket speaking frames by hand, to send what a real client never would."""
-
-    def __init__(self, session: aiohttp.ClientSession, ws: aiohttp.ClientWebSocketResponse) -> None:
-        self.session, self.ws = session, ws
-        self.nonce = b""
-
-    async def recv(self) -> f.ServerFrame:
-        msg = await self.ws.receive(timeout=5)
-        assert msg.type == aiohttp.WSMsgType.BINARY, msg
-        return f.decode_server_frame(msg.data)
-
-    async def send(self, data: bytes) -> None:
-        await self.ws.send_bytes(data)
+from tests.kluis_testing import RawConnection, ServerProcess, register
 
 
 @pytest.fixture
 async def raw(server: ServerProcess) -> AsyncIterator[RawConnection]:
-    session = aiohttp.ClientSession()
-    ws = await session.ws_connect(server.url + "/v1/ws", max_msg_size=0)
-    conn = RawConnection(session, ws)
-    challenge = await conn.recv()
-    assert isinstance(challenge, f.Challenge)
-    conn.nonce = challenge.nonce
+    conn = await RawConnection.open(server)
     yield conn
-    await ws.close()
-    await session.close()
+    await conn.close()
 
 
 async def expect_error(conn: RawConnection, code: str) -> f.Error:
