@@ -155,3 +155,18 @@ def test_public_api() -> None:
     import kluis.client
 
     assert kluis.client.__all__ == ["KluisClient", "Message"]
+
+
+def test_safety_number(tmp_path: Path) -> None:
+    import re
+
+    from kluis.client.core import safety_number
+
+    bob = make_core(tmp_path, "bob", "b" * 16)
+    bob2 = make_core(tmp_path, "bob2", "b" * 16)
+    one = safety_number(bob.account_id, [record(bob)])
+    assert re.fullmatch(r"(\d{5} ){5}\d{5}", one)
+    assert safety_number(bob.account_id, [record(bob)]) == one  # stable
+    both = safety_number(bob.account_id, [record(bob), record(bob2)])
+    assert both != one and both == safety_number(bob.account_id, [record(bob2), record(bob)])
+    assert safety_number("c" * 16, [record(bob)]) != one  # bound to the account too

@@ -75,6 +75,9 @@ def test_cli_end_to_end(server: ServerProcess, tmp_path: Path) -> None:
         (alice, "hello bob")
     ]
     assert kluis("inbox", "--profile", b).stdout == ""  # acknowledged and gone
+    seen_by_alice = kluis("safety-number", "--profile", a, bob).stdout.strip()
+    assert seen_by_alice == kluis("safety-number", "--profile", b).stdout.strip()
+    assert re.fullmatch(r"(\d{5} ){5}\d{5}", seen_by_alice)
 
     # inbox --wait picks up a message sent while it waits.
     env = {**os.environ, "KLUIS_PASSPHRASE": "pw-cli"}

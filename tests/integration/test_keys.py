@@ -66,6 +66,9 @@ async def test_swapped_device_keys_stop_sending_until_acknowledged(
     mallory = await register(server, tmp_path / "mallory")
     await alice.send(bob.account_id, "pinned now")
     assert [m.text for m in await bob.receive(wait=5, until=1)] == ["pinned now"]
+    # Out of band, Alice and Bob compare safety numbers: the same keys on both sides.
+    bobs_own = await bob.safety_number()
+    assert await alice.safety_number(bob.account_id) == bobs_own
 
     # A malicious server moves Mallory's device into Bob's account and hides Bob's real one.
     server.stop()
@@ -91,6 +94,8 @@ async def test_swapped_device_keys_stop_sending_until_acknowledged(
     assert [m.text for m in alice.history(bob.account_id)] == ["pinned now"]
 
     alice.acknowledge_key_change(bob.account_id)  # the user accepts the new keys
+    # ...and a comparison of safety numbers would now show the swap.
+    assert await alice.safety_number(bob.account_id) != bobs_own
     await alice.send(bob.account_id, "after acknowledging")
     await alice.close()
     # Acknowledged, so it went to the device now listed for Bob.

@@ -198,6 +198,13 @@ async def _inbox(args: argparse.Namespace) -> None:
     await _with_client(args, body)
 
 
+async def _safety_number(args: argparse.Namespace) -> None:
+    async def body(client: KluisClient) -> None:
+        print(await client.safety_number(args.id))
+
+    await _with_client(args, body)
+
+
 def cmd_history(args: argparse.Namespace) -> None:
     client = KluisClient.open(Path(args.profile), _passphrase())
     try:
@@ -321,6 +328,14 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--profile", required=True)
     h.add_argument("id", nargs="?")
     h.set_defaults(func=cmd_history)
+
+    sn = sub.add_parser(
+        "safety-number",
+        help="print ID's safety number (yours without ID); compare it with your peer out of band",
+    )
+    sn.add_argument("--profile", required=True)
+    sn.add_argument("id", nargs="?")
+    sn.set_defaults(func=_async(_safety_number))
 
     t = sub.add_parser("trust", help="accept the changed keys of ID")
     t.add_argument("--profile", required=True)

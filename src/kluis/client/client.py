@@ -214,6 +214,12 @@ class KluisClient:
         if device != self.core.device_id:
             await self.refresh_devices(self.account_id)
 
+    async def safety_number(self, account: str | None = None) -> str:
+        """The safety number of ``account``'s devices as we trust them (ours by default)."""
+        account = account or self.account_id
+        await self.refresh_devices(account)
+        return self.core.safety_number(account)
+
     def acknowledge_key_change(self, account: str) -> None:
         """Accept a peer's changed keys; held messages from it are read on the next receive."""
         self.core.acknowledge_key_change(account)

@@ -19,6 +19,7 @@ anything else raises :class:`KeyChanged` and sending to that account stops until
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from dataclasses import dataclass
@@ -125,6 +126,21 @@ _sealed_dec = msgspec.msgpack.Decoder(Sealed)
 _stored_dec = msgspec.msgpack.Decoder(StoredMessage)
 
 
+def safety_number(account: str, devices: list[DeviceRecord]) -> str:
+    """30 digits naming an account's device keys, for comparing out of band.
+
+    Two people who see the same number for an account see the same keys: a server that swapped
+    keys on first contact is caught. The number changes when the account adds or drops a device.
+    """
+    keys = sorted(
+        signing.device_keys_message(d.keys.ed25519, d.keys.curve25519, d.keys.seal) for d in devices
+    )
+    digest = hashlib.sha256(b"\x00".join([b"kluis-safety-number-v1", account.encode(), *keys]))
+    raw = digest.digest()
+    groups = [int.from_bytes(raw[i : i + 5], "big") % 100_000 for i in range(0, 30, 5)]
+    return " ".join(f"{g:05d}" for g in groups)
+
+
 def check_record(account: str, record: DeviceRecord) -> None:
     """A device's self-signature, and its approval when it has an approver."""
     k = record.keys
@@ -135,8 +151,6 @@ def check_record(account: str, record: DeviceRecord) -> None:
 
 def link_fingerprint(keys: DeviceKeys) -> str:
     """Short check code the approving device compares, so a server cannot swap the keys."""
-    import hashlib
-
     digest = hashlib.sha256(signing.device_keys_message(keys.ed25519, keys.curve25519, keys.seal))
     return digest.hexdigest()[:8]
 
@@ -259,6 +273,12 @@ class ClientCore:
         if pins is None or pins.pending is not None:
             return None
         return [pins.known[d] for d in pins.active]
+
+    def safety_number(self, account: str) -> str:
+        devices = self.trusted_devices(account)
+        if devices is None:
+            raise KeyChanged(f"no trusted device list for {account}", account=account)
+        return safety_number(account, devices)
 
     def pending_key_change(self, account: str) -> bool:
         pins = self._pins(account)
