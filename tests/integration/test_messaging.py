@@ -137,3 +137,20 @@ async def test_newest_connection_of_a_device_wins(server: ServerProcess, tmp_pat
         assert not answer.bundles[0].fallback
     await second.close()
     await alice.close()
+
+
+async def test_messages_iterator_yields_as_they_arrive(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    import asyncio
+
+    alice = await register(server, tmp_path / "alice")
+    bob = await register(server, tmp_path / "bob")
+    stream = bob.messages()
+    for text in ("first", "second"):
+        await alice.send(bob.account_id, text)
+        message = await asyncio.wait_for(anext(stream), 10)
+        assert (message.sender, message.text) == (alice.account_id, text)
+    await stream.aclose()
+    await alice.close()
+    await bob.close()

@@ -310,7 +310,7 @@ class KluisClient:
     async def messages(self) -> AsyncIterator[Message]:
         """Every incoming message, as it arrives, forever."""
         while True:
-            for m in await self.receive(wait=3600):
+            for m in await self.receive(wait=3600, until=1):  # hand over each batch at once
                 yield m
 
     def _retry_held(self) -> None:
