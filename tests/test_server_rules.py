@@ -142,9 +142,40 @@ async def test_full_mailbox_has_room_again_after_expiry(tmp_path: Path) -> None:
     await mailbox.deposit([("dev", b"2")])
     with pytest.raises(QuotaExceeded):
         mailbox.deposit([("dev", b"3")])
-    clock.now += 61
+    clock.now += 61 + 3600  # the expiry is rounded up to a whole hour
     assert store.sweep(int(clock.now)) == (2, 0)
     mailbox.expired()  # what the server's sweeper does after deleting
     await mailbox.deposit([("dev", b"3")])
     assert [b for _, b in store.envelopes_after("dev", 0, int(clock.now), 10)] == [b"3"]
+    store.close()
+
+
+async def test_stored_envelopes_carry_no_deposit_order_across_devices(tmp_path: Path) -> None:
+    from kluis.server.mailbox import Mailbox
+
+    clock = Clock()
+    store = SqliteStore(tmp_path / "db.sqlite3")
+    mailbox = Mailbox(store, Limits(), clock)
+    for i in range(20):  # a recipient's envelope, then the sender's copy for another device
+        assert await mailbox.deposit(
+            [("recipient", b"r%d" % i), ("senders-other", b"s%d" % i)]
+        ) == [
+            i + 1,
+            i + 1,
+        ]  # wire ids count per device: delivery order is kept
+    rows = store._db.execute(
+        "SELECT id, device_id, expires_at FROM envelopes ORDER BY id"
+    ).fetchall()
+    order = [device for _, device, _ in rows]
+    alternating = ["recipient", "senders-other"] * 20
+    assert order != alternating  # row ids are random: the table does not replay the deposits
+    assert {e for _, _, e in rows} == {
+        -(-(int(clock.now) + Limits().envelope_ttl_s) // 3600) * 3600
+    }
+    assert all(e % 3600 == 0 for _, _, e in rows)  # expiry in whole hours: deposits are not dated
+    assert [b for _, b in store.envelopes_after("recipient", 0, int(clock.now), 100)] == [
+        b"r%d" % i for i in range(20)
+    ]
+    assert store.delete_envelopes([("recipient", 1), ("senders-other", 1)]) == 2
+    assert store.envelopes_after("recipient", 0, int(clock.now), 1) == [(2, b"r1")]
     store.close()

@@ -182,8 +182,9 @@ async def test_a_redeemed_licence_is_not_tied_to_its_account(
 
 async def test_pending_envelopes_are_reported(server: ServerProcess, tmp_path: Path) -> None:
     """Undelivered envelopes are no finding by themselves (they wait for their device), but the
-    audit lists them, notes the timing that can pair sender and recipient while they wait, and
-    with --expect-empty (every device has synced) counts each as a finding."""
+    audit lists them and, with --expect-empty (every device has synced), counts each as a
+    finding. The recipient's envelope and the sender's copy for another device, deposited
+    together, are not paired by their order or expiry (random row ids, whole-hour expiries)."""
     alice = await register(server, tmp_path / "alice")
     bob = await register(server, tmp_path / "bob")
     alice2 = await link_device(alice, server, tmp_path / "alice2")
@@ -195,7 +196,7 @@ async def test_pending_envelopes_are_reported(server: ServerProcess, tmp_path: P
     out = run_audit("--data", str(server.data), "--marker", "waiting for bob")
     assert out.returncode == 0, out.stdout
     assert "note: 2 stored envelopes for 2 devices" in out.stdout
-    assert "1 pairs of pending envelopes for different accounts" in out.stdout
+    assert "pairs of pending envelopes for different accounts" not in out.stdout
     out = run_audit("--data", str(server.data), "--expect-empty")
     assert out.returncode == 1
     assert out.stdout.count("envelopes still stored for") == 2

@@ -259,7 +259,9 @@ def _note_adjacent_deposits(
 
     A sender with another device deposits its own copies right after the recipient's envelopes,
     so such a pair may say who wrote to whom while both are undelivered. Timing, not a stored
-    link: a note, not a finding (unrelated sends in the same second look the same).
+    link: a note, not a finding (unrelated sends in the same second look the same). The store
+    gives envelopes random row ids and whole-hour expiries precisely so that this stays silent;
+    it guards against that being undone.
     """
     pairs = 0
     prev: tuple[int, int, str | None] | None = None

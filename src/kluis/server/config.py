@@ -22,7 +22,7 @@ class Limits:
     claim_rate_per_s: float = 2.0  # key claims per device, sustained
     claim_burst: int = 50
     mailbox_quota: int = 10_000  # stored envelopes per recipient device
-    envelope_ttl_s: int = 30 * DAY
+    envelope_ttl_s: int = 30 * DAY  # rounded up to a whole hour (no deposit is dated)
     link_ttl_s: int = 600
     # Link requests need no account: without a cap, anyone could grow the database at will.
     max_pending_links: int = 1_000

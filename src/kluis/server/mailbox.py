@@ -114,7 +114,9 @@ class Mailbox:
         self._flush_scheduled = False
         deposits, self._deposits = self._deposits, []
         acks, self._acks = self._acks, []
-        expires = int(self._clock()) + self._limits.envelope_ttl_s
+        # Whole hours: an expiry to the second would date each deposit and pair envelopes
+        # deposited together (a recipient's and the sender's copy for another device).
+        expires = -(-(int(self._clock()) + self._limits.envelope_ttl_s) // 3600) * 3600
         rows = [(d, expires, b) for items, _ in deposits for d, b in items]
         ack_rows = [r for items, _ in acks for r in items]
         try:

@@ -15,6 +15,7 @@ Every multi-row change runs in one transaction: a failure leaves the database as
 
 from __future__ import annotations
 
+import secrets
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -56,12 +57,13 @@ CREATE TABLE IF NOT EXISTS fallback_keys (
     key BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS envelopes (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    id INTEGER PRIMARY KEY,  -- random: the table's order says nothing about when rows came
     device_id TEXT NOT NULL,
+    seq INTEGER NOT NULL DEFAULT 0,  -- per device: the order of delivery, and the wire id
     expires_at INTEGER NOT NULL,
     body BLOB NOT NULL
 );
-CREATE INDEX IF NOT EXISTS envelopes_by_device ON envelopes(device_id, id);
+CREATE UNIQUE INDEX IF NOT EXISTS envelopes_by_device ON envelopes(device_id, seq);
 CREATE INDEX IF NOT EXISTS envelopes_by_expiry ON envelopes(expires_at);
 CREATE TABLE IF NOT EXISTS links (
     token TEXT PRIMARY KEY,
@@ -105,6 +107,7 @@ class SqliteStore:
         self._db.execute("PRAGMA secure_delete=ON")
         self._db.executescript(_SCHEMA)
         self.deleted_since_checkpoint = False  # old copies of deleted rows may sit in the WAL
+        self._last_seq: dict[str, int] = {}  # per device; a stale value is caught by the index
 
     def close(self) -> None:
         self._db.close()
@@ -268,32 +271,58 @@ class SqliteStore:
     # ---- mailbox ------------------------------------------------------------------------------
 
     def insert_envelopes(self, rows: Sequence[tuple[str, int, bytes]]) -> list[int]:
-        """Store (device, expires_at, body) rows in one transaction; return their ids in order."""
+        """Store (device, expires_at, body) rows in one transaction; return their wire ids.
+
+        A wire id is the envelope's sequence number for its device, so delivery keeps its order
+        per device while nothing orders envelopes *across* devices: the row id is random. With
+        global, consecutive ids, two envelopes waiting on a seized disk (a recipient's and the
+        sender's own copy for another device) would pair sender and recipient by adjacency.
+        """
         ids: list[int] = []
         with self.transaction() as db:
-            for row in rows:
-                cur = db.execute(
-                    "INSERT INTO envelopes(device_id, expires_at, body) VALUES (?, ?, ?)", row
-                )
-                ids.append(int(cur.lastrowid or 0))
+            for device_id, expires_at, body in rows:
+                for attempt in range(2):
+                    seq = self._next_seq(device_id, reload=attempt > 0)
+                    try:
+                        db.execute(
+                            "INSERT INTO envelopes(id, device_id, seq, expires_at, body) "
+                            "VALUES (?, ?, ?, ?, ?)",
+                            (secrets.randbits(62) + 1, device_id, seq, expires_at, body),
+                        )
+                        break
+                    except sqlite3.IntegrityError:  # a stale sequence cache or an id collision
+                        if attempt:
+                            raise
+                ids.append(seq)
         return ids
 
+    def _next_seq(self, device_id: str, *, reload: bool = False) -> int:
+        last = None if reload else self._last_seq.get(device_id)
+        if last is None:
+            row = self._db.execute(
+                "SELECT COALESCE(MAX(seq), 0) FROM envelopes WHERE device_id = ?", (device_id,)
+            ).fetchone()
+            last = int(row[0])
+        self._last_seq[device_id] = last + 1
+        return last + 1
+
     def envelopes_after(
-        self, device_id: str, after_id: int, now: int, limit: int
+        self, device_id: str, after_seq: int, now: int, limit: int
     ) -> list[tuple[int, bytes]]:
+        """(wire id, body) of a device's live envelopes after ``after_seq``, in order."""
         return [
             (int(r[0]), bytes(r[1]))
             for r in self._db.execute(
-                "SELECT id, body FROM envelopes WHERE device_id = ? AND id > ? AND expires_at > ? "
-                "ORDER BY id LIMIT ?",
-                (device_id, after_id, now, limit),
+                "SELECT seq, body FROM envelopes WHERE device_id = ? AND seq > ? "
+                "AND expires_at > ? ORDER BY seq LIMIT ?",
+                (device_id, after_seq, now, limit),
             )
         ]
 
     def delete_envelopes(self, rows: Sequence[tuple[str, int]]) -> int:
-        """Delete (device, id) rows in one transaction; a device may delete only its own."""
+        """Delete (device, wire id) rows in one transaction; a device may delete only its own."""
         with self.transaction() as db:
-            cur = db.executemany("DELETE FROM envelopes WHERE device_id = ? AND id = ?", rows)
+            cur = db.executemany("DELETE FROM envelopes WHERE device_id = ? AND seq = ?", rows)
             self.deleted_since_checkpoint = True
             return int(cur.rowcount)
 
