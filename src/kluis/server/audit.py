@@ -260,9 +260,12 @@ def _note_adjacent_deposits(
     A sender with another device deposits its own copies right after the recipient's envelopes,
     so such a pair may say who wrote to whom while both are undelivered. Timing, not a stored
     link: a note, not a finding (unrelated sends in the same second look the same). The store
-    gives envelopes random row ids and whole-hour expiries precisely so that this stays silent;
-    it guards against that being undone.
+    keeps no global envelope id and whole-hour expiries precisely so that this stays silent; the
+    check guards a database of an older layout.
     """
+    columns = {str(r[1]) for r in conn.execute("PRAGMA table_info(envelopes)")}
+    if "id" not in columns:
+        return  # no global envelope id (the store keeps a per-device sequence): nothing to pair
     pairs = 0
     prev: tuple[int, int, str | None] | None = None
     for env_id, device, expires in conn.execute(

@@ -15,7 +15,6 @@ Every multi-row change runs in one transaction: a failure leaves the database as
 
 from __future__ import annotations
 
-import secrets
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -56,14 +55,14 @@ CREATE TABLE IF NOT EXISTS fallback_keys (
     device_id TEXT PRIMARY KEY,
     key BLOB NOT NULL
 );
+-- Kept in (device, seq) order, not in the order of arrival: see insert_envelopes.
 CREATE TABLE IF NOT EXISTS envelopes (
-    id INTEGER PRIMARY KEY,  -- random: the table's order says nothing about when rows came
     device_id TEXT NOT NULL,
     seq INTEGER NOT NULL DEFAULT 0,  -- per device: the order of delivery, and the wire id
     expires_at INTEGER NOT NULL,
-    body BLOB NOT NULL
-);
-CREATE UNIQUE INDEX IF NOT EXISTS envelopes_by_device ON envelopes(device_id, seq);
+    body BLOB NOT NULL,
+    PRIMARY KEY (device_id, seq)
+) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS envelopes_by_expiry ON envelopes(expires_at);
 CREATE TABLE IF NOT EXISTS links (
     token TEXT PRIMARY KEY,
@@ -273,10 +272,11 @@ class SqliteStore:
     def insert_envelopes(self, rows: Sequence[tuple[str, int, bytes]]) -> list[int]:
         """Store (device, expires_at, body) rows in one transaction; return their wire ids.
 
-        A wire id is the envelope's sequence number for its device, so delivery keeps its order
-        per device while nothing orders envelopes *across* devices: the row id is random. With
-        global, consecutive ids, two envelopes waiting on a seized disk (a recipient's and the
-        sender's own copy for another device) would pair sender and recipient by adjacency.
+        A wire id is the envelope's sequence number for its device, and the table is ordered by
+        (device, sequence): delivery keeps its order per device while nothing orders envelopes
+        *across* devices. With one global, growing id, two envelopes waiting on a seized disk (a
+        recipient's and the sender's own copy for another device) would pair sender and
+        recipient by adjacency.
         """
         ids: list[int] = []
         with self.transaction() as db:
@@ -285,12 +285,12 @@ class SqliteStore:
                     seq = self._next_seq(device_id, reload=attempt > 0)
                     try:
                         db.execute(
-                            "INSERT INTO envelopes(id, device_id, seq, expires_at, body) "
-                            "VALUES (?, ?, ?, ?, ?)",
-                            (secrets.randbits(62) + 1, device_id, seq, expires_at, body),
+                            "INSERT INTO envelopes(device_id, seq, expires_at, body) "
+                            "VALUES (?, ?, ?, ?)",
+                            (device_id, seq, expires_at, body),
                         )
                         break
-                    except sqlite3.IntegrityError:  # a stale sequence cache or an id collision
+                    except sqlite3.IntegrityError:  # a stale sequence cache: count again
                         if attempt:
                             raise
                 ids.append(seq)
