@@ -6,12 +6,12 @@ DATA   ?= ./data
 HOST   ?= 127.0.0.1
 PORT   ?= 8448
 
-.PHONY: install serve test lint typecheck pytest fuzz audit-deps clean bench bench-quick bench-compare bench-plots
+.PHONY: lock install serve test lint typecheck pytest fuzz audit-deps clean bench bench-quick bench-compare bench-plots
 
-$(BIN)/kluis: pyproject.toml
+$(BIN)/kluis: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -c requirements.lock -e '.[dev]'
 	@touch $@
 
 install: $(BIN)/kluis
@@ -44,9 +44,17 @@ test: lint typecheck pytest audit-deps
 BENCH_PEER ?= ../shared/bench-peer
 export BENCH_PEER_DIR ?= $(or $(TMPDIR),/tmp)/kluis-bench-peer
 
-$(VENV)/.bench-installed: pyproject.toml $(BIN)/kluis
-	$(BIN)/pip install -q -e '.[dev,bench]'
+$(VENV)/.bench-installed: pyproject.toml requirements.lock $(BIN)/kluis
+	$(BIN)/pip install -q -c requirements.lock -e '.[dev,bench]'
 	@touch $@
+
+# Rewrite the lock from a fresh install of every extra (after changing pyproject's dependencies).
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock && .venv-lock/bin/pip install -q -e '.[dev,bench]'
+	(echo "# Exact versions every install uses as constraints (make lock rewrites it); pip-audit"; \
+	 echo "# audits what this set installs."; \
+	 .venv-lock/bin/pip freeze --exclude-editable | grep -v '^kluis') > requirements.lock
+	rm -rf .venv-lock
 
 # All four workloads (pairs, paced, burst, idle at 5,000/10,000/19,000), pairs and paced again
 # with real end-to-end encryption, then the plots.

@@ -1,4 +1,4 @@
-"""Audit the installed dependency set for known vulnerabilities with pip-audit (`make audit-deps`).
+"""Audit the locked dependency set (requirements.lock, as installed) with pip-audit (`make audit-deps`).
 
 Exit 1 when pip-audit reports a vulnerability. When it cannot reach a vulnerability service, or
 the package index it reaches serves no vulnerability data (every dependency comes back "not
