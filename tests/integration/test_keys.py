@@ -92,6 +92,8 @@ async def test_swapped_device_keys_stop_sending_until_acknowledged(
     with pytest.raises(KeyChanged):  # still refused: nothing is used silently
         await alice.send(bob.account_id, "must not reach mallory either")
     assert [m.text for m in alice.history(bob.account_id)] == ["pinned now"]
+    # Before trusting, the safety number of the changed keys shows the swap.
+    assert await alice.safety_number(bob.account_id) != bobs_own
 
     alice.acknowledge_key_change(bob.account_id)  # the user accepts the new keys
     # ...and a comparison of safety numbers would now show the swap.

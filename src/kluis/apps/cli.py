@@ -32,14 +32,20 @@ def _passphrase(confirm: bool = False) -> str:
     return first
 
 
+def _report(err: KluisError, level: str) -> None:
+    print(f"{level}: {err}", file=sys.stderr)
+    if err.code == "key_changed":
+        account = err.details.get("account", "ID")
+        print(
+            f"  compare `kluis safety-number --profile DIR {account}` with the peer's own, then:"
+            f" kluis trust --profile DIR {account}",
+            file=sys.stderr,
+        )
+
+
 def _warn(client_errors: Sequence[KluisError]) -> None:
     for err in client_errors:
-        print(f"warning: {err}", file=sys.stderr)
-        if err.code == "key_changed":
-            account = err.details.get("account", "ID")
-            print(
-                f"  check with the peer, then: kluis trust --profile DIR {account}", file=sys.stderr
-            )
+        _report(err, "warning")
 
 
 # ---- server side ---------------------------------------------------------------------------------
@@ -349,7 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.func(args)
     except KluisError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _report(exc, "error")
         return 1
     except KeyboardInterrupt:
         return 130

@@ -275,10 +275,14 @@ class ClientCore:
         return [pins.known[d] for d in pins.active]
 
     def safety_number(self, account: str) -> str:
-        devices = self.trusted_devices(account)
-        if devices is None:
-            raise KeyChanged(f"no trusted device list for {account}", account=account)
-        return safety_number(account, devices)
+        """Of the keys we would use: the pending (changed) list while a change awaits
+        acknowledgement, so the user can compare it before trusting it."""
+        pins = self._pins(account)
+        if pins is None:
+            raise LocalProtocolError(f"no device list for {account} yet")
+        if pins.pending is not None:
+            return safety_number(account, pins.pending)
+        return safety_number(account, [pins.known[d] for d in pins.active])
 
     def pending_key_change(self, account: str) -> bool:
         pins = self._pins(account)
