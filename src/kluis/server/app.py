@@ -66,7 +66,6 @@ async def _sweeper(state: ServerState) -> None:
             if envelopes:
                 state.mailbox.expired()  # a full mailbox may have room again
                 log.info("expired %d undelivered envelopes", envelopes)
-            state.store.checkpoint()
         except Exception:
             log.exception("sweep failed")
 

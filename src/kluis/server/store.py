@@ -29,8 +29,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS licences (
     code_hash BLOB PRIMARY KEY,
     days INTEGER NOT NULL,
-    created_at INTEGER NOT NULL,
-    redeemed_at INTEGER
+    created_at INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS accounts (
     id TEXT PRIMARY KEY,
@@ -146,7 +145,7 @@ class SqliteStore:
             # (known to whoever sold it) to the account created in the same second. A code seen
             # again is unknown, hence refused, just as a reused one.
             row = db.execute(
-                "DELETE FROM licences WHERE code_hash = ? AND redeemed_at IS NULL RETURNING days",
+                "DELETE FROM licences WHERE code_hash = ? RETURNING days",
                 (code_hash,),
             ).fetchone()
             if row is None:
@@ -337,6 +336,8 @@ class SqliteStore:
         with self.transaction() as db:
             env = db.execute("DELETE FROM envelopes WHERE expires_at <= ?", (now,)).rowcount
             links = db.execute("DELETE FROM links WHERE expires_at <= ?", (now,)).rowcount
+        if env or links:
+            self.deleted_since_checkpoint = True  # the checkpointer folds the WAL within 1 s
         return int(env), int(links)
 
     def checkpoint(self) -> None:
