@@ -233,10 +233,10 @@ class KluisClient:
             raise KeyChanged(f"keys of {peer} changed; acknowledge before sending", account=peer)
         payload = self.core.new_payload("text", text)
         await self._send_payload(peer, payload)
-        self.core.record_sent(peer, payload)
+        sent = self.core.record_sent(peer, payload)
         copy = Payload(id=payload.id, ts=payload.ts, kind="sync", text=text, to=peer)
         await self._send_payload(self.account_id, copy)
-        return self.core.history(peer)[-1]
+        return sent
 
     async def encrypt(
         self, account: str, payload: Payload, *, refresh: bool = False

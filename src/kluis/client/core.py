@@ -421,11 +421,12 @@ class ClientCore:
     def new_payload(self, kind: str, text: str = "", to: str = "") -> Payload:
         return Payload(id=os.urandom(16), ts=self._now_ms(), kind=kind, text=text, to=to)
 
-    def record_sent(self, peer: str, payload: Payload) -> None:
+    def record_sent(self, peer: str, payload: Payload) -> Message:
         m = StoredMessage(peer=peer, sender=self.account_id, ts=payload.ts, text=payload.text)
         with self.store.transaction():
             self.store.add_message(peer, _enc.encode(m))
             self.store.mark_seen(b"msg:" + payload.id)
+        return Message.from_stored(m)
 
     # ---- receiving ----------------------------------------------------------------------------
 
