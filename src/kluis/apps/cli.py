@@ -52,25 +52,23 @@ def _warn(client_errors: Sequence[KluisError]) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from dataclasses import replace
-
     from kluis.server.app import serve
     from kluis.server.config import DAY, Limits, ServerConfig, limits_with_overrides
 
+    # The shortcut flags are --limit overrides too (applied after them), checked the same way.
+    overrides = list(args.limit)
+    if args.envelope_ttl_days is not None:
+        overrides.append(f"envelope_ttl_s={int(args.envelope_ttl_days * DAY)}")
+    if args.mailbox_quota is not None:
+        overrides.append(f"mailbox_quota={args.mailbox_quota}")
+    if args.max_frame_bytes is not None:
+        overrides.append(f"max_frame_bytes={args.max_frame_bytes}")
+    if args.send_rate is not None:
+        overrides += [f"send_rate_per_s={args.send_rate}", f"send_burst={int(args.send_rate * 10)}"]
     try:
-        limits = limits_with_overrides(Limits(), args.limit)
+        limits = limits_with_overrides(Limits(), overrides)
     except ValueError as exc:
         raise LocalProtocolError(str(exc)) from exc
-    if args.envelope_ttl_days is not None:
-        limits = replace(limits, envelope_ttl_s=int(args.envelope_ttl_days * DAY))
-    if args.mailbox_quota is not None:
-        limits = replace(limits, mailbox_quota=args.mailbox_quota)
-    if args.max_frame_bytes is not None:
-        limits = replace(limits, max_frame_bytes=args.max_frame_bytes)
-    if args.send_rate is not None:
-        limits = replace(
-            limits, send_rate_per_s=args.send_rate, send_burst=int(args.send_rate * 10)
-        )
     config = ServerConfig(
         data_dir=Path(args.data),
         host=args.host,
