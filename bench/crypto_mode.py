@@ -40,13 +40,17 @@ async def make_client(server: Server, licence: str, profile: Path) -> KluisClien
     """Create a profile with a fast KDF, redeem ``licence``, then log in as ``kluis`` would."""
     http = f"http://127.0.0.1:{server.port}"
     store = ProfileStore.create(profile, PASSPHRASE, new_params(time_cost=1, memory_kib=8192))
-    core = ClientCore.create(store, http)
+    core = ClientCore.create(store, http, new_account=True)
     transport = Transport(http)
     try:
         nonce = await transport.connect()
         welcome = await transport.request(
             lambda rid: f.Register(
-                rid=rid, licence=licence, device=core.device_keys(), sig=core.sign_challenge(nonce)
+                rid=rid,
+                licence=licence,
+                identity=core.identity_key,
+                device=core.own_record(),
+                sig=core.sign_challenge(nonce, transport.server_origin),
             ),
             f.Welcome,
         )

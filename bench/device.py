@@ -22,6 +22,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
+from kluis.crypto.account_key import AccountKey
+from kluis.identity.chain import account_id_for, certify
 from kluis.protocol import frames as f
 from kluis.protocol import signing
 
@@ -46,7 +48,7 @@ def stamp(data: bytes) -> tuple[float, int]:
 
 
 class Keys:
-    __slots__ = ("device_keys", "ed25519", "signer")
+    __slots__ = ("account", "device_keys", "ed25519", "identity", "record", "signer")
 
     def __init__(self) -> None:
         self.signer = Ed25519PrivateKey.generate()
@@ -55,6 +57,10 @@ class Keys:
         seal = b64(X25519PrivateKey.generate().public_key().public_bytes(_RAW, _PUB))
         sig = self.sign(signing.device_keys_message(self.ed25519, curve, seal))
         self.device_keys = f.DeviceKeys(ed25519=self.ed25519, curve25519=curve, seal=seal, sig=sig)
+        # Each bench device is the first device of its own account: it holds the identity.
+        self.identity = AccountKey()
+        self.account = account_id_for(self.identity.public)
+        self.record = certify(self.identity, self.account, self.device_keys)
 
     def sign(self, message: bytes) -> str:
         return b64(self.signer.sign(message))
@@ -68,6 +74,7 @@ class Device(WSListener):  # type: ignore[misc]
 
     def __init__(self, keys: Keys | None = None, on_deliver: DeliverHandler | None = None) -> None:
         self.keys = keys or Keys()
+        self.server_origin = ""
         self.account = ""
         self.on_deliver = on_deliver
         self.transport: WSTransport | None = None
@@ -117,6 +124,7 @@ class Device(WSListener):  # type: ignore[misc]
                 self.on_deliver(self, frame.envelopes, now)
             return
         if isinstance(frame, f.Challenge):
+            self.server_origin = frame.server
             self._challenge.set_result(frame.nonce)
             return
         if isinstance(frame, f.Synced):
@@ -186,18 +194,22 @@ class Device(WSListener):  # type: ignore[misc]
         self, url: str, licence: str, local_addr: tuple[str, int] | None = None
     ) -> None:
         nonce = await self.connect(url, local_addr)
-        sig = self.keys.sign(signing.challenge_message(nonce, self.device_id))
-        reply = await asyncio.wait_for(
-            self.request(f.Register(rid=0, licence=licence, device=self.keys.device_keys, sig=sig)),
-            30,
+        sig = self.keys.sign(signing.challenge_message(nonce, self.device_id, self.server_origin))
+        register = f.Register(
+            rid=0,
+            licence=licence,
+            identity=self.keys.identity.public,
+            device=self.keys.record,
+            sig=sig,
         )
+        reply = await asyncio.wait_for(self.request(register), 30)
         if not isinstance(reply, f.Welcome):
             raise RuntimeError(f"register refused: {reply}")
         self.account = reply.account
 
     async def auth(self, url: str, local_addr: tuple[str, int] | None = None) -> None:
         nonce = await self.connect(url, local_addr)
-        sig = self.keys.sign(signing.challenge_message(nonce, self.device_id))
+        sig = self.keys.sign(signing.challenge_message(nonce, self.device_id, self.server_origin))
         reply = await asyncio.wait_for(
             self.request(f.Auth(rid=0, device=self.device_id, sig=sig)), 30
         )

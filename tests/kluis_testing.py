@@ -122,6 +122,7 @@ class RawConnection:
     def __init__(self, session: aiohttp.ClientSession, ws: aiohttp.ClientWebSocketResponse):
         self.session, self.ws = session, ws
         self.nonce = b""
+        self.server = ""  # the origin the server names in its challenge
 
     @classmethod
     async def open(cls, server: ServerProcess) -> RawConnection:
@@ -130,7 +131,7 @@ class RawConnection:
         raw = cls(session, ws)
         challenge = await raw.recv()
         assert isinstance(challenge, f.Challenge)
-        raw.nonce = challenge.nonce
+        raw.nonce, raw.server = challenge.nonce, challenge.server
         return raw
 
     async def recv(self, timeout: float = 5) -> f.ServerFrame:
@@ -141,6 +142,10 @@ class RawConnection:
             frame = f.decode_server_frame(msg.data)
             if not isinstance(frame, f.Deliver | f.Synced | f.KeysLow):
                 return frame
+
+    def login_sig(self, client: KluisClient) -> str:
+        """``client``'s device signing this connection's challenge."""
+        return client.core.sign_challenge(self.nonce, self.server)
 
     async def send(self, data: bytes) -> None:
         await self.ws.send_bytes(data)

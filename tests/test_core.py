@@ -1,39 +1,52 @@
-"""The sans-IO client core: two cores talk with no server and no network in between."""
+"""The sans-IO client core: cores talk with no server and no network in between."""
 
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from kluis.client.core import ClientCore, link_fingerprint
 from kluis.client.store import ProfileStore
+from kluis.crypto.account_key import AccountKey
 from kluis.crypto.profile_key import new_params
-from kluis.errors import BadSignature, DecryptionError, KeyChanged
-from kluis.protocol.frames import Bundle, DeviceRecord, InEnvelope, OutEnvelope
+from kluis.errors import BadSignature, DecryptionError, UntrustedDevice
+from kluis.identity import chain
+from kluis.protocol.frames import Bundle, DeviceRecord, InEnvelope, OutEnvelope, Revocation
 
 
-def make_core(tmp_path: Path, name: str, account: str) -> ClientCore:
+def make_core(tmp_path: Path, name: str, primary: ClientCore | None = None) -> ClientCore:
+    """The first device of a new account, or (with ``primary``) a device linked to its account."""
     store = ProfileStore.create(tmp_path / name, "pw", new_params(time_cost=1, memory_kib=8192))
-    core = ClientCore.create(store, "http://unused")
-    core.set_account(account)
+    core = ClientCore.create(store, "http://unused", new_account=primary is None)
+    core.set_account(core.new_account_id() if primary is None else primary.account_id)
     return core
 
 
-def record(core: ClientCore) -> DeviceRecord:
-    return DeviceRecord(keys=core.device_keys())
+def record(core: ClientCore, primary: ClientCore | None = None) -> DeviceRecord:
+    """``core``'s device, certified by its account's identity (held by ``primary``)."""
+    if primary is None:
+        return core.own_record()
+    keys = core.device_keys()
+    return primary.approve(keys, link_fingerprint(keys))
 
 
-def bundle(core: ClientCore) -> Bundle:
+def show(viewer: ClientCore, owner: ClientCore, *records: DeviceRecord) -> chain.ChainView:
+    return viewer.accept_devices(owner.account_id, owner.identity_key, list(records), [])
+
+
+def bundle(core: ClientCore, primary: ClientCore | None = None) -> Bundle:
     otks, _ = core.keys_to_upload(0)
     core.keys_published()
-    return Bundle(device=record(core), one_time_key=otks[0], fallback=False)
+    return Bundle(device=record(core, primary), one_time_key=otks[0], fallback=False)
 
 
 def connect(sender: ClientCore, receiver: ClientCore) -> None:
-    sender.accept_devices(receiver.account_id, [record(receiver)])
-    receiver.accept_devices(sender.account_id, [record(sender)])
+    show(sender, receiver, record(receiver))
+    show(receiver, sender, record(sender))
     sender.add_bundles(receiver.account_id, [bundle(receiver)])
 
 
@@ -42,18 +55,24 @@ def deliver(receiver: ClientCore, env: OutEnvelope, env_id: int = 1):  # type: i
     return None if opened is None else receiver.decrypt(opened)
 
 
+def text_for(sender: ClientCore, receiver: ClientCore, text: str) -> OutEnvelope:
+    (env,) = sender.encrypt(
+        receiver.account_id, sender.new_payload("text", text, to=receiver.account_id)
+    )
+    return env
+
+
 @pytest.fixture
 def pair(tmp_path: Path) -> tuple[ClientCore, ClientCore]:
-    alice = make_core(tmp_path, "alice", "a" * 16)
-    bob = make_core(tmp_path, "bob", "b" * 16)
+    alice = make_core(tmp_path, "alice")
+    bob = make_core(tmp_path, "bob")
     connect(alice, bob)
     return alice, bob
 
 
 def test_round_trip_and_reply(pair: tuple[ClientCore, ClientCore]) -> None:
     alice, bob = pair
-    (env,) = alice.encrypt(bob.account_id, alice.new_payload("text", "hi bob"))
-    m = deliver(bob, env)
+    m = deliver(bob, text_for(alice, bob, "hi bob"))
     assert m is not None and (m.sender, m.peer, m.text) == (
         alice.account_id,
         alice.account_id,
@@ -61,13 +80,12 @@ def test_round_trip_and_reply(pair: tuple[ClientCore, ClientCore]) -> None:
     )
     # Bob answers on the session Alice opened: no key claim needed.
     assert bob.devices_without_session(alice.account_id) == []
-    (back,) = bob.encrypt(alice.account_id, bob.new_payload("text", "hi alice"))
-    assert deliver(alice, back).text == "hi alice"
+    assert deliver(alice, text_for(bob, alice, "hi alice")).text == "hi alice"
 
 
 def test_out_of_order_delivery(pair: tuple[ClientCore, ClientCore]) -> None:
     alice, bob = pair
-    envs = [alice.encrypt(bob.account_id, alice.new_payload("text", f"m{i}"))[0] for i in range(8)]
+    envs = [text_for(alice, bob, f"m{i}") for i in range(8)]
     order = list(range(8))
     random.Random(4).shuffle(order)
     got = [deliver(bob, envs[i], i + 1).text for i in order]
@@ -77,11 +95,11 @@ def test_out_of_order_delivery(pair: tuple[ClientCore, ClientCore]) -> None:
 
 def test_duplicate_and_replay_are_shown_once(pair: tuple[ClientCore, ClientCore]) -> None:
     alice, bob = pair
-    (env,) = alice.encrypt(bob.account_id, alice.new_payload("text", "once"))
+    env = text_for(alice, bob, "once")
     assert deliver(bob, env).text == "once"
     assert deliver(bob, env, 2) is None  # same envelope again
     # The same message id re-encrypted (a resend) is recognised too.
-    payload = alice.new_payload("text", "resent")
+    payload = alice.new_payload("text", "resent", to=bob.account_id)
     (e1,) = alice.encrypt(bob.account_id, payload)
     (e2,) = alice.encrypt(bob.account_id, payload)
     assert deliver(bob, e1, 3).text == "resent"
@@ -90,7 +108,7 @@ def test_duplicate_and_replay_are_shown_once(pair: tuple[ClientCore, ClientCore]
 
 def test_tampered_box_fails_cleanly(pair: tuple[ClientCore, ClientCore]) -> None:
     alice, bob = pair
-    (env,) = alice.encrypt(bob.account_id, alice.new_payload("text", "x"))
+    env = text_for(alice, bob, "x")
     for i in (0, 5, 40, len(env.body) - 1):
         body = bytearray(env.body)
         body[i] ^= 0x80
@@ -99,43 +117,118 @@ def test_tampered_box_fails_cleanly(pair: tuple[ClientCore, ClientCore]) -> None
     assert deliver(bob, env).text == "x"  # the untouched original still decrypts
 
 
-def test_pinning_accepts_approved_devices_and_stops_on_changes(tmp_path: Path) -> None:
-    alice = make_core(tmp_path, "alice", "a" * 16)
-    bob = make_core(tmp_path, "bob", "b" * 16)
-    bob2 = make_core(tmp_path, "bob2", "b" * 16)
-    mallory = make_core(tmp_path, "mallory", "m" * 16)
-    alice.accept_devices(bob.account_id, [record(bob)])  # first use: pinned
+def test_chain_takes_only_devices_the_identity_certified(tmp_path: Path) -> None:
+    alice = make_core(tmp_path, "alice")
+    bob = make_core(tmp_path, "bob")
+    bob2 = make_core(tmp_path, "bob2", primary=bob)
+    mallory = make_core(tmp_path, "mallory")
+    view = show(alice, bob, record(bob), record(bob2, bob))
+    assert len(view.trusted) == 2 and not view.untrusted
+    assert len(alice.devices_for_sending(bob.account_id)) == 2
 
-    approved = bob.approve(bob2.device_keys(), link_fingerprint(bob2.device_keys()))
-    alice.accept_devices(bob.account_id, [record(bob), approved])  # vouched for: accepted
-    assert len(alice.trusted_devices(bob.account_id) or []) == 2
+    # A device certified by another identity, or not at all, is refused; sending stops.
+    forged = DeviceRecord(keys=mallory.device_keys(), cert=mallory.own_record().cert)
+    view = show(alice, bob, record(bob), record(bob2, bob), forged)
+    assert [d for d, _ in view.untrusted] == [mallory.device_id]
+    with pytest.raises(UntrustedDevice):
+        alice.devices_for_sending(bob.account_id)
 
-    with pytest.raises(KeyChanged):  # a device no pinned device approved
-        alice.accept_devices(bob.account_id, [record(bob), approved, record(mallory)])
-    assert alice.pending_key_change(bob.account_id)
-    assert alice.trusted_devices(bob.account_id) is None
-    with pytest.raises(KeyChanged):  # still pending: nothing is used silently
-        alice.accept_devices(bob.account_id, [record(bob), approved])
-    alice.acknowledge_key_change(bob.account_id)
-    assert len(alice.trusted_devices(bob.account_id) or []) == 3
+    # A device's keys never change, even with a certificate (the account key's holder lies).
+    other = make_core(tmp_path, "other")
+    swapped_keys = other.device_keys().__class__(
+        ed25519=bob2.device_id,
+        curve25519=other.device_keys().curve25519,
+        seal=other.device_keys().seal,
+        sig=bob2.device_keys().sig,
+    )
+    swapped = DeviceRecord(keys=swapped_keys, cert=record(bob2, bob).cert)
+    assert show(alice, bob, record(bob), swapped).untrusted
+
+    # An identity key that is not the account's: the whole list is refused.
+    with pytest.raises(UntrustedDevice):
+        alice.accept_devices(bob.account_id, mallory.identity_key, [record(bob)], [])
+
+    # Revoked (signed by the identity): gone, and it never comes back, even if relisted.
+    revocation = bob.revocation(bob2.device_id)
+    alice.accept_devices(bob.account_id, bob.identity_key, [record(bob)], [revocation])
+    view = show(alice, bob, record(bob), record(bob2, bob))
+    assert [d for d, _ in view.untrusted] == [bob2.device_id]
+    # An unsigned revocation changes nothing.
+    bogus = Revocation(device=bob.device_id, sig=revocation.sig)
+    assert (
+        bob.device_id
+        not in alice.accept_devices(
+            bob.account_id, bob.identity_key, [record(bob)], [bogus]
+        ).revoked
+    )
 
 
-def test_approval_checks_the_fingerprint_and_signatures(tmp_path: Path) -> None:
-    bob = make_core(tmp_path, "bob", "b" * 16)
-    new = make_core(tmp_path, "new", "")
-    other = make_core(tmp_path, "other", "")
+def test_own_account_alarms_on_a_device_it_did_not_certify(tmp_path: Path) -> None:
+    bob = make_core(tmp_path, "bob")
+    mallory = make_core(tmp_path, "mallory")
+    planted = DeviceRecord(keys=mallory.device_keys(), cert="A" * 86)
+    show(bob, bob, record(bob), planted)
+    assert bob.alarms() and mallory.device_id in bob.alarms()[0]
+    assert bob.device_status(planted).startswith("REFUSED")
+
+
+def test_only_the_identity_holder_certifies_and_revokes_others(tmp_path: Path) -> None:
+    bob = make_core(tmp_path, "bob")
+    bob2 = make_core(tmp_path, "bob2", primary=bob)
+    newcomer = make_core(tmp_path, "newcomer", primary=bob)
+    assert bob.holds_identity and not bob2.holds_identity
+    with pytest.raises(Exception, match="first device"):
+        bob2.approve(newcomer.device_keys(), link_fingerprint(newcomer.device_keys()))
+    with pytest.raises(Exception, match="first device"):
+        bob2.revocation(bob.device_id)
+    own = bob2.revocation(bob2.device_id)  # a device may end itself
+    chain.check_revocation(bob.account_id, bob.identity_key, own)
+
+
+def test_finding3_link_code_fingerprint_has_128_bits_and_checks_keys(tmp_path: Path) -> None:
+    bob = make_core(tmp_path, "bob")
+    new = make_core(tmp_path, "new", primary=bob)
+    other = make_core(tmp_path, "other", primary=bob)
+    fingerprint = link_fingerprint(new.device_keys())
+    assert re.fullmatch(r"[a-z2-7]{26,}", fingerprint)  # base32: 5 bits a letter, >= 128 bits
     with pytest.raises(BadSignature):  # the server swapped the keys behind the link code
-        bob.approve(other.device_keys(), link_fingerprint(new.device_keys()))
-    forged = DeviceRecord(keys=new.device_keys(), approver=bob.device_id, approval="A" * 86)
-    alice = make_core(tmp_path, "alice", "a" * 16)
-    alice.accept_devices(bob.account_id, [record(bob)])
-    with pytest.raises(BadSignature):
-        alice.accept_devices(bob.account_id, [record(bob), forged])
+        bob.approve(other.device_keys(), fingerprint)
+    with pytest.raises(BadSignature):  # a prefix is not enough
+        bob.approve(new.device_keys(), fingerprint[:8])
+
+
+def test_finding3_only_canonical_key_encodings(tmp_path: Path) -> None:
+    from kluis.crypto import seal
+    from kluis.errors import CryptoError, MalformedFrame
+
+    bob = make_core(tmp_path, "bob")
+    keys = bob.device_keys()
+    last = keys.seal[-1]
+    sibling = (
+        "AEIMQUYcgkosw048"[("AEIMQUYcgkosw048".index(last) + 1) % 16]
+        if last in ("AEIMQUYcgkosw048")
+        else last
+    )
+    # The same 32 bytes, spelled with ignored trailing bits or with padding: refused.
+    for spelling in {keys.seal[:-1] + chr(ord(last) + 1), keys.seal + "=", sibling}:
+        if spelling == keys.seal:
+            continue
+        with pytest.raises(CryptoError):
+            seal.check_public_key(keys.seal[:-1] + chr(ord(last) + 1))
+        with pytest.raises(MalformedFrame):
+            chain.check_device_keys(
+                keys.__class__(keys.ed25519, keys.curve25519, spelling, keys.sig)
+            )
+    with pytest.raises(MalformedFrame):
+        chain.check_device_keys(
+            keys.__class__(keys.ed25519 + "=", keys.curve25519, keys.seal, keys.sig)
+        )
+    chain.check_device_keys(keys)
 
 
 def test_profile_survives_reopen(tmp_path: Path, pair: tuple[ClientCore, ClientCore]) -> None:
     alice, bob = pair
-    (env,) = alice.encrypt(bob.account_id, alice.new_payload("text", "before reopen"))
+    env = text_for(alice, bob, "before reopen")
     bob.store.close()
     bob = ClientCore.load(ProfileStore.open(tmp_path / "bob", "pw"))
     assert deliver(bob, env).text == "before reopen"
@@ -143,12 +236,26 @@ def test_profile_survives_reopen(tmp_path: Path, pair: tuple[ClientCore, ClientC
 
 def test_history_is_oldest_first_by_sender_clock(pair: tuple[ClientCore, ClientCore]) -> None:
     alice, bob = pair
-    ticks = iter(range(1_800_000_000, 1_800_000_010))
+    ticks = iter(range(1_700_000_000, 1_700_000_010))
     alice._clock = lambda: float(next(ticks))  # injected: one second per message
-    envs = [alice.encrypt(bob.account_id, alice.new_payload("text", f"m{i}"))[0] for i in range(3)]
+    envs = [text_for(alice, bob, f"m{i}") for i in range(3)]
     for i in (2, 0, 1):  # arrival order differs from sending order
         deliver(bob, envs[i], i + 1)
     assert [m.text for m in bob.history(alice.account_id)] == ["m0", "m1", "m2"]
+
+
+def test_finding11_a_peer_timestamp_far_off_is_clamped(
+    pair: tuple[ClientCore, ClientCore],
+) -> None:
+    alice, bob = pair
+    for i, ts in enumerate((2**62, -(2**40), 2**63 - 1)):
+        payload = msgspec.structs.replace(
+            alice.new_payload("text", f"t{i}", to=bob.account_id), ts=ts
+        )
+        (env,) = alice.encrypt(bob.account_id, payload)
+        m = deliver(bob, env, i + 1)
+        assert m is not None and m.time.year < 3000  # shown near our own clock, no crash
+    assert len(bob.history(alice.account_id)) == 3  # history still reads, every time
 
 
 def test_public_api() -> None:
@@ -157,16 +264,15 @@ def test_public_api() -> None:
     assert kluis.client.__all__ == ["KluisClient", "Message"]
 
 
-def test_safety_number(tmp_path: Path) -> None:
-    import re
-
-    from kluis.client.core import safety_number
-
-    bob = make_core(tmp_path, "bob", "b" * 16)
-    bob2 = make_core(tmp_path, "bob2", "b" * 16)
-    one = safety_number(bob.account_id, [record(bob)])
+def test_safety_number_is_of_the_identity(tmp_path: Path) -> None:
+    bob = make_core(tmp_path, "bob")
+    alice = make_core(tmp_path, "alice")
+    one = bob.safety_number(bob.account_id)
     assert re.fullmatch(r"(\d{5} ){5}\d{5}", one)
-    assert safety_number(bob.account_id, [record(bob)]) == one  # stable
-    both = safety_number(bob.account_id, [record(bob), record(bob2)])
-    assert both != one and both == safety_number(bob.account_id, [record(bob2), record(bob)])
-    assert safety_number("c" * 16, [record(bob)]) != one  # bound to the account too
+    show(alice, bob, record(bob))
+    assert alice.safety_number(bob.account_id) == one
+    bob2 = make_core(tmp_path, "bob2", primary=bob)
+    show(alice, bob, record(bob), record(bob2, bob))  # a new device: same number
+    assert alice.safety_number(bob.account_id) == one
+    impostor = AccountKey()
+    assert chain.safety_number(bob.account_id, impostor.public) != one

@@ -138,27 +138,26 @@ def signed_keys(core: ClientCore) -> st.SearchStrategy[f.SignedKey]:
 # ---- fixtures: two client cores, and a server state in this process ----------------------------
 
 
-def make_core(path: Path, account: str) -> ClientCore:
+def make_core(path: Path, *, registered: bool = True) -> ClientCore:
     store = ProfileStore.create(path, "pw", new_params(time_cost=1, memory_kib=8192))
-    core = ClientCore.create(store, "http://unused")
-    core.set_account(account)
+    core = ClientCore.create(store, "http://unused", new_account=True)
+    if registered:
+        core.set_account(core.new_account_id())
     return core
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ClientCore, ClientCore]]:
     base = tmp_path_factory.mktemp("fuzz-cores")
-    alice, bob = make_core(base / "alice", "a" * 16), make_core(base / "bob", "b" * 16)
+    alice, bob = make_core(base / "alice"), make_core(base / "bob")
     otks, _ = bob.keys_to_upload(0)
     bob.keys_published()
-    alice.accept_devices(bob.account_id, [f.DeviceRecord(keys=bob.device_keys())])
-    bob.accept_devices(alice.account_id, [f.DeviceRecord(keys=alice.device_keys())])
-    bundle = f.Bundle(
-        device=f.DeviceRecord(keys=bob.device_keys()), one_time_key=otks[0], fallback=False
-    )
+    alice.accept_devices(bob.account_id, bob.identity_key, [bob.own_record()], [])
+    bob.accept_devices(alice.account_id, alice.identity_key, [alice.own_record()], [])
+    bundle = f.Bundle(device=bob.own_record(), one_time_key=otks[0], fallback=False)
     alice.add_bundles(bob.account_id, [bundle])
     # One real message, so that Bob holds an inbound session: garbage then reaches Olm itself.
-    (env,) = alice.encrypt(bob.account_id, alice.new_payload("text", "hello"))
+    (env,) = alice.encrypt(bob.account_id, alice.new_payload("text", "hello", to=bob.account_id))
     opened = bob.open_envelope(f.InEnvelope(id=1, body=env.body))
     assert opened is not None and bob.decrypt(opened) is not None
     yield alice, bob
@@ -181,10 +180,14 @@ def server(
     base = tmp_path_factory.mktemp("fuzz-server")
     state = open_state(ServerConfig(data_dir=base / "data"))
     (licence,) = state.accounts.create_licences(1, 30)
-    device = make_core(base / "device", "")
+    device = make_core(base / "device", registered=False)
     conn = Connection(state, lambda: None)
     frame = f.Register(
-        rid=1, licence=licence, device=device.device_keys(), sig=device.sign_challenge(conn.nonce)
+        rid=1,
+        licence=licence,
+        identity=device.identity_key,
+        device=device.own_record(),
+        sig=device.sign_challenge(conn.nonce, state.origin),
     )
     welcome = f.decode_server_frame(loop.run_until_complete(conn.handle(f.encode(frame))))
     assert isinstance(welcome, f.Welcome), welcome
@@ -305,7 +308,13 @@ def test_any_olm_type_and_body_from_a_known_device(
     pair: tuple[ClientCore, ClientCore], msg_type: int, body: bytes
 ) -> None:
     alice, bob = pair
-    sealed = Sealed(account=alice.account_id, device=alice.device_id, type=msg_type, body=body)
+    sealed = Sealed(
+        account=alice.account_id,
+        device=alice.device_id,
+        curve=alice.device_keys().curve25519,
+        type=msg_type,
+        body=body,
+    )
     with pytest.raises(CryptoError):
         bob.decrypt(Opened(f.InEnvelope(id=1, body=body), sealed))
 
@@ -321,12 +330,18 @@ def test_any_olm_type_and_body_from_a_known_device(
 def test_olm_plaintext_of_any_shape(pair: tuple[ClientCore, ClientCore], plaintext: bytes) -> None:
     """A peer with a real session sends a plaintext that is not a valid padded Payload."""
     alice, bob = pair
-    curve = bob.device_keys().curve25519
-    row_id, pickled = alice.store.sessions(curve)[0]
+    peer = f"{bob.account_id}/{bob.device_id}"  # sessions are kept per account and device
+    row_id, pickled = alice.store.sessions(peer)[0]
     session = OlmSession.from_pickle(pickled.decode(), alice.store.pickle_key)
     msg_type, body = session.encrypt(plaintext)
-    alice.store.save_session(row_id, curve, session.pickle(alice.store.pickle_key).encode(), 0)
-    sealed = Sealed(account=alice.account_id, device=alice.device_id, type=msg_type, body=body)
+    alice.store.save_session(row_id, peer, session.pickle(alice.store.pickle_key).encode(), 0)
+    sealed = Sealed(
+        account=alice.account_id,
+        device=alice.device_id,
+        curve=alice.device_keys().curve25519,
+        type=msg_type,
+        body=body,
+    )
     envelope = f.InEnvelope(id=1, body=os.urandom(32))
     try:
         message = bob.decrypt(Opened(envelope, sealed))
@@ -351,14 +366,20 @@ def test_client_checks_bundles_and_device_lists(
     pair: tuple[ClientCore, ClientCore], data: st.DataObject
 ) -> None:
     alice, bob = pair
-    record = f.DeviceRecord(keys=bob.device_keys())
-    which = data.draw(st.sampled_from(["ed25519", "curve25519", "seal", "sig"]))
-    forged = f.DeviceRecord(keys=msgspec.structs.replace(record.keys, **{which: data.draw(b64key)}))
+    record = bob.own_record()
+    which = data.draw(st.sampled_from(["ed25519", "curve25519", "seal", "sig", "cert"]))
+    if which == "cert":
+        forged = f.DeviceRecord(keys=record.keys, cert=data.draw(b64key))
+    else:
+        keys = msgspec.structs.replace(record.keys, **{which: data.draw(b64key)})
+        forged = f.DeviceRecord(keys=keys, cert=record.cert)
     assume(forged != record)
-    # A device list with changed keys: refused (bad signature) or held as a key change.
+    # A device list with changed keys or certificate: that device is refused, never used.
+    view = alice.accept_devices(bob.account_id, bob.identity_key, [forged], [])
+    assert not view.trusted and view.untrusted
     with pytest.raises(KluisError):
-        alice.accept_devices(bob.account_id, [forged])
-    alice.acknowledge_key_change(bob.account_id)  # none pending unless the forgery verified
+        alice.devices_for_sending(bob.account_id)
+    alice.accept_devices(bob.account_id, bob.identity_key, [record], [])  # back to the truth
     key = data.draw(signed_keys(bob))
     bundle = f.Bundle(
         device=data.draw(st.sampled_from([record, forged])), one_time_key=key, fallback=False
@@ -408,7 +429,13 @@ def test_regression_olm_type_out_of_range_is_a_decryption_error(
     """Was OverflowError out of vodozemac: one crafted envelope from any peer the recipient
     knows broke ``receive()``; unacknowledged, it came back on every connection."""
     alice, bob = pair
-    sealed = Sealed(account=alice.account_id, device=alice.device_id, type=msg_type, body=b"x")
+    sealed = Sealed(
+        account=alice.account_id,
+        device=alice.device_id,
+        curve=alice.device_keys().curve25519,
+        type=msg_type,
+        body=b"x",
+    )
     with pytest.raises(DecryptionError):
         bob.decrypt(Opened(f.InEnvelope(id=1, body=b"x"), sealed))
 

@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from kluis.crypto.account_key import AccountKey
 from kluis.crypto.olm import OlmAccount
 from kluis.crypto.seal import SealKeyPair
 from kluis.errors import AccountExpired, BadSignature, LicenceInvalid, LinkInvalid
+from kluis.identity.chain import account_id_for, certify
 from kluis.protocol import signing
 from kluis.protocol.frames import DeviceKeys, PendingLink
 from kluis.server.accounts import Accounts, licence_hash, normalise_licence
@@ -25,6 +27,9 @@ class Clock:
         return self.now
 
 
+ORIGIN = "http://127.0.0.1:8448"
+
+
 def device() -> tuple[OlmAccount, DeviceKeys]:
     acct = OlmAccount()
     seal = SealKeyPair().public
@@ -32,11 +37,23 @@ def device() -> tuple[OlmAccount, DeviceKeys]:
     return acct, DeviceKeys(ed25519=acct.ed25519, curve25519=acct.curve25519, seal=seal, sig=sig)
 
 
+def login(acct: OlmAccount, nonce: bytes) -> str:
+    return acct.sign(signing.challenge_message(nonce, acct.ed25519, ORIGIN))
+
+
+def register(
+    accounts: Accounts, code: str, acct: OlmAccount, keys: DeviceKeys, nonce: bytes, sig: str
+):  # type: ignore[no-untyped-def]
+    identity = AccountKey()
+    record = certify(identity, account_id_for(identity.public), keys)
+    return accounts.register(code, identity.public, record, nonce, sig)
+
+
 @pytest.fixture
 def world(tmp_path: Path) -> tuple[SqliteStore, Accounts, Clock]:
     clock = Clock()
     store = SqliteStore(tmp_path / "db.sqlite3")
-    return store, Accounts(store, clock, Limits(link_ttl_s=600)), clock
+    return store, Accounts(store, clock, Limits(link_ttl_s=600), ORIGIN), clock
 
 
 def test_subscription_ends_after_its_days(world: tuple[SqliteStore, Accounts, Clock]) -> None:
@@ -44,19 +61,13 @@ def test_subscription_ends_after_its_days(world: tuple[SqliteStore, Accounts, Cl
     (code,) = accounts.create_licences(1, days=182)
     acct, keys = device()
     nonce = b"n" * 32
-    account = accounts.register(
-        code, keys, nonce, acct.sign(signing.challenge_message(nonce, keys.ed25519))
-    )
+    account = register(accounts, code, acct, keys, nonce, login(acct, nonce))
     assert account.expires_at == int(clock.now) + 182 * DAY
     clock.now += 181 * DAY
-    accounts.authenticate(
-        keys.ed25519, nonce, acct.sign(signing.challenge_message(nonce, keys.ed25519))
-    )
+    accounts.authenticate(keys.ed25519, nonce, login(acct, nonce))
     clock.now += 2 * DAY
     with pytest.raises(AccountExpired):
-        accounts.authenticate(
-            keys.ed25519, nonce, acct.sign(signing.challenge_message(nonce, keys.ed25519))
-        )
+        accounts.authenticate(keys.ed25519, nonce, login(acct, nonce))
 
 
 def test_challenge_signature_is_bound_to_the_nonce(
@@ -65,18 +76,17 @@ def test_challenge_signature_is_bound_to_the_nonce(
     _, accounts, _ = world
     (code,) = accounts.create_licences(1, days=1)
     acct, keys = device()
-    old = acct.sign(signing.challenge_message(b"old" * 11, keys.ed25519))
+    old = login(acct, b"old" * 11)
     with pytest.raises(BadSignature):  # a recorded login cannot be replayed on a new challenge
-        accounts.register(code, keys, b"new" * 11, old)
-    # and the refused attempt did not use up the licence
-    accounts.register(
-        code, keys, b"new" * 11, acct.sign(signing.challenge_message(b"new" * 11, keys.ed25519))
-    )
+        register(accounts, code, acct, keys, b"new" * 11, old)
+    elsewhere = acct.sign(signing.challenge_message(b"new" * 11, acct.ed25519, "http://evil:80"))
+    with pytest.raises(BadSignature):  # nor relayed from another server (origin-bound)
+        register(accounts, code, acct, keys, b"new" * 11, elsewhere)
+    # and the refused attempts did not use up the licence
+    register(accounts, code, acct, keys, b"new" * 11, login(acct, b"new" * 11))
     with pytest.raises(LicenceInvalid):
         acct2, keys2 = device()
-        accounts.register(
-            code, keys2, b"x" * 32, acct2.sign(signing.challenge_message(b"x" * 32, keys2.ed25519))
-        )
+        register(accounts, code, acct2, keys2, b"x" * 32, login(acct2, b"x" * 32))
 
 
 def test_licence_codes_normalise(world: tuple[SqliteStore, Accounts, Clock]) -> None:
@@ -92,9 +102,7 @@ def test_undelivered_envelopes_and_links_expire(world: tuple[SqliteStore, Accoun
     store.insert_envelopes([("dev", now + 30 * DAY, b"a"), ("dev", now + 1, b"b")])
     acct, keys = device()
     nonce = b"n" * 32
-    token, _ = accounts.request_link(
-        PendingLink(device=keys), nonce, acct.sign(signing.challenge_message(nonce, keys.ed25519))
-    )
+    token, _ = accounts.request_link(PendingLink(device=keys), nonce, login(acct, nonce))
     assert accounts.link_keys(token) == keys
     clock.now += 601
     with pytest.raises(LinkInvalid):

@@ -58,7 +58,7 @@ def garbage(rng: random.Random, device: str, account: str) -> bytes:
         f.Ack(rid=3, ids=[1, 2, 3]),
         f.ListDevices(rid=4, account=account),
         f.LinkFetch(rid=5, token="nope"),
-        f.Revoke(rid=6, device="not-a-device"),
+        f.Revoke(rid=6, revocation=f.Revocation(device="not-a-device", sig="A" * 86)),
         f.UploadKeys(rid=7, one_time_keys=[f.SignedKey(key_id="k", key="k", sig="s")]),
     ]
     data = bytearray(f.encode(rng.choice(valid)))
@@ -94,7 +94,7 @@ async def test_garbage_volley_gets_typed_errors_and_the_server_stays_up(
     auth = f.Auth(
         rid=9,
         device=insider_client.core.device_id,
-        sig=insider_client.core.sign_challenge(insider.nonce),
+        sig=insider.login_sig(insider_client),
     )
     await insider.ws.send_bytes(f.encode(auth))
     assert isinstance(await insider.recv(), f.Welcome)

@@ -96,7 +96,7 @@ def test_cli_end_to_end(server: ServerProcess, tmp_path: Path) -> None:
 
     # A second device for Alice.
     code = kluis("device", "request", "--server", server.url, "--profile", a2).stdout.strip()
-    assert re.fullmatch(r"[a-z2-7]{12}-[0-9a-f]{8}", code)
+    assert re.fullmatch(r"[a-z2-7]{12}-[a-z2-7]{26}", code)
     device2 = kluis("device", "approve", "--profile", a, code).stdout.strip()
     assert kluis("whoami", "--profile", a2).stdout.strip() == alice
     listed = kluis("device", "list", "--profile", a).stdout.split("\n")

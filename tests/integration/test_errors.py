@@ -56,11 +56,7 @@ async def test_bad_signature_and_unknown_device(
     await raw.send(f.encode(f.Auth(rid=2, device="nobody", sig="A" * 86)))
     await expect_error(raw, "unknown_device")
     # A correct signature still works on the same connection afterwards.
-    await raw.send(
-        f.encode(
-            f.Auth(rid=3, device=alice.core.device_id, sig=alice.core.sign_challenge(raw.nonce))
-        )
-    )
+    await raw.send(f.encode(f.Auth(rid=3, device=alice.core.device_id, sig=raw.login_sig(alice))))
     welcome = await raw.recv()
     assert isinstance(welcome, f.Welcome) and welcome.account == alice.account_id
     await alice.close()
@@ -121,7 +117,9 @@ async def test_tampered_envelope_rejected_session_survives(
     await alice.send(bob.account_id, "first")
     assert [m.text for m in await bob.receive(wait=5, until=1)] == ["first"]
 
-    (env,) = await alice.encrypt(bob.account_id, alice.core.new_payload("text", "tampered"))
+    (env,) = await alice.encrypt(
+        bob.account_id, alice.core.new_payload("text", "tampered", to=bob.account_id)
+    )
     body = bytearray(env.body)
     body[len(body) // 2] ^= 0x01
     bad = f.OutEnvelope(device=env.device, body=bytes(body))
@@ -144,7 +142,9 @@ async def test_tampered_envelope_rejected_session_survives(
 async def test_replayed_envelope_shown_once(server: ServerProcess, tmp_path: Path) -> None:
     alice = await register(server, tmp_path / "alice")
     bob = await register(server, tmp_path / "bob")
-    (env,) = await alice.encrypt(bob.account_id, alice.core.new_payload("text", "only once"))
+    (env,) = await alice.encrypt(
+        bob.account_id, alice.core.new_payload("text", "only once", to=bob.account_id)
+    )
     for _ in range(3):  # the server (or anyone) delivers the same envelope three times
         await alice.transport.request(
             lambda rid: f.Send(rid=rid, account=bob.account_id, envelopes=[env]), f.Done

@@ -48,6 +48,12 @@ def _warn(client_errors: Sequence[KluisError]) -> None:
         _report(err, "warning")
 
 
+def _alarm(client: KluisClient) -> None:
+    """Loud, on every command that connects: devices our identity did not certify."""
+    for alarm in client.alarms():
+        print(f"ALARM: {alarm}; it gets no messages from you or your peers", file=sys.stderr)
+
+
 # ---- server side ---------------------------------------------------------------------------------
 
 
@@ -75,7 +81,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
         port=args.port,
         limits=limits,
         sqlite_synchronous=args.sync,
+        public_url=args.public_url,
     )
+    try:
+        config.origin  # noqa: B018 - checks --public-url before anything starts
+    except ValueError as exc:
+        raise LocalProtocolError(f"--public-url: {exc}") from exc
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -158,6 +169,7 @@ async def _with_client(
     client = KluisClient.open(Path(args.profile), _passphrase())
     try:
         await client.connect()
+        _alarm(client)
         await body(client)
     finally:
         await client.close()
@@ -174,7 +186,7 @@ async def _device_list(args: argparse.Namespace) -> None:
     async def body(client: KluisClient) -> None:
         for record in await client.devices():
             mark = " (this device)" if record.keys.ed25519 == client.core.device_id else ""
-            print(f"{record.keys.ed25519}{mark}")
+            print(f"{record.keys.ed25519}\t{client.core.device_status(record)}{mark}")
 
     await _with_client(args, body)
 
@@ -197,7 +209,11 @@ async def _inbox(args: argparse.Namespace) -> None:
     async def body(client: KluisClient) -> None:
         for message in await client.receive(wait=args.wait):
             print(message.line(), flush=True)
-        _warn(client.errors)
+        unread = len(client.errors)
+        if unread:
+            noun = "message" if unread == 1 else "messages"
+            print(f"warning: {unread} {noun} could not be read (kept aside)", file=sys.stderr)
+            _warn(client.errors)
 
     await _with_client(args, body)
 
@@ -219,11 +235,13 @@ def cmd_history(args: argparse.Namespace) -> None:
 
 
 def cmd_trust(args: argparse.Namespace) -> None:
-    client = KluisClient.open(Path(args.profile), _passphrase())
-    try:
-        client.acknowledge_key_change(args.id)
-    finally:
-        client.core.store.close()
+    # Devices are certified by their account's identity, and an ID names its identity: there
+    # is no key change to accept any more. Kept so that scripts calling it get an answer.
+    print(
+        f"nothing to accept: the devices of {args.id} are used only when its identity key"
+        " certifies them; compare `kluis safety-number` with the peer to check that identity",
+        file=sys.stderr,
+    )
 
 
 # ---- argument parsing ----------------------------------------------------------------------------
@@ -243,6 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=DEFAULT_PORT)
+    s.add_argument(
+        "--public-url",
+        default=None,
+        help="the URL clients use, e.g. https://chat.example behind a TLS proxy"
+        " (default: http://HOST:PORT); logins are bound to it",
+    )
     s.add_argument(
         "--sync",
         choices=["normal", "full"],

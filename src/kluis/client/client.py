@@ -13,7 +13,6 @@ so a crash at any point loses nothing (the server redelivers; duplicates are sho
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import TracebackType
@@ -25,15 +24,17 @@ from kluis.client.core import ClientCore, Message, Opened, Payload, link_fingerp
 from kluis.client.store import ProfileStore
 from kluis.client.transport import Transport
 from kluis.errors import (
-    CryptoError,
-    KeyChanged,
+    DecryptionError,
+    KluisError,
     LocalProtocolError,
     MalformedFrame,
     MismatchedDevices,
     TransportError,
     UnknownDevice,
 )
+from kluis.identity.chain import ChainView
 from kluis.protocol import frames as f
+from kluis.protocol.signing import origin
 
 _SEND_ATTEMPTS = 3
 F = TypeVar("F", bound=f.ClientFrame)
@@ -46,12 +47,28 @@ def _with_rid(frame: F) -> Callable[[int], F]:
 _BACKLOG_TIMEOUT = 10.0
 
 
+async def _connect(transport: Transport, server: str) -> bytes:
+    """Connect; refuse a server that names another origin than the one we dialled (a relay)."""
+    nonce = await transport.connect()
+    try:
+        expected = origin(server)
+    except ValueError as exc:
+        await transport.close()
+        raise LocalProtocolError(str(exc)) from exc
+    if transport.server_origin != expected:
+        await transport.close()
+        raise TransportError(
+            f"the server at {expected} calls itself {transport.server_origin!r}; "
+            "use the URL it gives (its --public-url) or ask its operator"
+        )
+    return nonce
+
+
 class KluisClient:
     def __init__(self, core: ClientCore) -> None:
         self.core = core
         self._transport: Transport | None = None
-        self.errors: list[CryptoError | MalformedFrame] = []  # envelopes that could not be read
-        self._held: list[f.InEnvelope] = []  # waiting for a key-change acknowledgement
+        self.errors: list[KluisError] = []  # why envelopes of the last receive() were unreadable
         self._synced = False  # the server has sent this connection's stored backlog
 
     # ---- opening ------------------------------------------------------------------------------
@@ -67,17 +84,18 @@ class KluisClient:
     ) -> KluisClient:
         """Create a profile, redeem ``licence`` and publish this device's keys."""
         store = ProfileStore.create(profile, passphrase)
-        client = cls(ClientCore.create(store, server))
+        client = cls(ClientCore.create(store, server, new_account=True))
         core = client.core
         transport = Transport(server)
         try:
-            nonce = await transport.connect()
+            nonce = await _connect(transport, server)
             welcome = await transport.request(
                 lambda rid: f.Register(
                     rid=rid,
                     licence=licence,
-                    device=core.device_keys(),
-                    sig=core.sign_challenge(nonce),
+                    identity=core.identity_key,
+                    device=core.own_record(),
+                    sig=core.sign_challenge(nonce, transport.server_origin),
                 ),
                 f.Welcome,
             )
@@ -97,13 +115,13 @@ class KluisClient:
         core = ClientCore.create(store, server)
         transport = Transport(server)
         try:
-            nonce = await transport.connect()
+            nonce = await _connect(transport, server)
             otks, fallback = core.keys_to_upload(0)
             pending = await transport.request(
                 lambda rid: f.LinkRequest(
                     rid=rid,
                     device=core.device_keys(),
-                    sig=core.sign_challenge(nonce),
+                    sig=core.sign_challenge(nonce, transport.server_origin),
                     one_time_keys=otks,
                     fallback_key=fallback,
                 ),
@@ -125,11 +143,13 @@ class KluisClient:
         if self._transport is not None:
             return
         transport = Transport(self.core.server)
-        nonce = await transport.connect()
+        nonce = await _connect(transport, self.core.server)
         try:
             welcome = await transport.request(
                 lambda rid: f.Auth(
-                    rid=rid, device=self.core.device_id, sig=self.core.sign_challenge(nonce)
+                    rid=rid,
+                    device=self.core.device_id,
+                    sig=self.core.sign_challenge(nonce, transport.server_origin),
                 ),
                 f.Welcome,
             )
@@ -144,6 +164,18 @@ class KluisClient:
             raise
         self._transport, self._synced = transport, False
         await self._upload_keys(welcome.otk_count)
+        # Every connection checks our own account's devices: one the identity did not certify
+        # is an alarm (see alarms()), and this device must itself be certified.
+        await self.refresh_devices(self.account_id)
+
+    def alarms(self) -> list[str]:
+        """Devices in our own account that its identity did not certify (a hostile server?)."""
+        return self.core.alarms()
+
+    @property
+    def quarantined(self) -> int:
+        """How many received envelopes could not be read (kept encrypted in the profile)."""
+        return self.core.quarantined()
 
     async def close(self) -> None:
         if self._transport is not None:
@@ -181,12 +213,14 @@ class KluisClient:
         )
         self.core.keys_published()
 
-    async def refresh_devices(self, account: str) -> None:
-        """Fetch an account's device list and check it against our pins (may raise KeyChanged)."""
+    async def refresh_devices(self, account: str) -> ChainView:
+        """Fetch an account's device list and keep what its identity certifies."""
         answer = await self.transport.request(
             lambda rid: f.ListDevices(rid=rid, account=account), f.Devices
         )
-        self.core.accept_devices(account, answer.devices)
+        if answer.account != account:
+            raise MalformedFrame("the server answered for another account")
+        return self.core.accept_devices(account, answer.identity, answer.devices, answer.revoked)
 
     async def devices(self) -> list[f.DeviceRecord]:
         answer = await self.transport.request(
@@ -196,9 +230,14 @@ class KluisClient:
 
     async def approve(self, code: str) -> str:
         """Admit the device that showed ``code``; return its device ID."""
-        token, _, fingerprint = code.strip().rpartition("-")
+        token, _, fingerprint = "".join(code.split()).partition("-")
+        fingerprint = fingerprint.replace("-", "")
         if not token or not fingerprint:
             raise LocalProtocolError("a link code looks like 'token-fingerprint'")
+        if not self.core.holds_identity:
+            raise LocalProtocolError(
+                "only the account's first device can approve devices: run this there"
+            )
         info = await self.transport.request(
             lambda rid: f.LinkFetch(rid=rid, token=token), f.LinkInfo
         )
@@ -210,28 +249,22 @@ class KluisClient:
         return record.keys.ed25519
 
     async def revoke(self, device: str) -> None:
-        await self.transport.request(lambda rid: f.Revoke(rid=rid, device=device), f.Done)
+        revocation = self.core.revocation(device)
+        await self.transport.request(lambda rid: f.Revoke(rid=rid, revocation=revocation), f.Done)
         if device != self.core.device_id:
             await self.refresh_devices(self.account_id)
 
     async def safety_number(self, account: str | None = None) -> str:
         """The safety number of ``account``'s devices as we trust them (ours by default)."""
         account = account or self.account_id
-        with contextlib.suppress(KeyChanged):  # then it is the number of the changed keys
-            await self.refresh_devices(account)
+        await self.refresh_devices(account)
         return self.core.safety_number(account)
-
-    def acknowledge_key_change(self, account: str) -> None:
-        """Accept a peer's changed keys; held messages from it are read on the next receive."""
-        self.core.acknowledge_key_change(account)
 
     # ---- sending ------------------------------------------------------------------------------
 
     async def send(self, peer: str, text: str) -> Message:
         """Encrypt to every device of ``peer`` and to our other devices; return once stored."""
-        if self.core.pending_key_change(peer):
-            raise KeyChanged(f"keys of {peer} changed; acknowledge before sending", account=peer)
-        payload = self.core.new_payload("text", text)
+        payload = self.core.new_payload("text", text, to=peer)
         await self._send_payload(peer, payload)
         sent = self.core.record_sent(peer, payload)
         copy = Payload(id=payload.id, ts=payload.ts, kind="sync", text=text, to=peer)
@@ -274,7 +307,7 @@ class KluisClient:
         With ``until``, return as soon as that many messages have arrived.
         """
         out: list[Message] = []
-        self._retry_held()
+        self.errors = []
         pushes = self.transport.pushes
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
@@ -314,23 +347,23 @@ class KluisClient:
             for m in await self.receive(wait=3600, until=1):  # hand over each batch at once
                 yield m
 
-    def _retry_held(self) -> None:
-        held, self._held = self._held, []
-        if held:  # after a key-change acknowledgement they may now decrypt
-            self.transport.pushes.put_nowait(f.Deliver(envelopes=held))
-
     async def _handle_deliver(self, envelopes: list[f.InEnvelope], out: list[Message]) -> None:
         """Decrypt into ``out`` as we go (so a lost connection keeps what was read), then ack."""
         ack: list[int] = []
         for env in envelopes:
             try:
                 message = await self._decrypt(env)
-            except KeyChanged as exc:
-                self.errors.append(exc)
-                self._held.append(env)  # not acknowledged: it stays on the server
-                continue
-            except (CryptoError, MalformedFrame) as exc:
-                self.errors.append(exc)  # it can never be read: drop it
+            except TransportError:
+                raise  # not acknowledged: the server delivers it again
+            except Exception as exc:  # fail closed, whatever the reason: keep it aside, ack it
+                self.core.rollback()
+                self.core.quarantine(env, exc)
+                if isinstance(exc, KluisError):
+                    self.errors.append(exc)
+                else:
+                    self.errors.append(
+                        DecryptionError(f"unreadable envelope ({type(exc).__name__})")
+                    )
             else:
                 if message is not None:
                     out.append(message)
@@ -344,19 +377,26 @@ class KluisClient:
             return None
         s = opened.sealed
         if not self.core.knows_device(s.account, s.device):
+            # Nothing goes on the wire for a claim until its Olm message has decrypted to us.
+            self.core.precheck(opened)
             await self.refresh_devices(s.account)
+            return self.core.decrypt(opened)
         try:
             return self.core.decrypt(opened)
-        except CryptoError as exc:
-            if exc.code == "decryption_failed":
-                self.core.mark_session_broken(s.account, s.device)
+        except DecryptionError:
+            self.core.mark_session_broken(s.account, s.device)
             raise
 
     async def _recover_sessions(self) -> None:
-        """Open fresh sessions to devices whose session broke, with a message they ignore."""
-        for account in self.core.broken_accounts():
-            with contextlib.suppress(KeyChanged, MismatchedDevices, UnknownDevice):
-                await self._send_payload(account, self.core.new_payload("dummy"))
+        """Open fresh sessions to devices whose session broke, with a message they ignore:
+        only for devices we trust, never at once, at most once an hour per device."""
+        for account in self.core.due_recoveries():
+            try:
+                await self._send_payload(account, self.core.new_payload("dummy", to=account))
+            except TransportError:
+                raise
+            except KluisError:
+                continue  # tried; due_recoveries() will not offer it again this hour
 
     def history(self, peer: str | None = None) -> list[Message]:
         return self.core.history(peer)

@@ -1,4 +1,4 @@
-"""The client's sans-IO core: identity, key pinning, Olm sessions, sealing and history.
+"""The client's sans-IO core: identity, the device chain, Olm sessions, sealing and history.
 
 Theory of operation: :class:`ClientCore` never touches the network. The async client asks it for
 what to send (signed device keys, one-time keys to upload, envelopes for a message) and feeds it
@@ -6,15 +6,19 @@ what arrived (device lists, key bundles, envelopes). Each state change is writte
 encrypted profile in one transaction *before* the result is handed back, so nothing goes on the
 wire that the profile could forget.
 
-Receiving an envelope takes two steps so that the transport can fetch a device list between
-them: :meth:`open_envelope` (replay check and unsealing: who claims to have sent it) and
-:meth:`decrypt` (Olm, deduplication, history). A sender's claim is believed only because the Olm
-session that decrypts it is bound to that device's pinned Curve25519 key.
+Devices: an account is its identity key, and its ID is derived from that key
+(``kluis.identity.chain``). A device is used only when the identity certified it and it was
+never seen revoked; a device list with anything else makes sending to that account stop with
+:class:`UntrustedDevice`, and on our own account raises an alarm (:meth:`ClientCore.alarms`).
 
-Pinning: the first device list seen for an account is trusted (TOFU). Later, a device already
-pinned must keep its keys, and a new device must carry a valid approval from a pinned device;
-anything else raises :class:`KeyChanged` and sending to that account stops until
-:meth:`acknowledge_key_change`.
+Receiving an envelope takes steps so that the transport can fetch a device list between them,
+and so that a forged sender claim costs the recipient nothing: :meth:`open_envelope` (replay
+check, unsealing: who claims to have sent it); for a device we do not know yet,
+:meth:`precheck` decrypts the pre-key message on a throwaway copy of our Olm account and checks
+the payload names this claim and us, all before any network request; then :meth:`decrypt`
+(Olm, binding checks, deduplication, history). An envelope that fails anywhere is
+acknowledged and quarantined (:meth:`quarantine`): kept encrypted, counted, never retried by
+itself.
 """
 
 from __future__ import annotations
@@ -29,14 +33,17 @@ import msgspec
 
 from kluis.client.store import ProfileStore
 from kluis.crypto import padding, seal
+from kluis.crypto.account_key import AccountKey
 from kluis.crypto.olm import PRE_KEY, OlmAccount, OlmSession, verify_signature
 from kluis.errors import (
     BadSignature,
     DecryptionError,
-    KeyChanged,
+    KluisError,
     LocalProtocolError,
     UntrustedDevice,
 )
+from kluis.identity import chain
+from kluis.identity.chain import link_fingerprint
 from kluis.protocol import signing
 from kluis.protocol.frames import (
     Bundle,
@@ -44,10 +51,21 @@ from kluis.protocol.frames import (
     DeviceRecord,
     InEnvelope,
     OutEnvelope,
+    Revocation,
     SignedKey,
 )
 
+__all__ = ["ClientCore", "Message", "Opened", "Payload", "link_fingerprint"]
+
+# More than one claim burst of the server (claim_burst) can take, below vodozemac's maximum.
 ONE_TIME_KEY_TARGET = 50
+# A peer's clock is not ours: what it says is shown at most this far ahead of our own.
+MAX_CLOCK_SKEW_MS = 5 * 60 * 1000
+# Session recovery (a fresh session and a dummy message after an undecryptable message): never
+# at once, at most once an hour per peer device, and only for devices we already trust.
+RECOVERY_DELAY_MS = 30 * 1000
+RECOVERY_INTERVAL_MS = 3600 * 1000
+RECOVERY_FORGET_MS = 7 * 24 * 3600 * 1000
 
 
 # ---- records kept in the profile and inside ciphertexts ------------------------------------------
@@ -59,23 +77,30 @@ class Identity(msgspec.Struct):
     server: str
     account_id: str = ""
     link_token: str = ""  # set while this device waits for approval
+    account_key: bytes = b""  # the account's identity key: only on the account's first device
 
 
 class Pins(msgspec.Struct):
     account: str
+    identity: str
     known: dict[str, DeviceRecord]  # every device ever trusted, by ed25519
     active: list[str]
-    pending: list[DeviceRecord] | None = None  # a changed list, waiting for acknowledgement
+    revoked: list[str] = []  # every revocation ever seen: such a device never comes back
+    untrusted: list[tuple[str, str]] = []  # (device, why) in the last list the server gave
 
 
 class Payload(msgspec.Struct, frozen=True):
-    """Inside Olm: what the sender wrote."""
+    """Inside Olm: what the sender wrote, bound to who sends it to whom, in which conversation."""
 
     id: bytes
     ts: int  # sender's clock, milliseconds since the epoch
     kind: str  # "text", "sync" (copy of our own message for our other devices), "dummy"
+    sender: str = ""  # account
+    sender_device: str = ""
+    recipient: str = ""  # account
+    recipient_device: str = ""
     text: str = ""
-    to: str = ""  # for "sync": the conversation's peer
+    to: str = ""  # the conversation: the account it was written to
 
 
 class Sealed(msgspec.Struct, frozen=True):
@@ -83,6 +108,7 @@ class Sealed(msgspec.Struct, frozen=True):
 
     account: str
     device: str
+    curve: str  # the claimed device's Curve25519 key: a pre-key message must come from it
     type: int
     body: bytes
 
@@ -92,6 +118,21 @@ class StoredMessage(msgspec.Struct, frozen=True):
     sender: str
     ts: int
     text: str
+
+
+class Quarantined(msgspec.Struct, frozen=True):
+    """An envelope that could not be read: kept as it came (still sealed), with why."""
+
+    body: bytes
+    code: str
+    received: int
+
+
+_MIN_TS, _MAX_TS = 0, 253_402_300_799_000  # datetime's range, in milliseconds
+
+
+def _clamp_ts(ts: int) -> int:
+    return min(max(ts, _MIN_TS), _MAX_TS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +146,8 @@ class Message:
 
     @classmethod
     def from_stored(cls, m: StoredMessage) -> Message:
-        return cls(m.sender, m.peer, datetime.fromtimestamp(m.ts / 1000, UTC), m.text)
+        time_ = datetime.fromtimestamp(_clamp_ts(m.ts) / 1000, UTC)
+        return cls(m.sender, m.peer, time_, m.text)
 
     def line(self) -> str:
         text = self.text.replace("\n", " ").replace("\t", " ")
@@ -124,35 +166,12 @@ _pins_dec = msgspec.msgpack.Decoder(Pins)
 _payload_dec = msgspec.msgpack.Decoder(Payload)
 _sealed_dec = msgspec.msgpack.Decoder(Sealed)
 _stored_dec = msgspec.msgpack.Decoder(StoredMessage)
+_broken_dec = msgspec.msgpack.Decoder(dict[str, tuple[int, int]])
 
 
-def safety_number(account: str, devices: list[DeviceRecord]) -> str:
-    """30 digits naming an account's device keys, for comparing out of band.
-
-    Two people who see the same number for an account see the same keys: a server that swapped
-    keys on first contact is caught. The number changes when the account adds or drops a device.
-    """
-    keys = sorted(
-        signing.device_keys_message(d.keys.ed25519, d.keys.curve25519, d.keys.seal) for d in devices
-    )
-    digest = hashlib.sha256(b"\x00".join([b"kluis-safety-number-v1", account.encode(), *keys]))
-    raw = digest.digest()
-    groups = [int.from_bytes(raw[i : i + 5], "big") % 100_000 for i in range(0, 30, 5)]
-    return " ".join(f"{g:05d}" for g in groups)
-
-
-def check_record(account: str, record: DeviceRecord) -> None:
-    """A device's self-signature, and its approval when it has an approver."""
-    k = record.keys
-    verify_signature(k.ed25519, signing.device_keys_message(k.ed25519, k.curve25519, k.seal), k.sig)
-    if record.approver:
-        verify_signature(record.approver, signing.approval_message(account, k), record.approval)
-
-
-def link_fingerprint(keys: DeviceKeys) -> str:
-    """Short check code the approving device compares, so a server cannot swap the keys."""
-    digest = hashlib.sha256(signing.device_keys_message(keys.ed25519, keys.curve25519, keys.seal))
-    return digest.hexdigest()[:8]
+def _peer(account: str, device: str) -> str:
+    """Sessions are kept per account and device, never per Curve25519 key alone."""
+    return f"{account}/{device}"
 
 
 class ClientCore:
@@ -161,18 +180,24 @@ class ClientCore:
         self._identity = identity
         self._account = OlmAccount.from_pickle(identity.account_pickle, store.pickle_key)
         self._seal = seal.SealKeyPair.from_private_bytes(identity.seal_private)
+        self._account_key = (
+            AccountKey.from_private_bytes(identity.account_key) if identity.account_key else None
+        )
         self._clock = time.time
 
     # ---- identity -----------------------------------------------------------------------------
 
     @classmethod
-    def create(cls, store: ProfileStore, server: str) -> ClientCore:
+    def create(cls, store: ProfileStore, server: str, *, new_account: bool = False) -> ClientCore:
+        """A new device; with ``new_account``, also the identity key of a new account."""
         account = OlmAccount()
         identity = Identity(
             account_pickle=account.pickle(store.pickle_key),
             seal_private=seal.SealKeyPair().private_bytes(),
             server=server,
         )
+        if new_account:
+            identity.account_key = AccountKey().private_bytes()
         store.put("identity", _enc.encode(identity))
         return cls(store, identity)
 
@@ -203,9 +228,41 @@ class ClientCore:
     def link_token(self) -> str:
         return self._identity.link_token
 
+    @property
+    def holds_identity(self) -> bool:
+        """True on the account's first device: the only one that can certify or revoke others."""
+        return self._account_key is not None
+
+    @property
+    def identity_key(self) -> str:
+        """Our account's identity key (from the key itself, or as pinned)."""
+        if self._account_key is not None:
+            return self._account_key.public
+        pins = self._pins(self.account_id) if self.account_id else None
+        if pins is None:
+            raise LocalProtocolError("this device has not seen its account's identity yet")
+        return pins.identity
+
+    def new_account_id(self) -> str:
+        """The ID our identity key stands for (the first device, before registering)."""
+        return chain.account_id_for(self._need_account_key().public)
+
+    def _need_account_key(self) -> AccountKey:
+        if self._account_key is None:
+            raise LocalProtocolError(
+                "only the account's first device holds its identity key: do this there"
+            )
+        return self._account_key
+
     def set_account(self, account_id: str) -> None:
         if self._identity.account_id and self._identity.account_id != account_id:
             raise LocalProtocolError("server reports a different account for this device")
+        if self._account_key is not None and chain.account_id_for(self._account_key.public) != (
+            account_id
+        ):
+            raise LocalProtocolError("server reports an account that is not our identity's")
+        if self._identity.account_id == account_id and not self._identity.link_token:
+            return
         self._identity.account_id, self._identity.link_token = account_id, ""
         self._save_identity()
 
@@ -218,22 +275,38 @@ class ClientCore:
         sig = self._account.sign(signing.device_keys_message(ed, curve, sealing))
         return DeviceKeys(ed25519=ed, curve25519=curve, seal=sealing, sig=sig)
 
-    def sign_challenge(self, nonce: bytes) -> str:
-        return self._account.sign(signing.challenge_message(nonce, self.device_id))
+    def own_record(self) -> DeviceRecord:
+        """This device, certified by our identity (the first device, at registration)."""
+        return chain.certify(self._need_account_key(), self.new_account_id(), self.device_keys())
+
+    def sign_challenge(self, nonce: bytes, server: str) -> str:
+        return self._account.sign(signing.challenge_message(nonce, self.device_id, server))
 
     def approve(self, keys: DeviceKeys, fingerprint: str) -> DeviceRecord:
-        """Sign the approval that admits ``keys`` as a new device of our account."""
+        """Certify ``keys`` as a new device of our account, once the link code matches them."""
+        key = self._need_account_key()
         if link_fingerprint(keys) != fingerprint.lower():
             raise BadSignature("link code does not match the requesting device's keys")
-        check_record(self.account_id, DeviceRecord(keys=keys))
-        approval = self._account.sign(signing.approval_message(self.account_id, keys))
-        return DeviceRecord(keys=keys, approver=self.device_id, approval=approval)
+        chain.check_device_keys(keys)
+        return chain.certify(key, self.account_id, keys)
+
+    def revocation(self, device: str) -> Revocation:
+        """A signed revocation: by our identity, or by this device for itself."""
+        if self._account_key is not None:
+            return chain.revoke(self._account_key, self.account_id, device)
+        if device != self.device_id:
+            raise LocalProtocolError(
+                "only the account's first device can revoke other devices; "
+                "this device can revoke itself"
+            )
+        sig = self._account.sign(signing.revocation_message(self.account_id, device))
+        return Revocation(device=device, sig=sig, by_self=True)
 
     # ---- one-time keys ------------------------------------------------------------------------
 
     def keys_to_upload(self, server_count: int) -> tuple[list[SignedKey], SignedKey | None]:
         """Generate keys up to the target; persisted now, marked published after the upload."""
-        need = max(0, min(ONE_TIME_KEY_TARGET, self._account.max_one_time_keys // 2) - server_count)
+        need = max(0, min(ONE_TIME_KEY_TARGET, self._account.max_one_time_keys) - server_count)
         if need and not self._account.unpublished_one_time_keys():
             self._account.generate_one_time_keys(need)
         if not self._account.unpublished_fallback_key() and server_count == 0:
@@ -255,7 +328,7 @@ class ClientCore:
         self._account.mark_keys_as_published()
         self._save_identity()
 
-    # ---- device directory and pinning ---------------------------------------------------------
+    # ---- device directory: the chain ----------------------------------------------------------
 
     def _pins_name(self, account: str) -> str:
         return "pins:" + self.store.blind(account).hex()
@@ -267,84 +340,100 @@ class ClientCore:
     def _save_pins(self, pins: Pins) -> None:
         self.store.put(self._pins_name(pins.account), _enc.encode(pins))
 
-    def trusted_devices(self, account: str) -> list[DeviceRecord] | None:
-        """The active pinned devices, or None if never fetched or a key change is pending."""
+    def accept_devices(
+        self,
+        account: str,
+        identity: str,
+        records: list[DeviceRecord],
+        revocations: list[Revocation],
+    ) -> chain.ChainView:
+        """Take a device list from the server and keep what the account's identity certifies.
+
+        Raises UntrustedDevice only when the list cannot be the account's at all (an identity
+        key that is not the account's, or our own device missing from our account); devices the
+        identity did not certify are recorded and refused (see :meth:`devices_for_sending`).
+        """
         pins = self._pins(account)
-        if pins is None or pins.pending is not None:
+        view = chain.evaluate(
+            account,
+            identity,
+            records,
+            revocations,
+            pins.known if pins else {},
+            frozenset(pins.revoked) if pins else frozenset(),
+        )
+        if account == self.account_id and self.device_id not in {
+            r.keys.ed25519 for r in view.trusted
+        }:
+            raise UntrustedDevice("this device is not a certified device of its own account")
+        known = dict(pins.known) if pins else {}
+        known.update({r.keys.ed25519: r for r in view.trusted})
+        self._save_pins(
+            Pins(
+                account=account,
+                identity=identity,
+                known=known,
+                active=[r.keys.ed25519 for r in view.trusted],
+                revoked=sorted(view.revoked),
+                untrusted=view.untrusted,
+            )
+        )
+        return view
+
+    def trusted_devices(self, account: str) -> list[DeviceRecord] | None:
+        """The active certified devices, or None if never fetched."""
+        pins = self._pins(account)
+        if pins is None:
             return None
         return [pins.known[d] for d in pins.active]
 
-    def safety_number(self, account: str) -> str:
-        """Of the keys we would use: the pending (changed) list while a change awaits
-        acknowledgement, so the user can compare it before trusting it."""
+    def devices_for_sending(self, account: str) -> list[DeviceRecord]:
+        """The devices to encrypt to; refuses an account whose list holds a device we cannot
+        verify (the server expects an envelope for it: we will not write one)."""
         pins = self._pins(account)
         if pins is None:
             raise LocalProtocolError(f"no device list for {account} yet")
-        if pins.pending is not None:
-            return safety_number(account, pins.pending)
-        return safety_number(account, [pins.known[d] for d in pins.active])
+        if pins.untrusted:
+            device, why = pins.untrusted[0]
+            raise UntrustedDevice(
+                f"{account} lists a device we refuse ({device[:8]}…: {why}); nothing is sent to it",
+                account=account,
+            )
+        return [pins.known[d] for d in pins.active]
 
-    def pending_key_change(self, account: str) -> bool:
-        pins = self._pins(account)
-        return pins is not None and pins.pending is not None
+    def alarms(self) -> list[str]:
+        """Devices listed in our own account that our identity did not certify."""
+        pins = self._pins(self.account_id) if self.account_id else None
+        if pins is None:
+            return []
+        return [f"device {d} in your account: {why}" for d, why in pins.untrusted]
 
-    def accept_devices(self, account: str, records: list[DeviceRecord]) -> None:
-        """Take a device list from the server, pinning on first use; raise on a change."""
-        for r in records:
-            check_record(account, r)
+    def safety_number(self, account: str) -> str:
+        """Of the account's identity key; adding or revoking devices does not change it."""
+        if account == self.account_id and self._account_key is not None:
+            return chain.safety_number(account, self._account_key.public)
         pins = self._pins(account)
         if pins is None:
-            known = {r.keys.ed25519: r for r in records}
-            if account == self.account_id and self.device_id not in known:
-                raise UntrustedDevice("our own device is missing from our account's device list")
-            self._save_pins(Pins(account=account, known=known, active=list(known)))
-            return
-        if pins.pending is not None:
-            raise KeyChanged(
-                f"keys of {account} changed; acknowledge before sending", account=account
-            )
-        changed = False
-        for r in records:
-            old = pins.known.get(r.keys.ed25519)
-            if old is not None:
-                if old.keys != r.keys:
-                    changed = True
-            elif r.approver not in pins.known:
-                changed = True  # a device no trusted device vouched for
-            else:
-                pins.known[r.keys.ed25519] = r
-        if changed:
-            pins.pending = records
-            self._save_pins(pins)
-            raise KeyChanged(
-                f"keys of {account} changed; acknowledge before sending", account=account
-            )
-        pins.active = [r.keys.ed25519 for r in records]
-        self._save_pins(pins)
-
-    def acknowledge_key_change(self, account: str) -> None:
-        """The user accepts the new keys of ``account``: pin them and resume sending."""
-        pins = self._pins(account)
-        if pins is None or pins.pending is None:
-            return
-        with self.store.transaction():
-            for r in pins.pending:
-                old = pins.known.get(r.keys.ed25519)
-                if old is not None and old.keys != r.keys:
-                    self.store.drop_sessions(old.keys.curve25519)
-                pins.known[r.keys.ed25519] = r
-            pins.active = [r.keys.ed25519 for r in pins.pending]
-            pins.pending = None
-            self._save_pins(pins)
+            raise LocalProtocolError(f"no device list for {account} yet")
+        return chain.safety_number(account, pins.identity)
 
     def _device(self, account: str, device: str) -> DeviceRecord | None:
         pins = self._pins(account)
-        if pins is None or pins.pending is not None:
+        if pins is None or device not in pins.active:
             return None
         return pins.known.get(device)
 
     def knows_device(self, account: str, device: str) -> bool:
         return self._device(account, device) is not None
+
+    def device_status(self, record: DeviceRecord) -> str:
+        """How our account's list shows ``record``: certified, or why it is refused."""
+        pins = self._pins(self.account_id)
+        if pins is not None:
+            for device, why in pins.untrusted:
+                if device == record.keys.ed25519:
+                    return f"REFUSED: {why}"
+        return "certified"
 
     # ---- Olm sessions -------------------------------------------------------------------------
 
@@ -352,30 +441,29 @@ class ClientCore:
         return int(self._clock() * 1000)
 
     def devices_without_session(self, account: str) -> list[str]:
-        devices = self.trusted_devices(account)
-        if devices is None:
-            raise KeyChanged(f"no trusted device list for {account}", account=account)
         broken = self._broken()
         return [
             d.keys.ed25519
-            for d in devices
+            for d in self.devices_for_sending(account)
             if d.keys.ed25519 != self.device_id
-            and (d.keys.curve25519 in broken or not self.store.sessions(d.keys.curve25519))
+            and (
+                broken.get(_peer(account, d.keys.ed25519), (0, 0))[0] != 0
+                or not self.store.sessions(_peer(account, d.keys.ed25519))
+            )
         ]
 
-    def _broken(self) -> set[str]:
+    def _broken(self) -> dict[str, tuple[int, int]]:
+        """Per peer device: (broken since, last recovery), in milliseconds."""
         raw = self.store.get("broken")
-        return set(msgspec.msgpack.decode(raw, type=list[str])) if raw else set()
+        return _broken_dec.decode(raw) if raw else {}
 
-    def _set_broken(self, curve: str, broken: bool) -> None:
-        current = self._broken()
-        updated = current | {curve} if broken else current - {curve}
-        if updated != current:
-            self.store.put("broken", _enc.encode(sorted(updated)))
+    def _save_broken(self, broken: dict[str, tuple[int, int]]) -> None:
+        self.store.put("broken", _enc.encode(broken))
 
     def add_bundles(self, account: str, bundles: list[Bundle]) -> None:
         """Open outbound sessions from claimed keys, after checking every signature."""
         with self.store.transaction():
+            broken = self._broken()
             for b in bundles:
                 record = self._device(account, b.device.keys.ed25519)
                 if record is None or record.keys != b.device.keys:
@@ -385,34 +473,43 @@ class ClientCore:
                 verify_signature(record.keys.ed25519, msg, k.sig)
                 session = self._account.create_outbound_session(record.keys.curve25519, k.key)
                 pickled = session.pickle(self.store.pickle_key).encode()
-                self.store.save_session(None, record.keys.curve25519, pickled, self._now_ms())
-                self._set_broken(record.keys.curve25519, False)
+                peer = _peer(account, record.keys.ed25519)
+                self.store.save_session(None, peer, pickled, self._now_ms())
+                if peer in broken:
+                    broken[peer] = (0, broken[peer][1])  # repaired; keep when we last tried
+            self._save_broken(broken)
 
     def encrypt(self, account: str, payload: Payload) -> list[OutEnvelope]:
-        """One sealed envelope per trusted device of ``account`` (ours excluded)."""
-        devices = self.trusted_devices(account)
-        if devices is None:
-            raise KeyChanged(f"no trusted device list for {account}", account=account)
-        plaintext = padding.pad(_enc.encode(payload))
+        """One sealed envelope per trusted device of ``account`` (ours excluded), each naming
+        sender and recipient device inside the encryption."""
+        devices = self.devices_for_sending(account)
         out: list[OutEnvelope] = []
+        key = self.store.pickle_key
         with self.store.transaction():
             for d in devices:
                 if d.keys.ed25519 == self.device_id:
                     continue
-                rows = self.store.sessions(d.keys.curve25519)
+                peer = _peer(account, d.keys.ed25519)
+                rows = self.store.sessions(peer)
                 if not rows:
                     raise LocalProtocolError("no session for a device; claim keys first")
                 row_id, pickled = rows[0]
-                session = OlmSession.from_pickle(pickled.decode(), self.store.pickle_key)
-                msg_type, body = session.encrypt(plaintext)
-                self.store.save_session(
-                    row_id,
-                    d.keys.curve25519,
-                    session.pickle(self.store.pickle_key).encode(),
-                    self._now_ms(),
+                session = OlmSession.from_pickle(pickled.decode(), key)
+                bound = msgspec.structs.replace(
+                    payload,
+                    sender=self.account_id,
+                    sender_device=self.device_id,
+                    recipient=account,
+                    recipient_device=d.keys.ed25519,
                 )
+                msg_type, body = session.encrypt(padding.pad(_enc.encode(bound)))
+                self.store.save_session(row_id, peer, session.pickle(key).encode(), self._now_ms())
                 inner = Sealed(
-                    account=self.account_id, device=self.device_id, type=msg_type, body=body
+                    account=self.account_id,
+                    device=self.device_id,
+                    curve=self._account.curve25519,
+                    type=msg_type,
+                    body=body,
                 )
                 box = seal.seal(d.keys.seal, _enc.encode(inner), d.keys.ed25519.encode())
                 out.append(OutEnvelope(device=d.keys.ed25519, body=box))
@@ -437,41 +534,65 @@ class ClientCore:
         inner = self._seal.open(env.body, self.device_id.encode())
         try:
             sealed = _sealed_dec.decode(inner)
-        except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # not UTF-8: UnicodeDecodeError
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
             raise DecryptionError("sealed envelope holds no valid message") from exc
         return Opened(env, sealed)
+
+    def _check_binding(self, s: Sealed, payload: Payload) -> None:
+        """The payload must name the sealed claim as its sender and this device as recipient."""
+        if (payload.sender, payload.sender_device) != (s.account, s.device):
+            raise UntrustedDevice("message names another sender than its envelope")
+        if (payload.recipient, payload.recipient_device) != (self.account_id, self.device_id):
+            raise UntrustedDevice("message was written for another device")
+        if payload.kind == "text" and payload.to != self.account_id:
+            raise UntrustedDevice("message was written in another conversation")
+        if payload.kind == "sync" and s.account != self.account_id:
+            raise UntrustedDevice("only our own devices may send us copies")
+
+    def _payload(self, plaintext: bytes) -> Payload:
+        try:
+            return _payload_dec.decode(padding.unpad(plaintext))
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
+            raise DecryptionError("decrypted message is malformed") from exc
+        except ValueError as exc:
+            raise DecryptionError("decrypted message is badly padded") from exc
+
+    def precheck(self, opened: Opened) -> None:
+        """For a device we do not know yet: decrypt without keeping anything, and check that the
+        message binds this claim to us. Only then may the client fetch the claimed account's
+        devices (a forged claim costs nothing and makes no request)."""
+        s = opened.sealed
+        trial = OlmAccount.from_pickle(self._identity.account_pickle, self.store.pickle_key)
+        if s.type != PRE_KEY:
+            raise DecryptionError("message from an unknown device that is not a pre-key message")
+        _, plaintext = trial.create_inbound_session(s.curve, s.type, s.body)
+        self._check_binding(s, self._payload(plaintext))
 
     def decrypt(self, opened: Opened) -> Message | None:
         """Decrypt and store; None when the message was seen before or carries no text."""
         s = opened.sealed
         record = self._device(s.account, s.device)
         if record is None:
-            raise UntrustedDevice(f"message from an unknown device of {s.account}")
-        curve = record.keys.curve25519
+            raise UntrustedDevice(f"message from a device {s.account} has not certified")
+        if record.keys.curve25519 != s.curve:
+            raise UntrustedDevice("envelope names another key than the sender device's")
         with self.store.transaction():
-            plaintext = self._olm_decrypt(curve, s.type, s.body)
+            plaintext = self._olm_decrypt(_peer(s.account, s.device), s.curve, s.type, s.body)
             self.store.mark_seen(b"env:" + opened.envelope.body)
-            try:
-                payload = _payload_dec.decode(padding.unpad(plaintext))
-            except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-                raise DecryptionError("decrypted message is malformed") from exc
+            payload = self._payload(plaintext)
+            self._check_binding(s, payload)
             if self.store.seen(b"msg:" + payload.id) or payload.kind not in ("text", "sync"):
                 return None
             self.store.mark_seen(b"msg:" + payload.id)
-            if payload.kind == "sync":
-                if s.account != self.account_id:
-                    raise UntrustedDevice("only our own devices may send us copies")
-                peer = payload.to
-            else:
-                peer = s.account
-            m = StoredMessage(peer=peer, sender=s.account, ts=payload.ts, text=payload.text)
+            peer = payload.to if payload.kind == "sync" else s.account
+            ts = min(payload.ts, self._now_ms() + MAX_CLOCK_SKEW_MS)
+            m = StoredMessage(peer=peer, sender=s.account, ts=_clamp_ts(ts), text=payload.text)
             self.store.add_message(peer, _enc.encode(m))
         return Message.from_stored(m)
 
-    def _olm_decrypt(self, curve: str, msg_type: int, body: bytes) -> bytes:
+    def _olm_decrypt(self, peer: str, curve: str, msg_type: int, body: bytes) -> bytes:
         key = self.store.pickle_key
-        rows = self.store.sessions(curve)
-        for row_id, pickled in rows:
+        for row_id, pickled in self.store.sessions(peer):
             session = OlmSession.from_pickle(pickled.decode(), key)
             if msg_type == PRE_KEY and not session.matches(msg_type, body):
                 continue
@@ -481,41 +602,81 @@ class ClientCore:
                 if msg_type == PRE_KEY:
                     raise  # the matching session refuses it: a replay or corruption
                 continue
-            self.store.save_session(row_id, curve, session.pickle(key).encode(), self._now_ms())
+            self.store.save_session(row_id, peer, session.pickle(key).encode(), self._now_ms())
             return plaintext
         if msg_type != PRE_KEY:
             raise DecryptionError("no session decrypts this message (session lost or broken)")
-        session, plaintext = self._account.create_inbound_session(curve, msg_type, body)
-        self.store.save_session(None, curve, session.pickle(key).encode(), self._now_ms())
+        try:
+            session, plaintext = self._account.create_inbound_session(curve, msg_type, body)
+        except KluisError:
+            # vodozemac may have consumed state in memory: go back to what the profile holds.
+            self._account = OlmAccount.from_pickle(
+                self._identity.account_pickle, self.store.pickle_key
+            )
+            raise
+        self.store.save_session(None, peer, session.pickle(key).encode(), self._now_ms())
         self._save_identity()  # the one-time key is used up
         return plaintext
 
-    def mark_session_broken(self, account: str, device: str) -> bool:
-        """After an undecryptable message: the next send to that device opens a fresh session.
+    def rollback(self) -> None:
+        """After a failed decryption: forget in-memory Olm state the profile did not keep."""
+        raw = self.store.get("identity")
+        if raw is not None:
+            self._identity = _identity_dec.decode(raw)
+            self._account = OlmAccount.from_pickle(
+                self._identity.account_pickle, self.store.pickle_key
+            )
 
-        Old sessions stay, so messages already in flight on them still decrypt. Returns True
-        when the device is known, i.e. when a recovery (a dummy message) is worth sending.
-        """
-        record = self._device(account, device)
-        if record is None:
+    def quarantine(self, env: InEnvelope, error: BaseException) -> None:
+        """Keep an unreadable envelope (still sealed) and never process it again by itself."""
+        code = error.code if isinstance(error, KluisError) else "internal"
+        name = "quarantine:" + hashlib.sha256(env.body).hexdigest()
+        with self.store.transaction():
+            self.store.mark_seen(b"env:" + env.body)
+            record = Quarantined(body=env.body, code=code, received=self._now_ms() // 3_600_000)
+            self.store.put(name, _enc.encode(record))
+
+    def quarantined(self) -> int:
+        """How many envelopes could not be read (kept in the profile, encrypted)."""
+        return len(self.store.names("quarantine:"))
+
+    def mark_session_broken(self, account: str, device: str) -> bool:
+        """After an undecryptable message from a device we trust: the next send to it opens a
+        fresh session, and a recovery may follow later (see :meth:`due_recoveries`)."""
+        if self._device(account, device) is None:
             return False
-        self._set_broken(record.keys.curve25519, True)
+        broken = self._broken()
+        peer = _peer(account, device)
+        since, last = broken.get(peer, (0, 0))
+        broken[peer] = (since or self._now_ms(), last)
+        self._save_broken(broken)
         return True
 
-    def broken_accounts(self) -> list[str]:
-        """Accounts with a device whose session needs replacing."""
+    def due_recoveries(self, limit: int = 5) -> list[str]:
+        """Accounts owed a recovery message now: broken for a while, not recovered this hour.
+
+        Marks them as tried, so a failure (or a lie) does not make us try again soon.
+        """
+        now = self._now_ms()
         broken = self._broken()
-        if not broken:
-            return []
-        out = []
-        for name in self.store.names("pins:"):
-            raw = self.store.get(name)
-            if raw is None:
+        due: list[str] = []
+        for peer, (since, last) in sorted(broken.items()):
+            if since and now - since > RECOVERY_FORGET_MS:
                 continue
-            pins = _pins_dec.decode(raw)
-            if any(pins.known[d].keys.curve25519 in broken for d in pins.active):
-                out.append(pins.account)
-        return out
+            waited = since and now - since >= RECOVERY_DELAY_MS
+            if len(due) < limit and waited and now - last >= RECOVERY_INTERVAL_MS:
+                account = peer.partition("/")[0]
+                if account not in due:
+                    due.append(account)
+                broken[peer] = (since, now)
+        kept = {
+            p: (since, last)
+            for p, (since, last) in broken.items()
+            if (since and now - since <= RECOVERY_FORGET_MS) or now - last < RECOVERY_INTERVAL_MS
+        }
+        if due or kept != broken:
+            self._save_broken(kept)
+        return due
 
     # ---- history ------------------------------------------------------------------------------
 

@@ -31,7 +31,7 @@ CREATE TABLE IF NOT EXISTS kv (name TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS sessions (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     peer BLOB NOT NULL,
-    used INTEGER NOT NULL,
+    used INTEGER NOT NULL,  -- always 0: the time of use is inside the encrypted value
     value BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS sessions_by_peer ON sessions(peer, used);
@@ -158,31 +158,39 @@ class ProfileStore:
 
     # ---- Olm sessions -------------------------------------------------------------------------
 
-    def sessions(self, peer_curve: str) -> list[tuple[int, bytes]]:
-        """(row id, value) for a peer device, most recently used first."""
-        rows = self._db.execute(
-            "SELECT id, value FROM sessions WHERE peer = ? ORDER BY used DESC, id DESC",
-            (self.blind(peer_curve),),
-        ).fetchall()
-        return [(int(i), self._cipher.decrypt(v, b"session:" + str(i).encode())) for i, v in rows]
+    def sessions(self, peer: str) -> list[tuple[int, bytes]]:
+        """(row id, value) for a peer device, most recently used first.
 
-    def save_session(self, row_id: int | None, peer_curve: str, value: bytes, used: int) -> int:
+        When a session was last used is kept inside its encrypted value (a plaintext column
+        would tell a thief of the profile when each conversation was active).
+        """
+        rows = self._db.execute(
+            "SELECT id, value FROM sessions WHERE peer = ?", (self.blind(peer),)
+        ).fetchall()
+        out: list[tuple[int, int, bytes]] = []
+        for i, v in rows:
+            plain = self._cipher.decrypt(v, b"session:" + str(i).encode())
+            out.append((int.from_bytes(plain[:8], "big", signed=True), int(i), plain[8:]))
+        out.sort(reverse=True)
+        return [(i, value) for _, i, value in out]
+
+    def save_session(self, row_id: int | None, peer: str, value: bytes, used: int) -> int:
         with self.transaction():
             if row_id is None:
                 cur = self._db.execute(
-                    "INSERT INTO sessions(peer, used, value) VALUES (?, ?, x'')",
-                    (self.blind(peer_curve), used),
+                    "INSERT INTO sessions(peer, used, value) VALUES (?, 0, x'')",
+                    (self.blind(peer),),
                 )
                 row_id = int(cur.lastrowid or 0)
-            self._db.execute(
-                "UPDATE sessions SET used = ?, value = ? WHERE id = ?",
-                (used, self._cipher.encrypt(value, b"session:" + str(row_id).encode()), row_id),
+            sealed = self._cipher.encrypt(
+                used.to_bytes(8, "big", signed=True) + value, b"session:" + str(row_id).encode()
             )
+            self._db.execute("UPDATE sessions SET value = ? WHERE id = ?", (sealed, row_id))
         return row_id
 
-    def drop_sessions(self, peer_curve: str) -> None:
+    def drop_sessions(self, peer: str) -> None:
         with self.transaction():
-            self._db.execute("DELETE FROM sessions WHERE peer = ?", (self.blind(peer_curve),))
+            self._db.execute("DELETE FROM sessions WHERE peer = ?", (self.blind(peer),))
 
     # ---- history and replay protection --------------------------------------------------------
 

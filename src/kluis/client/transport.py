@@ -32,6 +32,7 @@ class Transport:
         self._waiting: dict[int, asyncio.Future[f.ServerFrame]] = {}
         self.pushes: asyncio.Queue[Push | None] = asyncio.Queue()  # None: connection ended
         self.nonce = b""
+        self.server_origin = ""
 
     async def connect(self, timeout: float = 10.0) -> bytes:
         """Open the socket and return the server's challenge nonce."""
@@ -52,6 +53,7 @@ class Transport:
             await self.close()
             raise MalformedFrame("server did not start with a challenge")
         self.nonce = challenge.nonce
+        self.server_origin = challenge.server
         self._reader = asyncio.create_task(self._read())
         return challenge.nonce
 

@@ -8,7 +8,14 @@ from __future__ import annotations
 
 import vodozemac as vz
 
-from kluis.errors import BadSignature, CryptoError, DecryptionError, LocalProtocolError
+from kluis.crypto.encoding import KEY_BYTES, SIGNATURE_BYTES, canonical_b64
+from kluis.errors import (
+    BadSignature,
+    CryptoError,
+    DecryptionError,
+    LocalProtocolError,
+    MalformedFrame,
+)
 
 PRE_KEY = 0
 NORMAL = 1
@@ -17,17 +24,20 @@ NORMAL = 1
 def verify_signature(ed25519: str, message: bytes, signature: str) -> None:
     """Raise BadSignature unless ``signature`` is ``ed25519``'s signature over ``message``."""
     try:
+        canonical_b64(ed25519, KEY_BYTES, "ed25519 key")
+        canonical_b64(signature, SIGNATURE_BYTES, "signature")
         key = vz.Ed25519PublicKey.from_base64(ed25519)
         key.verify_signature(message, vz.Ed25519Signature.from_base64(signature))
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, MalformedFrame) as exc:
         raise BadSignature("signature does not verify") from exc
 
 
 def check_curve25519(key: str) -> None:
-    """Raise CryptoError unless ``key`` is a well-formed Curve25519 public key."""
+    """Raise CryptoError unless ``key`` is a Curve25519 public key in canonical encoding."""
     try:
+        canonical_b64(key, KEY_BYTES, "curve25519 key")
         vz.Curve25519PublicKey.from_base64(key)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, MalformedFrame) as exc:
         raise CryptoError("not a Curve25519 public key") from exc
 
 

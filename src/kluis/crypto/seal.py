@@ -14,15 +14,14 @@ claimed device.
 
 from __future__ import annotations
 
-import base64
-
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from kluis.errors import CryptoError, DecryptionError
+from kluis.crypto.encoding import KEY_BYTES, b64, canonical_b64
+from kluis.errors import CryptoError, DecryptionError, MalformedFrame
 
 VERSION = b"\x01"
 _INFO = b"kluis-seal-v1"
@@ -31,12 +30,15 @@ _RAW = serialization.Encoding.Raw
 _PUB_RAW = serialization.PublicFormat.Raw
 
 
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode().rstrip("=")
+_b64 = b64
 
 
 def _unb64(text: str) -> bytes:
-    return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    """Only the canonical spelling of a 32-byte key (no padding, no ignored trailing bits)."""
+    try:
+        return canonical_b64(text, KEY_BYTES, "sealing key")
+    except MalformedFrame as exc:
+        raise ValueError(str(exc)) from exc
 
 
 def _key(shared: bytes, eph_pub: bytes, recipient_pub: bytes) -> bytes:

@@ -43,11 +43,18 @@ class DeviceKeys(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class DeviceRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """A device as listed in the key directory, with the approval that admitted it."""
+    """A device as listed in the key directory, certified by its account's identity key."""
 
     keys: DeviceKeys
-    approver: str = ""  # ed25519 of the approving device; "" for the account's first device
-    approval: str = ""  # approver's signature over signing.approval_message(...)
+    cert: SigStr  # by the account identity over signing.device_cert_message(account, keys)
+
+
+class Revocation(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A signed end of a device: by the account identity, or by the device itself."""
+
+    device: KeyStr
+    sig: SigStr  # over signing.revocation_message(account, device)
+    by_self: bool = False
 
 
 class SignedKey(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -78,8 +85,9 @@ class InEnvelope(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class Register(_Frame, frozen=True, tag="register"):
     rid: Rid
     licence: Annotated[str, msgspec.Meta(max_length=64)]
-    device: DeviceKeys
-    sig: SigStr  # over signing.challenge_message(nonce, device)
+    identity: KeyStr  # the new account's identity key; the account ID is derived from it
+    device: DeviceRecord  # the first device, certified by ``identity``
+    sig: SigStr  # over signing.challenge_message(nonce, device, server)
 
 
 class Auth(_Frame, frozen=True, tag="auth"):
@@ -147,7 +155,7 @@ class Ack(_Frame, frozen=True, tag="ack"):
 
 class Revoke(_Frame, frozen=True, tag="revoke"):
     rid: Rid
-    device: IdStr
+    revocation: Revocation
 
 
 ClientFrame = (
@@ -170,6 +178,7 @@ ClientFrame = (
 
 class Challenge(_Frame, frozen=True, tag="challenge"):
     nonce: bytes
+    server: str  # the server's origin (signing.origin); the login signature covers it
 
 
 class Welcome(_Frame, frozen=True, tag="welcome"):
@@ -199,7 +208,9 @@ class KeyCount(_Frame, frozen=True, tag="key_count"):
 class Devices(_Frame, frozen=True, tag="devices"):
     rid: Rid
     account: str
+    identity: str  # the account's identity key; clients check it derives the account ID
     devices: list[DeviceRecord]
+    revoked: list[Revocation] = []
 
 
 class Bundles(_Frame, frozen=True, tag="bundles"):

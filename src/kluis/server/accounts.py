@@ -14,8 +14,7 @@ import hashlib
 import secrets
 from collections.abc import Callable
 
-from kluis.crypto.olm import check_curve25519, verify_signature
-from kluis.crypto.seal import check_public_key
+from kluis.crypto.olm import verify_signature
 from kluis.errors import (
     AccountExpired,
     BadSignature,
@@ -26,9 +25,16 @@ from kluis.errors import (
     RateLimited,
     UnknownAccount,
     UnknownDevice,
+    UntrustedDevice,
+)
+from kluis.identity.chain import (
+    account_id_for,
+    check_certificate,
+    check_device_keys,
+    check_revocation,
 )
 from kluis.protocol import signing
-from kluis.protocol.frames import DeviceKeys, DeviceRecord, PendingLink
+from kluis.protocol.frames import DeviceKeys, DeviceRecord, PendingLink, Revocation
 from kluis.server.config import Limits
 from kluis.server.keys import check_signed_key
 from kluis.server.store import Account, SqliteStore
@@ -50,31 +56,24 @@ def licence_hash(code: str) -> bytes:
     return hashlib.sha256(b"kluis-licence-v1\x00" + normalise_licence(code).encode()).digest()
 
 
-def new_account_id() -> str:
-    return "".join(secrets.choice(_ALPHABET) for _ in range(16))
-
-
 def new_link_token() -> str:
     return "".join(secrets.choice(_ALPHABET) for _ in range(12))
 
 
-def check_device_keys(keys: DeviceKeys) -> None:
-    """Well-formed keys, self-signed by the device's Ed25519 key; else a typed error."""
+def _certified(account_id: str, identity: str, record: DeviceRecord) -> None:
+    """The identity's certificate over the device's canonical, self-signed keys."""
     try:
-        check_curve25519(keys.curve25519)
-        check_public_key(keys.seal)
-    except Exception as exc:
-        raise MalformedFrame("device keys are malformed") from exc
-    verify_signature(
-        keys.ed25519,
-        signing.device_keys_message(keys.ed25519, keys.curve25519, keys.seal),
-        keys.sig,
-    )
+        check_certificate(account_id, identity, record)
+    except UntrustedDevice as exc:
+        raise BadSignature(exc.message) from exc
 
 
 class Accounts:
-    def __init__(self, store: SqliteStore, clock: Callable[[], float], limits: Limits) -> None:
+    def __init__(
+        self, store: SqliteStore, clock: Callable[[], float], limits: Limits, origin: str = ""
+    ) -> None:
         self._store = store
+        self._origin = origin  # what login signatures are bound to (signing.origin)
         self._clock = clock
         self._link_ttl_s = limits.link_ttl_s
         self._max_keys = limits.max_keys_per_upload
@@ -89,23 +88,37 @@ class Accounts:
         self._store.add_licences([licence_hash(c) for c in codes], days, self._now())
         return codes
 
-    def register(self, licence: str, keys: DeviceKeys, nonce: bytes, sig: str) -> Account:
-        check_device_keys(keys)
-        verify_signature(keys.ed25519, signing.challenge_message(nonce, keys.ed25519), sig)
-        if self._store.device(keys.ed25519) is not None:
-            raise BadSignature("this device key is already registered")
+    def _check_login(self, device: str, nonce: bytes, sig: str) -> None:
+        verify_signature(device, signing.challenge_message(nonce, device, self._origin), sig)
+
+    def register(
+        self, licence: str, identity: str, record: DeviceRecord, nonce: bytes, sig: str
+    ) -> Account:
+        account_id = account_id_for(identity)
+        _certified(account_id, identity, record)
+        self._check_login(record.keys.ed25519, nonce, sig)
+        self._check_unused(record.keys)
+        if self._store.account(account_id) is not None:
+            raise BadSignature("this identity key already has an account")
         account = self._store.register(
-            licence_hash(licence), new_account_id(), DeviceRecord(keys=keys), self._now()
+            licence_hash(licence), account_id, identity, record, self._now()
         )
         if account is None:
             raise LicenceInvalid("licence code is unknown or already redeemed")
         return account
 
+    def _check_unused(self, keys: DeviceKeys) -> None:
+        # One Curve25519 key, one device: sessions and sealed-sender claims name a device by it.
+        if self._store.device(keys.ed25519) is not None or self._store.curve_in_use(
+            keys.curve25519
+        ):
+            raise BadSignature("these device keys are already registered")
+
     def authenticate(self, device_id: str, nonce: bytes, sig: str) -> Account:
         stored = self._store.device(device_id)
         if stored is None or stored.revoked:
             raise UnknownDevice("no such device, or it was revoked")
-        verify_signature(device_id, signing.challenge_message(nonce, device_id), sig)
+        self._check_login(device_id, nonce, sig)
         account = self._store.account(stored.account_id)
         if account is None:
             raise UnknownAccount("account is gone")
@@ -113,28 +126,38 @@ class Accounts:
             raise AccountExpired("subscription has ended; redeem a new licence")
         return account
 
-    def devices(self, account_id: str) -> list[DeviceRecord]:
-        if self._store.account(account_id) is None:
+    def _account(self, account_id: str) -> Account:
+        account = self._store.account(account_id)
+        if account is None:
             raise UnknownAccount(f"no account {account_id!r}")
-        return self._store.active_devices(account_id)
+        return account
+
+    def devices(self, account_id: str) -> tuple[str, list[DeviceRecord], list[Revocation]]:
+        """The account's identity key, its active devices and the revocations of the others."""
+        identity = self._account(account_id).identity
+        return (
+            identity,
+            self._store.active_devices(account_id),
+            self._store.revocations(account_id),
+        )
 
     def device_ids(self, account_id: str) -> frozenset[str]:
         ids = self._device_ids.get(account_id)
         if ids is None:
-            ids = frozenset(r.keys.ed25519 for r in self.devices(account_id))
+            self._account(account_id)
+            ids = frozenset(r.keys.ed25519 for r in self._store.active_devices(account_id))
             self._device_ids[account_id] = ids
         return ids
 
     def request_link(self, link: PendingLink, nonce: bytes, sig: str) -> tuple[str, int]:
         keys = link.device
         check_device_keys(keys)
-        verify_signature(keys.ed25519, signing.challenge_message(nonce, keys.ed25519), sig)
+        self._check_login(keys.ed25519, nonce, sig)
         if len(link.one_time_keys) > self._max_keys:
             raise QuotaExceeded(f"at most {self._max_keys} keys per upload")
         for k in [*link.one_time_keys, *([link.fallback_key] if link.fallback_key else [])]:
             check_signed_key(keys.ed25519, k)
-        if self._store.device(keys.ed25519) is not None:
-            raise BadSignature("this device key is already registered")
+        self._check_unused(keys)
         if self._store.count_links(self._now()) >= self._max_links:
             raise RateLimited("too many device links are pending; try again in a few minutes")
         token, expires = new_link_token(), self._now() + self._link_ttl_s
@@ -147,22 +170,25 @@ class Accounts:
             raise LinkInvalid("link code is unknown or expired")
         return link.device
 
-    def approve_link(
-        self, account_id: str, approver: str, token: str, record: DeviceRecord
-    ) -> None:
+    def approve_link(self, account_id: str, token: str, record: DeviceRecord) -> None:
+        """Admit the pending device of ``token`` once the account's identity certified it."""
         pending = self.link_keys(token)
-        if record.keys != pending or record.approver != approver:
-            raise LinkInvalid("approval does not match the pending device")
-        verify_signature(
-            approver, signing.approval_message(account_id, record.keys), record.approval
-        )
+        if record.keys != pending:
+            raise LinkInvalid("the certificate is not for the pending device")
+        _certified(account_id, self._account(account_id).identity, record)
+        self._check_unused(record.keys)
         if not self._store.add_device(account_id, record, token, self._now()):
             raise LinkInvalid("link code was used meanwhile")
         self._device_ids.pop(account_id, None)
 
-    def revoke(self, account_id: str, device_id: str) -> None:
-        stored = self._store.device(device_id)
+    def revoke(self, account_id: str, revocation: Revocation) -> None:
+        """End a device of ``account_id``: signed by the account's identity or by the device."""
+        stored = self._store.device(revocation.device)
         if stored is None or stored.revoked or stored.account_id != account_id:
             raise UnknownDevice("no such device in this account")
-        self._store.revoke_device(device_id)
+        try:
+            check_revocation(account_id, self._account(account_id).identity, revocation)
+        except MalformedFrame as exc:
+            raise BadSignature("revocation is malformed") from exc
+        self._store.revoke_device(revocation.device, revocation)
         self._device_ids.pop(account_id, None)

@@ -41,9 +41,14 @@ class ServerState:
     # Per device (send, claim) token buckets, kept across connections; one pair per device.
     buckets: dict[str, tuple[TokenBucket, TokenBucket]] = field(default_factory=dict)
 
+    @property
+    def origin(self) -> str:
+        """The origin clients reach this server at; every login signature is bound to it."""
+        return self.config.origin
+
     def __post_init__(self) -> None:
         limits = self.config.limits
-        self.accounts = Accounts(self.store, self.clock, limits)
+        self.accounts = Accounts(self.store, self.clock, limits, self.origin)
         self.keys = KeyDirectory(self.store, limits)
         self.mailbox = Mailbox(self.store, limits, self.clock)
 

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from kluis.protocol.signing import origin
+
 DAY = 86_400
 
 
@@ -63,6 +65,12 @@ class ServerConfig:
     # Deleted envelopes leave their old copies in the WAL until a checkpoint: fold it this often
     # after deletions, so a disk taken at any moment holds delivered ciphertexts at most this long.
     checkpoint_interval_s: float = 1.0
+    # The URL clients use (behind a TLS proxy: https://chat.example); logins are bound to it.
+    public_url: str | None = None
+
+    @property
+    def origin(self) -> str:
+        return origin(self.public_url or f"http://{self.host}:{self.port}")
 
     @property
     def database_path(self) -> Path:

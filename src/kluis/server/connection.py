@@ -165,16 +165,20 @@ class Connection:
                 )
                 return f.KeyCount(rid=frame.rid, otk_count=count)
             case f.ListDevices():
-                devices = self.server.accounts.devices(frame.account)
-                return f.Devices(rid=frame.rid, account=frame.account, devices=devices)
+                identity, devices, revoked = self.server.accounts.devices(frame.account)
+                return f.Devices(
+                    rid=frame.rid,
+                    account=frame.account,
+                    identity=identity,
+                    devices=devices,
+                    revoked=revoked,
+                )
             case f.ClaimKeys():
                 return self._claim(frame)
             case f.LinkFetch():
                 return f.LinkInfo(rid=frame.rid, device=self.server.accounts.link_keys(frame.token))
             case f.LinkApprove():
-                self.server.accounts.approve_link(
-                    self.account_id, self.device_id, frame.token, frame.device
-                )
+                self.server.accounts.approve_link(self.account_id, frame.token, frame.device)
                 return f.Done(rid=frame.rid)
             case f.Revoke():
                 return self._revoke(frame)
@@ -192,8 +196,10 @@ class Connection:
             self.state = State.LINK_PENDING
             return f.LinkPending(rid=frame.rid, token=token, expires_at=expires)
         if isinstance(frame, f.Register):
-            account = accounts.register(frame.licence, frame.device, self.nonce, frame.sig)
-            device_id = frame.device.ed25519
+            account = accounts.register(
+                frame.licence, frame.identity, frame.device, self.nonce, frame.sig
+            )
+            device_id = frame.device.keys.ed25519
         else:
             account = accounts.authenticate(frame.device, self.nonce, frame.sig)
             device_id = frame.device
@@ -260,11 +266,12 @@ class Connection:
         return f.Bundles(rid=frame.rid, bundles=bundles)
 
     def _revoke(self, frame: f.Revoke) -> f.ServerFrame:
-        self.server.accounts.revoke(self.account_id, frame.device)
-        self.server.mailbox.forget(frame.device)
-        conn = self.server.connections.get(frame.device)
+        device = frame.revocation.device
+        self.server.accounts.revoke(self.account_id, frame.revocation)
+        self.server.mailbox.forget(device)
+        conn = self.server.connections.get(device)
         if conn is not None:
             conn.revoke()
-        if frame.device == self.device_id:
+        if device == self.device_id:
             self.close_requested = True
         return f.Done(rid=frame.rid)

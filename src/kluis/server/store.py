@@ -23,7 +23,7 @@ from pathlib import Path
 
 import msgspec
 
-from kluis.protocol.frames import DeviceRecord, PendingLink, SignedKey
+from kluis.protocol.frames import DeviceRecord, PendingLink, Revocation, SignedKey
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS licences (
@@ -34,14 +34,17 @@ CREATE TABLE IF NOT EXISTS licences (
 CREATE TABLE IF NOT EXISTS accounts (
     id TEXT PRIMARY KEY,
     created_at INTEGER NOT NULL,
-    expires_at INTEGER NOT NULL
+    expires_at INTEGER NOT NULL,
+    identity TEXT NOT NULL DEFAULT ''  -- the identity key the ID is derived from
 );
 CREATE TABLE IF NOT EXISTS devices (
     id TEXT PRIMARY KEY,
     account_id TEXT NOT NULL REFERENCES accounts(id),
     record BLOB NOT NULL,
     created_at INTEGER NOT NULL,
-    revoked INTEGER NOT NULL DEFAULT 0
+    revoked INTEGER NOT NULL DEFAULT 0,
+    curve TEXT,  -- unique server-wide: no device can pose with another's Olm key
+    revocation BLOB  -- the signed Revocation, once revoked
 );
 CREATE INDEX IF NOT EXISTS devices_by_account ON devices(account_id);
 CREATE TABLE IF NOT EXISTS one_time_keys (
@@ -70,10 +73,19 @@ CREATE TABLE IF NOT EXISTS links (
 );
 """
 
+# Columns added after the first release: a database made before them gains them at start-up.
+_ADDED_COLUMNS = (
+    ("accounts", "identity", "TEXT NOT NULL DEFAULT ''"),
+    ("devices", "curve", "TEXT"),
+    ("devices", "revocation", "BLOB"),
+)
+_INDEXES = "CREATE UNIQUE INDEX IF NOT EXISTS devices_by_curve ON devices(curve);"
+
 _record_enc = msgspec.msgpack.Encoder()
 _record_dec = msgspec.msgpack.Decoder(DeviceRecord)
 _key_dec = msgspec.msgpack.Decoder(SignedKey)
 _link_dec = msgspec.msgpack.Decoder(PendingLink)
+_revocation_dec = msgspec.msgpack.Decoder(Revocation)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +93,7 @@ class Account:
     id: str
     created_at: int
     expires_at: int
+    identity: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +117,11 @@ class SqliteStore:
         # Deleted envelopes must not linger in free pages of a seized disk.
         self._db.execute("PRAGMA secure_delete=ON")
         self._db.executescript(_SCHEMA)
+        for table, column, decl in _ADDED_COLUMNS:
+            have = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+        self._db.executescript(_INDEXES)
         self.deleted_since_checkpoint = False  # old copies of deleted rows may sit in the WAL
         self._last_seq: dict[str, int] = {}  # per device; a stale value is caught by the index
 
@@ -134,7 +152,7 @@ class SqliteStore:
             )
 
     def register(
-        self, code_hash: bytes, account_id: str, device: DeviceRecord, now: int
+        self, code_hash: bytes, account_id: str, identity: str, device: DeviceRecord, now: int
     ) -> Account | None:
         """Redeem the licence and create the account with its first device, atomically.
 
@@ -151,20 +169,17 @@ class SqliteStore:
             if row is None:
                 return None
             self.deleted_since_checkpoint = True
-            account = Account(account_id, now, now + int(row[0]) * 86_400)
+            account = Account(account_id, now, now + int(row[0]) * 86_400, identity)
             db.execute(
-                "INSERT INTO accounts(id, created_at, expires_at) VALUES (?, ?, ?)",
-                (account.id, account.created_at, account.expires_at),
+                "INSERT INTO accounts(id, created_at, expires_at, identity) VALUES (?, ?, ?, ?)",
+                (account.id, account.created_at, account.expires_at, identity),
             )
-            db.execute(
-                "INSERT INTO devices(id, account_id, record, created_at) VALUES (?, ?, ?, ?)",
-                (device.keys.ed25519, account_id, _record_enc.encode(device), now),
-            )
+            self._insert_device(account_id, device, now)
         return account
 
     def account(self, account_id: str) -> Account | None:
         row = self._db.execute(
-            "SELECT id, created_at, expires_at FROM accounts WHERE id = ?", (account_id,)
+            "SELECT id, created_at, expires_at, identity FROM accounts WHERE id = ?", (account_id,)
         ).fetchone()
         return Account(*row) if row else None
 
@@ -193,17 +208,47 @@ class SqliteStore:
             if found is None:
                 return False
             link = _link_dec.decode(found[0])
-            db.execute(
-                "INSERT INTO devices(id, account_id, record, created_at) VALUES (?, ?, ?, ?)",
-                (device.keys.ed25519, account_id, _record_enc.encode(device), now),
-            )
+            self._insert_device(account_id, device, now)
             self.add_keys(device.keys.ed25519, link.one_time_keys, link.fallback_key)
         return True
 
-    def revoke_device(self, device_id: str) -> None:
+    def _insert_device(self, account_id: str, device: DeviceRecord, now: int) -> None:
+        self._db.execute(
+            "INSERT INTO devices(id, account_id, record, created_at, curve) VALUES (?, ?, ?, ?, ?)",
+            (
+                device.keys.ed25519,
+                account_id,
+                _record_enc.encode(device),
+                now,
+                device.keys.curve25519,
+            ),
+        )
+
+    def curve_in_use(self, curve: str) -> bool:
+        row = self._db.execute("SELECT 1 FROM devices WHERE curve = ?", (curve,)).fetchone()
+        return row is not None
+
+    def count_devices(self, account_id: str) -> int:
+        row = self._db.execute(
+            "SELECT COUNT(*) FROM devices WHERE account_id = ? AND revoked = 0", (account_id,)
+        ).fetchone()
+        return int(row[0])
+
+    def revocations(self, account_id: str) -> list[Revocation]:
+        rows = self._db.execute(
+            "SELECT revocation FROM devices WHERE account_id = ? AND revoked = 1 "
+            "AND revocation IS NOT NULL ORDER BY created_at, id",
+            (account_id,),
+        ).fetchall()
+        return [_revocation_dec.decode(r[0]) for r in rows]
+
+    def revoke_device(self, device_id: str, revocation: Revocation) -> None:
         """Revoke a device and drop everything held for it: keys and undelivered envelopes."""
         with self.transaction() as db:
-            db.execute("UPDATE devices SET revoked = 1 WHERE id = ?", (device_id,))
+            db.execute(
+                "UPDATE devices SET revoked = 1, revocation = ? WHERE id = ?",
+                (_record_enc.encode(revocation), device_id),
+            )
             db.execute("DELETE FROM one_time_keys WHERE device_id = ?", (device_id,))
             db.execute("DELETE FROM fallback_keys WHERE device_id = ?", (device_id,))
             db.execute("DELETE FROM envelopes WHERE device_id = ?", (device_id,))

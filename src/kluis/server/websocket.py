@@ -126,7 +126,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     conn = Connection(state, outbox.wake)
     outbox.attach(conn)
     try:
-        await ws.send_bytes(f.encode(f.Challenge(nonce=conn.nonce)))
+        await ws.send_bytes(f.encode(f.Challenge(nonce=conn.nonce, server=state.origin)))
         loop = asyncio.get_running_loop()
         auth_deadline = loop.time() + limits.auth_timeout_s  # a deadline: frames do not extend it
         while True:

@@ -1,0 +1,1 @@
+"""Account identity and device certificates: pure functions, no I/O (see ``chain``)."""
