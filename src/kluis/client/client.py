@@ -163,10 +163,15 @@ class KluisClient:
             await transport.close()
             raise
         self._transport, self._synced = transport, False
-        await self._upload_keys(welcome.otk_count)
-        # Every connection checks our own account's devices: one the identity did not certify
-        # is an alarm (see alarms()), and this device must itself be certified.
-        await self.refresh_devices(self.account_id)
+        try:
+            await self._upload_keys(welcome.otk_count)
+            # Every connection checks our own account's devices: one the identity did not
+            # certify is an alarm (see alarms()), and this device must itself be certified.
+            await self.refresh_devices(self.account_id)
+        except BaseException:
+            self._transport = None
+            await transport.close()
+            raise
 
     def alarms(self) -> list[str]:
         """Devices in our own account that its identity did not certify (a hostile server?)."""

@@ -57,7 +57,6 @@ from kluis.protocol.frames import (
 
 __all__ = ["ClientCore", "Message", "Opened", "Payload", "link_fingerprint"]
 
-# More than one claim burst of the server (claim_burst) can take, below vodozemac's maximum.
 ONE_TIME_KEY_TARGET = 50
 # A peer's clock is not ours: what it says is shown at most this far ahead of our own.
 MAX_CLOCK_SKEW_MS = 5 * 60 * 1000
@@ -306,7 +305,7 @@ class ClientCore:
 
     def keys_to_upload(self, server_count: int) -> tuple[list[SignedKey], SignedKey | None]:
         """Generate keys up to the target; persisted now, marked published after the upload."""
-        need = max(0, min(ONE_TIME_KEY_TARGET, self._account.max_one_time_keys) - server_count)
+        need = max(0, min(ONE_TIME_KEY_TARGET, self._account.max_one_time_keys // 2) - server_count)
         if need and not self._account.unpublished_one_time_keys():
             self._account.generate_one_time_keys(need)
         if not self._account.unpublished_fallback_key() and server_count == 0:
