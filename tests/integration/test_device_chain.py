@@ -417,3 +417,24 @@ async def test_finding15_profile_keeps_no_session_times_in_plaintext(
         used = [r[0] for r in db.execute("SELECT used FROM sessions")]
         db.close()
         assert used and set(used) == {0}
+
+
+async def test_a_linking_device_refuses_an_account_it_did_not_ask_for(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    """A server that knows a link code can have its own account approve the new device; with
+    ``device request --account ID`` the device refuses to be anyone else's."""
+    from kluis.errors import LocalProtocolError
+
+    alice = await register(server, tmp_path / "alice")
+    mallory = await register(server, tmp_path / "mallory")
+    code = await KluisClient.request_link(
+        server.url, tmp_path / "laptop", PASSPHRASE, account=alice.account_id
+    )
+    await mallory.approve(code)  # the code reached the wrong account
+    laptop = KluisClient.open(tmp_path / "laptop", PASSPHRASE)
+    with pytest.raises(LocalProtocolError, match="different account"):
+        await laptop.connect()
+    await laptop.close()
+    await alice.close()
+    await mallory.close()

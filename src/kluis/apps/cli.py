@@ -158,7 +158,7 @@ async def _whoami(args: argparse.Namespace) -> None:
 
 async def _device_request(args: argparse.Namespace) -> None:
     code = await KluisClient.request_link(
-        args.server, Path(args.profile), _passphrase(confirm=True)
+        args.server, Path(args.profile), _passphrase(confirm=True), account=args.account or ""
     )
     print(code)
 
@@ -328,6 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
     dr = dev.add_parser("request", help="new device: print a one-time link code")
     dr.add_argument("--server", required=True)
     dr.add_argument("--profile", required=True)
+    dr.add_argument(
+        "--account",
+        help="the ID this device is to join: any other account is refused once approved",
+    )
     dr.set_defaults(func=_async(_device_request))
     da = dev.add_parser("approve", help="existing device: admit the device showing CODE")
     da.add_argument("--profile", required=True)

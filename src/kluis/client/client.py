@@ -109,10 +109,18 @@ class KluisClient:
         return client
 
     @classmethod
-    async def request_link(cls, server: str, profile: Path, passphrase: str) -> str:
-        """Create a profile for a new device and ask to join an account; return the link code."""
+    async def request_link(
+        cls, server: str, profile: Path, passphrase: str, *, account: str = ""
+    ) -> str:
+        """Create a profile for a new device and ask to join an account; return the link code.
+
+        With ``account`` (the ID the user means to join), this device refuses any other account
+        the server may later put it in.
+        """
         store = ProfileStore.create(profile, passphrase)
         core = ClientCore.create(store, server)
+        if account:
+            core.set_account(account)
         transport = Transport(server)
         try:
             nonce = await _connect(transport, server)
