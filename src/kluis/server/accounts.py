@@ -19,6 +19,7 @@ from kluis.crypto.seal import check_public_key
 from kluis.errors import (
     AccountExpired,
     BadSignature,
+    KluisError,
     LicenceInvalid,
     LinkInvalid,
     MalformedFrame,
@@ -35,6 +36,15 @@ from kluis.server.store import Account, SqliteStore
 
 LICENCE_BYTES = 15  # 120 bits
 _ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"
+_AUTH_REFUSED = "no such device, it was revoked, or the signature is wrong"
+# A valid Ed25519 public key that signs nothing here: an unknown device costs the same check.
+_DECOY_KEY = (
+    base64.b64encode(
+        bytes.fromhex("d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a")
+    )
+    .decode()
+    .rstrip("=")
+)
 
 
 def new_licence_code() -> str:
@@ -79,6 +89,7 @@ class Accounts:
         self._link_ttl_s = limits.link_ttl_s
         self._max_keys = limits.max_keys_per_upload
         self._max_links = limits.max_pending_links
+        self._max_devices = limits.max_devices_per_account
         self._device_ids: dict[str, frozenset[str]] = {}  # hot path of every send
 
     def _now(self) -> int:
@@ -90,8 +101,9 @@ class Accounts:
         return codes
 
     def register(self, licence: str, keys: DeviceKeys, nonce: bytes, sig: str) -> Account:
-        check_device_keys(keys)
+        # The challenge first: existence is told only to the key's holder.
         verify_signature(keys.ed25519, signing.challenge_message(nonce, keys.ed25519), sig)
+        check_device_keys(keys)
         if self._store.device(keys.ed25519) is not None:
             raise BadSignature("this device key is already registered")
         account = self._store.register(
@@ -102,10 +114,17 @@ class Accounts:
         return account
 
     def authenticate(self, device_id: str, nonce: bytes, sig: str) -> Account:
+        # One answer for an unknown device, a revoked one and a bad signature, after one
+        # signature check in each case: before login, no one learns which keys are in use.
         stored = self._store.device(device_id)
-        if stored is None or stored.revoked:
-            raise UnknownDevice("no such device, or it was revoked")
-        verify_signature(device_id, signing.challenge_message(nonce, device_id), sig)
+        key = device_id if stored is not None and not stored.revoked else _DECOY_KEY
+        try:
+            verify_signature(key, signing.challenge_message(nonce, device_id), sig)
+        except KluisError as exc:
+            raise UnknownDevice(_AUTH_REFUSED) from exc
+        if key is _DECOY_KEY:
+            raise UnknownDevice(_AUTH_REFUSED)
+        assert stored is not None
         account = self._store.account(stored.account_id)
         if account is None:
             raise UnknownAccount("account is gone")
@@ -126,17 +145,18 @@ class Accounts:
         return ids
 
     def request_link(self, link: PendingLink, nonce: bytes, sig: str) -> tuple[str, int]:
+        # Cheapest first: caps and counts, then one signature, then the rest.
         keys = link.device
-        check_device_keys(keys)
-        verify_signature(keys.ed25519, signing.challenge_message(nonce, keys.ed25519), sig)
         if len(link.one_time_keys) > self._max_keys:
             raise QuotaExceeded(f"at most {self._max_keys} keys per upload")
-        for k in [*link.one_time_keys, *([link.fallback_key] if link.fallback_key else [])]:
-            check_signed_key(keys.ed25519, k)
-        if self._store.device(keys.ed25519) is not None:
-            raise BadSignature("this device key is already registered")
         if self._store.count_links(self._now()) >= self._max_links:
             raise RateLimited("too many device links are pending; try again in a few minutes")
+        verify_signature(keys.ed25519, signing.challenge_message(nonce, keys.ed25519), sig)
+        if self._store.device(keys.ed25519) is not None:
+            raise BadSignature("this device key is already registered")
+        check_device_keys(keys)
+        for k in [*link.one_time_keys, *([link.fallback_key] if link.fallback_key else [])]:
+            check_signed_key(keys.ed25519, k)
         token, expires = new_link_token(), self._now() + self._link_ttl_s
         self._store.put_link(token, link, expires)
         return token, expires
@@ -159,6 +179,11 @@ class Accounts:
         if not self._store.add_device(account_id, record, token, self._now()):
             raise LinkInvalid("link code was used meanwhile")
         self._device_ids.pop(account_id, None)
+
+    def check_room(self, account_id: str) -> None:
+        """Refuse to link another device to a full account."""
+        if len(self.device_ids(account_id)) >= self._max_devices:
+            raise QuotaExceeded(f"an account has at most {self._max_devices} devices")
 
     def revoke(self, account_id: str, device_id: str) -> None:
         stored = self._store.device(device_id)
