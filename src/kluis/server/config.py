@@ -35,7 +35,7 @@ class Limits:
     auth_timeout_s: float = 10.0  # from the upgrade to a valid signature, however busy the peer
     # Bytes a client may send before it has logged in (its one login frame): an unauthenticated
     # connection holds at most this much of an unfinished frame.
-    max_prelogin_bytes: int = 16 * 1024
+    max_prelogin_bytes: int = 32 * 1024  # a LinkRequest with 100 signed keys is about 17 KiB
     # From TCP accept to a complete HTTP request (aiohttp's keep-alive timer): a client dribbling
     # header bytes (slowloris) is cut after this. Also the idle time between HTTP requests.
     handshake_timeout_s: float = 10.0
