@@ -406,8 +406,10 @@ async def test_finding10_unfinished_prelogin_frame_is_cut_at_the_budget(tmp_path
                     writer.write(bytes(8192))
                     await writer.drain()
         for reader, writer in conns:
+            # Closed: with the close frame's code, unless the reset for the bytes the server
+            # never read overtook it.
             data = await read_until_eof(reader, timeout=5)
-            assert struct.pack("!H", 1009) in data  # the close frame's code
+            assert not data or struct.pack("!H", 1009) in data, data[-40:]
             writer.close()
         assert time.monotonic() - t0 < 4  # not held until the 8 s deadline
         # A logged-in client still sends frames up to the full limit.
