@@ -191,6 +191,16 @@ class Server:
             data: dict[str, Any] = json.loads(r.read())
             return data
 
+    def connections_held(self) -> int:
+        """Open client sockets of the server process (``/health`` no longer counts devices)."""
+        if self.proc is None:
+            return 0
+        return sum(
+            1
+            for c in psutil.Process(self.proc.pid).net_connections("tcp")
+            if c.status == psutil.CONN_ESTABLISHED and c.laddr and c.laddr.port == self.port
+        )
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)

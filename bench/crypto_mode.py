@@ -119,7 +119,7 @@ async def crypto_pairs_workload(
         if not ready.startswith(b"READY"):
             raise RuntimeError(f"receiver process failed: {ready!r}")
         rx_proc = psutil.Process(child.pid)
-        held = (server.health() or {}).get("connections", 0)
+        held = server.connections_held()
         total = messages * len(pairs)
         send_lat: list[float] = []
         errors: dict[str, int] = {}

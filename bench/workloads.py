@@ -184,7 +184,7 @@ async def pairs_workload(
         if spy is not None:
             spy.send_signal(signal.SIGINT)
             spy.wait(timeout=60)
-        res["connections_held"] = (server.health() or {}).get("connections", 0)
+        res["connections_held"] = server.connections_held()
         res["server_rss_end_mb"] = sampler.rss() / MB
         await asyncio.gather(*(d.close() for d in devices), return_exceptions=True)
     finally:
@@ -320,8 +320,7 @@ async def _idle_step(
         res["idle_reconnects"] = sum(int(r.get("retried", 0)) for r in reports)
         fail = sum(max(0, int(r.get("fail", 0))) for r in reports)
         await asyncio.sleep(2.0)  # let the server settle before reading RSS
-        health = server.health() or {}
-        res["connections_held"] = health.get("connections", 0)
+        res["connections_held"] = server.connections_held()
         res["idle_connected_ok"] = ok
         res["errors"] = fail
         res["child_errors"] = [r.get("errors", {}) for r in reports]
@@ -349,7 +348,7 @@ async def _idle_step(
         res["pairs_other_cpu_pct_during_send"] = pairs["other_cpu_pct_during_send"]
         res["errors"] += pairs["errors"]
         await asyncio.gather(*(d.close() for d in devices), return_exceptions=True)
-        res["connections_held_after_pairs"] = (server.health() or {}).get("connections", 0)
+        res["connections_held_after_pairs"] = server.connections_held()
         res["server_rss_peak_mb"] = sampler.peak() / MB
     finally:
         for proc, _ in children:
@@ -446,7 +445,7 @@ async def burst_workload(
                 "drain_throughput_msg_s": received[0] / drain if drain else 0.0,
                 "send_throughput_msg_s": received[0] / drain if drain else 0.0,
                 "server_cpu_pct_during_send": 100 * (cpu1 - cpu0) / (t_acked - t0),
-                "connections_held": (server.health() or {}).get("connections", 0),
+                "connections_held": server.connections_held(),
                 "errors": errors[0] + sum(sum(d.errors.values()) for d in devs + again),
                 "error_codes": _merge_errors(devs + again),
             }

@@ -50,15 +50,25 @@ async def test_schema_violation_is_bad_frame(raw: RawConnection) -> None:
 async def test_bad_signature_and_unknown_device(
     raw: RawConnection, server: ServerProcess, tmp_path: Path
 ) -> None:
+    """Before login, one answer for a bad signature and an unknown device (no oracle), and one
+    attempt per connection; a correct signature on a new connection works."""
     alice = await register(server, tmp_path / "alice")
     await raw.send(f.encode(f.Auth(rid=1, device=alice.core.device_id, sig="A" * 86)))
-    await expect_error(raw, "bad_signature")
-    await raw.send(f.encode(f.Auth(rid=2, device="nobody", sig="A" * 86)))
-    await expect_error(raw, "unknown_device")
-    # A correct signature still works on the same connection afterwards.
-    await raw.send(f.encode(f.Auth(rid=3, device=alice.core.device_id, sig=raw.login_sig(alice))))
-    welcome = await raw.recv()
+    bad_sig = await expect_error(raw, "unknown_device")
+    msg = await raw.ws.receive(timeout=5)
+    assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED), msg
+    other = await RawConnection.open(server)
+    await other.send(f.encode(f.Auth(rid=2, device="nobody", sig="A" * 86)))
+    unknown = await expect_error(other, "unknown_device")
+    assert unknown.message == bad_sig.message
+    await other.close()
+    again = await RawConnection.open(server)
+    await again.send(
+        f.encode(f.Auth(rid=3, device=alice.core.device_id, sig=again.login_sig(alice)))
+    )
+    welcome = await again.recv()
     assert isinstance(welcome, f.Welcome) and welcome.account == alice.account_id
+    await again.close()
     await alice.close()
 
 
@@ -66,17 +76,22 @@ async def test_oversized_frame_typed_error_then_cut(tmp_path: Path) -> None:
     srv = ServerProcess(tmp_path / "server", "--max-frame-bytes", "65536")
     srv.start()
     try:
-        async with aiohttp.ClientSession() as session:
-            ws = await session.ws_connect(srv.url + "/v1/ws", max_msg_size=0)
-            await ws.receive(timeout=5)  # challenge
-            await ws.send_bytes(b"\x00" * 70_000)  # a little too large: typed error, still open
-            msg = await ws.receive(timeout=5)
-            frame = f.decode_server_frame(msg.data)
-            assert isinstance(frame, f.Error) and frame.code == "frame_too_large"
-            await ws.send_bytes(b"\x00" * 1_000_000)  # far too large: the connection is cut
-            msg = await ws.receive(timeout=5)
-            assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
-            assert ws.close_code == 1009
+        alice = await register(srv, tmp_path / "alice")
+        raw = await RawConnection.open(srv)  # logged in: the full frame limit applies
+        auth = f.Auth(rid=1, device=alice.core.device_id, sig=alice.core.sign_challenge(raw.nonce))
+        await raw.send(f.encode(auth))
+        assert isinstance(await raw.recv(), f.Welcome)
+        ws = raw.ws
+        await ws.send_bytes(b"\x00" * 70_000)  # a little too large: typed error, still open
+        frame = await raw.recv()
+        assert isinstance(frame, f.Error) and frame.code == "frame_too_large"
+        await ws.send_bytes(b"\x00" * 1_000_000)  # far too large: the connection is cut
+        while (msg := await ws.receive(timeout=5)).type == aiohttp.WSMsgType.BINARY:
+            pass  # pushes (Synced)
+        assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+        assert ws.close_code == 1009
+        await raw.close()
+        await alice.close()
         # The server is still up for everyone else.
         async with aiohttp.ClientSession() as session, session.get(srv.url + "/health") as r:
             assert r.status == 200

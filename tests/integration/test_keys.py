@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,18 @@ from kluis.client.core import RECOVERY_DELAY_MS
 from kluis.errors import DecryptionError
 from kluis.protocol import frames as f
 from tests.kluis_testing import ServerProcess, register
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ServerProcess]:
+    """Claims here walk through all of a device's keys: the per-target budget (tested in
+    test_review_findings_server.py) must not hand out the fallback key first."""
+    srv = ServerProcess(tmp_path / "server", "--limit", "claim_target_burst=1000")
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
 
 
 async def claim(client, account: str, device: str) -> f.Bundle:  # type: ignore[no-untyped-def]

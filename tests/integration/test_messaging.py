@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
+import pytest
 
 from kluis.client.client import KluisClient
 from kluis.protocol import frames as f
@@ -113,7 +115,21 @@ async def test_revoked_device_gets_nothing_more(server: ServerProcess, tmp_path:
     await bob.close()
 
 
-async def test_newest_connection_of_a_device_wins(server: ServerProcess, tmp_path: Path) -> None:
+@pytest.fixture
+def unmetered_claims(tmp_path: Path) -> Iterator[ServerProcess]:
+    """A server whose per-target claim budget does not step in before keys run low."""
+    srv = ServerProcess(tmp_path / "server", "--limit", "claim_target_burst=1000")
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+async def test_newest_connection_of_a_device_wins(
+    unmetered_claims: ServerProcess, tmp_path: Path
+) -> None:
+    server = unmetered_claims
     alice = await register(server, tmp_path / "alice")
     bob = await register(server, tmp_path / "bob")
     await bob.close()

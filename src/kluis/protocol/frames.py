@@ -24,6 +24,13 @@ KeyStr = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 IdStr = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 SigStr = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 Rid = Annotated[int, msgspec.Meta(ge=0, le=2**53)]
+# Every integer and list on the wire has a bound in the schema, so nothing deeper (SQLite's
+# 64-bit integers, a loop per item) ever sees one out of range.
+WireId = Annotated[int, msgspec.Meta(ge=0, le=2**53)]  # an envelope's id for its device
+Count = Annotated[int, msgspec.Meta(ge=0, le=2**31)]
+Stamp = Annotated[int, msgspec.Meta(ge=0, le=2**53)]  # unix seconds
+MAX_ACK_IDS = 1024  # a client acknowledges at most this many envelopes per Ack
+MAX_LIST = 256  # devices, envelopes or keys in one frame; configured limits sit below
 
 
 class _Frame(msgspec.Struct, frozen=True, tag_field="t", forbid_unknown_fields=True):
@@ -75,7 +82,7 @@ class OutEnvelope(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class InEnvelope(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    id: int
+    id: WireId
     body: bytes
 
 
@@ -102,7 +109,7 @@ class LinkRequest(_Frame, frozen=True, tag="link_request"):
     rid: Rid
     device: DeviceKeys
     sig: SigStr
-    one_time_keys: list[SignedKey] = []
+    one_time_keys: Annotated[list[SignedKey], msgspec.Meta(max_length=MAX_LIST)] = []
     fallback_key: SignedKey | None = None
 
 
@@ -127,7 +134,7 @@ class LinkApprove(_Frame, frozen=True, tag="link_approve"):
 
 class UploadKeys(_Frame, frozen=True, tag="upload_keys"):
     rid: Rid
-    one_time_keys: list[SignedKey]
+    one_time_keys: Annotated[list[SignedKey], msgspec.Meta(max_length=MAX_LIST)]
     fallback_key: SignedKey | None = None
 
 
@@ -139,18 +146,18 @@ class ListDevices(_Frame, frozen=True, tag="list_devices"):
 class ClaimKeys(_Frame, frozen=True, tag="claim_keys"):
     rid: Rid
     account: IdStr
-    devices: list[IdStr]
+    devices: Annotated[list[IdStr], msgspec.Meta(max_length=MAX_LIST)]
 
 
 class Send(_Frame, frozen=True, tag="send"):
     rid: Rid
     account: IdStr
-    envelopes: list[OutEnvelope]
+    envelopes: Annotated[list[OutEnvelope], msgspec.Meta(max_length=MAX_LIST)]
 
 
 class Ack(_Frame, frozen=True, tag="ack"):
     rid: Rid
-    ids: list[int]
+    ids: Annotated[list[WireId], msgspec.Meta(max_length=MAX_ACK_IDS)]
 
 
 class Revoke(_Frame, frozen=True, tag="revoke"):
@@ -185,14 +192,14 @@ class Welcome(_Frame, frozen=True, tag="welcome"):
     rid: Rid
     account: str
     device: str
-    otk_count: int
-    expires_at: int  # account's subscription end, unix seconds
+    otk_count: Count
+    expires_at: Stamp  # account's subscription end
 
 
 class LinkPending(_Frame, frozen=True, tag="link_pending"):
     rid: Rid
     token: str
-    expires_at: int
+    expires_at: Stamp
 
 
 class LinkInfo(_Frame, frozen=True, tag="link_info"):
@@ -202,20 +209,20 @@ class LinkInfo(_Frame, frozen=True, tag="link_info"):
 
 class KeyCount(_Frame, frozen=True, tag="key_count"):
     rid: Rid
-    otk_count: int
+    otk_count: Count
 
 
 class Devices(_Frame, frozen=True, tag="devices"):
     rid: Rid
     account: str
     identity: str  # the account's identity key; clients check it derives the account ID
-    devices: list[DeviceRecord]
-    revoked: list[Revocation] = []
+    devices: Annotated[list[DeviceRecord], msgspec.Meta(max_length=MAX_LIST)]
+    revoked: Annotated[list[Revocation], msgspec.Meta(max_length=MAX_LIST)] = []
 
 
 class Bundles(_Frame, frozen=True, tag="bundles"):
     rid: Rid
-    bundles: list[Bundle]
+    bundles: Annotated[list[Bundle], msgspec.Meta(max_length=MAX_LIST)]
 
 
 class Done(_Frame, frozen=True, tag="done"):
@@ -226,16 +233,17 @@ class Error(_Frame, frozen=True, tag="error"):
     rid: Rid | None
     code: str
     message: str
-    missing: list[str] = []
-    extra: list[str] = []
+    missing: Annotated[list[str], msgspec.Meta(max_length=MAX_LIST)] = []
+    extra: Annotated[list[str], msgspec.Meta(max_length=MAX_LIST)] = []
 
 
 class Deliver(_Frame, frozen=True, tag="deliver"):
-    envelopes: list[InEnvelope]
+    # At most what one Ack can acknowledge; the server also caps a Deliver in bytes.
+    envelopes: Annotated[list[InEnvelope], msgspec.Meta(max_length=MAX_ACK_IDS)]
 
 
 class KeysLow(_Frame, frozen=True, tag="keys_low"):
-    otk_count: int
+    otk_count: Count
 
 
 class Synced(_Frame, frozen=True, tag="synced"):

@@ -18,6 +18,7 @@ from kluis.crypto.olm import verify_signature
 from kluis.errors import (
     AccountExpired,
     BadSignature,
+    KluisError,
     LicenceInvalid,
     LinkInvalid,
     MalformedFrame,
@@ -41,6 +42,15 @@ from kluis.server.store import Account, SqliteStore
 
 LICENCE_BYTES = 15  # 120 bits
 _ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"
+_AUTH_REFUSED = "no such device, it was revoked, or the signature is wrong"
+# A valid Ed25519 public key that signs nothing here: an unknown device costs the same check.
+_DECOY_KEY = (
+    base64.b64encode(
+        bytes.fromhex("d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a")
+    )
+    .decode()
+    .rstrip("=")
+)
 
 
 def new_licence_code() -> str:
@@ -78,6 +88,7 @@ class Accounts:
         self._link_ttl_s = limits.link_ttl_s
         self._max_keys = limits.max_keys_per_upload
         self._max_links = limits.max_pending_links
+        self._max_devices = limits.max_devices_per_account
         self._device_ids: dict[str, frozenset[str]] = {}  # hot path of every send
 
     def _now(self) -> int:
@@ -94,9 +105,10 @@ class Accounts:
     def register(
         self, licence: str, identity: str, record: DeviceRecord, nonce: bytes, sig: str
     ) -> Account:
+        # The challenge first: existence is told only to the key's holder.
+        self._check_login(record.keys.ed25519, nonce, sig)
         account_id = account_id_for(identity)
         _certified(account_id, identity, record)
-        self._check_login(record.keys.ed25519, nonce, sig)
         self._check_unused(record.keys)
         if self._store.account(account_id) is not None:
             raise BadSignature("this identity key already has an account")
@@ -115,10 +127,17 @@ class Accounts:
             raise BadSignature("these device keys are already registered")
 
     def authenticate(self, device_id: str, nonce: bytes, sig: str) -> Account:
+        # One answer for an unknown device, a revoked one and a bad signature, after one
+        # signature check in each case: before login, no one learns which keys are in use.
         stored = self._store.device(device_id)
-        if stored is None or stored.revoked:
-            raise UnknownDevice("no such device, or it was revoked")
-        self._check_login(device_id, nonce, sig)
+        key = device_id if stored is not None and not stored.revoked else _DECOY_KEY
+        try:
+            self._check_login(key, nonce, sig)
+        except KluisError as exc:
+            raise UnknownDevice(_AUTH_REFUSED) from exc
+        if key is _DECOY_KEY:
+            raise UnknownDevice(_AUTH_REFUSED)
+        assert stored is not None
         account = self._store.account(stored.account_id)
         if account is None:
             raise UnknownAccount("account is gone")
@@ -150,16 +169,17 @@ class Accounts:
         return ids
 
     def request_link(self, link: PendingLink, nonce: bytes, sig: str) -> tuple[str, int]:
+        # Cheapest first: caps and counts, then one signature, then the rest.
         keys = link.device
-        check_device_keys(keys)
-        self._check_login(keys.ed25519, nonce, sig)
         if len(link.one_time_keys) > self._max_keys:
             raise QuotaExceeded(f"at most {self._max_keys} keys per upload")
-        for k in [*link.one_time_keys, *([link.fallback_key] if link.fallback_key else [])]:
-            check_signed_key(keys.ed25519, k)
-        self._check_unused(keys)
         if self._store.count_links(self._now()) >= self._max_links:
             raise RateLimited("too many device links are pending; try again in a few minutes")
+        self._check_login(keys.ed25519, nonce, sig)
+        self._check_unused(keys)
+        check_device_keys(keys)
+        for k in [*link.one_time_keys, *([link.fallback_key] if link.fallback_key else [])]:
+            check_signed_key(keys.ed25519, k)
         token, expires = new_link_token(), self._now() + self._link_ttl_s
         self._store.put_link(token, link, expires)
         return token, expires
@@ -180,6 +200,11 @@ class Accounts:
         if not self._store.add_device(account_id, record, token, self._now()):
             raise LinkInvalid("link code was used meanwhile")
         self._device_ids.pop(account_id, None)
+
+    def check_room(self, account_id: str) -> None:
+        """Refuse to link another device to a full account."""
+        if len(self.device_ids(account_id)) >= self._max_devices:
+            raise QuotaExceeded(f"an account has at most {self._max_devices} devices")
 
     def revoke(self, account_id: str, revocation: Revocation) -> None:
         """End a device of ``account_id``: signed by the account's identity or by the device."""

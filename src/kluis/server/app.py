@@ -16,13 +16,14 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from kluis.server import logs
 from kluis.server.accounts import Accounts
 from kluis.server.config import ServerConfig
 from kluis.server.connection import Connection
 from kluis.server.keys import KeyDirectory
 from kluis.server.mailbox import Mailbox
 from kluis.server.openapi import openapi
-from kluis.server.ratelimit import TokenBucket
+from kluis.server.ratelimit import BucketMap, LogLimiter
 from kluis.server.store import SqliteStore
 from kluis.server.websocket import websocket_handler
 
@@ -38,8 +39,12 @@ class ServerState:
     keys: KeyDirectory = field(init=False)
     mailbox: Mailbox = field(init=False)
     connections: dict[str, Connection] = field(default_factory=dict)
-    # Per device (send, claim) token buckets, kept across connections; one pair per device.
-    buckets: dict[str, tuple[TokenBucket, TokenBucket]] = field(default_factory=dict)
+    # Token buckets kept across connections (reconnecting buys no fresh burst): sends and key
+    # claims per device, and one-time keys handed out per target device, whoever claims.
+    send_buckets: BucketMap = field(init=False)
+    claim_buckets: BucketMap = field(init=False)
+    target_buckets: BucketMap = field(init=False)
+    failures: LogLimiter = field(init=False)  # requests that failed inside the server
 
     @property
     def origin(self) -> str:
@@ -51,6 +56,12 @@ class ServerState:
         self.accounts = Accounts(self.store, self.clock, limits, self.origin)
         self.keys = KeyDirectory(self.store, limits)
         self.mailbox = Mailbox(self.store, limits, self.clock)
+        self.send_buckets = BucketMap(limits.send_rate_per_s, limits.send_burst, self.clock)
+        self.claim_buckets = BucketMap(limits.claim_rate_per_s, limits.claim_burst, self.clock)
+        self.target_buckets = BucketMap(
+            limits.claim_target_rate_per_s, limits.claim_target_burst, self.clock
+        )
+        self.failures = LogLimiter(log, self.clock)
 
 
 def open_state(config: ServerConfig, clock: Callable[[], float] = time.time) -> ServerState:
@@ -59,8 +70,8 @@ def open_state(config: ServerConfig, clock: Callable[[], float] = time.time) -> 
 
 
 async def health(request: web.Request) -> web.Response:
-    state: ServerState = request.app["state"]
-    return web.json_response({"status": "ok", "connections": len(state.connections)})
+    """Up or down, nothing more: how many devices are online is nobody's business."""
+    return web.json_response({"status": "ok"})
 
 
 async def _sweeper(state: ServerState) -> None:
@@ -114,6 +125,7 @@ def serve(config: ServerConfig) -> None:
         uvloop.install()
     except ImportError:  # pragma: no cover - uvloop is optional off Linux
         pass
+    logs.install()  # no client address in any library's log line
     state = open_state(config)
     log.info("kluis listening on %s:%d", config.host, config.port)
     web.run_app(

@@ -23,16 +23,28 @@ class Limits:
     send_burst: int = 500
     claim_rate_per_s: float = 2.0  # key claims per device, sustained
     claim_burst: int = 50
+    # One-time keys handed out per TARGET device, whoever claims: past this, claims get the
+    # fallback key. Below the 25 keys a client keeps published, so no burst drains a device.
+    claim_target_rate_per_s: float = 0.05
+    claim_target_burst: int = 10
     mailbox_quota: int = 10_000  # stored envelopes per recipient device
+    mailbox_quota_bytes: int = 256 * 1024 * 1024  # stored envelope bytes per recipient device
+    max_devices_per_account: int = 10  # active devices; a link beyond it is refused
     envelope_ttl_s: int = 30 * DAY  # rounded up to a whole hour (no deposit is dated)
     link_ttl_s: int = 600
     # Link requests need no account: without a cap, anyone could grow the database at will.
     max_pending_links: int = 1_000
     auth_timeout_s: float = 10.0  # from the upgrade to a valid signature, however busy the peer
+    # Bytes a client may send before it has logged in (its one login frame): an unauthenticated
+    # connection holds at most this much of an unfinished frame.
+    max_prelogin_bytes: int = 32 * 1024  # a LinkRequest with 100 signed keys is about 17 KiB
     # From TCP accept to a complete HTTP request (aiohttp's keep-alive timer): a client dribbling
     # header bytes (slowloris) is cut after this. Also the idle time between HTTP requests.
     handshake_timeout_s: float = 10.0
-    push_batch: int = 256  # envelopes per Deliver frame
+    push_batch: int = 256  # envelopes per Deliver frame, and per backlog page read
+    # Bytes per Deliver frame (an envelope larger than this goes alone), and per backlog page
+    # read from the database: a backlog is delivered page by page as the client reads it.
+    max_deliver_bytes: int = 1024 * 1024
 
 
 def limits_with_overrides(base: Limits, overrides: list[str]) -> Limits:

@@ -4,7 +4,14 @@ Theory of operation: a connection starts in ``AWAITING_AUTH`` holding a fresh ra
 as the ``Challenge``). ``Register`` or ``Auth`` with a valid signature moves it to
 ``AUTHENTICATED``; ``LinkRequest`` moves it to ``LINK_PENDING`` (a new device waiting for its
 approval, which may only wait). Every other request needs ``AUTHENTICATED``. Each request gets
-exactly one answer frame; a refused request changes nothing and leaves the connection usable.
+exactly one answer frame; a refused request changes nothing and leaves the connection usable,
+except a refused login: one login attempt per connection, then the connection is closed (a
+signature check costs the server far more than the attempt costs the client).
+
+Delivery: after login the device's backlog is read from the database one page at a time (count
+and bytes bounded), the next page only once the transport has taken the previous one; envelopes
+committed meanwhile wait in the database too. Once a page comes back short the connection is in
+step and new envelopes are pushed as they commit. ``Deliver`` frames are capped in bytes.
 
 The transport (``server/app.py``) owns the socket: it feeds raw frames to :meth:`handle` and
 writes what :meth:`handle` returns and what :meth:`take_outgoing` yields (pushes).
@@ -28,7 +35,6 @@ from kluis.errors import (
     Unauthenticated,
 )
 from kluis.protocol import frames as f
-from kluis.server.ratelimit import TokenBucket
 
 if TYPE_CHECKING:
     from kluis.server.app import ServerState
@@ -64,6 +70,29 @@ REFUSALS: dict[State, str] = {
     State.CLOSED: "connection closed",
 }
 
+# msgpack bytes around each envelope's body in a Deliver (map, "id", a 64-bit int, "body", bin
+# header) and around the list (map, tag, "envelopes", array header): upper bounds.
+_ENVELOPE_OVERHEAD = 24
+_DELIVER_OVERHEAD = 32
+
+
+def deliver_frames(envelopes: list[f.InEnvelope], max_bytes: int, max_count: int) -> list[bytes]:
+    """Encode ``envelopes`` as Deliver frames of at most ``max_bytes`` and ``max_count`` each;
+    an envelope too large for any frame goes alone."""
+    out: list[bytes] = []
+    batch: list[f.InEnvelope] = []
+    size = _DELIVER_OVERHEAD
+    for env in envelopes:
+        cost = len(env.body) + _ENVELOPE_OVERHEAD
+        if batch and (size + cost > max_bytes or len(batch) >= max_count):
+            out.append(f.encode(f.Deliver(envelopes=batch)))
+            batch, size = [], _DELIVER_OVERHEAD
+        batch.append(env)
+        size += cost
+    if batch:
+        out.append(f.encode(f.Deliver(envelopes=batch)))
+    return out
+
 
 class Connection:
     """Implements the mailbox's Recipient protocol: pushes queue up in ``outgoing``."""
@@ -74,24 +103,39 @@ class Connection:
         self.nonce = secrets.token_bytes(32)
         self.account_id = ""
         self.device_id = ""
-        self.delivered_upto = 0
+        self.delivered_upto = 0  # the last envelope id queued (or sent) to this device
         self._wake = wake  # tells the transport that pushes are waiting
         self._outgoing: list[f.InEnvelope] = []
+        self._outgoing_bytes = 0
         self._notices: list[f.ServerFrame] = []
-        limits, clock = server.config.limits, server.clock
-        self._send_bucket = TokenBucket(limits.send_rate_per_s, limits.send_burst, clock)
-        self._claim_bucket = TokenBucket(limits.claim_rate_per_s, limits.claim_burst, clock)
+        self.backlog = False  # envelopes wait in the database: read them page by page
+        self._synced_owed = False  # Synced goes out once the login's backlog is through
+        limits = server.config.limits
+        self._batch = max(1, min(limits.push_batch, f.MAX_ACK_IDS))
+        self._page_bytes = max(
+            0, limits.max_deliver_bytes - _DELIVER_OVERHEAD - self._batch * _ENVELOPE_OVERHEAD
+        )
         self.close_requested = False
+        self.close_reason = b"replaced or revoked"
 
     # ---- pushes -----------------------------------------------------------------------------
 
     def push(self, envelope_id: int, body: bytes) -> None:
-        if envelope_id <= self.delivered_upto:
-            return  # already sent in the backlog read
+        if self.backlog or envelope_id <= self.delivered_upto:
+            return  # a page read will find it in the database, or it was already queued
+        if self._outgoing_bytes + len(body) > self._page_bytes and self._outgoing:
+            # The client is not keeping up: what waits here is in the database too, so drop
+            # it and read it back in pages rather than hold it all in memory.
+            self.delivered_upto = self._outgoing[0].id - 1
+            self._outgoing, self._outgoing_bytes = [], 0
+            self.backlog = True
+            self._wake()
+            return
         self.delivered_upto = envelope_id
         if not self._outgoing and not self._notices:
             self._wake()
         self._outgoing.append(f.InEnvelope(id=envelope_id, body=body))
+        self._outgoing_bytes += len(body)
 
     def notify(self, frame: f.ServerFrame) -> None:
         if not self._outgoing and not self._notices:
@@ -99,15 +143,34 @@ class Connection:
         self._notices.append(frame)
 
     def take_outgoing(self) -> list[bytes]:
-        batch = self.server.config.limits.push_batch
-        pending, self._outgoing = self._outgoing, []
-        out = [
-            f.encode(f.Deliver(envelopes=pending[i : i + batch]))
-            for i in range(0, len(pending), batch)
-        ]
-        out.extend(f.encode(n) for n in self._notices)  # after envelopes: Synced follows backlog
+        """Frames to write now: waiting envelopes (or the next backlog page), then notices.
+
+        While :attr:`backlog` stays True the transport calls again once it has room.
+        """
+        if self.backlog and not self._outgoing:
+            self._read_page()
+        pending, self._outgoing, self._outgoing_bytes = self._outgoing, [], 0
+        limits = self.server.config.limits
+        out = deliver_frames(pending, limits.max_deliver_bytes, self._batch)
+        out.extend(f.encode(n) for n in self._notices)
         self._notices = []
+        if self._synced_owed and not self.backlog:
+            self._synced_owed = False
+            out.append(f.encode(f.Synced()))  # after the backlog's last envelope
         return out
+
+    def _read_page(self) -> None:
+        # Synchronous, on the loop thread that commits: no envelope can be committed between
+        # this read and the switch to live pushes below, so none is skipped or sent twice.
+        page = self.server.mailbox.pending(self.device_id, self.delivered_upto, self._page_bytes)
+        for env_id, body in page:
+            self._outgoing.append(f.InEnvelope(id=env_id, body=body))
+        if not page:
+            self.backlog = False  # in step: pushes go out as they commit
+            return
+        self.delivered_upto = page[-1][0]
+        # One more (small) read tells whether this page was the last one.
+        self.backlog = bool(self.server.mailbox.pending(self.device_id, self.delivered_upto, 0))
 
     def revoke(self) -> None:
         self.close_requested = True
@@ -142,8 +205,9 @@ class Connection:
             )
         except KluisError as exc:
             reply = f.Error(rid=rid, code=exc.code, message=exc.message)
-        except Exception:
-            log.exception("request failed")  # never logs frame contents
+        except Exception as exc:
+            # One line, rate limited: no traceback, no frame contents, whoever sent it.
+            self.server.failures.error("a request failed", exc)
             err = ServerError("the server failed; nothing was changed")
             reply = f.Error(rid=rid, code=err.code, message=err.message)
         return f.encode(reply)
@@ -176,8 +240,10 @@ class Connection:
             case f.ClaimKeys():
                 return self._claim(frame)
             case f.LinkFetch():
+                self.server.accounts.check_room(self.account_id)
                 return f.LinkInfo(rid=frame.rid, device=self.server.accounts.link_keys(frame.token))
             case f.LinkApprove():
+                self.server.accounts.check_room(self.account_id)
                 self.server.accounts.approve_link(self.account_id, frame.token, frame.device)
                 return f.Done(rid=frame.rid)
             case f.Revoke():
@@ -185,6 +251,16 @@ class Connection:
         raise MalformedFrame("unexpected frame")  # pragma: no cover - exhaustive above
 
     def _login(self, frame: f.Register | f.Auth | f.LinkRequest) -> f.ServerFrame:
+        try:
+            return self._try_login(frame)
+        except KluisError:
+            # One attempt per connection: the answer goes out, then the connection closes, so
+            # each guess or forged signature costs a new connection.
+            self.close_requested = True
+            self.close_reason = b"login failed"
+            raise
+
+    def _try_login(self, frame: f.Register | f.Auth | f.LinkRequest) -> f.ServerFrame:
         accounts = self.server.accounts
         if isinstance(frame, f.LinkRequest):
             link = f.PendingLink(
@@ -209,13 +285,9 @@ class Connection:
         if old is not None:
             old.revoke()  # one live connection per device: the newest wins
         self.server.connections[device_id] = self
-        # The device's rate limits outlive this connection: reconnecting buys no fresh burst.
-        self._send_bucket, self._claim_bucket = self.server.buckets.setdefault(
-            device_id, (self._send_bucket, self._claim_bucket)
-        )
         self.server.mailbox.attach(device_id, self)
-        self._queue_backlog()
-        self.notify(f.Synced())
+        self.backlog = self._synced_owed = True  # pages follow Welcome, then Synced
+        self._wake()
         return f.Welcome(
             rid=frame.rid,
             account=account.id,
@@ -224,15 +296,6 @@ class Connection:
             expires_at=account.expires_at,
         )
 
-    def _queue_backlog(self) -> None:
-        # Synchronous with attach(): no commit can slip in between, so nothing is sent twice.
-        while True:
-            batch = self.server.mailbox.pending(self.device_id, self.delivered_upto)
-            if not batch:
-                return
-            for env_id, body in batch:
-                self.push(env_id, body)
-
     async def _send(self, frame: f.Send) -> f.ServerFrame:
         limits = self.server.config.limits
         if not frame.envelopes or len(frame.envelopes) > limits.max_envelopes_per_send:
@@ -240,7 +303,8 @@ class Connection:
         for env in frame.envelopes:
             if len(env.body) > limits.max_envelope_bytes:
                 raise FrameTooLarge(f"envelope exceeds {limits.max_envelope_bytes} bytes")
-        if not self._send_bucket.take():
+        # Rate limits are kept per device across connections: reconnecting buys no fresh burst.
+        if not self.server.send_buckets.get(self.device_id).take():
             raise RateLimited("too many sends; slow down")
         expected = set(self.server.accounts.device_ids(frame.account))
         if frame.account == self.account_id:
@@ -256,9 +320,14 @@ class Connection:
         return f.Done(rid=frame.rid)
 
     def _claim(self, frame: f.ClaimKeys) -> f.ServerFrame:
-        if not self._claim_bucket.take(max(1, len(frame.devices))):
+        if not self.server.claim_buckets.get(self.device_id).take(max(1, len(frame.devices))):
             raise RateLimited("too many key claims; slow down")
-        bundles, low = self.server.keys.claim(frame.account, frame.devices)
+        targets = self.server.target_buckets
+        # Past its target's budget, whoever claims, a device's bundle carries its fallback key:
+        # no burst of claims, from one device or many, drains a device's one-time keys.
+        bundles, low = self.server.keys.claim(
+            frame.account, frame.devices, lambda device_id: targets.get(device_id).take()
+        )
         for device_id in low:
             conn = self.server.connections.get(device_id)
             if conn is not None:

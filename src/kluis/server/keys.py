@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from kluis.crypto.olm import check_curve25519, verify_signature
 from kluis.errors import MalformedFrame, QuotaExceeded, UnknownDevice
 from kluis.protocol import signing
@@ -40,8 +42,17 @@ class KeyDirectory:
     def count(self, device_id: str) -> int:
         return self._store.count_one_time_keys(device_id)
 
-    def claim(self, account_id: str, device_ids: list[str]) -> tuple[list[Bundle], list[str]]:
-        """One bundle per requested active device; also the devices whose count fell low."""
+    def claim(
+        self,
+        account_id: str,
+        device_ids: list[str],
+        one_time_ok: Callable[[str], bool] = lambda _: True,
+    ) -> tuple[list[Bundle], list[str]]:
+        """One bundle per requested active device; also the devices whose count fell low.
+
+        A device for which ``one_time_ok`` says no (its claim budget is spent) gets its fallback
+        key in the bundle, not one of its one-time keys.
+        """
         active = {r.keys.ed25519: r for r in self._store.active_devices(account_id)}
         bundles: list[Bundle] = []
         low: list[str] = []
@@ -49,7 +60,10 @@ class KeyDirectory:
             record: DeviceRecord | None = active.get(device_id)
             if record is None:
                 raise UnknownDevice(f"device {device_id!r} is not an active device of the account")
-            claimed = self._store.claim_key(device_id)
+            if one_time_ok(device_id):
+                claimed = self._store.claim_key(device_id)
+            else:
+                claimed = self._store.fallback_key(device_id)
             if claimed is None:
                 raise UnknownDevice(f"device {device_id!r} has published no keys yet")
             key, fallback = claimed

@@ -44,7 +44,7 @@ SPEC: dict[str, Any] = {
         "/health": {
             "get": {
                 "operationId": "health",
-                "summary": "Liveness, and how many devices are connected",
+                "summary": "Liveness only: up, or no answer",
                 "responses": {
                     "200": {
                         "description": "The server is up",
@@ -52,10 +52,9 @@ SPEC: dict[str, Any] = {
                             "application/json": {
                                 "schema": {
                                     "type": "object",
-                                    "required": ["status", "connections"],
+                                    "required": ["status"],
                                     "properties": {
                                         "status": {"type": "string", "enum": ["ok"]},
-                                        "connections": {"type": "integer", "minimum": 0},
                                     },
                                     "additionalProperties": False,
                                 }

@@ -311,6 +311,13 @@ class SqliteStore:
                 return (_key_dec.decode(row[0]), True) if row else None
         return _key_dec.decode(row[0]), False
 
+    def fallback_key(self, device_id: str) -> tuple[SignedKey, bool] | None:
+        """The device's fallback key (reusable, so nothing is consumed), if it published one."""
+        row = self._db.execute(
+            "SELECT key FROM fallback_keys WHERE device_id = ?", (device_id,)
+        ).fetchone()
+        return (_key_dec.decode(row[0]), True) if row else None
+
     # ---- mailbox ------------------------------------------------------------------------------
 
     def insert_envelopes(self, rows: Sequence[tuple[str, int, bytes]]) -> list[int]:
@@ -351,17 +358,25 @@ class SqliteStore:
         return last + 1
 
     def envelopes_after(
-        self, device_id: str, after_seq: int, now: int, limit: int
+        self, device_id: str, after_seq: int, now: int, limit: int, max_bytes: int | None = None
     ) -> list[tuple[int, bytes]]:
-        """(wire id, body) of a device's live envelopes after ``after_seq``, in order."""
-        return [
-            (int(r[0]), bytes(r[1]))
-            for r in self._db.execute(
-                "SELECT seq, body FROM envelopes WHERE device_id = ? AND seq > ? "
-                "AND expires_at > ? ORDER BY seq LIMIT ?",
-                (device_id, after_seq, now, limit),
-            )
-        ]
+        """(wire id, body) of a device's live envelopes after ``after_seq``, in order.
+
+        At most ``limit`` of them, and no more than ``max_bytes`` of bodies (the first always):
+        rows are read one at a time, so a page never holds more than that in memory.
+        """
+        out: list[tuple[int, bytes]] = []
+        total = 0
+        for seq, body in self._db.execute(
+            "SELECT seq, body FROM envelopes WHERE device_id = ? AND seq > ? "
+            "AND expires_at > ? ORDER BY seq LIMIT ?",
+            (device_id, after_seq, now, limit),
+        ):
+            total += len(body)
+            if out and max_bytes is not None and total > max_bytes:
+                break
+            out.append((int(seq), bytes(body)))
+        return out
 
     def delete_envelopes(self, rows: Sequence[tuple[str, int]]) -> int:
         """Delete (device, wire id) rows in one transaction; a device may delete only its own."""
@@ -373,6 +388,13 @@ class SqliteStore:
     def count_envelopes(self, device_id: str) -> int:
         row = self._db.execute(
             "SELECT COUNT(*) FROM envelopes WHERE device_id = ?", (device_id,)
+        ).fetchone()
+        return int(row[0])
+
+    def envelope_bytes(self, device_id: str) -> int:
+        row = self._db.execute(
+            "SELECT COALESCE(SUM(LENGTH(body)), 0) FROM envelopes WHERE device_id = ?",
+            (device_id,),
         ).fetchone()
         return int(row[0])
 

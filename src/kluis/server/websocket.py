@@ -11,7 +11,12 @@ per connection: the flush is a loop callback, which also keeps idle connections 
 Order on the wire: within one turn, replies go before pushes and deliveries before notices, so a
 login answers ``Welcome``, then the stored backlog, then ``Synced``. When the client does not read
 (the transport buffer is above ``_HIGH_WATER``), pushes wait in the Connection and the reader
-stops taking requests until the buffer drains, as aiohttp's own flow control would.
+stops taking requests until the buffer drains, as aiohttp's own flow control would. A backlog
+is written one page per turn, the next page only when the buffer has drained.
+
+Before login a client may send ``max_prelogin_bytes`` in all (its one login frame): a
+:class:`PreLoginGate` in front of aiohttp's frame reader counts them, so an unauthenticated
+connection never makes the server hold a large unfinished frame.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import struct
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
@@ -35,6 +40,9 @@ if TYPE_CHECKING:
 _HARD_FRAME_FACTOR = 4
 _HIGH_WATER = 1 << 20  # bytes buffered for one client before pushes wait and reading pauses
 _RETRY_S = 0.01
+# How long a close waits for the peer's answering close frame. aiohttp's default (10 s) doubled
+# the life of a silent unauthenticated socket; a live client answers in a round trip.
+_CLOSE_WAIT_S = 0.5
 
 _LEN2 = struct.Struct("!BBH")
 _LEN3 = struct.Struct("!BBQ")
@@ -93,13 +101,16 @@ class Outbox:
                 self._handle = self._loop.call_later(_RETRY_S, self.flush)
             else:
                 out.extend(conn.take_outgoing())
+                if conn.backlog:  # the next page, once this one has left (or in 10 ms)
+                    self._handle = self._loop.call_soon(self.flush)
         if out:
             transport.write(b"".join([binary_frame(p) for p in out]))
         if conn is not None and conn.close_requested and self._close_task is None:
             self._close_task = asyncio.ensure_future(self._close())
 
     async def _close(self) -> None:
-        await self._ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"replaced or revoked")
+        reason = self._conn.close_reason if self._conn is not None else b""
+        await self._ws.close(code=WSCloseCode.POLICY_VIOLATION, message=reason)
 
     def cancel(self) -> None:
         if self._handle is not None:
@@ -112,16 +123,71 @@ class Outbox:
                 await self._close_task
 
 
+class PreLoginGate:
+    """Stands in front of aiohttp's WebSocket reader: until :meth:`open`, a client may send
+    ``budget`` bytes in all; one byte more and the connection is closed with 1009.
+
+    aiohttp fixes the reader's frame limit when the response is created and its C reader does
+    not let it be changed; this counts bytes instead, so memory per unauthenticated connection
+    is bounded by ``budget``, while a logged-in client gets the full frame limit.
+    """
+
+    __slots__ = ("_budget", "_parser", "_transport")
+
+    def __init__(self, parser: Any, transport: asyncio.Transport, budget: int) -> None:
+        self._parser, self._transport, self._budget = parser, transport, budget
+
+    def open(self) -> None:
+        self._budget = -1
+
+    def feed_data(self, data: bytes) -> tuple[bool, bytes]:
+        if self._budget >= 0:
+            self._budget -= len(data)
+            if self._budget < 0:  # before login, and over: a close frame (1009) and goodbye
+                reason = (
+                    struct.pack("!H", WSCloseCode.MESSAGE_TOO_BIG) + FrameTooLarge.code.encode()
+                )
+                self._transport.write(bytes((0x88, len(reason))) + reason)
+                self._transport.close()
+                return True, b""
+        result: tuple[bool, bytes] = self._parser.feed_data(data)
+        return result
+
+    def feed_eof(self) -> None:
+        self._parser.feed_eof()
+
+
+def install_gate(request: web.Request, budget: int) -> PreLoginGate:
+    """Put a :class:`PreLoginGate` in front of the reader that ``ws.prepare`` installed.
+
+    The one place that touches aiohttp internals (3.14: ``RequestHandler._payload_parser``,
+    which receives every byte after the upgrade). If aiohttp renames it, this raises and
+    tests/integration/test_review_findings_server.py fails; it never fails open silently.
+    """
+    protocol = request.protocol
+    parser = getattr(protocol, "_payload_parser")  # noqa: B009 - private on purpose, see above
+    transport = request.transport
+    if parser is None or not hasattr(parser, "feed_data") or transport is None:
+        raise RuntimeError("aiohttp changed: no WebSocket reader to gate")
+    gate = PreLoginGate(parser, transport, budget)
+    setattr(protocol, "_payload_parser", gate)  # noqa: B010
+    return gate
+
+
 async def websocket_handler(request: web.Request) -> web.StreamResponse:
     state: ServerState = request.app["state"]
     limits = state.config.limits
     ws = web.WebSocketResponse(
-        max_msg_size=limits.max_frame_bytes * _HARD_FRAME_FACTOR, compress=False, heartbeat=60
+        max_msg_size=limits.max_frame_bytes * _HARD_FRAME_FACTOR,
+        compress=False,
+        heartbeat=60,
+        timeout=_CLOSE_WAIT_S,
     )
     await ws.prepare(request)
     transport = request.transport
     if transport is None:  # the client left during the handshake
         return ws
+    gate = install_gate(request, limits.max_prelogin_bytes)
     outbox = Outbox(ws, transport)
     conn = Connection(state, outbox.wake)
     outbox.attach(conn)
@@ -143,6 +209,8 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
                 break
             if msg.type == WSMsgType.BINARY:
                 outbox.reply(await conn.handle(msg.data))
+                if conn.state is State.AUTHENTICATED:
+                    gate.open()
             elif msg.type == WSMsgType.TEXT:
                 err = MalformedFrame("frames are binary msgpack")
                 outbox.reply(f.encode(f.Error(rid=None, code=err.code, message=err.message)))
