@@ -78,7 +78,7 @@ async def test_oversized_frame_typed_error_then_cut(tmp_path: Path) -> None:
     try:
         alice = await register(srv, tmp_path / "alice")
         raw = await RawConnection.open(srv)  # logged in: the full frame limit applies
-        auth = f.Auth(rid=1, device=alice.core.device_id, sig=alice.core.sign_challenge(raw.nonce))
+        auth = f.Auth(rid=1, device=alice.core.device_id, sig=raw.login_sig(alice))
         await raw.send(f.encode(auth))
         assert isinstance(await raw.recv(), f.Welcome)
         ws = raw.ws
