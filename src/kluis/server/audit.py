@@ -282,7 +282,10 @@ def _scan_tables(
                     Finding("envelope", where, f"{n} envelopes still stored for {device}")
                 )
         _note_adjacent_deposits(report, conn, owner)
-        for (body,) in conn.execute("SELECT body FROM envelopes"):
+        pieces = "SELECT body FROM envelopes" + (
+            " UNION ALL SELECT data FROM envelope_chunks" if "envelope_chunks" in tables else ""
+        )
+        for (body,) in conn.execute(pieces):
             named = {a for ident, a in owner.items() if ident in bytes(body)}
             if named:
                 report.findings.append(
