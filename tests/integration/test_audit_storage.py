@@ -200,3 +200,145 @@ async def test_pending_envelopes_are_reported(server: ServerProcess, tmp_path: P
     out = run_audit("--data", str(server.data), "--expect-empty")
     assert out.returncode == 1
     assert out.stdout.count("envelopes still stored for") == 2
+
+
+# ---- finding 8: deposit order on a seized disk ------------------------------------------------
+
+# The envelopes table exactly as c4b3566's store created it (bodies inline, so a body longer than
+# about 1,000 bytes spills into overflow pages allocated in insert order).
+OLD_SCHEMA = """
+CREATE TABLE accounts (id TEXT PRIMARY KEY, created_at INTEGER NOT NULL, expires_at INTEGER NOT NULL);
+CREATE TABLE devices (
+    id TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL REFERENCES accounts(id),
+    record BLOB NOT NULL,
+    created_at INTEGER NOT NULL,
+    revoked INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE envelopes (
+    device_id TEXT NOT NULL,
+    seq INTEGER NOT NULL DEFAULT 0,
+    expires_at INTEGER NOT NULL,
+    body BLOB NOT NULL,
+    PRIMARY KEY (device_id, seq)
+) WITHOUT ROWID;
+CREATE INDEX envelopes_by_expiry ON envelopes(expires_at);
+"""
+OLD_EXPIRY = 4_000_000_000 // 3600 * 3600  # a whole hour, far ahead
+
+
+def open_old_layout(data: Path) -> sqlite3.Connection:
+    """A database of c4b3566's layout with the same pragmas; two accounts of two devices each."""
+    data.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(data / audit.DB_NAME, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
+    db.execute("PRAGMA secure_delete=ON")
+    db.executescript(OLD_SCHEMA)
+    for account in ("alice", "bob"):
+        db.execute("INSERT INTO accounts VALUES (?, 0, ?)", (account, OLD_EXPIRY))
+        for n in (1, 2):
+            device = f"{account}-device-{n}".ljust(43, "x")  # as long as a real device ID
+            db.execute("INSERT INTO devices VALUES (?, ?, x'', 0, 0)", (device, account))
+    return db
+
+
+def old_send(db: sqlite3.Connection, seq: dict[str, int], sender: str, recipient: str) -> None:
+    """One send as c4b3566's store wrote it: the recipient's envelope, then the sender's copy for
+    its other device, 2 KB of random bytes each, in one transaction (one group commit)."""
+    db.execute("BEGIN IMMEDIATE")
+    for device in (f"{recipient}-device-1".ljust(43, "x"), f"{sender}-device-2".ljust(43, "x")):
+        seq[device] = seq.get(device, 0) + 1
+        db.execute(
+            "INSERT INTO envelopes(device_id, seq, expires_at, body) VALUES (?, ?, ?, ?)",
+            (device, seq[device], OLD_EXPIRY, os.urandom(2048)),
+        )
+    db.execute("COMMIT")
+
+
+def copy_live(data: Path, into: Path) -> Path:
+    """What a seizer copying the folder of a running server gets: the database, WAL and index."""
+    into.mkdir(parents=True)
+    for p in data.iterdir():
+        (into / p.name).write_bytes(p.read_bytes())
+    return into
+
+
+async def test_finding8_audit_finds_deposit_pairing_in_old_layout_and_none_in_new(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    """Finding 8: on c4b3566's layout, a 2 KB envelope spills into an overflow page allocated in
+    insert order, so a send's envelope for the recipient and the sender's copy for their other
+    device sit on consecutive pages (and in one WAL commit while live). The new layout (chunks
+    under the local-payload limit, scattered by key; the WAL folded within 1 s of a write) shows
+    neither after a real workload, and a pair planted the old way is still found."""
+    # Today's (old) layout, stopped: the pairs are on consecutive overflow pages.
+    old = tmp_path / "old"
+    db = open_old_layout(old)
+    seq: dict[str, int] = {}
+    for i in range(6):
+        old_send(db, seq, *(("alice", "bob") if i % 2 else ("bob", "alice")))
+    live = copy_live(old, tmp_path / "old-live")  # the connection is open: a live copy
+    db.close()  # the last connection folds and removes the WAL
+    out = run_audit("--data", str(old))
+    assert out.returncode == 1, out.stdout + out.stderr
+    # 12 overflow pages in deposit order; each send's two are neighbours for two accounts (the
+    # sends alternate, so one send's last page and the next one's first are of one account).
+    assert (
+        "FOUND deposit: 6 times envelopes for different accounts sit in overflow pages that follow each other"
+        in out.stdout
+    ), out.stdout
+    # ...and in the live copy, each send is one WAL commit as well.
+    out = run_audit("--data", str(live))
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert (
+        "FOUND deposit: 6 times envelopes for different accounts sit in one WAL commit"
+        in out.stdout
+    ), out.stdout
+
+    # The new layout, after a real workload: both users have a second device, every send of
+    # 2 KB text leaves the recipients' envelopes and the sender's copy pending.
+    alice = await register(server, tmp_path / "alice")
+    bob = await register(server, tmp_path / "bob")
+    alice2 = await link_device(alice, server, tmp_path / "alice2")
+    bob2 = await link_device(bob, server, tmp_path / "bob2")
+    await alice2.close()
+    await bob2.close()
+    for i in range(4):
+        await alice.send(bob.account_id, f"{i}:" + "a" * 2000)
+        await bob.send(alice.account_id, f"{i}:" + "b" * 2000)
+    for c in (alice, bob):
+        await c.close()
+    # Live, past the checkpoint interval (1 s): the WAL is folded and empty.
+    time.sleep(2.5)
+    live = copy_live(server.data, tmp_path / "new-live")
+    db = sqlite3.connect(live / audit.DB_NAME)
+    pending = db.execute("SELECT COUNT(*), MIN(size) FROM envelopes").fetchone()
+    db.close()
+    assert pending[0] >= 16 and pending[1] > 2000, pending  # 2 KB bodies, still waiting
+    for folder in (live, server.data):
+        if folder == server.data:
+            server.stop()  # and stopped
+        out = run_audit("--data", str(folder))
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "FOUND" not in out.stdout
+        assert "note: 0 overflow pages hold envelope bytes; 0 commits in the WAL" in out.stdout
+
+    # The audit can fail on the new layout: two envelopes for different accounts written the
+    # old way (whole bodies in their rows, one transaction) are found on consecutive pages.
+    db = sqlite3.connect(server.data / audit.DB_NAME, isolation_level=None)
+    db.execute("PRAGMA secure_delete=ON")
+    db.execute("BEGIN")
+    for device in (bob.core.device_id, alice2.core.device_id):
+        db.execute(
+            "INSERT INTO envelopes(device_id, seq, expires_at, body, size) VALUES (?, ?, ?, ?, ?)",
+            (device, 10_000, OLD_EXPIRY, os.urandom(2048), 2048),
+        )
+    db.execute("COMMIT")
+    db.close()
+    out = run_audit("--data", str(server.data))
+    assert out.returncode == 1, out.stdout
+    assert (
+        "FOUND deposit: 1 times envelopes for different accounts sit in overflow pages"
+        in out.stdout
+    ), out.stdout

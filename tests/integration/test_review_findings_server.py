@@ -48,7 +48,9 @@ def started(tmp_path: Path, *limits: str) -> ServerProcess:
 async def login(server: ServerProcess, client: KluisClient) -> RawConnection:
     """A raw connection authenticated as ``client``'s device."""
     raw = await RawConnection.open(server)
-    auth = f.Auth(rid=0, device=client.core.device_id, sig=client.core.sign_challenge(raw.nonce, raw.server))
+    auth = f.Auth(
+        rid=0, device=client.core.device_id, sig=client.core.sign_challenge(raw.nonce, raw.server)
+    )
     await raw.send(f.encode(auth))
     welcome = await raw.recv()
     assert isinstance(welcome, f.Welcome), welcome
@@ -517,7 +519,9 @@ async def test_finding14_claims_cannot_drain_a_victims_one_time_keys(
 
 async def login_count(server: ServerProcess, client: KluisClient) -> int:
     raw = await RawConnection.open(server)
-    auth = f.Auth(rid=0, device=client.core.device_id, sig=client.core.sign_challenge(raw.nonce, raw.server))
+    auth = f.Auth(
+        rid=0, device=client.core.device_id, sig=client.core.sign_challenge(raw.nonce, raw.server)
+    )
     await raw.send(f.encode(auth))
     welcome = await raw.recv()
     await raw.close()

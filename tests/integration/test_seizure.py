@@ -40,7 +40,7 @@ async def test_data_folder_holds_no_plaintext_and_no_sender(
 
     db = sqlite3.connect(server.data / "kluis.sqlite3")
     columns = [r[1] for r in db.execute("PRAGMA table_info(envelopes)")]
-    assert columns == ["device_id", "seq", "expires_at", "body"]  # no sender column
+    assert columns == ["device_id", "seq", "expires_at", "body", "size"]  # no sender column
     rows = db.execute("SELECT device_id, body FROM envelopes").fetchall()
     db.close()
     # Only Carol's envelope outlives delivery; delivered ones are deleted.

@@ -87,10 +87,11 @@ async def _sweeper(state: ServerState) -> None:
 
 
 async def _checkpointer(state: ServerState) -> None:
-    """Fold the WAL soon after deletions: it still holds copies of acknowledged envelopes."""
+    """Fold the WAL soon after envelopes are written or deleted: until then it holds copies of
+    acknowledged envelopes, and the frames of recent sends in deposit order (store.py)."""
     while True:
         await asyncio.sleep(state.config.checkpoint_interval_s)
-        if state.store.deleted_since_checkpoint:
+        if state.store.needs_checkpoint:
             try:
                 state.store.checkpoint()
             except Exception:

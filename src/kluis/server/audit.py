@@ -13,7 +13,10 @@ for three kinds of finding:
    and signatures, which are short);
 3. **metadata that outlives delivery**: in a copy of the SQLite database, any row that names
    devices or accounts of two different accounts (a sender/recipient link), envelopes past their
-   expiry, and, with ``expect_empty`` (every device has synced), any stored envelope at all.
+   expiry, and, with ``expect_empty`` (every device has synced), any stored envelope at all;
+4. **deposit order** (``audit_pages.py``): pending envelopes for different accounts whose bytes
+   sit in pages allocated one after the other, or that one WAL commit wrote together: the
+   recipient's envelope and the sender's copy for its other device, paired.
 
 A finding is a :class:`Finding`; the command exits 1 when there is any, 0 when there is none.
 """
@@ -32,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kluis.errors import LocalProtocolError
+from kluis.server import audit_pages
 
 DB_NAME = "kluis.sqlite3"
 # A run of base64 text this long is no public key (43 chars) or signature (86 chars) the server
@@ -43,7 +47,7 @@ _PEM_PRIVATE = re.compile(rb"-----BEGIN [A-Z ]*PRIVATE KEY-----")
 
 @dataclass(frozen=True, slots=True)
 class Finding:
-    kind: str  # "marker", "key", "link", "envelope"
+    kind: str  # "marker", "key", "link", "envelope", "deposit"
     where: str
     detail: str
 
@@ -193,14 +197,48 @@ def scan_database(report: Report, db: Path, *, expect_empty: bool, now: int) -> 
     with tempfile.TemporaryDirectory() as tmp:
         conn = sqlite3.connect(_copy_database(db, Path(tmp)))
         try:
-            _scan_tables(report, conn, str(db), expect_empty=expect_empty, now=now)
+            owner = _scan_tables(report, conn, str(db), expect_empty=expect_empty, now=now)
+            _scan_deposit_order(report, db, conn, owner)
         finally:
             conn.close()
 
 
+def _scan_deposit_order(
+    report: Report, db: Path, conn: sqlite3.Connection, owner: dict[bytes, str]
+) -> None:
+    """Pages and WAL frames, read as a seizer would: see ``audit_pages``."""
+    seen = audit_pages.scan(db, conn, owner)
+    report.notes.append(
+        f"{seen.overflow_pages} overflow pages hold envelope bytes; "
+        f"{seen.wal_commits} commits in the WAL"
+        + (f"; {seen.unmatched} envelopes too short to locate on a page" if seen.unmatched else "")
+    )
+    for where, what, pairs in (
+        (str(db), "overflow pages that follow each other", seen.allocation_pairs),
+        (f"{db}-wal", "one WAL commit", seen.wal_pairs),
+    ):
+        if pairs:
+            examples = "; ".join(pairs[:3]) + ("; …" if len(pairs) > 3 else "")
+            report.findings.append(
+                Finding(
+                    "deposit",
+                    where,
+                    f"{len(pairs)} times envelopes for different accounts sit in {what}, "
+                    f"pairing sender and recipient by deposit order ({examples})",
+                )
+            )
+    if seen.orphan_chunks:
+        report.findings.append(
+            Finding(
+                "envelope", str(db), f"{seen.orphan_chunks} envelope pieces belong to no envelope"
+            )
+        )
+
+
 def _scan_tables(
     report: Report, conn: sqlite3.Connection, where: str, *, expect_empty: bool, now: int
-) -> None:
+) -> dict[bytes, str]:
+    """Row-level findings; returns the owner (account) of every account and device ID."""
     tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
     owner: dict[bytes, str] = {}  # device or account ID -> account
     if "accounts" in tables:
@@ -244,12 +282,16 @@ def _scan_tables(
                     Finding("envelope", where, f"{n} envelopes still stored for {device}")
                 )
         _note_adjacent_deposits(report, conn, owner)
-        for (body,) in conn.execute("SELECT body FROM envelopes"):
+        pieces = "SELECT body FROM envelopes" + (
+            " UNION ALL SELECT data FROM envelope_chunks" if "envelope_chunks" in tables else ""
+        )
+        for (body,) in conn.execute(pieces):
             named = {a for ident, a in owner.items() if ident in bytes(body)}
             if named:
                 report.findings.append(
                     Finding("link", where, "an envelope body names an account or device ID")
                 )
+    return owner
 
 
 def _note_adjacent_deposits(

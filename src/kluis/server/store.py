@@ -7,14 +7,46 @@ What is stored, and why it is safe to seize:
 - devices: public keys and the approval signature that admitted each one;
 - one-time and fallback keys: public keys only;
 - envelopes: recipient device, expiry and an opaque sealed body (no sender, no plaintext),
-  deleted as soon as the device acknowledges them;
+  deleted as soon as the device acknowledges them; laid out so that the file does not say which
+  envelopes were deposited together (see "Envelope layout" below);
 - links: pending device-link requests (public keys), deleted on approval or expiry.
 
 Every multi-row change runs in one transaction: a failure leaves the database as it was.
+
+Envelope layout (unlinkable storage). A send deposits the recipient's envelopes and the sender's
+copies for its own other devices in one transaction. Nothing in the file may keep that grouping:
+- logical order: rows are keyed by (device, per-device sequence), never by a global id or time;
+  expiries are whole hours (mailbox.py);
+- page placement: SQLite moves the part of a row beyond the local-payload limit (about 1,000
+  bytes on a 4 KiB page) to overflow pages allocated in insert order, so the overflow pages of
+  one send came out consecutive and, read in page order, put the recipient's envelope next to the
+  sender's copy. Here no envelope byte goes to an overflow page: a body that fits stays inline in
+  its (device, seq) row; a longer one keeps a head there and the rest goes to ``envelope_chunks``
+  in pieces below the limit, each keyed by SHA-256(device, seq, piece number). Those keys are
+  uniformly spread, so each piece lands on the B-tree leaf its key picks, among other envelopes'
+  pieces, wherever that leaf is in the file, not at the end of an allocation run. The key is no
+  secret (it is derived from the row that is stored anyway); it only has to scatter;
+- the WAL: its frames, in file order, are the pages of each commit, that is of each send. The
+  server's checkpointer folds and truncates it within ``checkpoint_interval_s`` (1 s) of any
+  envelope write (``needs_checkpoint``), then makes one dummy write and folds again, so that the
+  shared-memory index (``-shm``), which keeps the page numbers of the last WAL's frames after a
+  checkpoint, lists one meaningless page instead of the pages of the last sends (``checkpoint``);
+- deletion: secure_delete zeroes the freed bytes; an envelope and its pieces go in one
+  transaction (ack, expiry sweep, revocation).
+What remains (SECURITY.md): a live copy taken within that second still holds the last commits'
+frames; within one B-tree page, SQLite places new cells below older ones, so cells added since
+the page was last rebalanced show their relative age (two pieces of one send rarely share a leaf
+of a busy table, but on a nearly empty server they can); freed WAL blocks may survive at the
+filesystem or flash level, below what a folder copy shows.
+
+A database written before this layout (envelopes without ``size``) is migrated when it is opened,
+in one transaction: every pending envelope is rewritten into the new layout and the old table
+dropped (its pages zeroed by secure_delete).
 """
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -57,15 +89,6 @@ CREATE TABLE IF NOT EXISTS fallback_keys (
     device_id TEXT PRIMARY KEY,
     key BLOB NOT NULL
 );
--- Kept in (device, seq) order, not in the order of arrival: see insert_envelopes.
-CREATE TABLE IF NOT EXISTS envelopes (
-    device_id TEXT NOT NULL,
-    seq INTEGER NOT NULL DEFAULT 0,  -- per device: the order of delivery, and the wire id
-    expires_at INTEGER NOT NULL,
-    body BLOB NOT NULL,
-    PRIMARY KEY (device_id, seq)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS envelopes_by_expiry ON envelopes(expires_at);
 CREATE TABLE IF NOT EXISTS links (
     token TEXT PRIMARY KEY,
     keys BLOB NOT NULL,
@@ -80,6 +103,41 @@ _ADDED_COLUMNS = (
     ("devices", "revocation", "BLOB"),
 )
 _INDEXES = "CREATE UNIQUE INDEX IF NOT EXISTS devices_by_curve ON devices(curve);"
+
+# Kept in (device, seq) order, not in the order of arrival: see insert_envelopes. No row and no
+# piece is ever larger than SQLite's local-payload limit: see the module's "Envelope layout".
+_ENVELOPE_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS envelopes (
+    device_id TEXT NOT NULL,
+    seq INTEGER NOT NULL DEFAULT 0,  -- per device: the order of delivery, and the wire id
+    expires_at INTEGER NOT NULL,
+    body BLOB NOT NULL,  -- the whole body, or its head when it is longer than size
+    size INTEGER,  -- the whole body's length, the rest in envelope_chunks (NULL: all in body)
+    PRIMARY KEY (device_id, seq)
+) WITHOUT ROWID""",
+    "CREATE INDEX IF NOT EXISTS envelopes_by_expiry ON envelopes(expires_at)",
+    """CREATE TABLE IF NOT EXISTS envelope_chunks (
+    key BLOB PRIMARY KEY,  -- chunk_key(device, seq, n): scattered, never in order of arrival
+    data BLOB NOT NULL
+) WITHOUT ROWID""",
+    "CREATE TABLE IF NOT EXISTS wal_scrub (n INTEGER NOT NULL)",  # see SqliteStore.checkpoint
+)
+# Room kept in a row for its record header, key and other columns; a longer device ID shortens
+# the head (see _put).
+_ROW_OVERHEAD = 48
+_CHUNK_OVERHEAD = 40  # record header and the 32-byte key of an envelope_chunks row
+
+
+def local_payload_limit(page_size: int) -> int:
+    """The most payload an index (WITHOUT ROWID) B-tree cell keeps on its page (SQLite's maxLocal,
+    for a page without reserved bytes); any more goes to overflow pages."""
+    return (page_size - 12) * 64 // 255 - 23
+
+
+def chunk_key(device_id: str, seq: int, n: int) -> bytes:
+    """Where piece ``n`` (1, 2, ...) of an envelope's body is kept: a scattered B-tree key."""
+    return hashlib.sha256(b"kluis-chunk\0%s\0%d\0%d" % (device_id.encode(), seq, n)).digest()
+
 
 _record_enc = msgspec.msgpack.Encoder()
 _record_dec = msgspec.msgpack.Decoder(DeviceRecord)
@@ -122,8 +180,14 @@ class SqliteStore:
             if column not in have:
                 self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
         self._db.executescript(_INDEXES)
-        self.deleted_since_checkpoint = False  # old copies of deleted rows may sit in the WAL
+        limit = local_payload_limit(int(self._db.execute("PRAGMA page_size").fetchone()[0]))
+        self._head_max = limit - _ROW_OVERHEAD  # body bytes kept in the envelope's own row
+        self._chunk_max = limit - _CHUNK_OVERHEAD  # body bytes per envelope_chunks row
+        # True when the WAL may hold what a copy must not show: old copies of deleted rows, or
+        # frames of new envelopes in deposit order. The server's checkpointer folds it (1 s).
+        self.needs_checkpoint = False
         self._last_seq: dict[str, int] = {}  # per device; a stale value is caught by the index
+        self._open_envelopes()
 
     def close(self) -> None:
         self._db.close()
@@ -168,7 +232,7 @@ class SqliteStore:
             ).fetchone()
             if row is None:
                 return None
-            self.deleted_since_checkpoint = True
+            self.needs_checkpoint = True
             account = Account(account_id, now, now + int(row[0]) * 86_400, identity)
             db.execute(
                 "INSERT INTO accounts(id, created_at, expires_at, identity) VALUES (?, ?, ?, ?)",
@@ -251,8 +315,14 @@ class SqliteStore:
             )
             db.execute("DELETE FROM one_time_keys WHERE device_id = ?", (device_id,))
             db.execute("DELETE FROM fallback_keys WHERE device_id = ?", (device_id,))
-            db.execute("DELETE FROM envelopes WHERE device_id = ?", (device_id,))
-            self.deleted_since_checkpoint = True
+            self._drop_bodies(
+                db.execute(
+                    "DELETE FROM envelopes WHERE device_id = ? "
+                    "RETURNING device_id, seq, length(body), COALESCE(size, length(body))",
+                    (device_id,),
+                ).fetchall()
+            )
+            self.needs_checkpoint = True
 
     # ---- device links -------------------------------------------------------------------------
 
@@ -320,6 +390,86 @@ class SqliteStore:
 
     # ---- mailbox ------------------------------------------------------------------------------
 
+    def _open_envelopes(self) -> None:
+        """Create the envelope tables, or migrate a database of the layout before chunking."""
+        columns = {str(r[1]) for r in self._db.execute("PRAGMA table_info(envelopes)")}
+        if columns and "size" not in columns:
+            self._migrate_envelopes(columns)
+            return
+        for statement in _ENVELOPE_SCHEMA:
+            self._db.execute(statement)
+
+    def _migrate_envelopes(self, columns: set[str]) -> None:
+        """Rewrite every pending envelope into the chunked layout, in one transaction.
+
+        The old table kept bodies beyond the local-payload limit in overflow pages allocated in
+        deposit order; dropping it (secure_delete) zeroes them.
+        """
+        if "seq" in columns:
+            seq = "seq"
+        elif "id" in columns:  # the layout with one global id: number each device's envelopes
+            seq = "ROW_NUMBER() OVER (PARTITION BY device_id ORDER BY id)"
+        else:
+            raise sqlite3.DatabaseError(f"unknown envelopes layout: {sorted(columns)}")
+        with self.transaction() as db:
+            db.execute("DROP INDEX IF EXISTS envelopes_by_expiry")
+            db.execute("ALTER TABLE envelopes RENAME TO envelopes_before_chunks")
+            for statement in _ENVELOPE_SCHEMA:
+                db.execute(statement)
+            old = db.execute(
+                f"SELECT device_id, {seq}, expires_at, body FROM envelopes_before_chunks"
+            ).fetchall()
+            for device_id, n, expires_at, body in sorted(old, key=lambda r: (r[0], r[1])):
+                self._put(db, str(device_id), int(n), int(expires_at), bytes(body))
+            db.execute("DROP TABLE envelopes_before_chunks")
+        self.checkpoint()
+
+    def _put(
+        self, db: sqlite3.Connection, device_id: str, seq: int, expires: int, body: bytes
+    ) -> None:
+        """One envelope: its row (with the whole body, or its head) and its scattered pieces."""
+        head = max(0, self._head_max - len(device_id.encode()))
+        db.execute(
+            "INSERT INTO envelopes(device_id, seq, expires_at, body, size) VALUES (?, ?, ?, ?, ?)",
+            (device_id, seq, expires, body[:head], len(body)),
+        )
+        step = self._chunk_max
+        db.executemany(
+            "INSERT OR REPLACE INTO envelope_chunks(key, data) VALUES (?, ?)",
+            [
+                (chunk_key(device_id, seq, n), body[start : start + step])
+                for n, start in enumerate(range(head, len(body), step), 1)
+            ],
+        )
+
+    def _body(self, device_id: str, seq: int, head: bytes, size: int) -> bytes:
+        parts = [head]
+        have, n = len(head), 0
+        while have < size:
+            n += 1
+            row = self._db.execute(
+                "SELECT data FROM envelope_chunks WHERE key = ?", (chunk_key(device_id, seq, n),)
+            ).fetchone()
+            if row is None:
+                raise sqlite3.DatabaseError(f"envelope {seq} of {device_id}: piece {n} missing")
+            parts.append(bytes(row[0]))
+            have += len(row[0])
+        return b"".join(parts)
+
+    def _drop_bodies(self, deleted: Iterable[tuple[str, int, int, int]]) -> None:
+        """Delete the pieces of envelopes whose rows were just deleted: (device, seq, head, size)."""
+        for device_id, seq, head, size in deleted:
+            left, n = int(size) - int(head), 0
+            while left > 0:
+                n += 1
+                row = self._db.execute(
+                    "DELETE FROM envelope_chunks WHERE key = ? RETURNING length(data)",
+                    (chunk_key(str(device_id), int(seq), n),),
+                ).fetchone()
+                if row is None:
+                    break  # nothing more to delete
+                left -= int(row[0])
+
     def insert_envelopes(self, rows: Sequence[tuple[str, int, bytes]]) -> list[int]:
         """Store (device, expires_at, body) rows in one transaction; return their wire ids.
 
@@ -327,7 +477,8 @@ class SqliteStore:
         (device, sequence): delivery keeps its order per device while nothing orders envelopes
         *across* devices. With one global, growing id, two envelopes waiting on a seized disk (a
         recipient's and the sender's own copy for another device) would pair sender and
-        recipient by adjacency.
+        recipient by adjacency. Long bodies are split so that no page is allocated in deposit
+        order either (module docstring).
         """
         ids: list[int] = []
         with self.transaction() as db:
@@ -335,16 +486,14 @@ class SqliteStore:
                 for attempt in range(2):
                     seq = self._next_seq(device_id, reload=attempt > 0)
                     try:
-                        db.execute(
-                            "INSERT INTO envelopes(device_id, seq, expires_at, body) "
-                            "VALUES (?, ?, ?, ?)",
-                            (device_id, seq, expires_at, body),
-                        )
+                        self._put(db, device_id, seq, expires_at, body)
                         break
                     except sqlite3.IntegrityError:  # a stale sequence cache: count again
                         if attempt:
                             raise
                 ids.append(seq)
+            if rows:
+                self.needs_checkpoint = True  # the WAL now holds this commit's frames
         return ids
 
     def _next_seq(self, device_id: str, *, reload: bool = False) -> int:
@@ -367,23 +516,32 @@ class SqliteStore:
         """
         out: list[tuple[int, bytes]] = []
         total = 0
-        for seq, body in self._db.execute(
-            "SELECT seq, body FROM envelopes WHERE device_id = ? AND seq > ? "
-            "AND expires_at > ? ORDER BY seq LIMIT ?",
+        for seq, head, size in self._db.execute(
+            "SELECT seq, body, COALESCE(size, length(body)) FROM envelopes "
+            "WHERE device_id = ? AND seq > ? AND expires_at > ? ORDER BY seq LIMIT ?",
             (device_id, after_seq, now, limit),
-        ):
-            total += len(body)
+        ).fetchall():
+            total += int(size)
             if out and max_bytes is not None and total > max_bytes:
                 break
-            out.append((int(seq), bytes(body)))
+            out.append((int(seq), self._body(device_id, int(seq), bytes(head), int(size))))
         return out
 
     def delete_envelopes(self, rows: Sequence[tuple[str, int]]) -> int:
         """Delete (device, wire id) rows in one transaction; a device may delete only its own."""
         with self.transaction() as db:
-            cur = db.executemany("DELETE FROM envelopes WHERE device_id = ? AND seq = ?", rows)
-            self.deleted_since_checkpoint = True
-            return int(cur.rowcount)
+            deleted = [
+                found
+                for device_id, seq in rows
+                for found in db.execute(
+                    "DELETE FROM envelopes WHERE device_id = ? AND seq = ? "
+                    "RETURNING device_id, seq, length(body), COALESCE(size, length(body))",
+                    (device_id, seq),
+                ).fetchall()
+            ]
+            self._drop_bodies(deleted)
+            self.needs_checkpoint = True
+            return len(deleted)
 
     def count_envelopes(self, device_id: str) -> int:
         row = self._db.execute(
@@ -401,13 +559,32 @@ class SqliteStore:
     def sweep(self, now: int) -> tuple[int, int]:
         """Delete expired envelopes and device links; return how many of each."""
         with self.transaction() as db:
-            env = db.execute("DELETE FROM envelopes WHERE expires_at <= ?", (now,)).rowcount
+            expired = db.execute(
+                "DELETE FROM envelopes WHERE expires_at <= ? "
+                "RETURNING device_id, seq, length(body), COALESCE(size, length(body))",
+                (now,),
+            ).fetchall()
+            self._drop_bodies(expired)
             links = db.execute("DELETE FROM links WHERE expires_at <= ?", (now,)).rowcount
-        if env or links:
-            self.deleted_since_checkpoint = True  # the checkpointer folds the WAL within 1 s
-        return int(env), int(links)
+        if expired or links:
+            self.needs_checkpoint = True  # the checkpointer folds the WAL within 1 s
+        return len(expired), int(links)
 
     def checkpoint(self) -> None:
-        """Fold the WAL back into the database so deleted rows leave no copy in the WAL file."""
-        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        self.deleted_since_checkpoint = False
+        """Fold the WAL back into the database and truncate it, so that a copy of the data folder
+        holds neither old copies of deleted rows nor the frames of recent deposits, in order.
+
+        A checkpoint leaves the shared-memory index (``-shm``) listing the page numbers of the
+        folded frames, in commit order; the first frame of a new WAL clears that list, so one
+        dummy write, folded in turn, leaves it naming only the ``wal_scrub`` page.
+        """
+        if not self._fold():
+            return  # another connection is reading (a CLI command): try again next time
+        with self.transaction() as db:
+            db.execute("DELETE FROM wal_scrub")
+            db.execute("INSERT INTO wal_scrub(n) VALUES (0)")
+        self.needs_checkpoint = not self._fold()
+
+    def _fold(self) -> bool:
+        busy = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        return not busy
