@@ -8,6 +8,7 @@ import sqlite3
 import struct
 from pathlib import Path
 
+from kluis.protocol.frames import Revocation
 from kluis.server import audit
 from kluis.server.store import SqliteStore
 from tests.integration.test_audit_storage import OLD_EXPIRY, old_send, open_old_layout
@@ -33,7 +34,7 @@ def test_no_envelope_byte_goes_to_an_overflow_page_and_pieces_go_with_their_enve
 
     assert store.delete_envelopes([(RECIPIENT, 5), (COPY, 5)]) == 2  # an ack: 2 KB bodies
     assert store.envelopes_after(RECIPIENT, 4, 0, 1)[0][0] == 6
-    store.revoke_device(COPY)
+    store.revoke_device(COPY, Revocation(device=COPY, sig="A" * 86))
     assert store.sweep(OLD_EXPIRY) == (6, 0)  # expiry
     assert db.execute("SELECT COUNT(*) FROM envelopes").fetchone()[0] == 0
     assert db.execute("SELECT COUNT(*) FROM envelope_chunks").fetchone()[0] == 0

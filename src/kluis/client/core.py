@@ -26,11 +26,20 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from dataclasses import dataclass
-from datetime import UTC, datetime
 
 import msgspec
 
+from kluis.client.records import (
+    Identity,
+    Message,
+    Opened,
+    Payload,
+    Pins,
+    Quarantined,
+    Sealed,
+    StoredMessage,
+    clamp_ts,
+)
 from kluis.client.store import ProfileStore
 from kluis.crypto import padding, seal
 from kluis.crypto.account_key import AccountKey
@@ -55,7 +64,7 @@ from kluis.protocol.frames import (
     SignedKey,
 )
 
-__all__ = ["ClientCore", "Message", "Opened", "Payload", "link_fingerprint"]
+__all__ = ["ClientCore", "Message", "Opened", "Payload", "Sealed", "link_fingerprint"]
 
 ONE_TIME_KEY_TARGET = 50
 # A peer's clock is not ours: what it says is shown at most this far ahead of our own.
@@ -65,98 +74,8 @@ MAX_CLOCK_SKEW_MS = 5 * 60 * 1000
 RECOVERY_DELAY_MS = 30 * 1000
 RECOVERY_INTERVAL_MS = 3600 * 1000
 RECOVERY_FORGET_MS = 7 * 24 * 3600 * 1000
-
-
-# ---- records kept in the profile and inside ciphertexts ------------------------------------------
-
-
-class Identity(msgspec.Struct):
-    account_pickle: str
-    seal_private: bytes
-    server: str
-    account_id: str = ""
-    link_token: str = ""  # set while this device waits for approval
-    account_key: bytes = b""  # the account's identity key: only on the account's first device
-
-
-class Pins(msgspec.Struct):
-    account: str
-    identity: str
-    known: dict[str, DeviceRecord]  # every device ever trusted, by ed25519
-    active: list[str]
-    revoked: list[str] = []  # every revocation ever seen: such a device never comes back
-    untrusted: list[tuple[str, str]] = []  # (device, why) in the last list the server gave
-
-
-class Payload(msgspec.Struct, frozen=True):
-    """Inside Olm: what the sender wrote, bound to who sends it to whom, in which conversation."""
-
-    id: bytes
-    ts: int  # sender's clock, milliseconds since the epoch
-    kind: str  # "text", "sync" (copy of our own message for our other devices), "dummy"
-    sender: str = ""  # account
-    sender_device: str = ""
-    recipient: str = ""  # account
-    recipient_device: str = ""
-    text: str = ""
-    to: str = ""  # the conversation: the account it was written to
-
-
-class Sealed(msgspec.Struct, frozen=True):
-    """Inside the sealed box: who claims to send, and the Olm message."""
-
-    account: str
-    device: str
-    curve: str  # the claimed device's Curve25519 key: a pre-key message must come from it
-    type: int
-    body: bytes
-
-
-class StoredMessage(msgspec.Struct, frozen=True):
-    peer: str
-    sender: str
-    ts: int
-    text: str
-
-
-class Quarantined(msgspec.Struct, frozen=True):
-    """An envelope that could not be read: kept as it came (still sealed), with why."""
-
-    body: bytes
-    code: str
-    received: int
-
-
-_MIN_TS, _MAX_TS = 0, 253_402_300_799_000  # datetime's range, in milliseconds
-
-
-def _clamp_ts(ts: int) -> int:
-    return min(max(ts, _MIN_TS), _MAX_TS)
-
-
-@dataclass(frozen=True, slots=True)
-class Message:
-    """A message as the user sees it."""
-
-    sender: str
-    peer: str
-    time: datetime
-    text: str
-
-    @classmethod
-    def from_stored(cls, m: StoredMessage) -> Message:
-        time_ = datetime.fromtimestamp(_clamp_ts(m.ts) / 1000, UTC)
-        return cls(m.sender, m.peer, time_, m.text)
-
-    def line(self) -> str:
-        text = self.text.replace("\n", " ").replace("\t", " ")
-        return f"{self.sender}\t{self.time.isoformat(timespec='milliseconds')}\t{text}"
-
-
-@dataclass(frozen=True, slots=True)
-class Opened:
-    envelope: InEnvelope
-    sealed: Sealed
+# Unreadable envelopes kept whole in the profile (for a later version to retry); more are counted.
+QUARANTINE_KEEP = 1_000
 
 
 _enc = msgspec.msgpack.Encoder()
@@ -585,7 +504,7 @@ class ClientCore:
             self.store.mark_seen(b"msg:" + payload.id)
             peer = payload.to if payload.kind == "sync" else s.account
             ts = min(payload.ts, self._now_ms() + MAX_CLOCK_SKEW_MS)
-            m = StoredMessage(peer=peer, sender=s.account, ts=_clamp_ts(ts), text=payload.text)
+            m = StoredMessage(peer=peer, sender=s.account, ts=clamp_ts(ts), text=payload.text)
             self.store.add_message(peer, _enc.encode(m))
         return Message.from_stored(m)
 
@@ -630,9 +549,11 @@ class ClientCore:
         """Keep an unreadable envelope (still sealed) and never process it again by itself."""
         code = error.code if isinstance(error, KluisError) else "internal"
         name = "quarantine:" + hashlib.sha256(env.body).hexdigest()
+        # A flood of junk must not grow the profile without bound: past the cap, only counted.
+        body = env.body if self.quarantined() < QUARANTINE_KEEP else b""
         with self.store.transaction():
             self.store.mark_seen(b"env:" + env.body)
-            record = Quarantined(body=env.body, code=code, received=self._now_ms() // 3_600_000)
+            record = Quarantined(body=body, code=code, received=self._now_ms() // 3_600_000)
             self.store.put(name, _enc.encode(record))
 
     def quarantined(self) -> int:

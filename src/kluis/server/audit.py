@@ -384,7 +384,7 @@ def profile_secrets(profile: Path, passphrase: str) -> list[tuple[str, bytes]]:
     """The private material a client profile holds: what must never reach the server."""
     import msgspec
 
-    from kluis.client.core import Identity
+    from kluis.client.records import Identity
     from kluis.client.store import ProfileStore
 
     store = ProfileStore.open(profile, passphrase)
@@ -398,6 +398,11 @@ def profile_secrets(profile: Path, passphrase: str) -> list[tuple[str, bytes]]:
             (f"sealing private key of {name}", identity.seal_private),
             (f"Olm account pickle of {name}", identity.account_pickle.encode()[:64]),
             (f"pickle key of {name}", store.pickle_key),
+            *(
+                [(f"account identity key of {name}", identity.account_key)]
+                if identity.account_key
+                else []
+            ),
         ]
     finally:
         store.close()

@@ -1,0 +1,102 @@
+"""What the client keeps in its profile and puts inside ciphertexts: plain, validated records.
+
+Nothing here does I/O or cryptography; :mod:`kluis.client.core` reads and writes these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import msgspec
+
+from kluis.protocol.frames import DeviceRecord, InEnvelope
+
+
+class Identity(msgspec.Struct):
+    account_pickle: str
+    seal_private: bytes
+    server: str
+    account_id: str = ""
+    link_token: str = ""  # set while this device waits for approval
+    account_key: bytes = b""  # the account's identity key: only on the account's first device
+
+
+class Pins(msgspec.Struct):
+    account: str
+    identity: str
+    known: dict[str, DeviceRecord]  # every device ever trusted, by ed25519
+    active: list[str]
+    revoked: list[str] = []  # every revocation ever seen: such a device never comes back
+    untrusted: list[tuple[str, str]] = []  # (device, why) in the last list the server gave
+
+
+class Payload(msgspec.Struct, frozen=True):
+    """Inside Olm: what the sender wrote, bound to who sends it to whom, in which conversation."""
+
+    id: bytes
+    ts: int  # sender's clock, milliseconds since the epoch
+    kind: str  # "text", "sync" (copy of our own message for our other devices), "dummy"
+    sender: str = ""  # account
+    sender_device: str = ""
+    recipient: str = ""  # account
+    recipient_device: str = ""
+    text: str = ""
+    to: str = ""  # the conversation: the account it was written to
+
+
+class Sealed(msgspec.Struct, frozen=True):
+    """Inside the sealed box: who claims to send, and the Olm message."""
+
+    account: str
+    device: str
+    curve: str  # the claimed device's Curve25519 key: a pre-key message must come from it
+    type: int
+    body: bytes
+
+
+class StoredMessage(msgspec.Struct, frozen=True):
+    peer: str
+    sender: str
+    ts: int
+    text: str
+
+
+class Quarantined(msgspec.Struct, frozen=True):
+    """An envelope that could not be read: kept as it came (still sealed), with why."""
+
+    body: bytes
+    code: str
+    received: int
+
+
+_MIN_TS, _MAX_TS = 0, 253_402_300_799_000  # datetime's range, in milliseconds
+
+
+def clamp_ts(ts: int) -> int:
+    return min(max(ts, _MIN_TS), _MAX_TS)
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A message as the user sees it."""
+
+    sender: str
+    peer: str
+    time: datetime
+    text: str
+
+    @classmethod
+    def from_stored(cls, m: StoredMessage) -> Message:
+        time_ = datetime.fromtimestamp(clamp_ts(m.ts) / 1000, UTC)
+        return cls(m.sender, m.peer, time_, m.text)
+
+    def line(self) -> str:
+        text = self.text.replace("\n", " ").replace("\t", " ")
+        return f"{self.sender}\t{self.time.isoformat(timespec='milliseconds')}\t{text}"
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    envelope: InEnvelope
+    sealed: Sealed
