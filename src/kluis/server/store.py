@@ -551,7 +551,9 @@ class SqliteStore:
 
     def envelope_bytes(self, device_id: str) -> int:
         row = self._db.execute(
-            "SELECT COALESCE(SUM(LENGTH(body)), 0) FROM envelopes WHERE device_id = ?",
+            # The whole bodies: ``body`` holds only the head of one kept in pieces.
+            "SELECT COALESCE(SUM(COALESCE(size, LENGTH(body))), 0) FROM envelopes "
+            "WHERE device_id = ?",
             (device_id,),
         ).fetchone()
         return int(row[0])
