@@ -229,6 +229,10 @@ async def test_finding12_revoked_device_cannot_return_or_vouch(
     assert {d for d, _ in view.untrusted} == {bob2_id, newcomer_keys.ed25519}
     assert [r.keys.ed25519 for r in view.trusted] == [bob.core.device_id]
     await alice.close()
+    # Bob's own client, which signed the revocation, alarms on both.
+    bob = await reopen(tmp_path / "bob")
+    assert len(bob.alarms()) == 2
+    await bob.close()
 
 
 # ---- a hostile peer against the receiving client -----------------------------------------------

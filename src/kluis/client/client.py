@@ -264,6 +264,7 @@ class KluisClient:
     async def revoke(self, device: str) -> None:
         revocation = self.core.revocation(device)
         await self.transport.request(lambda rid: f.Revoke(rid=rid, revocation=revocation), f.Done)
+        self.core.note_revoked(device)
         if device != self.core.device_id:
             await self.refresh_devices(self.account_id)
 

@@ -298,6 +298,16 @@ class ClientCore:
         )
         return view
 
+    def note_revoked(self, device: str) -> None:
+        """We revoked ``device`` of our own account: never take it back, whatever a server
+        lists later (it may forget the revocation)."""
+        pins = self._pins(self.account_id)
+        if pins is None:
+            return
+        pins.revoked = sorted({*pins.revoked, device})
+        pins.active = [d for d in pins.active if d != device]
+        self._save_pins(pins)
+
     def trusted_devices(self, account: str) -> list[DeviceRecord] | None:
         """The active certified devices, or None if never fetched."""
         pins = self._pins(account)
