@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import random
 import re
+import secrets
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
 import pytest
 
 from kluis.client.core import ClientCore, link_fingerprint
-from kluis.client.store import ProfileStore
+from kluis.client.store import ClientStore, MemoryStore, ProfileStore
 from kluis.crypto.account_key import AccountKey
 from kluis.crypto.profile_key import new_params
 from kluis.errors import BadSignature, DecryptionError, UntrustedDevice
@@ -18,10 +21,26 @@ from kluis.identity import chain
 from kluis.protocol.frames import Bundle, DeviceRecord, InEnvelope, OutEnvelope, Revocation
 
 
-def make_core(tmp_path: Path, name: str, primary: ClientCore | None = None) -> ClientCore:
-    """The first device of a new account, or (with ``primary``) a device linked to its account."""
-    store = ProfileStore.create(tmp_path / name, "pw", new_params(time_cost=1, memory_kib=8192))
-    core = ClientCore.create(store, "http://unused", new_account=primary is None)
+def make_core(
+    tmp_path: Path,
+    name: str,
+    primary: ClientCore | None = None,
+    *,
+    clock: Callable[[], float] = time.time,
+    on_disk: bool = False,
+) -> ClientCore:
+    """The first device of a new account, or (with ``primary``) a device linked to its account.
+
+    In memory, unless ``on_disk`` asks for the encrypted SQLite profile in ``tmp_path / name``.
+    """
+    store: ClientStore = (
+        ProfileStore.create(tmp_path / name, "pw", new_params(time_cost=1, memory_kib=8192))
+        if on_disk
+        else MemoryStore()
+    )
+    core = ClientCore.create(
+        store, "http://unused", clock=clock, random=secrets.token_bytes, new_account=primary is None
+    )
     core.set_account(core.new_account_id() if primary is None else primary.account_id)
     return core
 
@@ -56,9 +75,7 @@ def deliver(receiver: ClientCore, env: OutEnvelope, env_id: int = 1):  # type: i
 
 
 def text_for(sender: ClientCore, receiver: ClientCore, text: str) -> OutEnvelope:
-    (env,) = sender.encrypt(
-        receiver.account_id, sender.new_payload("text", text, to=receiver.account_id)
-    )
+    (env,) = sender.encrypt(receiver.account_id, sender.new_text(receiver.account_id, text))
     return env
 
 
@@ -99,7 +116,7 @@ def test_duplicate_and_replay_are_shown_once(pair: tuple[ClientCore, ClientCore]
     assert deliver(bob, env).text == "once"
     assert deliver(bob, env, 2) is None  # same envelope again
     # The same message id re-encrypted (a resend) is recognised too.
-    payload = alice.new_payload("text", "resent", to=bob.account_id)
+    payload = alice.new_text(bob.account_id, "resent")
     (e1,) = alice.encrypt(bob.account_id, payload)
     (e2,) = alice.encrypt(bob.account_id, payload)
     assert deliver(bob, e1, 3).text == "resent"
@@ -226,18 +243,29 @@ def test_finding3_only_canonical_key_encodings(tmp_path: Path) -> None:
     chain.check_device_keys(keys)
 
 
-def test_profile_survives_reopen(tmp_path: Path, pair: tuple[ClientCore, ClientCore]) -> None:
-    alice, bob = pair
+def test_profile_survives_reopen(tmp_path: Path) -> None:
+    """On the encrypted SQLite profile: what the core wrote is there after reopening."""
+    alice = make_core(tmp_path, "alice", on_disk=True)
+    bob = make_core(tmp_path, "bob", on_disk=True)
+    connect(alice, bob)
     env = text_for(alice, bob, "before reopen")
-    bob.store.close()
-    bob = ClientCore.load(ProfileStore.open(tmp_path / "bob", "pw"))
     assert deliver(bob, env).text == "before reopen"
+    env = text_for(alice, bob, "after reopen")
+    bob.store.close()
+    bob = ClientCore.load(
+        ProfileStore.open(tmp_path / "bob", "pw"), clock=time.time, random=secrets.token_bytes
+    )
+    assert deliver(bob, env, 2).text == "after reopen"
+    assert [m.text for m in bob.history(alice.account_id)] == ["before reopen", "after reopen"]
+    alice.store.close()
+    bob.store.close()
 
 
-def test_history_is_oldest_first_by_sender_clock(pair: tuple[ClientCore, ClientCore]) -> None:
-    alice, bob = pair
+def test_history_is_oldest_first_by_sender_clock(tmp_path: Path) -> None:
     ticks = iter(range(1_700_000_000, 1_700_000_010))
-    alice._clock = lambda: float(next(ticks))  # injected: one second per message
+    alice = make_core(tmp_path, "alice", clock=lambda: float(next(ticks)))  # a second a call
+    bob = make_core(tmp_path, "bob")
+    connect(alice, bob)
     envs = [text_for(alice, bob, f"m{i}") for i in range(3)]
     for i in (2, 0, 1):  # arrival order differs from sending order
         deliver(bob, envs[i], i + 1)
@@ -249,9 +277,7 @@ def test_finding11_a_peer_timestamp_far_off_is_clamped(
 ) -> None:
     alice, bob = pair
     for i, ts in enumerate((2**62, -(2**40), 2**63 - 1)):
-        payload = msgspec.structs.replace(
-            alice.new_payload("text", f"t{i}", to=bob.account_id), ts=ts
-        )
+        payload = msgspec.structs.replace(alice.new_text(bob.account_id, f"t{i}"), ts=ts)
         (env,) = alice.encrypt(bob.account_id, payload)
         m = deliver(bob, env, i + 1)
         assert m is not None and m.time.year < 3000  # shown near our own clock, no crash

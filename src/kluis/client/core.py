@@ -24,12 +24,12 @@ itself.
 from __future__ import annotations
 
 import hashlib
-import os
-import time
+from collections.abc import Callable
 
 import msgspec
 
 from kluis.client.records import (
+    Dummy,
     Identity,
     Message,
     Opened,
@@ -38,9 +38,11 @@ from kluis.client.records import (
     Quarantined,
     Sealed,
     StoredMessage,
+    Sync,
+    Text,
     clamp_ts,
 )
-from kluis.client.store import ProfileStore
+from kluis.client.store.protocol import ClientStore
 from kluis.crypto import padding, seal
 from kluis.crypto.account_key import AccountKey
 from kluis.crypto.olm import PRE_KEY, OlmAccount, OlmSession, verify_signature
@@ -64,7 +66,22 @@ from kluis.protocol.frames import (
     SignedKey,
 )
 
-__all__ = ["ClientCore", "Message", "Opened", "Payload", "Sealed", "link_fingerprint"]
+__all__ = [
+    "ClientCore",
+    "Clock",
+    "Dummy",
+    "Message",
+    "Opened",
+    "Payload",
+    "Random",
+    "Sealed",
+    "Sync",
+    "Text",
+    "link_fingerprint",
+]
+
+Clock = Callable[[], float]  # seconds since the epoch (time.time)
+Random = Callable[[int], bytes]  # n random bytes from a CSPRNG (secrets.token_bytes)
 
 ONE_TIME_KEY_TARGET = 50
 # A peer's clock is not ours: what it says is shown at most this far ahead of our own.
@@ -81,7 +98,7 @@ QUARANTINE_KEEP = 1_000
 _enc = msgspec.msgpack.Encoder()
 _identity_dec = msgspec.msgpack.Decoder(Identity)
 _pins_dec = msgspec.msgpack.Decoder(Pins)
-_payload_dec = msgspec.msgpack.Decoder(Payload)
+_payload_dec: msgspec.msgpack.Decoder[Payload] = msgspec.msgpack.Decoder(Payload)
 _sealed_dec = msgspec.msgpack.Decoder(Sealed)
 _stored_dec = msgspec.msgpack.Decoder(StoredMessage)
 _broken_dec = msgspec.msgpack.Decoder(dict[str, tuple[int, int]])
@@ -93,7 +110,16 @@ def _peer(account: str, device: str) -> str:
 
 
 class ClientCore:
-    def __init__(self, store: ProfileStore, identity: Identity) -> None:
+    """A device's state over a :class:`ClientStore`, with time and randomness injected.
+
+    ``clock`` gives seconds since the epoch (``time.time``); ``random`` gives n bytes from a
+    cryptographically secure source (``secrets.token_bytes``). Key generation inside vodozemac
+    and ``cryptography`` draws from the system's source directly.
+    """
+
+    def __init__(
+        self, store: ClientStore, identity: Identity, *, clock: Clock, random: Random
+    ) -> None:
         self.store = store
         self._identity = identity
         self._account = OlmAccount.from_pickle(identity.account_pickle, store.pickle_key)
@@ -101,12 +127,21 @@ class ClientCore:
         self._account_key = (
             AccountKey.from_private_bytes(identity.account_key) if identity.account_key else None
         )
-        self._clock = time.time
+        self._clock = clock
+        self._random = random
 
     # ---- identity -----------------------------------------------------------------------------
 
     @classmethod
-    def create(cls, store: ProfileStore, server: str, *, new_account: bool = False) -> ClientCore:
+    def create(
+        cls,
+        store: ClientStore,
+        server: str,
+        *,
+        clock: Clock,
+        random: Random,
+        new_account: bool = False,
+    ) -> ClientCore:
         """A new device; with ``new_account``, also the identity key of a new account."""
         account = OlmAccount()
         identity = Identity(
@@ -117,14 +152,14 @@ class ClientCore:
         if new_account:
             identity.account_key = AccountKey().private_bytes()
         store.put("identity", _enc.encode(identity))
-        return cls(store, identity)
+        return cls(store, identity, clock=clock, random=random)
 
     @classmethod
-    def load(cls, store: ProfileStore) -> ClientCore:
+    def load(cls, store: ClientStore, *, clock: Clock, random: Random) -> ClientCore:
         raw = store.get("identity")
         if raw is None:
             raise LocalProtocolError("profile has no identity")
-        return cls(store, _identity_dec.decode(raw))
+        return cls(store, _identity_dec.decode(raw), clock=clock, random=random)
 
     def _save_identity(self) -> None:
         self._identity.account_pickle = self._account.pickle(self.store.pickle_key)
@@ -433,10 +468,20 @@ class ClientCore:
                 out.append(OutEnvelope(device=d.keys.ed25519, body=box))
         return out
 
-    def new_payload(self, kind: str, text: str = "", to: str = "") -> Payload:
-        return Payload(id=os.urandom(16), ts=self._now_ms(), kind=kind, text=text, to=to)
+    def new_text(self, to: str, text: str) -> Text:
+        """A message to the account ``to`` (bound to each recipient device by :meth:`encrypt`)."""
+        return Text(id=self._random(16), ts=self._now_ms(), text=text, to=to)
 
-    def record_sent(self, peer: str, payload: Payload) -> Message:
+    @staticmethod
+    def sync_copy(message: Text) -> Sync:
+        """The copy of ``message`` for our own other devices: same ID, time and conversation."""
+        return Sync(id=message.id, ts=message.ts, text=message.text, to=message.to)
+
+    def new_dummy(self, to: str) -> Dummy:
+        """A message the recipient ignores: it opens a fresh session (session recovery)."""
+        return Dummy(id=self._random(16), ts=self._now_ms(), to=to)
+
+    def record_sent(self, peer: str, payload: Text) -> Message:
         m = StoredMessage(peer=peer, sender=self.account_id, ts=payload.ts, text=payload.text)
         with self.store.transaction():
             self.store.add_message(peer, _enc.encode(m))
@@ -462,9 +507,9 @@ class ClientCore:
             raise UntrustedDevice("message names another sender than its envelope")
         if (payload.recipient, payload.recipient_device) != (self.account_id, self.device_id):
             raise UntrustedDevice("message was written for another device")
-        if payload.kind == "text" and payload.to != self.account_id:
+        if isinstance(payload, Text) and payload.to != self.account_id:
             raise UntrustedDevice("message was written in another conversation")
-        if payload.kind == "sync" and s.account != self.account_id:
+        if isinstance(payload, Sync) and s.account != self.account_id:
             raise UntrustedDevice("only our own devices may send us copies")
 
     def _payload(self, plaintext: bytes) -> Payload:
@@ -499,10 +544,10 @@ class ClientCore:
             self.store.mark_seen(b"env:" + opened.envelope.body)
             payload = self._payload(plaintext)
             self._check_binding(s, payload)
-            if self.store.seen(b"msg:" + payload.id) or payload.kind not in ("text", "sync"):
+            if self.store.seen(b"msg:" + payload.id) or not isinstance(payload, Text | Sync):
                 return None
             self.store.mark_seen(b"msg:" + payload.id)
-            peer = payload.to if payload.kind == "sync" else s.account
+            peer = payload.to if isinstance(payload, Sync) else s.account
             ts = min(payload.ts, self._now_ms() + MAX_CLOCK_SKEW_MS)
             m = StoredMessage(peer=peer, sender=s.account, ts=clamp_ts(ts), text=payload.text)
             self.store.add_message(peer, _enc.encode(m))
