@@ -12,9 +12,11 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from kluis.client.core import ClientCore, link_fingerprint
+from kluis.client.core import ClientCore, Dummy, Sealed, Sync, Text, link_fingerprint
 from kluis.client.store import ClientStore, MemoryStore, ProfileStore
+from kluis.crypto import padding, seal
 from kluis.crypto.account_key import AccountKey
+from kluis.crypto.olm import OlmSession
 from kluis.crypto.profile_key import new_params
 from kluis.errors import BadSignature, DecryptionError, UntrustedDevice
 from kluis.identity import chain
@@ -27,6 +29,7 @@ def make_core(
     primary: ClientCore | None = None,
     *,
     clock: Callable[[], float] = time.time,
+    random: Callable[[int], bytes] = secrets.token_bytes,
     on_disk: bool = False,
 ) -> ClientCore:
     """The first device of a new account, or (with ``primary``) a device linked to its account.
@@ -39,7 +42,7 @@ def make_core(
         else MemoryStore()
     )
     core = ClientCore.create(
-        store, "http://unused", clock=clock, random=secrets.token_bytes, new_account=primary is None
+        store, "http://unused", clock=clock, random=random, new_account=primary is None
     )
     core.set_account(core.new_account_id() if primary is None else primary.account_id)
     return core
@@ -302,3 +305,77 @@ def test_safety_number_is_of_the_identity(tmp_path: Path) -> None:
     assert alice.safety_number(bob.account_id) == one
     impostor = AccountKey()
     assert chain.safety_number(bob.account_id, impostor.public) != one
+
+
+def test_payload_kinds_are_a_tagged_union_with_the_old_encoding(
+    pair: tuple[ClientCore, ClientCore],
+) -> None:
+    alice, bob = pair
+    text = alice.new_text(bob.account_id, "hi")
+    assert isinstance(text, Text) and isinstance(alice.sync_copy(text), Sync)
+    assert isinstance(alice.new_dummy(bob.account_id), Dummy)
+    # The same map as when the kind was a string field: earlier versions read it unchanged.
+    wire = msgspec.msgpack.decode(msgspec.msgpack.encode(alice.sync_copy(text)))
+    assert wire["kind"] == "sync" and wire["id"] == text.id and wire["text"] == "hi"
+    assert set(wire) == {
+        "kind",
+        "id",
+        "ts",
+        "sender",
+        "sender_device",
+        "recipient",
+        "recipient_device",
+        "text",
+        "to",
+    }
+    # A dummy is accepted and shown nowhere.
+    (env,) = alice.encrypt(bob.account_id, alice.new_dummy(bob.account_id))
+    assert deliver(bob, env) is None and bob.history() == []
+
+
+def test_an_unknown_payload_kind_is_undecryptable_and_quarantined(
+    pair: tuple[ClientCore, ClientCore],
+) -> None:
+    """A kind from a later version (or a forged one) is a DecryptionError, never a crash."""
+    alice, bob = pair
+    peer = f"{bob.account_id}/{bob.device_id}"
+    row_id, pickled = alice.store.sessions(peer)[0]
+    session = OlmSession.from_pickle(pickled.decode(), alice.store.pickle_key)
+    fields = {
+        "kind": "receipt",
+        "id": b"x" * 16,
+        "ts": 1,
+        "sender": alice.account_id,
+        "sender_device": alice.device_id,
+        "recipient": bob.account_id,
+        "recipient_device": bob.device_id,
+        "to": bob.account_id,
+    }
+    msg_type, body = session.encrypt(padding.pad(msgspec.msgpack.encode(fields)))
+    alice.store.save_session(row_id, peer, session.pickle(alice.store.pickle_key).encode(), 0)
+    inner = Sealed(
+        account=alice.account_id,
+        device=alice.device_id,
+        curve=alice.device_keys().curve25519,
+        type=msg_type,
+        body=body,
+    )
+    keys = bob.device_keys()
+    box = seal.seal(keys.seal, msgspec.msgpack.encode(inner), keys.ed25519.encode())
+    env = InEnvelope(id=1, body=box)
+    opened = bob.open_envelope(env)
+    assert opened is not None
+    with pytest.raises(DecryptionError, match="malformed"):
+        bob.decrypt(opened)
+    bob.rollback()
+    bob.quarantine(env, DecryptionError("x"))
+    assert bob.quarantined() == 1 and bob.history() == []
+    assert bob.open_envelope(env) is None  # never processed again by itself
+    # The session still works afterwards.
+    assert deliver(bob, text_for(alice, bob, "still here"), 2).text == "still here"
+
+
+def test_the_core_draws_ids_from_the_injected_random_source(tmp_path: Path) -> None:
+    core = make_core(tmp_path, "alice", random=lambda n: b"\x07" * n)
+    assert core.new_text("someone", "x").id == b"\x07" * 16
+    assert core.new_dummy("someone").id == b"\x07" * 16

@@ -6,7 +6,8 @@ Layout of a profile folder:
 - ``profile.sqlite3`` (WAL): every value is a ChaCha20-Poly1305 box bound to its row (AAD), under
   a key derived from the passphrase. Lookups use keyed digests (HMAC), never plaintext IDs.
 
-Every change of crypto state happens inside :meth:`ProfileStore.transaction`, and callers commit
+Implements :class:`kluis.client.store.protocol.ClientStore`. Every change of crypto state happens
+inside :meth:`ProfileStore.transaction`, and callers commit
 before anything goes on the wire (a restored older session state would reuse message keys).
 """
 
