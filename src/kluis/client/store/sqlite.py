@@ -7,8 +7,8 @@ Layout of a profile folder:
   a key derived from the passphrase. Lookups use keyed digests (HMAC), never plaintext IDs.
 
 Implements :class:`kluis.client.store.protocol.ClientStore`. Every change of crypto state happens
-inside :meth:`ProfileStore.transaction`, and callers commit
-before anything goes on the wire (a restored older session state would reuse message keys).
+inside :meth:`ProfileStore.transaction`, and callers commit before anything goes on the wire (a
+restored older session state would reuse message keys).
 """
 
 from __future__ import annotations
