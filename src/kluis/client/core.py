@@ -129,6 +129,7 @@ class ClientCore:
         )
         self._clock = clock
         self._random = random
+        self._pins_memo: dict[str, tuple[bytes, Pins]] = {}
 
     # ---- identity -----------------------------------------------------------------------------
 
@@ -287,8 +288,21 @@ class ClientCore:
         return "pins:" + self.store.blind(account).hex()
 
     def _pins(self, account: str) -> Pins | None:
-        raw = self.store.get(self._pins_name(account))
-        return _pins_dec.decode(raw) if raw else None
+        """Read-only: callers build a new Pins to change anything."""
+        name = self._pins_name(account)
+        raw = self.store.get(name)
+        if not raw:
+            return None
+        # A store that caches hands back the same bytes while the record is unchanged: decode
+        # each version once (a send reads the pins several times).
+        memo = self._pins_memo.get(name)
+        if memo is not None and memo[0] is raw:
+            return memo[1]
+        pins = _pins_dec.decode(raw)
+        if len(self._pins_memo) >= 1024:
+            self._pins_memo.clear()
+        self._pins_memo[name] = (raw, pins)
+        return pins
 
     def _save_pins(self, pins: Pins) -> None:
         self.store.put(self._pins_name(pins.account), _enc.encode(pins))
@@ -435,13 +449,13 @@ class ClientCore:
     def encrypt(self, account: str, payload: Payload) -> list[OutEnvelope]:
         """One sealed envelope per trusted device of ``account`` (ours excluded), each naming
         sender and recipient device inside the encryption."""
-        devices = self.devices_for_sending(account)
+        devices = [d for d in self.devices_for_sending(account) if d.keys.ed25519 != self.device_id]
         out: list[OutEnvelope] = []
+        if not devices:
+            return out  # e.g. the copy for our own other devices, when we have none
         key = self.store.pickle_key
         with self.store.transaction():
             for d in devices:
-                if d.keys.ed25519 == self.device_id:
-                    continue
                 peer = _peer(account, d.keys.ed25519)
                 rows = self.store.sessions(peer)
                 if not rows:
