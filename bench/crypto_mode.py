@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import sys
 import tempfile
@@ -40,7 +41,9 @@ async def make_client(server: Server, licence: str, profile: Path) -> KluisClien
     """Create a profile with a fast KDF, redeem ``licence``, then log in as ``kluis`` would."""
     http = f"http://127.0.0.1:{server.port}"
     store = ProfileStore.create(profile, PASSPHRASE, new_params(time_cost=1, memory_kib=8192))
-    core = ClientCore.create(store, http, new_account=True)
+    core = ClientCore.create(
+        store, http, clock=time.time, random=secrets.token_bytes, new_account=True
+    )
     transport = Transport(http)
     try:
         nonce = await transport.connect()

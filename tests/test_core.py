@@ -4,24 +4,46 @@ from __future__ import annotations
 
 import random
 import re
+import secrets
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
 import pytest
 
-from kluis.client.core import ClientCore, link_fingerprint
-from kluis.client.store import ProfileStore
+from kluis.client.core import ClientCore, Dummy, Sealed, Sync, Text, link_fingerprint
+from kluis.client.store import ClientStore, MemoryStore, ProfileStore
+from kluis.crypto import padding, seal
 from kluis.crypto.account_key import AccountKey
+from kluis.crypto.olm import OlmSession
 from kluis.crypto.profile_key import new_params
 from kluis.errors import BadSignature, DecryptionError, UntrustedDevice
 from kluis.identity import chain
 from kluis.protocol.frames import Bundle, DeviceRecord, InEnvelope, OutEnvelope, Revocation
 
 
-def make_core(tmp_path: Path, name: str, primary: ClientCore | None = None) -> ClientCore:
-    """The first device of a new account, or (with ``primary``) a device linked to its account."""
-    store = ProfileStore.create(tmp_path / name, "pw", new_params(time_cost=1, memory_kib=8192))
-    core = ClientCore.create(store, "http://unused", new_account=primary is None)
+def make_core(
+    tmp_path: Path,
+    name: str,
+    primary: ClientCore | None = None,
+    *,
+    clock: Callable[[], float] = time.time,
+    random: Callable[[int], bytes] = secrets.token_bytes,
+    on_disk: bool = False,
+) -> ClientCore:
+    """The first device of a new account, or (with ``primary``) a device linked to its account.
+
+    In memory, unless ``on_disk`` asks for the encrypted SQLite profile in ``tmp_path / name``.
+    """
+    store: ClientStore = (
+        ProfileStore.create(tmp_path / name, "pw", new_params(time_cost=1, memory_kib=8192))
+        if on_disk
+        else MemoryStore()
+    )
+    core = ClientCore.create(
+        store, "http://unused", clock=clock, random=random, new_account=primary is None
+    )
     core.set_account(core.new_account_id() if primary is None else primary.account_id)
     return core
 
@@ -56,9 +78,7 @@ def deliver(receiver: ClientCore, env: OutEnvelope, env_id: int = 1):  # type: i
 
 
 def text_for(sender: ClientCore, receiver: ClientCore, text: str) -> OutEnvelope:
-    (env,) = sender.encrypt(
-        receiver.account_id, sender.new_payload("text", text, to=receiver.account_id)
-    )
+    (env,) = sender.encrypt(receiver.account_id, sender.new_text(receiver.account_id, text))
     return env
 
 
@@ -99,7 +119,7 @@ def test_duplicate_and_replay_are_shown_once(pair: tuple[ClientCore, ClientCore]
     assert deliver(bob, env).text == "once"
     assert deliver(bob, env, 2) is None  # same envelope again
     # The same message id re-encrypted (a resend) is recognised too.
-    payload = alice.new_payload("text", "resent", to=bob.account_id)
+    payload = alice.new_text(bob.account_id, "resent")
     (e1,) = alice.encrypt(bob.account_id, payload)
     (e2,) = alice.encrypt(bob.account_id, payload)
     assert deliver(bob, e1, 3).text == "resent"
@@ -226,18 +246,29 @@ def test_finding3_only_canonical_key_encodings(tmp_path: Path) -> None:
     chain.check_device_keys(keys)
 
 
-def test_profile_survives_reopen(tmp_path: Path, pair: tuple[ClientCore, ClientCore]) -> None:
-    alice, bob = pair
+def test_profile_survives_reopen(tmp_path: Path) -> None:
+    """On the encrypted SQLite profile: what the core wrote is there after reopening."""
+    alice = make_core(tmp_path, "alice", on_disk=True)
+    bob = make_core(tmp_path, "bob", on_disk=True)
+    connect(alice, bob)
     env = text_for(alice, bob, "before reopen")
-    bob.store.close()
-    bob = ClientCore.load(ProfileStore.open(tmp_path / "bob", "pw"))
     assert deliver(bob, env).text == "before reopen"
+    env = text_for(alice, bob, "after reopen")
+    bob.store.close()
+    bob = ClientCore.load(
+        ProfileStore.open(tmp_path / "bob", "pw"), clock=time.time, random=secrets.token_bytes
+    )
+    assert deliver(bob, env, 2).text == "after reopen"
+    assert [m.text for m in bob.history(alice.account_id)] == ["before reopen", "after reopen"]
+    alice.store.close()
+    bob.store.close()
 
 
-def test_history_is_oldest_first_by_sender_clock(pair: tuple[ClientCore, ClientCore]) -> None:
-    alice, bob = pair
+def test_history_is_oldest_first_by_sender_clock(tmp_path: Path) -> None:
     ticks = iter(range(1_700_000_000, 1_700_000_010))
-    alice._clock = lambda: float(next(ticks))  # injected: one second per message
+    alice = make_core(tmp_path, "alice", clock=lambda: float(next(ticks)))  # a second a call
+    bob = make_core(tmp_path, "bob")
+    connect(alice, bob)
     envs = [text_for(alice, bob, f"m{i}") for i in range(3)]
     for i in (2, 0, 1):  # arrival order differs from sending order
         deliver(bob, envs[i], i + 1)
@@ -249,9 +280,7 @@ def test_finding11_a_peer_timestamp_far_off_is_clamped(
 ) -> None:
     alice, bob = pair
     for i, ts in enumerate((2**62, -(2**40), 2**63 - 1)):
-        payload = msgspec.structs.replace(
-            alice.new_payload("text", f"t{i}", to=bob.account_id), ts=ts
-        )
+        payload = msgspec.structs.replace(alice.new_text(bob.account_id, f"t{i}"), ts=ts)
         (env,) = alice.encrypt(bob.account_id, payload)
         m = deliver(bob, env, i + 1)
         assert m is not None and m.time.year < 3000  # shown near our own clock, no crash
@@ -276,3 +305,77 @@ def test_safety_number_is_of_the_identity(tmp_path: Path) -> None:
     assert alice.safety_number(bob.account_id) == one
     impostor = AccountKey()
     assert chain.safety_number(bob.account_id, impostor.public) != one
+
+
+def test_payload_kinds_are_a_tagged_union_with_the_old_encoding(
+    pair: tuple[ClientCore, ClientCore],
+) -> None:
+    alice, bob = pair
+    text = alice.new_text(bob.account_id, "hi")
+    assert isinstance(text, Text) and isinstance(alice.sync_copy(text), Sync)
+    assert isinstance(alice.new_dummy(bob.account_id), Dummy)
+    # The same map as when the kind was a string field: earlier versions read it unchanged.
+    wire = msgspec.msgpack.decode(msgspec.msgpack.encode(alice.sync_copy(text)))
+    assert wire["kind"] == "sync" and wire["id"] == text.id and wire["text"] == "hi"
+    assert set(wire) == {
+        "kind",
+        "id",
+        "ts",
+        "sender",
+        "sender_device",
+        "recipient",
+        "recipient_device",
+        "text",
+        "to",
+    }
+    # A dummy is accepted and shown nowhere.
+    (env,) = alice.encrypt(bob.account_id, alice.new_dummy(bob.account_id))
+    assert deliver(bob, env) is None and bob.history() == []
+
+
+def test_an_unknown_payload_kind_is_undecryptable_and_quarantined(
+    pair: tuple[ClientCore, ClientCore],
+) -> None:
+    """A kind from a later version (or a forged one) is a DecryptionError, never a crash."""
+    alice, bob = pair
+    peer = f"{bob.account_id}/{bob.device_id}"
+    row_id, pickled = alice.store.sessions(peer)[0]
+    session = OlmSession.from_pickle(pickled.decode(), alice.store.pickle_key)
+    fields = {
+        "kind": "receipt",
+        "id": b"x" * 16,
+        "ts": 1,
+        "sender": alice.account_id,
+        "sender_device": alice.device_id,
+        "recipient": bob.account_id,
+        "recipient_device": bob.device_id,
+        "to": bob.account_id,
+    }
+    msg_type, body = session.encrypt(padding.pad(msgspec.msgpack.encode(fields)))
+    alice.store.save_session(row_id, peer, session.pickle(alice.store.pickle_key).encode(), 0)
+    inner = Sealed(
+        account=alice.account_id,
+        device=alice.device_id,
+        curve=alice.device_keys().curve25519,
+        type=msg_type,
+        body=body,
+    )
+    keys = bob.device_keys()
+    box = seal.seal(keys.seal, msgspec.msgpack.encode(inner), keys.ed25519.encode())
+    env = InEnvelope(id=1, body=box)
+    opened = bob.open_envelope(env)
+    assert opened is not None
+    with pytest.raises(DecryptionError, match="malformed"):
+        bob.decrypt(opened)
+    bob.rollback()
+    bob.quarantine(env, DecryptionError("x"))
+    assert bob.quarantined() == 1 and bob.history() == []
+    assert bob.open_envelope(env) is None  # never processed again by itself
+    # The session still works afterwards.
+    assert deliver(bob, text_for(alice, bob, "still here"), 2).text == "still here"
+
+
+def test_the_core_draws_ids_from_the_injected_random_source(tmp_path: Path) -> None:
+    core = make_core(tmp_path, "alice", random=lambda n: b"\x07" * n)
+    assert core.new_text("someone", "x").id == b"\x07" * 16
+    assert core.new_dummy("someone").id == b"\x07" * 16

@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -140,7 +142,9 @@ def signed_keys(core: ClientCore) -> st.SearchStrategy[f.SignedKey]:
 
 def make_core(path: Path, *, registered: bool = True) -> ClientCore:
     store = ProfileStore.create(path, "pw", new_params(time_cost=1, memory_kib=8192))
-    core = ClientCore.create(store, "http://unused", new_account=True)
+    core = ClientCore.create(
+        store, "http://unused", clock=time.time, random=secrets.token_bytes, new_account=True
+    )
     if registered:
         core.set_account(core.new_account_id())
     return core
@@ -157,7 +161,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ClientCore,
     bundle = f.Bundle(device=bob.own_record(), one_time_key=otks[0], fallback=False)
     alice.add_bundles(bob.account_id, [bundle])
     # One real message, so that Bob holds an inbound session: garbage then reaches Olm itself.
-    (env,) = alice.encrypt(bob.account_id, alice.new_payload("text", "hello", to=bob.account_id))
+    (env,) = alice.encrypt(bob.account_id, alice.new_text(bob.account_id, "hello"))
     opened = bob.open_envelope(f.InEnvelope(id=1, body=env.body))
     assert opened is not None and bob.decrypt(opened) is not None
     yield alice, bob

@@ -70,3 +70,38 @@ def test_create_twice_and_open_missing(tmp_path: Path) -> None:
         ProfileStore.create(tmp_path / "p", "pw", FAST)
     with pytest.raises(LocalProtocolError):
         ProfileStore.open(tmp_path / "missing", "pw")
+
+
+def test_caches_follow_writes_by_another_connection(tmp_path: Path) -> None:
+    """Two processes may hold one profile (``kluis send`` while ``kluis listen`` runs): what one
+    writes, the other reads, inside a transaction and out of one, despite its caches."""
+    one = ProfileStore.create(tmp_path / "p", "pw", FAST)
+    two = ProfileStore.open(tmp_path / "p", "pw")
+    one.put("pins:x", b"v1")
+    row = one.save_session(None, "acct/dev", b"s1", 1)
+    assert two.get("pins:x") == b"v1" and two.sessions("acct/dev") == [(row, b"s1")]
+    one.put("pins:x", b"v2")
+    one.save_session(row, "acct/dev", b"s2", 2)
+    assert two.get("pins:x") == b"v2"
+    with two.transaction():  # the session a message would be encrypted with: the latest
+        assert two.sessions("acct/dev") == [(row, b"s2")]
+        two.save_session(row, "acct/dev", b"s3", 3)
+    assert one.sessions("acct/dev") == [(row, b"s3")]
+    one.drop_sessions("acct/dev")
+    assert two.sessions("acct/dev") == []
+    one.close()
+    two.close()
+
+
+def test_a_rollback_leaves_no_cached_value(tmp_path: Path) -> None:
+    store = ProfileStore.create(tmp_path / "p", "pw", FAST)
+    store.put("k", b"old")
+    row = store.save_session(None, "peer", b"s1", 1)
+    assert store.get("k") == b"old" and store.sessions("peer") == [(row, b"s1")]  # cached
+    with pytest.raises(RuntimeError), store.transaction():
+        store.put("k", b"new")
+        store.save_session(row, "peer", b"s2", 2)
+        assert store.get("k") == b"new"
+        raise RuntimeError
+    assert store.get("k") == b"old" and store.sessions("peer") == [(row, b"s1")]
+    store.close()

@@ -99,6 +99,7 @@ import sys
 from pathlib import Path
 from kluis.client.store import ProfileStore
 from kluis.crypto.profile_key import new_params
+print("ready", flush=True)  # imports done: the test's clock starts here
 path = Path(sys.argv[1])
 if ProfileStore.exists(path):
     store = ProfileStore.open(path, "pw")
@@ -124,7 +125,9 @@ def test_profile_store_survives_kill_during_writes(tmp_path: Path) -> None:
             stderr=subprocess.DEVNULL,
             text=True,
         )
-        time.sleep(rng.uniform(0.2, 1.0))  # sometimes during create or open, mostly mid-write
+        # Timed from the end of the imports, which under load alone can outlast any fixed sleep.
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        time.sleep(rng.uniform(0.0, 0.6))  # sometimes during create or open, mostly mid-write
         os.kill(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate(timeout=10)
         lines = out.split()

@@ -9,6 +9,7 @@ is a second, real client that sends what an honest one never would.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import sqlite3
 import time
 from pathlib import Path
@@ -47,7 +48,7 @@ async def reopen(path: Path) -> KluisClient:
 
 def stray_core(tmp_path: Path, name: str) -> ClientCore:
     store = ProfileStore.create(tmp_path / name, "pw", new_params(time_cost=1, memory_kib=8192))
-    return ClientCore.create(store, "http://unused")
+    return ClientCore.create(store, "http://unused", clock=time.time, random=secrets.token_bytes)
 
 
 def stray_device(tmp_path: Path, name: str) -> tuple[None, f.DeviceKeys]:
@@ -373,9 +374,7 @@ def test_finding6_a_message_reused_under_a_copied_curve_key_is_refused(tmp_path:
         mallory.account_id,
         [f.Bundle(device=mallory_record, one_time_key=resigned, fallback=False)],
     )
-    (env,) = alice.encrypt(
-        mallory.account_id, alice.new_payload("text", "for mallory", to=mallory.account_id)
-    )
+    (env,) = alice.encrypt(mallory.account_id, alice.new_text(mallory.account_id, "for mallory"))
     opened = mallory.open_envelope(f.InEnvelope(id=1, body=env.body))
     assert opened is not None
     resealed = forged_envelope(bob_keys, opened.sealed)

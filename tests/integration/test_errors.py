@@ -132,9 +132,7 @@ async def test_tampered_envelope_rejected_session_survives(
     await alice.send(bob.account_id, "first")
     assert [m.text for m in await bob.receive(wait=5, until=1)] == ["first"]
 
-    (env,) = await alice.encrypt(
-        bob.account_id, alice.core.new_payload("text", "tampered", to=bob.account_id)
-    )
+    (env,) = await alice.encrypt(bob.account_id, alice.core.new_text(bob.account_id, "tampered"))
     body = bytearray(env.body)
     body[len(body) // 2] ^= 0x01
     bad = f.OutEnvelope(device=env.device, body=bytes(body))
@@ -157,9 +155,7 @@ async def test_tampered_envelope_rejected_session_survives(
 async def test_replayed_envelope_shown_once(server: ServerProcess, tmp_path: Path) -> None:
     alice = await register(server, tmp_path / "alice")
     bob = await register(server, tmp_path / "bob")
-    (env,) = await alice.encrypt(
-        bob.account_id, alice.core.new_payload("text", "only once", to=bob.account_id)
-    )
+    (env,) = await alice.encrypt(bob.account_id, alice.core.new_text(bob.account_id, "only once"))
     for _ in range(3):  # the server (or anyone) delivers the same envelope three times
         await alice.transport.request(
             lambda rid: f.Send(rid=rid, account=bob.account_id, envelopes=[env]), f.Done

@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import statistics
 import struct
 import time
@@ -334,7 +335,9 @@ def test_finding5_rate_limit_buckets_are_pruned() -> None:
 
 def new_device(tmp_path: Path, name: str, server: ServerProcess) -> ClientCore:
     store = ProfileStore.create(tmp_path / name, PASSPHRASE)
-    return ClientCore.create(store, server.url, new_account=True)
+    return ClientCore.create(
+        store, server.url, clock=time.time, random=secrets.token_bytes, new_account=True
+    )
 
 
 async def test_finding9_one_login_attempt_per_connection_and_cheap_checks_first(

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from kluis.client.client import KluisClient
-from kluis.errors import KluisError, LocalProtocolError
+from kluis.errors import KeyChanged, KluisError, LocalProtocolError
 
 DEFAULT_PORT = 8448
 
@@ -34,7 +34,7 @@ def _passphrase(confirm: bool = False) -> str:
 
 def _report(err: KluisError, level: str) -> None:
     print(f"{level}: {err}", file=sys.stderr)
-    if err.code == "key_changed":
+    if isinstance(err, KeyChanged):
         account = err.details.get("account", "ID")
         print(
             f"  compare `kluis safety-number --profile DIR {account}` with the peer's own, then:"

@@ -13,6 +13,8 @@ so a crash at any point loses nothing (the server redelivers; duplicates are sho
 from __future__ import annotations
 
 import asyncio
+import secrets
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import TracebackType
@@ -76,7 +78,8 @@ class KluisClient:
     @classmethod
     def open(cls, profile: Path, passphrase: str) -> KluisClient:
         """Unlock an existing profile (no network yet)."""
-        return cls(ClientCore.load(ProfileStore.open(profile, passphrase)))
+        store = ProfileStore.open(profile, passphrase)
+        return cls(ClientCore.load(store, clock=time.time, random=secrets.token_bytes))
 
     @classmethod
     async def register(
@@ -84,7 +87,11 @@ class KluisClient:
     ) -> KluisClient:
         """Create a profile, redeem ``licence`` and publish this device's keys."""
         store = ProfileStore.create(profile, passphrase)
-        client = cls(ClientCore.create(store, server, new_account=True))
+        client = cls(
+            ClientCore.create(
+                store, server, clock=time.time, random=secrets.token_bytes, new_account=True
+            )
+        )
         core = client.core
         transport = Transport(server)
         try:
@@ -118,7 +125,7 @@ class KluisClient:
         the server may later put it in.
         """
         store = ProfileStore.create(profile, passphrase)
-        core = ClientCore.create(store, server)
+        core = ClientCore.create(store, server, clock=time.time, random=secrets.token_bytes)
         if account:
             core.set_account(account)
         transport = Transport(server)
@@ -278,11 +285,10 @@ class KluisClient:
 
     async def send(self, peer: str, text: str) -> Message:
         """Encrypt to every device of ``peer`` and to our other devices; return once stored."""
-        payload = self.core.new_payload("text", text, to=peer)
+        payload = self.core.new_text(peer, text)
         await self._send_payload(peer, payload)
         sent = self.core.record_sent(peer, payload)
-        copy = Payload(id=payload.id, ts=payload.ts, kind="sync", text=text, to=peer)
-        await self._send_payload(self.account_id, copy)
+        await self._send_payload(self.account_id, self.core.sync_copy(payload))
         return sent
 
     async def encrypt(
@@ -406,7 +412,7 @@ class KluisClient:
         only for devices we trust, never at once, at most once an hour per device."""
         for account in self.core.due_recoveries():
             try:
-                await self._send_payload(account, self.core.new_payload("dummy", to=account))
+                await self._send_payload(account, self.core.new_dummy(account))
             except TransportError:
                 raise
             except KluisError:

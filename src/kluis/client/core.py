@@ -24,12 +24,12 @@ itself.
 from __future__ import annotations
 
 import hashlib
-import os
-import time
+from collections.abc import Callable
 
 import msgspec
 
 from kluis.client.records import (
+    Dummy,
     Identity,
     Message,
     Opened,
@@ -38,9 +38,11 @@ from kluis.client.records import (
     Quarantined,
     Sealed,
     StoredMessage,
+    Sync,
+    Text,
     clamp_ts,
 )
-from kluis.client.store import ProfileStore
+from kluis.client.store.protocol import ClientStore
 from kluis.crypto import padding, seal
 from kluis.crypto.account_key import AccountKey
 from kluis.crypto.olm import PRE_KEY, OlmAccount, OlmSession, verify_signature
@@ -64,7 +66,22 @@ from kluis.protocol.frames import (
     SignedKey,
 )
 
-__all__ = ["ClientCore", "Message", "Opened", "Payload", "Sealed", "link_fingerprint"]
+__all__ = [
+    "ClientCore",
+    "Clock",
+    "Dummy",
+    "Message",
+    "Opened",
+    "Payload",
+    "Random",
+    "Sealed",
+    "Sync",
+    "Text",
+    "link_fingerprint",
+]
+
+Clock = Callable[[], float]  # seconds since the epoch (time.time)
+Random = Callable[[int], bytes]  # n random bytes from a CSPRNG (secrets.token_bytes)
 
 ONE_TIME_KEY_TARGET = 50
 # A peer's clock is not ours: what it says is shown at most this far ahead of our own.
@@ -81,7 +98,7 @@ QUARANTINE_KEEP = 1_000
 _enc = msgspec.msgpack.Encoder()
 _identity_dec = msgspec.msgpack.Decoder(Identity)
 _pins_dec = msgspec.msgpack.Decoder(Pins)
-_payload_dec = msgspec.msgpack.Decoder(Payload)
+_payload_dec: msgspec.msgpack.Decoder[Payload] = msgspec.msgpack.Decoder(Payload)
 _sealed_dec = msgspec.msgpack.Decoder(Sealed)
 _stored_dec = msgspec.msgpack.Decoder(StoredMessage)
 _broken_dec = msgspec.msgpack.Decoder(dict[str, tuple[int, int]])
@@ -93,7 +110,16 @@ def _peer(account: str, device: str) -> str:
 
 
 class ClientCore:
-    def __init__(self, store: ProfileStore, identity: Identity) -> None:
+    """A device's state over a :class:`ClientStore`, with time and randomness injected.
+
+    ``clock`` gives seconds since the epoch (``time.time``); ``random`` gives n bytes from a
+    cryptographically secure source (``secrets.token_bytes``). Key generation inside vodozemac
+    and ``cryptography`` draws from the system's source directly.
+    """
+
+    def __init__(
+        self, store: ClientStore, identity: Identity, *, clock: Clock, random: Random
+    ) -> None:
         self.store = store
         self._identity = identity
         self._account = OlmAccount.from_pickle(identity.account_pickle, store.pickle_key)
@@ -101,12 +127,22 @@ class ClientCore:
         self._account_key = (
             AccountKey.from_private_bytes(identity.account_key) if identity.account_key else None
         )
-        self._clock = time.time
+        self._clock = clock
+        self._random = random
+        self._pins_memo: dict[str, tuple[bytes, Pins]] = {}
 
     # ---- identity -----------------------------------------------------------------------------
 
     @classmethod
-    def create(cls, store: ProfileStore, server: str, *, new_account: bool = False) -> ClientCore:
+    def create(
+        cls,
+        store: ClientStore,
+        server: str,
+        *,
+        clock: Clock,
+        random: Random,
+        new_account: bool = False,
+    ) -> ClientCore:
         """A new device; with ``new_account``, also the identity key of a new account."""
         account = OlmAccount()
         identity = Identity(
@@ -117,14 +153,14 @@ class ClientCore:
         if new_account:
             identity.account_key = AccountKey().private_bytes()
         store.put("identity", _enc.encode(identity))
-        return cls(store, identity)
+        return cls(store, identity, clock=clock, random=random)
 
     @classmethod
-    def load(cls, store: ProfileStore) -> ClientCore:
+    def load(cls, store: ClientStore, *, clock: Clock, random: Random) -> ClientCore:
         raw = store.get("identity")
         if raw is None:
             raise LocalProtocolError("profile has no identity")
-        return cls(store, _identity_dec.decode(raw))
+        return cls(store, _identity_dec.decode(raw), clock=clock, random=random)
 
     def _save_identity(self) -> None:
         self._identity.account_pickle = self._account.pickle(self.store.pickle_key)
@@ -252,8 +288,21 @@ class ClientCore:
         return "pins:" + self.store.blind(account).hex()
 
     def _pins(self, account: str) -> Pins | None:
-        raw = self.store.get(self._pins_name(account))
-        return _pins_dec.decode(raw) if raw else None
+        """Read-only: callers build a new Pins to change anything."""
+        name = self._pins_name(account)
+        raw = self.store.get(name)
+        if not raw:
+            return None
+        # A store that caches hands back the same bytes while the record is unchanged: decode
+        # each version once (a send reads the pins several times).
+        memo = self._pins_memo.get(name)
+        if memo is not None and memo[0] is raw:
+            return memo[1]
+        pins = _pins_dec.decode(raw)
+        if len(self._pins_memo) >= 1024:
+            self._pins_memo.clear()
+        self._pins_memo[name] = (raw, pins)
+        return pins
 
     def _save_pins(self, pins: Pins) -> None:
         self.store.put(self._pins_name(pins.account), _enc.encode(pins))
@@ -410,13 +459,13 @@ class ClientCore:
     def encrypt(self, account: str, payload: Payload) -> list[OutEnvelope]:
         """One sealed envelope per trusted device of ``account`` (ours excluded), each naming
         sender and recipient device inside the encryption."""
-        devices = self.devices_for_sending(account)
+        devices = [d for d in self.devices_for_sending(account) if d.keys.ed25519 != self.device_id]
         out: list[OutEnvelope] = []
+        if not devices:
+            return out  # e.g. the copy for our own other devices, when we have none
         key = self.store.pickle_key
         with self.store.transaction():
             for d in devices:
-                if d.keys.ed25519 == self.device_id:
-                    continue
                 peer = _peer(account, d.keys.ed25519)
                 rows = self.store.sessions(peer)
                 if not rows:
@@ -443,10 +492,20 @@ class ClientCore:
                 out.append(OutEnvelope(device=d.keys.ed25519, body=box))
         return out
 
-    def new_payload(self, kind: str, text: str = "", to: str = "") -> Payload:
-        return Payload(id=os.urandom(16), ts=self._now_ms(), kind=kind, text=text, to=to)
+    def new_text(self, to: str, text: str) -> Text:
+        """A message to the account ``to`` (bound to each recipient device by :meth:`encrypt`)."""
+        return Text(id=self._random(16), ts=self._now_ms(), text=text, to=to)
 
-    def record_sent(self, peer: str, payload: Payload) -> Message:
+    @staticmethod
+    def sync_copy(message: Text) -> Sync:
+        """The copy of ``message`` for our own other devices: same ID, time and conversation."""
+        return Sync(id=message.id, ts=message.ts, text=message.text, to=message.to)
+
+    def new_dummy(self, to: str) -> Dummy:
+        """A message the recipient ignores: it opens a fresh session (session recovery)."""
+        return Dummy(id=self._random(16), ts=self._now_ms(), to=to)
+
+    def record_sent(self, peer: str, payload: Text) -> Message:
         m = StoredMessage(peer=peer, sender=self.account_id, ts=payload.ts, text=payload.text)
         with self.store.transaction():
             self.store.add_message(peer, _enc.encode(m))
@@ -472,9 +531,9 @@ class ClientCore:
             raise UntrustedDevice("message names another sender than its envelope")
         if (payload.recipient, payload.recipient_device) != (self.account_id, self.device_id):
             raise UntrustedDevice("message was written for another device")
-        if payload.kind == "text" and payload.to != self.account_id:
+        if isinstance(payload, Text) and payload.to != self.account_id:
             raise UntrustedDevice("message was written in another conversation")
-        if payload.kind == "sync" and s.account != self.account_id:
+        if isinstance(payload, Sync) and s.account != self.account_id:
             raise UntrustedDevice("only our own devices may send us copies")
 
     def _payload(self, plaintext: bytes) -> Payload:
@@ -509,10 +568,10 @@ class ClientCore:
             self.store.mark_seen(b"env:" + opened.envelope.body)
             payload = self._payload(plaintext)
             self._check_binding(s, payload)
-            if self.store.seen(b"msg:" + payload.id) or payload.kind not in ("text", "sync"):
+            if self.store.seen(b"msg:" + payload.id) or not isinstance(payload, Text | Sync):
                 return None
             self.store.mark_seen(b"msg:" + payload.id)
-            peer = payload.to if payload.kind == "sync" else s.account
+            peer = payload.to if isinstance(payload, Sync) else s.account
             ts = min(payload.ts, self._now_ms() + MAX_CLOCK_SKEW_MS)
             m = StoredMessage(peer=peer, sender=s.account, ts=clamp_ts(ts), text=payload.text)
             self.store.add_message(peer, _enc.encode(m))

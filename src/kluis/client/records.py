@@ -11,6 +11,22 @@ from datetime import UTC, datetime
 import msgspec
 
 from kluis.protocol.frames import DeviceRecord, InEnvelope
+from kluis.protocol.payload import Dummy, Payload, Sync, Text
+
+__all__ = [
+    "Dummy",
+    "Identity",
+    "Message",
+    "Opened",
+    "Payload",
+    "Pins",
+    "Quarantined",
+    "Sealed",
+    "StoredMessage",
+    "Sync",
+    "Text",
+    "clamp_ts",
+]
 
 
 class Identity(msgspec.Struct):
@@ -29,20 +45,6 @@ class Pins(msgspec.Struct):
     active: list[str]
     revoked: list[str] = []  # every revocation ever seen: such a device never comes back
     untrusted: list[tuple[str, str]] = []  # (device, why) in the last list the server gave
-
-
-class Payload(msgspec.Struct, frozen=True):
-    """Inside Olm: what the sender wrote, bound to who sends it to whom, in which conversation."""
-
-    id: bytes
-    ts: int  # sender's clock, milliseconds since the epoch
-    kind: str  # "text", "sync" (copy of our own message for our other devices), "dummy"
-    sender: str = ""  # account
-    sender_device: str = ""
-    recipient: str = ""  # account
-    recipient_device: str = ""
-    text: str = ""
-    to: str = ""  # the conversation: the account it was written to
 
 
 class Sealed(msgspec.Struct, frozen=True):

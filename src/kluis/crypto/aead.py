@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
+import secrets
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
@@ -22,7 +22,7 @@ class RecordCipher:
         self._mac_key = hmac.new(key, b"kluis-record-mac", hashlib.sha256).digest()
 
     def encrypt(self, plaintext: bytes, aad: bytes) -> bytes:
-        nonce = os.urandom(12)
+        nonce = secrets.token_bytes(12)
         return nonce + self._aead.encrypt(nonce, plaintext, aad)
 
     def decrypt(self, blob: bytes, aad: bytes) -> bytes:

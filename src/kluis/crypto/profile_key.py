@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import secrets
 from typing import Annotated
 
 import msgspec
@@ -22,7 +22,7 @@ class KdfParams(msgspec.Struct, frozen=True):
 
 
 def new_params(*, time_cost: int = 3, memory_kib: int = 64 * 1024) -> KdfParams:
-    return KdfParams(salt=os.urandom(16), time_cost=time_cost, memory_kib=memory_kib)
+    return KdfParams(salt=secrets.token_bytes(16), time_cost=time_cost, memory_kib=memory_kib)
 
 
 def derive_key(passphrase: str, params: KdfParams) -> bytes:

@@ -6,8 +6,17 @@ Layout of a profile folder:
 - ``profile.sqlite3`` (WAL): every value is a ChaCha20-Poly1305 box bound to its row (AAD), under
   a key derived from the passphrase. Lookups use keyed digests (HMAC), never plaintext IDs.
 
-Every change of crypto state happens inside :meth:`ProfileStore.transaction`, and callers commit
-before anything goes on the wire (a restored older session state would reuse message keys).
+Implements :class:`kluis.client.store.protocol.ClientStore`. Every change of crypto state happens
+inside :meth:`ProfileStore.transaction`, and callers commit before anything goes on the wire (a
+restored older session state would reuse message keys).
+
+Caches: decrypted named records that were read, each peer's sessions once listed, and the keyed
+digests of peer and account IDs are kept in memory and written through, so a message costs a few
+statements instead of a score. Another process may write the same profile (``kluis send`` while
+``kluis listen`` runs): the caches are dropped whenever ``PRAGMA data_version`` says another
+connection committed, checked at the start of every transaction (under its write lock, so the
+session state a message is encrypted with is always the latest) and before every read outside
+one. A rollback drops them too.
 """
 
 from __future__ import annotations
@@ -70,6 +79,28 @@ class ProfileStore:
         self._db.execute("PRAGMA secure_delete=ON")
         self._db.executescript(_SCHEMA)
         self._depth = 0
+        self._kv: dict[str, bytes | None] = {}  # name -> plaintext (None: no such record)
+        self._sessions: dict[bytes, list[tuple[int, int, bytes]]] = {}  # peer -> (used, id, value)
+        self._blinded: dict[str, bytes] = {}
+        self._version = self._data_version()
+
+    def _data_version(self) -> int:
+        return int(self._db.execute("PRAGMA data_version").fetchone()[0])
+
+    def _fresh(self) -> None:
+        """Drop the caches if another connection committed since we last looked."""
+        version = self._data_version()
+        if version != self._version:
+            self._version = version
+            self._drop_caches()
+
+    def _drop_caches(self) -> None:
+        self._kv.clear()
+        self._sessions.clear()
+
+    def _read(self) -> None:
+        if self._depth == 0:
+            self._fresh()
 
     # ---- opening ------------------------------------------------------------------------------
 
@@ -122,12 +153,18 @@ class ProfileStore:
         """Nestable; only the outermost level commits."""
         if self._depth == 0:
             self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._fresh()
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
         self._depth += 1
         try:
             yield
         except BaseException:
             self._depth -= 1
             if self._depth == 0:
+                self._drop_caches()  # they may hold what is being rolled back
                 self._db.execute("ROLLBACK")
             raise
         self._depth -= 1
@@ -135,13 +172,25 @@ class ProfileStore:
             self._db.execute("COMMIT")
 
     def blind(self, data: str | bytes) -> bytes:
-        return self._cipher.blind(data.encode() if isinstance(data, str) else data)
+        if isinstance(data, bytes):
+            return self._cipher.blind(data)
+        digest = self._blinded.get(data)
+        if digest is None:
+            if len(self._blinded) >= 4096:
+                self._blinded.clear()
+            digest = self._blinded[data] = self._cipher.blind(data.encode())
+        return digest
 
     # ---- key/value ----------------------------------------------------------------------------
 
     def get(self, name: str) -> bytes | None:
+        self._read()
+        if name in self._kv:
+            return self._kv[name]
         row = self._db.execute("SELECT value FROM kv WHERE name = ?", (name,)).fetchone()
-        return self._cipher.decrypt(row[0], b"kv:" + name.encode()) if row else None
+        value = self._cipher.decrypt(row[0], b"kv:" + name.encode()) if row else None
+        self._kv[name] = value
+        return value
 
     def put(self, name: str, value: bytes) -> None:
         with self.transaction():
@@ -149,8 +198,11 @@ class ProfileStore:
                 "INSERT OR REPLACE INTO kv(name, value) VALUES (?, ?)",
                 (name, self._cipher.encrypt(value, b"kv:" + name.encode())),
             )
+            if name in self._kv:  # written through; records never read (quarantine) stay out
+                self._kv[name] = bytes(value)
 
     def names(self, prefix: str) -> list[str]:
+        self._read()
         rows = self._db.execute(
             "SELECT name FROM kv WHERE name >= ? AND name < ?", (prefix, prefix + "\uffff")
         ).fetchall()
@@ -164,14 +216,19 @@ class ProfileStore:
         When a session was last used is kept inside its encrypted value (a plaintext column
         would tell a thief of the profile when each conversation was active).
         """
-        rows = self._db.execute(
-            "SELECT id, value FROM sessions WHERE peer = ?", (self.blind(peer),)
-        ).fetchall()
-        out: list[tuple[int, int, bytes]] = []
-        for i, v in rows:
-            plain = self._cipher.decrypt(v, b"session:" + str(i).encode())
-            out.append((int.from_bytes(plain[:8], "big", signed=True), int(i), plain[8:]))
-        out.sort(reverse=True)
+        self._read()
+        blinded = self.blind(peer)
+        out = self._sessions.get(blinded)
+        if out is None:
+            rows = self._db.execute(
+                "SELECT id, value FROM sessions WHERE peer = ?", (blinded,)
+            ).fetchall()
+            out = []
+            for i, v in rows:
+                plain = self._cipher.decrypt(v, b"session:" + str(i).encode())
+                out.append((int.from_bytes(plain[:8], "big", signed=True), int(i), plain[8:]))
+            out.sort(reverse=True)
+            self._sessions[blinded] = out
         return [(i, value) for _, i, value in out]
 
     def save_session(self, row_id: int | None, peer: str, value: bytes, used: int) -> int:
@@ -186,11 +243,18 @@ class ProfileStore:
                 used.to_bytes(8, "big", signed=True) + value, b"session:" + str(row_id).encode()
             )
             self._db.execute("UPDATE sessions SET value = ? WHERE id = ?", (sealed, row_id))
+            cached = self._sessions.get(self.blind(peer))
+            if cached is not None:
+                kept = [row for row in cached if row[1] != row_id]
+                kept.append((used, row_id, bytes(value)))
+                kept.sort(reverse=True)
+                self._sessions[self.blind(peer)] = kept
         return row_id
 
     def drop_sessions(self, peer: str) -> None:
         with self.transaction():
             self._db.execute("DELETE FROM sessions WHERE peer = ?", (self.blind(peer),))
+            self._sessions.pop(self.blind(peer), None)
 
     # ---- history and replay protection --------------------------------------------------------
 

@@ -1,0 +1,133 @@
+"""A profile held in memory: the same contract as the encrypted SQLite profile, for tests.
+
+Transactions snapshot the state at the outermost level and restore it on an exception, as a
+database rollback would; the core relies on that (a failed decryption must forget the session
+state it advanced). Nothing is encrypted: nothing is written anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from kluis.errors import LocalProtocolError
+
+
+class MemoryStore:
+    """Implements :class:`kluis.client.store.protocol.ClientStore`."""
+
+    def __init__(self, pickle_key: bytes | None = None) -> None:
+        self._pickle_key = pickle_key or secrets.token_bytes(32)
+        self._mac_key = hmac.new(self._pickle_key, b"kluis-memory-blind", hashlib.sha256).digest()
+        self._kv: dict[str, bytes] = {}
+        self._sessions: dict[int, tuple[str, int, bytes]] = {}  # id -> (peer, used, pickle)
+        self._messages: list[tuple[str, bytes]] = []
+        self._seen: set[bytes] = set()
+        self._next_session = 1
+        self._depth = 0
+        self._closed = False
+        self.commits = 0  # outermost transactions committed (for tests and measurements)
+
+    @property
+    def pickle_key(self) -> bytes:
+        return self._pickle_key
+
+    def _check(self) -> None:
+        if self._closed:
+            raise LocalProtocolError("the profile is closed")
+
+    # ---- transactions -------------------------------------------------------------------------
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        self._check()
+        snapshot = None
+        if self._depth == 0:
+            snapshot = (
+                dict(self._kv),
+                dict(self._sessions),
+                list(self._messages),
+                set(self._seen),
+                self._next_session,
+            )
+        self._depth += 1
+        try:
+            yield
+        except BaseException:
+            self._depth -= 1
+            if snapshot is not None:
+                self._kv, self._sessions, self._messages, self._seen, self._next_session = snapshot
+            raise
+        self._depth -= 1
+        if self._depth == 0:
+            self.commits += 1
+
+    def blind(self, data: str | bytes) -> bytes:
+        raw = data.encode() if isinstance(data, str) else data
+        return hmac.new(self._mac_key, raw, hashlib.sha256).digest()
+
+    # ---- named records ------------------------------------------------------------------------
+
+    def get(self, name: str) -> bytes | None:
+        self._check()
+        return self._kv.get(name)
+
+    def put(self, name: str, value: bytes) -> None:
+        with self.transaction():
+            self._kv[name] = bytes(value)
+
+    def names(self, prefix: str) -> list[str]:
+        self._check()
+        return sorted(n for n in self._kv if n.startswith(prefix))
+
+    # ---- Olm sessions -------------------------------------------------------------------------
+
+    def sessions(self, peer: str) -> list[tuple[int, bytes]]:
+        self._check()
+        rows = [(used, i, v) for i, (p, used, v) in self._sessions.items() if p == peer]
+        rows.sort(reverse=True)
+        return [(i, v) for _, i, v in rows]
+
+    def save_session(self, row_id: int | None, peer: str, value: bytes, used: int) -> int:
+        with self.transaction():
+            if row_id is None:
+                row_id, self._next_session = self._next_session, self._next_session + 1
+            self._sessions[row_id] = (peer, used, bytes(value))
+        return row_id
+
+    def drop_sessions(self, peer: str) -> None:
+        with self.transaction():
+            self._sessions = {i: s for i, s in self._sessions.items() if s[0] != peer}
+
+    # ---- history and replay protection --------------------------------------------------------
+
+    def add_message(self, peer: str, value: bytes) -> None:
+        with self.transaction():
+            self._messages.append((peer, bytes(value)))
+
+    def messages(self, peer: str | None = None) -> list[bytes]:
+        self._check()
+        return [v for p, v in self._messages if peer is None or p == peer]
+
+    def seen(self, token: bytes) -> bool:
+        self._check()
+        return self.blind(token) in self._seen
+
+    def mark_seen(self, token: bytes) -> None:
+        with self.transaction():
+            self._seen.add(self.blind(token))
+
+    # ---- life cycle ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._closed = True
+
+    def destroy(self) -> None:
+        self.close()
+        self._kv.clear()
+        self._sessions.clear()
+        self._messages.clear()
+        self._seen.clear()
