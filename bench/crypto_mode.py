@@ -29,7 +29,7 @@ from bench.common import MB, ROOT, Sampler, Server, latency_fields, pct, send_ti
 from kluis.client.client import KluisClient
 from kluis.client.core import ClientCore
 from kluis.client.store import ProfileStore
-from kluis.client.transport import Transport
+from kluis.client.transport import WebSocketTransport
 from kluis.crypto.profile_key import new_params
 from kluis.protocol import frames as f
 
@@ -41,7 +41,7 @@ async def make_client(server: Server, licence: str, profile: Path) -> KluisClien
     http = f"http://127.0.0.1:{server.port}"
     store = ProfileStore.create(profile, PASSPHRASE, new_params(time_cost=1, memory_kib=8192))
     core = ClientCore.create(store, http, new_account=True)
-    transport = Transport(http)
+    transport = WebSocketTransport(http)
     try:
         nonce = await transport.connect()
         welcome = await transport.request(

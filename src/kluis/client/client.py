@@ -22,7 +22,7 @@ import msgspec
 
 from kluis.client.core import ClientCore, Message, Opened, Payload, link_fingerprint
 from kluis.client.store import ProfileStore
-from kluis.client.transport import Transport
+from kluis.client.transport import Transport, TransportFactory, WebSocketTransport
 from kluis.errors import (
     DecryptionError,
     KluisError,
@@ -65,8 +65,11 @@ async def _connect(transport: Transport, server: str) -> bytes:
 
 
 class KluisClient:
-    def __init__(self, core: ClientCore) -> None:
+    def __init__(
+        self, core: ClientCore, *, transport_factory: TransportFactory = WebSocketTransport
+    ) -> None:
         self.core = core
+        self._dial = transport_factory  # makes the transport to a server URL (tests: in memory)
         self._transport: Transport | None = None
         self.errors: list[KluisError] = []  # why envelopes of the last receive() were unreadable
         self._synced = False  # the server has sent this connection's stored backlog
@@ -74,19 +77,32 @@ class KluisClient:
     # ---- opening ------------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, profile: Path, passphrase: str) -> KluisClient:
+    def open(
+        cls,
+        profile: Path,
+        passphrase: str,
+        *,
+        transport_factory: TransportFactory = WebSocketTransport,
+    ) -> KluisClient:
         """Unlock an existing profile (no network yet)."""
-        return cls(ClientCore.load(ProfileStore.open(profile, passphrase)))
+        core = ClientCore.load(ProfileStore.open(profile, passphrase))
+        return cls(core, transport_factory=transport_factory)
 
     @classmethod
     async def register(
-        cls, server: str, licence: str, profile: Path, passphrase: str
+        cls,
+        server: str,
+        licence: str,
+        profile: Path,
+        passphrase: str,
+        *,
+        transport_factory: TransportFactory = WebSocketTransport,
     ) -> KluisClient:
         """Create a profile, redeem ``licence`` and publish this device's keys."""
         store = ProfileStore.create(profile, passphrase)
-        client = cls(ClientCore.create(store, server, new_account=True))
-        core = client.core
-        transport = Transport(server)
+        core = ClientCore.create(store, server, new_account=True)
+        client = cls(core, transport_factory=transport_factory)
+        transport = transport_factory(server)
         try:
             nonce = await _connect(transport, server)
             welcome = await transport.request(
@@ -110,7 +126,13 @@ class KluisClient:
 
     @classmethod
     async def request_link(
-        cls, server: str, profile: Path, passphrase: str, *, account: str = ""
+        cls,
+        server: str,
+        profile: Path,
+        passphrase: str,
+        *,
+        account: str = "",
+        transport_factory: TransportFactory = WebSocketTransport,
     ) -> str:
         """Create a profile for a new device and ask to join an account; return the link code.
 
@@ -121,7 +143,7 @@ class KluisClient:
         core = ClientCore.create(store, server)
         if account:
             core.set_account(account)
-        transport = Transport(server)
+        transport = transport_factory(server)
         try:
             nonce = await _connect(transport, server)
             otks, fallback = core.keys_to_upload(0)
@@ -146,11 +168,16 @@ class KluisClient:
         store.close()
         return code
 
-    async def connect(self) -> None:
-        """Authenticate this device; receive anything queued for it."""
+    async def connect(self, *, transport_factory: TransportFactory | None = None) -> None:
+        """Authenticate this device; receive anything queued for it.
+
+        ``transport_factory`` replaces the one this client was made with, from now on.
+        """
         if self._transport is not None:
             return
-        transport = Transport(self.core.server)
+        if transport_factory is not None:
+            self._dial = transport_factory
+        transport = self._dial(self.core.server)
         nonce = await _connect(transport, self.core.server)
         try:
             welcome = await transport.request(
