@@ -124,6 +124,13 @@ def transport_factory(server: Server) -> TransportFactory:
     return WebSocketTransport
 
 
+def data_dir(server: Server) -> Path:
+    """The server's data folder (its database is ``kluis.sqlite3`` there)."""
+    if isinstance(server, InProcessServer):
+        return server.config.data_dir
+    return server.data
+
+
 def licences(server: Server, count: int = 1) -> list[str]:
     if isinstance(server, InProcessServer):
         return server.create_licences(count)
