@@ -21,6 +21,14 @@ from typing import TypeVar
 import msgspec
 
 from kluis.client.core import ClientCore, Message, Opened, Payload, link_fingerprint
+from kluis.client.events import (
+    ConnectionDown,
+    ConnectionUp,
+    DeviceAlarm,
+    Event,
+    MessageReceived,
+    Undecryptable,
+)
 from kluis.client.store import ProfileStore
 from kluis.client.transport import Transport, TransportFactory, WebSocketTransport
 from kluis.errors import (
@@ -45,6 +53,8 @@ def _with_rid(frame: F) -> Callable[[int], F]:
 
 
 _BACKLOG_TIMEOUT = 10.0
+# events() listens this long per receive(): an unreadable envelope is reported within it.
+_EVENT_POLL_S = 1.0
 
 
 async def _connect(transport: Transport, server: str) -> bytes:
@@ -386,6 +396,37 @@ class KluisClient:
         while True:
             for m in await self.receive(wait=3600, until=1):  # hand over each batch at once
                 yield m
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Everything the application should know, as it happens (see ``client/events.py``).
+
+        Connects if needed and starts with :class:`ConnectionUp`; ends after
+        :class:`ConnectionDown` (then ``connect()`` and ``events()`` again to go on).
+        """
+        try:
+            await self.connect()
+        except TransportError as exc:
+            yield ConnectionDown(str(exc))
+            return
+        yield ConnectionUp()
+        reported: set[str] = set()
+        while True:
+            for alarm in self.alarms():
+                if alarm not in reported:
+                    reported.add(alarm)
+                    yield DeviceAlarm(alarm)
+            try:
+                messages = await self.receive(wait=_EVENT_POLL_S, until=1)
+            except TransportError as exc:
+                transport, self._transport = self._transport, None
+                if transport is not None:
+                    await transport.close()
+                yield ConnectionDown(str(exc))
+                return
+            for error in self.errors:
+                yield Undecryptable(error.code, str(error))
+            for message in messages:
+                yield MessageReceived(message)
 
     async def _handle_deliver(self, envelopes: list[f.InEnvelope], out: list[Message]) -> None:
         """Decrypt into ``out`` as we go (so a lost connection keeps what was read), then ack."""
