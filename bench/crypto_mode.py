@@ -30,7 +30,7 @@ from bench.common import MB, ROOT, Sampler, Server, latency_fields, pct, send_ti
 from kluis.client.client import KluisClient
 from kluis.client.core import ClientCore
 from kluis.client.store import ProfileStore
-from kluis.client.transport import Transport
+from kluis.client.transport import WebSocketTransport
 from kluis.crypto.profile_key import new_params
 from kluis.protocol import frames as f
 
@@ -44,7 +44,7 @@ async def make_client(server: Server, licence: str, profile: Path) -> KluisClien
     core = ClientCore.create(
         store, http, clock=time.time, random=secrets.token_bytes, new_account=True
     )
-    transport = Transport(http)
+    transport = WebSocketTransport(http)
     try:
         nonce = await transport.connect()
         welcome = await transport.request(

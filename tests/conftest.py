@@ -1,11 +1,12 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.kluis_testing import ServerProcess
+from kluis.server.inprocess import InProcessServer
+from tests.kluis_testing import ServerProcess, start_inprocess
 
 
 @pytest.fixture
@@ -16,3 +17,13 @@ def server(tmp_path: Path) -> Iterator[ServerProcess]:
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture
+async def inproc(tmp_path: Path) -> AsyncIterator[InProcessServer]:
+    """A server application in this process: clients join it in memory, with no socket."""
+    srv = await start_inprocess(tmp_path / "server")
+    try:
+        yield srv
+    finally:
+        await srv.close()

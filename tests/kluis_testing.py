@@ -1,4 +1,5 @@
-"""Test helpers: a real Kluis server process on loopback, and real clients."""
+"""Test helpers: a Kluis server in this process (joined in memory) or a real server process
+on loopback, and real clients of either."""
 
 from __future__ import annotations
 
@@ -9,12 +10,16 @@ import subprocess
 import sys
 import time
 import urllib.request
+from functools import partial
 from pathlib import Path
 
 import aiohttp
 
 from kluis.client.client import KluisClient
+from kluis.client.transport import MemoryTransport, TransportFactory, WebSocketTransport
 from kluis.protocol import frames as f
+from kluis.server.config import Limits, ServerConfig
+from kluis.server.inprocess import InProcessServer, open_inprocess_server
 
 PASSPHRASE = "correct horse battery staple"
 
@@ -103,17 +108,60 @@ class ServerProcess:
         return out.split()
 
 
-async def register(server: ServerProcess, profile: Path) -> KluisClient:
-    (code,) = server.licences(1)
-    return await KluisClient.register(server.url, code, profile, PASSPHRASE)
+Server = ServerProcess | InProcessServer
 
 
-async def link_device(existing: KluisClient, server: ServerProcess, profile: Path) -> KluisClient:
-    code = await KluisClient.request_link(server.url, profile, PASSPHRASE)
-    await existing.approve(code)
-    client = KluisClient.open(profile, PASSPHRASE)
+async def start_inprocess(data: Path, limits: Limits | None = None) -> InProcessServer:
+    """A server application in this process; close it with ``await server.close()``."""
+    data.mkdir(parents=True, exist_ok=True)
+    return await open_inprocess_server(ServerConfig(data_dir=data, limits=limits or Limits()))
+
+
+def transport_factory(server: Server) -> TransportFactory:
+    """In memory for an in-process server, a WebSocket for a server process."""
+    if isinstance(server, InProcessServer):
+        return partial(MemoryTransport, server)
+    return WebSocketTransport
+
+
+def data_dir(server: Server) -> Path:
+    """The server's data folder (its database is ``kluis.sqlite3`` there)."""
+    if isinstance(server, InProcessServer):
+        return server.config.data_dir
+    return server.data
+
+
+def licences(server: Server, count: int = 1) -> list[str]:
+    if isinstance(server, InProcessServer):
+        return server.create_licences(count)
+    return server.licences(count)
+
+
+def open_profile(server: Server, profile: Path) -> KluisClient:
+    """``KluisClient.open`` with the transport that reaches ``server`` (not connected yet)."""
+    return KluisClient.open(profile, PASSPHRASE, transport_factory=transport_factory(server))
+
+
+async def reconnect(server: Server, profile: Path) -> KluisClient:
+    """Open an existing profile and connect it."""
+    client = open_profile(server, profile)
     await client.connect()
     return client
+
+
+async def register(server: Server, profile: Path) -> KluisClient:
+    (code,) = licences(server, 1)
+    return await KluisClient.register(
+        server.url, code, profile, PASSPHRASE, transport_factory=transport_factory(server)
+    )
+
+
+async def link_device(existing: KluisClient, server: Server, profile: Path) -> KluisClient:
+    code = await KluisClient.request_link(
+        server.url, profile, PASSPHRASE, transport_factory=transport_factory(server)
+    )
+    await existing.approve(code)
+    return await reconnect(server, profile)
 
 
 class RawConnection:

@@ -26,7 +26,19 @@ from kluis.crypto.profile_key import new_params
 from kluis.errors import BadSignature, TransportError, UntrustedDevice
 from kluis.identity.chain import account_id_for, certify
 from kluis.protocol import frames as f
-from tests.kluis_testing import PASSPHRASE, RawConnection, ServerProcess, link_device, register
+from kluis.server.inprocess import InProcessServer
+from tests.kluis_testing import (
+    PASSPHRASE,
+    RawConnection,
+    Server,
+    ServerProcess,
+    data_dir,
+    link_device,
+    open_profile,
+    reconnect,
+    register,
+    transport_factory,
+)
 
 
 def db_write(server: ServerProcess, *statements: tuple[str, tuple[object, ...]]) -> None:
@@ -72,16 +84,16 @@ def insert_device(account: str, record: f.DeviceRecord) -> tuple[str, tuple[obje
     )
 
 
-def envelope_devices(server: ServerProcess) -> list[str]:
-    db = sqlite3.connect(server.data / "kluis.sqlite3")
+def envelope_devices(server: Server) -> list[str]:
+    db = sqlite3.connect(data_dir(server) / "kluis.sqlite3")
     try:
         return [r[0] for r in db.execute("SELECT device_id FROM envelopes")]
     finally:
         db.close()
 
 
-def one_time_keys_left(server: ServerProcess, device: str) -> int:
-    db = sqlite3.connect(server.data / "kluis.sqlite3")
+def one_time_keys_left(server: Server, device: str) -> int:
+    db = sqlite3.connect(data_dir(server) / "kluis.sqlite3")
     try:
         row = db.execute("SELECT COUNT(*) FROM one_time_keys WHERE device_id = ?", (device,))
         return int(row.fetchone()[0])
@@ -240,8 +252,9 @@ async def test_finding12_revoked_device_cannot_return_or_vouch(
 
 
 async def test_finding1_forged_sender_of_an_unknown_account_does_not_wedge_the_inbox(
-    server: ServerProcess, tmp_path: Path
+    inproc: InProcessServer, tmp_path: Path
 ) -> None:
+    server = inproc  # joined in memory: this test needs no socket
     alice = await register(server, tmp_path / "alice")
     bob = await register(server, tmp_path / "bob")
     mallory = await register(server, tmp_path / "mallory")
@@ -253,7 +266,7 @@ async def test_finding1_forged_sender_of_an_unknown_account_does_not_wedge_the_i
     assert [m.text for m in got] == ["after the forgery"]
     assert alice.quarantined == 1 and len(alice.errors) == 1
     await alice.close()
-    alice = await reopen(tmp_path / "alice")  # nothing comes back on the next connection
+    alice = await reconnect(server, tmp_path / "alice")  # nothing comes back on the next connection
     assert await alice.receive(wait=1) == [] and alice.errors == []
     assert alice.quarantined == 1
     for c in (alice, bob, mallory):
@@ -261,8 +274,9 @@ async def test_finding1_forged_sender_of_an_unknown_account_does_not_wedge_the_i
 
 
 async def test_finding7_forged_claims_cause_no_network_action(
-    server: ServerProcess, tmp_path: Path
+    inproc: InProcessServer, tmp_path: Path
 ) -> None:
+    server = inproc  # joined in memory: this test needs no socket
     alice = await register(server, tmp_path / "alice")
     bob = await register(server, tmp_path / "bob")
     mallory = await register(server, tmp_path / "mallory")
@@ -405,8 +419,9 @@ async def test_finding15_login_is_bound_to_the_server_origin(
 
 
 async def test_finding15_profile_keeps_no_session_times_in_plaintext(
-    server: ServerProcess, tmp_path: Path
+    inproc: InProcessServer, tmp_path: Path
 ) -> None:
+    server = inproc  # joined in memory: this test needs no socket
     alice = await register(server, tmp_path / "alice")
     bob = await register(server, tmp_path / "bob")
     await alice.send(bob.account_id, "one")
@@ -423,8 +438,9 @@ async def test_finding15_profile_keeps_no_session_times_in_plaintext(
 
 
 async def test_a_linking_device_refuses_an_account_it_did_not_ask_for(
-    server: ServerProcess, tmp_path: Path
+    inproc: InProcessServer, tmp_path: Path
 ) -> None:
+    server = inproc  # joined in memory: this test needs no socket
     """A server that knows a link code can have its own account approve the new device; with
     ``device request --account ID`` the device refuses to be anyone else's."""
     from kluis.errors import LocalProtocolError
@@ -432,10 +448,14 @@ async def test_a_linking_device_refuses_an_account_it_did_not_ask_for(
     alice = await register(server, tmp_path / "alice")
     mallory = await register(server, tmp_path / "mallory")
     code = await KluisClient.request_link(
-        server.url, tmp_path / "laptop", PASSPHRASE, account=alice.account_id
+        server.url,
+        tmp_path / "laptop",
+        PASSPHRASE,
+        account=alice.account_id,
+        transport_factory=transport_factory(server),
     )
     await mallory.approve(code)  # the code reached the wrong account
-    laptop = KluisClient.open(tmp_path / "laptop", PASSPHRASE)
+    laptop = open_profile(server, tmp_path / "laptop")
     with pytest.raises(LocalProtocolError, match="different account"):
         await laptop.connect()
     await laptop.close()

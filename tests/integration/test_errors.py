@@ -10,6 +10,7 @@ import pytest
 
 from kluis.errors import DecryptionError
 from kluis.protocol import frames as f
+from kluis.server.inprocess import InProcessServer
 from tests.kluis_testing import RawConnection, ServerProcess, register
 
 
@@ -100,8 +101,9 @@ async def test_oversized_frame_typed_error_then_cut(tmp_path: Path) -> None:
 
 
 async def test_oversized_envelope_and_mismatched_devices(
-    server: ServerProcess, tmp_path: Path
+    inproc: InProcessServer, tmp_path: Path
 ) -> None:
+    server = inproc  # joined in memory: this test needs no socket
     alice = await register(server, tmp_path / "alice")
     bob = await register(server, tmp_path / "bob")
     big = f.OutEnvelope(device=bob.core.device_id, body=b"x" * (100 * 1024))
@@ -125,8 +127,9 @@ async def test_oversized_envelope_and_mismatched_devices(
 
 
 async def test_tampered_envelope_rejected_session_survives(
-    server: ServerProcess, tmp_path: Path
+    inproc: InProcessServer, tmp_path: Path
 ) -> None:
+    server = inproc  # joined in memory: this test needs no socket
     alice = await register(server, tmp_path / "alice")
     bob = await register(server, tmp_path / "bob")
     await alice.send(bob.account_id, "first")
@@ -152,7 +155,8 @@ async def test_tampered_envelope_rejected_session_survives(
     await bob.close()
 
 
-async def test_replayed_envelope_shown_once(server: ServerProcess, tmp_path: Path) -> None:
+async def test_replayed_envelope_shown_once(inproc: InProcessServer, tmp_path: Path) -> None:
+    server = inproc  # joined in memory: this test needs no socket
     alice = await register(server, tmp_path / "alice")
     bob = await register(server, tmp_path / "bob")
     (env,) = await alice.encrypt(bob.account_id, alice.core.new_text(bob.account_id, "only once"))

@@ -32,7 +32,15 @@ from kluis.server.config import Limits
 from kluis.server.mailbox import Mailbox
 from kluis.server.ratelimit import BucketMap, LogLimiter
 from kluis.server.store import SqliteStore
-from tests.kluis_testing import PASSPHRASE, RawConnection, ServerProcess, link_device, register
+from tests.kluis_testing import (
+    PASSPHRASE,
+    RawConnection,
+    ServerProcess,
+    link_device,
+    register,
+    start_inprocess,
+    transport_factory,
+)
 
 ENVELOPE = 96 * 1024  # Limits.max_envelope_bytes
 
@@ -229,7 +237,9 @@ async def test_finding2_envelope_larger_than_the_deliver_cap_goes_alone(tmp_path
 
 
 async def test_finding10_mailbox_bytes_are_capped_per_device(tmp_path: Path) -> None:
-    srv = started(tmp_path, f"mailbox_quota_bytes={3 * ENVELOPE}")
+    srv = await start_inprocess(  # joined in memory: the rule needs no socket
+        tmp_path / "server", Limits(mailbox_quota_bytes=3 * ENVELOPE)
+    )
     try:
         sender = await register(srv, tmp_path / "sender")
         recipient = await register(srv, tmp_path / "recipient")
@@ -243,7 +253,7 @@ async def test_finding10_mailbox_bytes_are_capped_per_device(tmp_path: Path) -> 
                 )
         await sender.close()
     finally:
-        srv.stop()
+        await srv.close()
 
 
 # ---- finding 5: integers out of range, and one failure failing a whole group commit ----------
@@ -448,11 +458,15 @@ async def test_finding10_idle_unauthenticated_socket_is_cut_at_the_deadline(
 
 
 async def test_finding10_devices_per_account_are_capped(tmp_path: Path) -> None:
-    srv = started(tmp_path, "max_devices_per_account=2")
+    srv = await start_inprocess(  # joined in memory: the rule needs no socket
+        tmp_path / "server", Limits(max_devices_per_account=2)
+    )
     try:
         alice = await register(srv, tmp_path / "alice")
         second = await link_device(alice, srv, tmp_path / "alice2")
-        code = await KluisClient.request_link(srv.url, tmp_path / "alice3", PASSPHRASE)
+        code = await KluisClient.request_link(
+            srv.url, tmp_path / "alice3", PASSPHRASE, transport_factory=transport_factory(srv)
+        )
         with pytest.raises(QuotaExceeded):
             await alice.approve(code)
         await second.revoke(second.core.device_id)  # room again once one goes
@@ -460,7 +474,7 @@ async def test_finding10_devices_per_account_are_capped(tmp_path: Path) -> None:
         await alice.approve(code)
         await alice.close()
     finally:
-        srv.stop()
+        await srv.close()
 
 
 # ---- finding 13: client addresses in library log lines ---------------------------------------

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from kluis.client.client import KluisClient
+from kluis.client.records import Message
 from kluis.errors import KeyChanged, KluisError, LocalProtocolError
 
 DEFAULT_PORT = 8448
@@ -198,6 +199,12 @@ async def _device_revoke(args: argparse.Namespace) -> None:
     await _with_client(args, body)
 
 
+def message_line(message: Message) -> str:
+    """One message as ``inbox`` and ``history`` print it: sender, time, text (tab-separated)."""
+    text = message.text.replace("\n", " ").replace("\t", " ")
+    return f"{message.sender}\t{message.time.isoformat(timespec='milliseconds')}\t{text}"
+
+
 async def _send(args: argparse.Namespace) -> None:
     async def body(client: KluisClient) -> None:
         await client.send(args.id, args.text)
@@ -208,7 +215,7 @@ async def _send(args: argparse.Namespace) -> None:
 async def _inbox(args: argparse.Namespace) -> None:
     async def body(client: KluisClient) -> None:
         for message in await client.receive(wait=args.wait):
-            print(message.line(), flush=True)
+            print(message_line(message), flush=True)
         unread = len(client.errors)
         if unread:
             noun = "message" if unread == 1 else "messages"
@@ -229,7 +236,7 @@ def cmd_history(args: argparse.Namespace) -> None:
     client = KluisClient.open(Path(args.profile), _passphrase())
     try:
         for message in client.history(args.id):
-            print(message.line())
+            print(message_line(message))
     finally:
         client.core.store.close()
 

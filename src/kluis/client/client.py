@@ -23,8 +23,16 @@ from typing import TypeVar
 import msgspec
 
 from kluis.client.core import ClientCore, Message, Opened, Payload, link_fingerprint
+from kluis.client.events import (
+    ConnectionDown,
+    ConnectionUp,
+    DeviceAlarm,
+    Event,
+    MessageReceived,
+    Undecryptable,
+)
 from kluis.client.store import ProfileStore
-from kluis.client.transport import Transport
+from kluis.client.transport import Transport, TransportFactory, WebSocketTransport
 from kluis.errors import (
     DecryptionError,
     KluisError,
@@ -47,6 +55,8 @@ def _with_rid(frame: F) -> Callable[[int], F]:
 
 
 _BACKLOG_TIMEOUT = 10.0
+# events() listens this long per receive(): an unreadable envelope is reported within it.
+_EVENT_POLL_S = 1.0
 
 
 async def _connect(transport: Transport, server: str) -> bytes:
@@ -67,8 +77,11 @@ async def _connect(transport: Transport, server: str) -> bytes:
 
 
 class KluisClient:
-    def __init__(self, core: ClientCore) -> None:
+    def __init__(
+        self, core: ClientCore, *, transport_factory: TransportFactory = WebSocketTransport
+    ) -> None:
         self.core = core
+        self._dial = transport_factory  # makes the transport to a server URL (tests: in memory)
         self._transport: Transport | None = None
         self.errors: list[KluisError] = []  # why envelopes of the last receive() were unreadable
         self._synced = False  # the server has sent this connection's stored backlog
@@ -76,24 +89,35 @@ class KluisClient:
     # ---- opening ------------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, profile: Path, passphrase: str) -> KluisClient:
+    def open(
+        cls,
+        profile: Path,
+        passphrase: str,
+        *,
+        transport_factory: TransportFactory = WebSocketTransport,
+    ) -> KluisClient:
         """Unlock an existing profile (no network yet)."""
         store = ProfileStore.open(profile, passphrase)
-        return cls(ClientCore.load(store, clock=time.time, random=secrets.token_bytes))
+        core = ClientCore.load(store, clock=time.time, random=secrets.token_bytes)
+        return cls(core, transport_factory=transport_factory)
 
     @classmethod
     async def register(
-        cls, server: str, licence: str, profile: Path, passphrase: str
+        cls,
+        server: str,
+        licence: str,
+        profile: Path,
+        passphrase: str,
+        *,
+        transport_factory: TransportFactory = WebSocketTransport,
     ) -> KluisClient:
         """Create a profile, redeem ``licence`` and publish this device's keys."""
         store = ProfileStore.create(profile, passphrase)
-        client = cls(
-            ClientCore.create(
-                store, server, clock=time.time, random=secrets.token_bytes, new_account=True
-            )
+        core = ClientCore.create(
+            store, server, clock=time.time, random=secrets.token_bytes, new_account=True
         )
-        core = client.core
-        transport = Transport(server)
+        client = cls(core, transport_factory=transport_factory)
+        transport = transport_factory(server)
         try:
             nonce = await _connect(transport, server)
             welcome = await transport.request(
@@ -117,7 +141,13 @@ class KluisClient:
 
     @classmethod
     async def request_link(
-        cls, server: str, profile: Path, passphrase: str, *, account: str = ""
+        cls,
+        server: str,
+        profile: Path,
+        passphrase: str,
+        *,
+        account: str = "",
+        transport_factory: TransportFactory = WebSocketTransport,
     ) -> str:
         """Create a profile for a new device and ask to join an account; return the link code.
 
@@ -128,7 +158,7 @@ class KluisClient:
         core = ClientCore.create(store, server, clock=time.time, random=secrets.token_bytes)
         if account:
             core.set_account(account)
-        transport = Transport(server)
+        transport = transport_factory(server)
         try:
             nonce = await _connect(transport, server)
             otks, fallback = core.keys_to_upload(0)
@@ -153,11 +183,16 @@ class KluisClient:
         store.close()
         return code
 
-    async def connect(self) -> None:
-        """Authenticate this device; receive anything queued for it."""
+    async def connect(self, *, transport_factory: TransportFactory | None = None) -> None:
+        """Authenticate this device; receive anything queued for it.
+
+        ``transport_factory`` replaces the one this client was made with, from now on.
+        """
         if self._transport is not None:
             return
-        transport = Transport(self.core.server)
+        if transport_factory is not None:
+            self._dial = transport_factory
+        transport = self._dial(self.core.server)
         nonce = await _connect(transport, self.core.server)
         try:
             welcome = await transport.request(
@@ -366,6 +401,37 @@ class KluisClient:
         while True:
             for m in await self.receive(wait=3600, until=1):  # hand over each batch at once
                 yield m
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Everything the application should know, as it happens (see ``client/events.py``).
+
+        Connects if needed and starts with :class:`ConnectionUp`; ends after
+        :class:`ConnectionDown` (then ``connect()`` and ``events()`` again to go on).
+        """
+        try:
+            await self.connect()
+        except TransportError as exc:
+            yield ConnectionDown(str(exc))
+            return
+        yield ConnectionUp()
+        reported: set[str] = set()
+        while True:
+            for alarm in self.alarms():
+                if alarm not in reported:
+                    reported.add(alarm)
+                    yield DeviceAlarm(alarm)
+            try:
+                messages = await self.receive(wait=_EVENT_POLL_S, until=1)
+            except TransportError as exc:
+                transport, self._transport = self._transport, None
+                if transport is not None:
+                    await transport.close()
+                yield ConnectionDown(str(exc))
+                return
+            for error in self.errors:
+                yield Undecryptable(error.code, str(error))
+            for message in messages:
+                yield MessageReceived(message)
 
     async def _handle_deliver(self, envelopes: list[f.InEnvelope], out: list[Message]) -> None:
         """Decrypt into ``out`` as we go (so a lost connection keeps what was read), then ack."""

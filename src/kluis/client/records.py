@@ -93,10 +93,6 @@ class Message:
         time_ = datetime.fromtimestamp(clamp_ts(m.ts) / 1000, UTC)
         return cls(m.sender, m.peer, time_, m.text)
 
-    def line(self) -> str:
-        text = self.text.replace("\n", " ").replace("\t", " ")
-        return f"{self.sender}\t{self.time.isoformat(timespec='milliseconds')}\t{text}"
-
 
 @dataclass(frozen=True, slots=True)
 class Opened:

@@ -1,16 +1,17 @@
-"""Two real clients and a third device, over a real server on loopback."""
+"""Two real clients and a third device, joined to a server application in memory."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import msgspec
 import pytest
 
-from kluis.client.client import KluisClient
 from kluis.protocol import frames as f
-from tests.kluis_testing import PASSPHRASE, ServerProcess, link_device, register
+from kluis.server.config import Limits
+from kluis.server.inprocess import InProcessServer
+from tests.kluis_testing import link_device, open_profile, reconnect, register, start_inprocess
 
 
 def texts(messages: list) -> list[str]:  # type: ignore[type-arg]
@@ -18,11 +19,11 @@ def texts(messages: list) -> list[str]:  # type: ignore[type-arg]
 
 
 async def test_two_users_and_a_second_device_both_directions(
-    server: ServerProcess, tmp_path: Path
+    inproc: InProcessServer, tmp_path: Path
 ) -> None:
-    alice = await register(server, tmp_path / "alice")
-    bob = await register(server, tmp_path / "bob")
-    alice2 = await link_device(alice, server, tmp_path / "alice2")
+    alice = await register(inproc, tmp_path / "alice")
+    bob = await register(inproc, tmp_path / "bob")
+    alice2 = await link_device(alice, inproc, tmp_path / "alice2")
     assert alice2.account_id == alice.account_id
     assert len(await alice.devices()) == 2
 
@@ -36,8 +37,7 @@ async def test_two_users_and_a_second_device_both_directions(
     await bob.send(alice.account_id, "hi alice")
     assert texts(await alice.receive(wait=5, until=1)) == ["hi alice"]
     # Back online, Alice's second device gets her own sent message (a sync copy) and Bob's answer.
-    alice2 = KluisClient.open(tmp_path / "alice2", PASSPHRASE)
-    await alice2.connect()
+    alice2 = await reconnect(inproc, tmp_path / "alice2")
     got2 = await alice2.receive()
     assert [(m.sender, m.text) for m in got2] == [
         (alice.account_id, "hello bob"),
@@ -59,31 +59,29 @@ async def test_two_users_and_a_second_device_both_directions(
         await c.close()
 
 
-async def test_recipient_offline_then_online(server: ServerProcess, tmp_path: Path) -> None:
-    alice = await register(server, tmp_path / "alice")
-    bob = await register(server, tmp_path / "bob")
+async def test_recipient_offline_then_online(inproc: InProcessServer, tmp_path: Path) -> None:
+    alice = await register(inproc, tmp_path / "alice")
+    bob = await register(inproc, tmp_path / "bob")
     bob_id = bob.account_id
     await bob.close()  # Bob goes offline
 
     for i in range(5):
         await alice.send(bob_id, f"while you were away {i}")
 
-    bob = KluisClient.open(tmp_path / "bob", PASSPHRASE)
-    await bob.connect()
+    bob = await reconnect(inproc, tmp_path / "bob")
     got = await bob.receive()
     assert texts(got) == [f"while you were away {i}" for i in range(5)]
     # Acknowledged: a new connection receives nothing more.
     await bob.close()
-    bob = KluisClient.open(tmp_path / "bob", PASSPHRASE)
-    await bob.connect()
+    bob = await reconnect(inproc, tmp_path / "bob")
     assert await bob.receive() == []
     await bob.close()
     await alice.close()
 
 
-async def test_many_messages_in_a_row_keep_order(server: ServerProcess, tmp_path: Path) -> None:
-    alice = await register(server, tmp_path / "alice")
-    bob = await register(server, tmp_path / "bob")
+async def test_many_messages_in_a_row_keep_order(inproc: InProcessServer, tmp_path: Path) -> None:
+    alice = await register(inproc, tmp_path / "alice")
+    bob = await register(inproc, tmp_path / "bob")
     for i in range(30):
         await alice.send(bob.account_id, f"m{i}")
     got = await bob.receive(wait=5, until=30)
@@ -92,10 +90,10 @@ async def test_many_messages_in_a_row_keep_order(server: ServerProcess, tmp_path
     await bob.close()
 
 
-async def test_revoked_device_gets_nothing_more(server: ServerProcess, tmp_path: Path) -> None:
-    alice = await register(server, tmp_path / "alice")
-    bob = await register(server, tmp_path / "bob")
-    alice2 = await link_device(alice, server, tmp_path / "alice2")
+async def test_revoked_device_gets_nothing_more(inproc: InProcessServer, tmp_path: Path) -> None:
+    alice = await register(inproc, tmp_path / "alice")
+    bob = await register(inproc, tmp_path / "bob")
+    alice2 = await link_device(alice, inproc, tmp_path / "alice2")
     await bob.send(alice.account_id, "before")
     assert texts(await alice2.receive(wait=5, until=1)) == ["before"]
     await alice.revoke(alice2.core.device_id)
@@ -103,7 +101,7 @@ async def test_revoked_device_gets_nothing_more(server: ServerProcess, tmp_path:
     await bob.send(alice.account_id, "after")  # Bob's first try addresses 2 devices: corrected
     assert texts(await alice.receive(wait=5, until=2)) == ["before", "after"]
     await alice2.close()
-    again = KluisClient.open(tmp_path / "alice2", PASSPHRASE)
+    again = open_profile(inproc, tmp_path / "alice2")
     try:
         await again.connect()
         raise AssertionError("a revoked device must not log in")
@@ -116,26 +114,24 @@ async def test_revoked_device_gets_nothing_more(server: ServerProcess, tmp_path:
 
 
 @pytest.fixture
-def unmetered_claims(tmp_path: Path) -> Iterator[ServerProcess]:
+async def unmetered_claims(tmp_path: Path) -> AsyncIterator[InProcessServer]:
     """A server whose per-target claim budget does not step in before keys run low."""
-    srv = ServerProcess(tmp_path / "server", "--limit", "claim_target_burst=1000")
-    srv.start()
+    srv = await start_inprocess(tmp_path / "server", Limits(claim_target_burst=1000))
     try:
         yield srv
     finally:
-        srv.stop()
+        await srv.close()
 
 
 async def test_newest_connection_of_a_device_wins(
-    unmetered_claims: ServerProcess, tmp_path: Path
+    unmetered_claims: InProcessServer, tmp_path: Path
 ) -> None:
-    server = unmetered_claims
-    alice = await register(server, tmp_path / "alice")
-    bob = await register(server, tmp_path / "bob")
+    inproc = unmetered_claims
+    alice = await register(inproc, tmp_path / "alice")
+    bob = await register(inproc, tmp_path / "bob")
     await bob.close()
-    first = KluisClient.open(tmp_path / "bob", PASSPHRASE)
-    await first.connect()
-    second = KluisClient.open(tmp_path / "bob", PASSPHRASE)
+    first = await reconnect(inproc, tmp_path / "bob")
+    second = open_profile(inproc, tmp_path / "bob")
     await second.connect()  # the server closes the first connection
     got = await first.transport.pushes.get()
     while got is not None:  # drain until the close arrives
@@ -160,12 +156,12 @@ async def test_newest_connection_of_a_device_wins(
 
 
 async def test_messages_iterator_yields_as_they_arrive(
-    server: ServerProcess, tmp_path: Path
+    inproc: InProcessServer, tmp_path: Path
 ) -> None:
     import asyncio
 
-    alice = await register(server, tmp_path / "alice")
-    bob = await register(server, tmp_path / "bob")
+    alice = await register(inproc, tmp_path / "alice")
+    bob = await register(inproc, tmp_path / "bob")
     stream = bob.messages()
     for text in ("first", "second"):
         await alice.send(bob.account_id, text)

@@ -1,8 +1,8 @@
-"""Key directory and session recovery, over a real server."""
+"""Key directory and session recovery, over a server application joined in memory."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -10,19 +10,20 @@ import pytest
 from kluis.client.core import RECOVERY_DELAY_MS
 from kluis.errors import DecryptionError
 from kluis.protocol import frames as f
-from tests.kluis_testing import ServerProcess, register
+from kluis.server.config import Limits
+from kluis.server.inprocess import InProcessServer
+from tests.kluis_testing import reconnect, register, start_inprocess
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[ServerProcess]:
+async def server(tmp_path: Path) -> AsyncIterator[InProcessServer]:
     """Claims here walk through all of a device's keys: the per-target budget (tested in
     test_review_findings_server.py) must not hand out the fallback key first."""
-    srv = ServerProcess(tmp_path / "server", "--limit", "claim_target_burst=1000")
-    srv.start()
+    srv = await start_inprocess(tmp_path / "server", Limits(claim_target_burst=1000))
     try:
         yield srv
     finally:
-        srv.stop()
+        await srv.close()
 
 
 async def claim(client, account: str, device: str) -> f.Bundle:  # type: ignore[no-untyped-def]
@@ -34,7 +35,7 @@ async def claim(client, account: str, device: str) -> f.Bundle:  # type: ignore[
 
 
 async def test_claims_hand_out_each_key_once_then_fallback_and_refill(
-    server: ServerProcess, tmp_path: Path
+    server: InProcessServer, tmp_path: Path
 ) -> None:
     alice = await register(server, tmp_path / "alice")
     bob = await register(server, tmp_path / "bob")
@@ -55,11 +56,7 @@ async def test_claims_hand_out_each_key_once_then_fallback_and_refill(
     assert len(fallback_keys) == 1
 
     # Bob comes back, learns his count is low and replenishes.
-    from kluis.client.client import KluisClient
-    from tests.kluis_testing import PASSPHRASE
-
-    bob = KluisClient.open(tmp_path / "bob", PASSPHRASE)
-    await bob.connect()
+    bob = await reconnect(server, tmp_path / "bob")
     bundle = await claim(alice, bob.account_id, bob_device)
     assert not bundle.fallback and bundle.one_time_key.key not in seen
     # The claim rate is limited: a hostile client cannot drain keys without bound.
@@ -71,7 +68,7 @@ async def test_claims_hand_out_each_key_once_then_fallback_and_refill(
     await bob.close()
 
 
-async def test_broken_session_recovers(server: ServerProcess, tmp_path: Path) -> None:
+async def test_broken_session_recovers(server: InProcessServer, tmp_path: Path) -> None:
     alice = await register(server, tmp_path / "alice")
     bob = await register(server, tmp_path / "bob")
     await alice.send(bob.account_id, "one")

@@ -1,7 +1,8 @@
-"""The client's async transport: one WebSocket, requests matched to answers by ``rid``.
+"""The client's network transport: one WebSocket, requests matched to answers by ``rid``.
 
 This is the only client module that does network I/O, and the one place where aiohttp's
-exceptions become :class:`kluis.errors.TransportError`.
+exceptions become :class:`kluis.errors.TransportError`. It implements
+:class:`kluis.client.transport.protocol.Transport`.
 """
 
 from __future__ import annotations
@@ -10,18 +11,15 @@ import asyncio
 import contextlib
 import itertools
 from collections.abc import Callable
-from typing import TypeVar
 
 import aiohttp
 
+from kluis.client.transport.protocol import Push, T
 from kluis.errors import KluisError, MalformedFrame, TransportError, error_for_code
 from kluis.protocol import frames as f
 
-T = TypeVar("T", bound=f.ServerFrame)
-Push = f.Deliver | f.KeysLow | f.Synced
 
-
-class Transport:
+class WebSocketTransport:
     def __init__(self, url: str, *, max_frame_bytes: int = 4 * 1024 * 1024) -> None:
         self.url = url.rstrip("/") + "/v1/ws" if not url.rstrip("/").endswith("/v1/ws") else url
         self._max_frame = max_frame_bytes
@@ -31,7 +29,6 @@ class Transport:
         self._rids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[f.ServerFrame]] = {}
         self.pushes: asyncio.Queue[Push | None] = asyncio.Queue()  # None: connection ended
-        self.nonce = b""
         self.server_origin = ""
 
     async def connect(self, timeout: float = 10.0) -> bytes:
@@ -52,7 +49,6 @@ class Transport:
         if not isinstance(challenge, f.Challenge):
             await self.close()
             raise MalformedFrame("server did not start with a challenge")
-        self.nonce = challenge.nonce
         self.server_origin = challenge.server
         self._reader = asyncio.create_task(self._read())
         return challenge.nonce
@@ -106,12 +102,6 @@ class Transport:
         if not isinstance(answer, expect):
             raise MalformedFrame(f"expected {expect.__name__}, got {type(answer).__name__}")
         return answer
-
-    async def send_raw(self, data: bytes) -> None:
-        """Send bytes as they are (tests use this to send malformed frames)."""
-        if self._ws is None:
-            raise TransportError("not connected")
-        await self._ws.send_bytes(data)
 
     async def close(self) -> None:
         if self._ws is not None and not self._ws.closed:

@@ -1,0 +1,54 @@
+"""What the client needs from a transport: one authenticated channel of frames to one server.
+
+Theory of operation: :meth:`Transport.connect` opens the channel and returns the server's
+challenge nonce (and sets :attr:`Transport.server_origin` from the same ``Challenge``).
+:meth:`Transport.request` sends one request frame, built with a fresh ``rid``, and returns the
+answer with that ``rid``; a server ``Error`` is raised as its typed :mod:`kluis.errors` class.
+Everything the server sends unasked (``Deliver``, ``KeysLow``, ``Synced``) goes, in order, into
+:attr:`Transport.pushes`; ``None`` there means the channel has ended. Every failure of the
+channel itself is a :class:`kluis.errors.TransportError`.
+
+Implementations: :mod:`.websocket` (aiohttp, the real thing) and :mod:`.memory` (a server
+application in the same process, for tests and embedding). Both carry encoded frames as bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Protocol, TypeVar
+
+from kluis.protocol import frames as f
+
+T = TypeVar("T", bound=f.ServerFrame)
+Push = f.Deliver | f.KeysLow | f.Synced
+
+
+class Transport(Protocol):
+    """One channel of frames between this client and a server."""
+
+    @property
+    def server_origin(self) -> str:
+        """The origin the server named in its challenge (empty before :meth:`connect`)."""
+        ...
+
+    @property
+    def pushes(self) -> asyncio.Queue[Push | None]:
+        """Frames the server sent unasked, in order; ``None`` once the channel has ended."""
+        ...
+
+    async def connect(self, timeout: float = 10.0) -> bytes:
+        """Open the channel; return the server's challenge nonce."""
+        ...
+
+    async def request(self, make: Callable[[int], f.ClientFrame], expect: type[T]) -> T:
+        """Send ``make(rid)`` and return its answer; a server Error is raised typed."""
+        ...
+
+    async def close(self) -> None:
+        """End the channel (idempotent); waiting requests fail with TransportError."""
+        ...
+
+
+TransportFactory = Callable[[str], Transport]
+"""Makes a transport to the server at a URL (``KluisClient`` takes one; tests inject theirs)."""

@@ -1,0 +1,83 @@
+"""KluisClient.events(): typed events over the in-memory transport."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from kluis.client.core import Sealed
+from kluis.client.events import (
+    ConnectionDown,
+    ConnectionUp,
+    DeviceAlarm,
+    Event,
+    MessageReceived,
+    Undecryptable,
+)
+from kluis.server.inprocess import InProcessServer
+from tests.integration.test_device_chain import (
+    forged_envelope,
+    insert_device,
+    send_raw,
+    stray_device,
+)
+from tests.kluis_testing import open_profile, reconnect, register
+
+
+async def next_event(stream: AsyncIterator[Event]) -> Event:
+    return await asyncio.wait_for(anext(stream), 10)
+
+
+async def test_messages_unreadable_envelopes_and_the_end_of_the_connection(
+    inproc: InProcessServer, tmp_path: Path
+) -> None:
+    alice = await register(inproc, tmp_path / "alice")
+    bob = await register(inproc, tmp_path / "bob")
+    mallory = await register(inproc, tmp_path / "mallory")
+    stream = bob.events()
+    assert await next_event(stream) == ConnectionUp()
+
+    await alice.send(bob.account_id, "hello bob")
+    event = await next_event(stream)
+    assert isinstance(event, MessageReceived)
+    assert (event.message.sender, event.message.text) == (alice.account_id, "hello bob")
+
+    claim = Sealed(account="nosuchaccount234", device="x" * 43, curve="y" * 43, type=0, body=b"z")
+    await send_raw(mallory, bob.account_id, [forged_envelope(bob.core.device_keys(), claim)])
+    event = await next_event(stream)
+    assert isinstance(event, Undecryptable) and event.code and event.reason
+    assert bob.quarantined == 1
+
+    newer = await reconnect(inproc, tmp_path / "bob")  # displaces this connection
+    event = await next_event(stream)
+    assert isinstance(event, ConnectionDown) and event.reason
+    assert await anext(stream, None) is None  # the stream ends there
+    await newer.close()
+    for c in (alice, bob, mallory):
+        await c.close()
+
+
+async def test_a_device_our_identity_did_not_certify_raises_an_alarm(
+    inproc: InProcessServer, tmp_path: Path
+) -> None:
+    alice = await register(inproc, tmp_path / "alice")
+    await alice.close()
+    # A hostile server lists a device of its own in Alice's account.
+    _, planted = stray_device(tmp_path, "planted")
+    from kluis.protocol import frames as f
+
+    sql, args = insert_device(alice.account_id, f.DeviceRecord(keys=planted, cert="A" * 86))
+    db = sqlite3.connect(inproc.config.data_dir / "kluis.sqlite3")
+    db.execute(sql, args)
+    db.commit()
+    db.close()
+
+    alice = open_profile(inproc, tmp_path / "alice")
+    stream = alice.events()
+    assert await next_event(stream) == ConnectionUp()
+    event = await next_event(stream)
+    assert isinstance(event, DeviceAlarm) and planted.ed25519 in event.alarm
+    await stream.aclose()
+    await alice.close()
