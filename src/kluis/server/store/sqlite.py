@@ -56,21 +56,23 @@ dropped (its pages zeroed by secure_delete).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import queue
 import secrets
 import sqlite3
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
-from typing import ParamSpec, TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 
 from kluis.protocol.frames import DeviceRecord, PendingLink, Revocation, SignedKey
 from kluis.server.store.protocol import Account, StoredDevice
 
-_P = ParamSpec("_P")
 _T = TypeVar("_T")
 
 _SCHEMA = """
@@ -627,10 +629,25 @@ def _count(devices: Iterable[str]) -> dict[str, int]:
     return counts
 
 
+def _settle(fut: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    if fut.cancelled():
+        return
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(result)
+
+
+_Call = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any]", Callable[..., Any], tuple[Any, ...]]
+
+
 class SqliteStore:
     """The ``Store`` on SQLite: every call runs on one worker thread that owns the connection.
 
-    ``db`` is the synchronous layer, for tests and benchmarks that look at the file's layout.
+    The thread takes calls from a queue and hands each result back with one
+    ``call_soon_threadsafe``: about half the CPU of a ``ThreadPoolExecutor`` round trip, which
+    the group commit pays once per batch. ``db`` is the synchronous layer, for tests and
+    benchmarks that look at the file's layout.
     """
 
     def __init__(
@@ -640,19 +657,47 @@ class SqliteStore:
         synchronous: str = "normal",
         seq_origin: Callable[[], int] = lambda: secrets.randbelow(_SEQ_ORIGIN),
     ) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kluis-sqlite")
-        try:
-            # Opened on the worker: the connection belongs to that thread from the start.
-            self.db = self._executor.submit(
-                SqliteDatabase, path, synchronous=synchronous, seq_origin=seq_origin
-            ).result()
-        except BaseException:
-            self._executor.shutdown()
-            raise
+        self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
+        opened: Future[SqliteDatabase] = Future()
+        # Opened on the worker: the connection belongs to that thread from the start.
+        self._thread = threading.Thread(
+            target=self._serve,
+            args=(opened, path, synchronous, seq_origin),
+            name="kluis-sqlite",
+            daemon=True,
+        )
+        self._thread.start()
+        self.db = opened.result()
 
-    async def _run(self, fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
-        future = self._executor.submit(fn, *args, **kwargs)
-        return await asyncio.wrap_future(future)
+    def _serve(
+        self,
+        opened: Future[SqliteDatabase],
+        path: Path,
+        synchronous: str,
+        seq_origin: Callable[[], int],
+    ) -> None:
+        try:
+            db = SqliteDatabase(path, synchronous=synchronous, seq_origin=seq_origin)
+        except BaseException as exc:
+            opened.set_exception(exc)
+            return
+        opened.set_result(db)
+        while (call := self._calls.get()) is not None:
+            loop, fut, fn, args = call
+            result: Any = None
+            error: BaseException | None = None
+            try:
+                result = fn(*args)
+            except BaseException as exc:
+                error = exc
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits for it
+                loop.call_soon_threadsafe(_settle, fut, result, error)
+
+    def _run(self, fn: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[_T] = loop.create_future()
+        self._calls.put((loop, fut, fn, args))
+        return fut
 
     @property
     def needs_checkpoint(self) -> bool:
@@ -660,7 +705,8 @@ class SqliteStore:
 
     async def close(self) -> None:
         await self._run(self.db.close)
-        self._executor.shutdown()
+        self._calls.put(None)
+        self._thread.join()
 
     async def add_licences(self, code_hashes: Sequence[bytes], days: int, now: int) -> None:
         await self._run(self.db.add_licences, code_hashes, days, now)
