@@ -131,7 +131,7 @@ class Connection:
         self.account_id = ""
         self.device_id = ""
         self.delivered_upto = 0  # the last envelope id queued (or sent) to this device
-        self._wake = wake  # tells the transport that pushes are waiting
+        self._wake = wake  # tells the transport that frames are waiting
         self._outgoing: list[f.InEnvelope] = []
         self._outgoing_bytes = 0
         self._notices: list[f.ServerFrame] = []
@@ -147,7 +147,7 @@ class Connection:
         self.close_requested = False
         self.close_reason = b"replaced or revoked"
 
-    # ---- pushes -----------------------------------------------------------------------------
+    # ---- delivery ---------------------------------------------------------------------------
 
     def envelope(self, seq: int, body: bytes | None) -> None:
         """The bus announced an envelope committed for this device."""
