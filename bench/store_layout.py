@@ -6,7 +6,7 @@ Each send deposits two envelopes for two different devices in one transaction (a
 the sender's own second device), as the mailbox does for a send that no other send shares a
 group commit with; 1,000 envelopes stay pending throughout, the rest are acknowledged in batches.
 Bodies over SQLite's local-payload limit (about 960 bytes) are stored in scattered pieces
-(``server/store.py``), so their cost grows with their size. Figures go to BENCHMARKS.md.
+(``server/store/sqlite.py``), so their cost grows with their size. Figures go to BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from kluis.server.store import SqliteStore
+from kluis.server.store.sqlite import SqliteDatabase
 
 SIZES = (200, 2_048, 20_000)
 DEVICES = 50
@@ -25,7 +25,7 @@ DEVICES = 50
 
 def sends_per_second(size: int, sends: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
-        store = SqliteStore(Path(tmp) / "bench.sqlite3")
+        store = SqliteDatabase(Path(tmp) / "bench.sqlite3")
         devices = [os.urandom(32).hex()[:43] for _ in range(DEVICES)]
         bodies = [os.urandom(size) for _ in range(64)]
         pending: list[tuple[str, int]] = []

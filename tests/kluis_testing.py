@@ -131,9 +131,9 @@ def data_dir(server: Server) -> Path:
     return server.data
 
 
-def licences(server: Server, count: int = 1) -> list[str]:
+async def licences(server: Server, count: int = 1) -> list[str]:
     if isinstance(server, InProcessServer):
-        return server.create_licences(count)
+        return await server.create_licences(count)
     return server.licences(count)
 
 
@@ -150,7 +150,7 @@ async def reconnect(server: Server, profile: Path) -> KluisClient:
 
 
 async def register(server: Server, profile: Path) -> KluisClient:
-    (code,) = licences(server, 1)
+    (code,) = await licences(server, 1)
     return await KluisClient.register(
         server.url, code, profile, PASSPHRASE, transport_factory=transport_factory(server)
     )

@@ -1,4 +1,4 @@
-"""The envelope layout of server/store.py: no overflow pages, pieces gone with their envelope,
+"""The envelope layout of server/store/sqlite.py: no overflow pages, pieces gone with their envelope,
 the old layout migrated, and the WAL's deposit order folded away by a checkpoint (finding 8)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from kluis.protocol.frames import Revocation
 from kluis.server import audit
-from kluis.server.store import SqliteStore
+from kluis.server.store.sqlite import SqliteDatabase
 from tests.integration.test_audit_storage import OLD_EXPIRY, old_send, open_old_layout
 
 RECIPIENT, COPY = "r" * 43, "s" * 43
@@ -23,7 +23,7 @@ def overflow_pages(db: sqlite3.Connection) -> int:
 def test_no_envelope_byte_goes_to_an_overflow_page_and_pieces_go_with_their_envelope(
     tmp_path: Path,
 ) -> None:
-    store = SqliteStore(tmp_path / "db.sqlite3")
+    store = SqliteDatabase(tmp_path / "db.sqlite3", seq_origin=lambda: 0)
     bodies = {n: os.urandom(n) for n in (0, 1, 900, 1_100, 2_048, 20_000, 100_000)}
     for body in bodies.values():
         store.insert_envelopes([(RECIPIENT, OLD_EXPIRY, body), (COPY, OLD_EXPIRY, body[::-1])])
@@ -52,7 +52,7 @@ def test_the_old_layout_is_migrated_on_open_without_losing_an_envelope(tmp_path:
     db.close()
     assert not audit.audit(tmp_path).clean  # the pairing, before
 
-    store = SqliteStore(tmp_path / audit.DB_NAME)
+    store = SqliteDatabase(tmp_path / audit.DB_NAME)
     after = [
         (device, n, body)
         for device in sorted(seq)
@@ -78,7 +78,7 @@ def test_a_live_copy_shows_deposit_order_until_the_checkpoint_and_none_after(
     write), the WAL holds the send as one commit; after it, neither the WAL nor the -shm index
     tells which pages the send wrote."""
     path = tmp_path / audit.DB_NAME
-    store = SqliteStore(path)
+    store = SqliteDatabase(path)
     store.checkpoint()
     for _ in range(3):
         with store.transaction():

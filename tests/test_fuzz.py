@@ -39,7 +39,7 @@ from kluis.errors import (
 )
 from kluis.protocol import frames as f
 from kluis.server.accounts import check_device_keys
-from kluis.server.app import ServerState, open_state
+from kluis.server.app import Server, open_server
 from kluis.server.config import ServerConfig
 from kluis.server.connection import Connection
 from kluis.server.keys import check_signed_key
@@ -179,26 +179,26 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
 @pytest.fixture(scope="module")
 def server(
     tmp_path_factory: pytest.TempPathFactory, loop: asyncio.AbstractEventLoop
-) -> Iterator[tuple[ServerState, Connection, ClientCore]]:
+) -> Iterator[tuple[Server, Connection, ClientCore]]:
     """A server state with one registered device, and that device's authenticated connection."""
     base = tmp_path_factory.mktemp("fuzz-server")
-    state = open_state(ServerConfig(data_dir=base / "data"))
-    (licence,) = state.accounts.create_licences(1, 30)
+    state = open_server(ServerConfig(data_dir=base / "data"))
+    (licence,) = loop.run_until_complete(state.services.accounts.create_licences(1, 30))
     device = make_core(base / "device", registered=False)
-    conn = Connection(state, lambda: None)
+    conn = Connection(state.services, lambda: None)
     frame = f.Register(
         rid=1,
         licence=licence,
         identity=device.identity_key,
         device=device.own_record(),
-        sig=device.sign_challenge(conn.nonce, state.origin),
+        sig=device.sign_challenge(conn.nonce, state.services.origin),
     )
     welcome = f.decode_server_frame(loop.run_until_complete(conn.handle(f.encode(frame))))
     assert isinstance(welcome, f.Welcome), welcome
     device.set_account(welcome.account)
     yield state, conn, device
     device.store.close()
-    state.store.close()
+    loop.run_until_complete(state.store.close())
 
 
 # ---- frames -----------------------------------------------------------------------------------
@@ -237,10 +237,10 @@ def _answer(loop: asyncio.AbstractEventLoop, conn: Connection, data: bytes) -> f
 @BUDGET
 @given(st.binary(max_size=300) | frame_dicts(CLIENT_FRAMES).map(pack))
 def test_server_handler_unauthenticated(
-    server: tuple[ServerState, Connection, ClientCore], loop: asyncio.AbstractEventLoop, data: bytes
+    server: tuple[Server, Connection, ClientCore], loop: asyncio.AbstractEventLoop, data: bytes
 ) -> None:
     state, _, _ = server
-    conn = Connection(state, lambda: None)
+    conn = Connection(state.services, lambda: None)
     reply = _answer(loop, conn, data)
     assert isinstance(reply, f.Error | f.LinkPending)  # a valid signature cannot be guessed
     conn.closed()
@@ -249,7 +249,7 @@ def test_server_handler_unauthenticated(
 @BUDGET
 @given(frame_dicts(CLIENT_FRAMES[3:]))
 def test_server_handler_authenticated(
-    server: tuple[ServerState, Connection, ClientCore],
+    server: tuple[Server, Connection, ClientCore],
     loop: asyncio.AbstractEventLoop,
     obj: dict[str, Any],
 ) -> None:
@@ -264,7 +264,7 @@ def test_server_handler_authenticated(
 @BUDGET
 @given(st.data())
 def test_server_checks_uploaded_keys(
-    server: tuple[ServerState, Connection, ClientCore], data: st.DataObject
+    server: tuple[Server, Connection, ClientCore], data: st.DataObject
 ) -> None:
     _, _, device = server
     key = data.draw(signed_keys(device))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -15,8 +16,9 @@ from kluis.protocol import signing
 from kluis.protocol.frames import DeviceKeys, PendingLink
 from kluis.server.accounts import Accounts, licence_hash, normalise_licence
 from kluis.server.config import DAY, Limits
+from kluis.server.delivery.memory import InProcessBus
 from kluis.server.ratelimit import TokenBucket
-from kluis.server.store import SqliteStore
+from kluis.server.store.sqlite import SqliteStore
 
 
 class Clock:
@@ -41,77 +43,82 @@ def login(acct: OlmAccount, nonce: bytes) -> str:
     return acct.sign(signing.challenge_message(nonce, acct.ed25519, ORIGIN))
 
 
-def register(
+async def register(
     accounts: Accounts, code: str, acct: OlmAccount, keys: DeviceKeys, nonce: bytes, sig: str
 ):  # type: ignore[no-untyped-def]
     identity = AccountKey()
     record = certify(identity, account_id_for(identity.public), keys)
-    return accounts.register(code, identity.public, record, nonce, sig)
+    return await accounts.register(code, identity.public, record, nonce, sig)
 
 
 @pytest.fixture
-def world(tmp_path: Path) -> tuple[SqliteStore, Accounts, Clock]:
+async def world(tmp_path: Path) -> AsyncIterator[tuple[SqliteStore, Accounts, Clock]]:
     clock = Clock()
     store = SqliteStore(tmp_path / "db.sqlite3")
-    return store, Accounts(store, clock, Limits(link_ttl_s=600), ORIGIN), clock
+    yield store, Accounts(store, clock, Limits(link_ttl_s=600), ORIGIN), clock
+    await store.close()
 
 
-def test_subscription_ends_after_its_days(world: tuple[SqliteStore, Accounts, Clock]) -> None:
+async def test_subscription_ends_after_its_days(world: tuple[SqliteStore, Accounts, Clock]) -> None:
     _, accounts, clock = world
-    (code,) = accounts.create_licences(1, days=182)
+    (code,) = await accounts.create_licences(1, days=182)
     acct, keys = device()
     nonce = b"n" * 32
-    account = register(accounts, code, acct, keys, nonce, login(acct, nonce))
+    account = await register(accounts, code, acct, keys, nonce, login(acct, nonce))
     assert account.expires_at == int(clock.now) + 182 * DAY
     clock.now += 181 * DAY
-    accounts.authenticate(keys.ed25519, nonce, login(acct, nonce))
+    await accounts.authenticate(keys.ed25519, nonce, login(acct, nonce))
     clock.now += 2 * DAY
     with pytest.raises(AccountExpired):
-        accounts.authenticate(keys.ed25519, nonce, login(acct, nonce))
+        await accounts.authenticate(keys.ed25519, nonce, login(acct, nonce))
 
 
-def test_challenge_signature_is_bound_to_the_nonce(
+async def test_challenge_signature_is_bound_to_the_nonce(
     world: tuple[SqliteStore, Accounts, Clock],
 ) -> None:
     _, accounts, _ = world
-    (code,) = accounts.create_licences(1, days=1)
+    (code,) = await accounts.create_licences(1, days=1)
     acct, keys = device()
     old = login(acct, b"old" * 11)
     with pytest.raises(BadSignature):  # a recorded login cannot be replayed on a new challenge
-        register(accounts, code, acct, keys, b"new" * 11, old)
+        await register(accounts, code, acct, keys, b"new" * 11, old)
     elsewhere = acct.sign(signing.challenge_message(b"new" * 11, acct.ed25519, "http://evil:80"))
     with pytest.raises(BadSignature):  # nor relayed from another server (origin-bound)
-        register(accounts, code, acct, keys, b"new" * 11, elsewhere)
+        await register(accounts, code, acct, keys, b"new" * 11, elsewhere)
     # and the refused attempts did not use up the licence
-    register(accounts, code, acct, keys, b"new" * 11, login(acct, b"new" * 11))
+    await register(accounts, code, acct, keys, b"new" * 11, login(acct, b"new" * 11))
     with pytest.raises(LicenceInvalid):
         acct2, keys2 = device()
-        register(accounts, code, acct2, keys2, b"x" * 32, login(acct2, b"x" * 32))
+        await register(accounts, code, acct2, keys2, b"x" * 32, login(acct2, b"x" * 32))
 
 
-def test_licence_codes_normalise(world: tuple[SqliteStore, Accounts, Clock]) -> None:
+async def test_licence_codes_normalise(world: tuple[SqliteStore, Accounts, Clock]) -> None:
     _, accounts, _ = world
-    (code,) = accounts.create_licences(1, days=1)
+    (code,) = await accounts.create_licences(1, days=1)
     assert licence_hash(code) == licence_hash(" " + code.lower().replace("-", " ") + " ")
     assert normalise_licence(code) == code.replace("-", "")
 
 
-def test_undelivered_envelopes_and_links_expire(world: tuple[SqliteStore, Accounts, Clock]) -> None:
+async def test_undelivered_envelopes_and_links_expire(
+    world: tuple[SqliteStore, Accounts, Clock],
+) -> None:
     store, accounts, clock = world
     now = int(clock.now)
-    store.insert_envelopes([("dev", now + 30 * DAY, b"a"), ("dev", now + 1, b"b")])
+    await store.insert_envelopes([("dev", now + 30 * DAY, b"a"), ("dev", now + 1, b"b")])
     acct, keys = device()
     nonce = b"n" * 32
-    token, _ = accounts.request_link(PendingLink(device=keys), nonce, login(acct, nonce))
-    assert accounts.link_keys(token) == keys
+    token, _ = await accounts.request_link(PendingLink(device=keys), nonce, login(acct, nonce))
+    assert await accounts.link_keys(token) == keys
     clock.now += 601
     with pytest.raises(LinkInvalid):
-        accounts.link_keys(token)
-    assert store.sweep(int(clock.now)) == (1, 1)
-    assert [b for _, b in store.envelopes_after("dev", 0, int(clock.now), 10)] == [b"a"]
+        await accounts.link_keys(token)
+    assert await store.sweep(int(clock.now)) == (1, 1)
+    assert [b for _, b in await store.envelopes_after("dev", 0, int(clock.now), 10)] == [b"a"]
     clock.now += 30 * DAY
-    assert store.envelopes_after("dev", 0, int(clock.now), 10) == []  # never handed out expired
-    assert store.sweep(int(clock.now)) == (1, 0)
+    assert (
+        await store.envelopes_after("dev", 0, int(clock.now), 10) == []
+    )  # never handed out expired
+    assert await store.sweep(int(clock.now)) == (1, 0)
 
 
 def test_token_bucket() -> None:
@@ -145,25 +152,24 @@ async def test_full_mailbox_has_room_again_after_expiry(tmp_path: Path) -> None:
 
     clock = Clock()
     store = SqliteStore(tmp_path / "db.sqlite3")
-    mailbox = Mailbox(store, Limits(mailbox_quota=2, envelope_ttl_s=60), clock)
+    mailbox = Mailbox(store, Limits(mailbox_quota=2, envelope_ttl_s=60), clock, InProcessBus())
     await mailbox.deposit([("dev", b"1")])
     await mailbox.deposit([("dev", b"2")])
     with pytest.raises(QuotaExceeded):
-        mailbox.deposit([("dev", b"3")])
+        await mailbox.deposit([("dev", b"3")])
     clock.now += 61 + 3600  # the expiry is rounded up to a whole hour
-    assert store.sweep(int(clock.now)) == (2, 0)
-    mailbox.expired()  # what the server's sweeper does after deleting
+    assert await mailbox.sweep() == 2  # what the server's sweeper does
     await mailbox.deposit([("dev", b"3")])
-    assert [b for _, b in store.envelopes_after("dev", 0, int(clock.now), 10)] == [b"3"]
-    store.close()
+    assert [b for _, b in await store.envelopes_after("dev", 0, int(clock.now), 10)] == [b"3"]
+    await store.close()
 
 
 async def test_stored_envelopes_carry_no_deposit_order_across_devices(tmp_path: Path) -> None:
     from kluis.server.mailbox import Mailbox
 
     clock = Clock()
-    store = SqliteStore(tmp_path / "db.sqlite3")
-    mailbox = Mailbox(store, Limits(), clock)
+    store = SqliteStore(tmp_path / "db.sqlite3", seq_origin=lambda: 0)
+    mailbox = Mailbox(store, Limits(), clock, InProcessBus())
     for i in range(20):  # a recipient's envelope, then the sender's copy for another device
         assert await mailbox.deposit(
             [("recipient", b"r%d" % i), ("senders-other", b"s%d" % i)]
@@ -171,7 +177,7 @@ async def test_stored_envelopes_carry_no_deposit_order_across_devices(tmp_path: 
             i + 1,
             i + 1,
         ]  # wire ids count per device: delivery order is kept
-    db = store._db
+    db = store.db._db
     assert "id" not in {r[1] for r in db.execute("PRAGMA table_info(envelopes)")}
     rows = db.execute("SELECT device_id, seq, expires_at FROM envelopes").fetchall()  # disk order
     order = [device for device, _, _ in rows]
@@ -180,9 +186,9 @@ async def test_stored_envelopes_carry_no_deposit_order_across_devices(tmp_path: 
         -(-(int(clock.now) + Limits().envelope_ttl_s) // 3600) * 3600
     }
     assert all(e % 3600 == 0 for _, _, e in rows)  # expiry in whole hours: deposits are not dated
-    assert [b for _, b in store.envelopes_after("recipient", 0, int(clock.now), 100)] == [
+    assert [b for _, b in await store.envelopes_after("recipient", 0, int(clock.now), 100)] == [
         b"r%d" % i for i in range(20)
     ]
-    assert store.delete_envelopes([("recipient", 1), ("senders-other", 1)]) == 2
-    assert store.envelopes_after("recipient", 0, int(clock.now), 1) == [(2, b"r1")]
-    store.close()
+    assert await store.delete_envelopes([("recipient", 1), ("senders-other", 1)]) == 2
+    assert await store.envelopes_after("recipient", 0, int(clock.now), 1) == [(2, b"r1")]
+    await store.close()

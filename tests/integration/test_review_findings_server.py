@@ -29,9 +29,10 @@ from kluis.client.store import ProfileStore
 from kluis.errors import QuotaExceeded
 from kluis.protocol import frames as f
 from kluis.server.config import Limits
+from kluis.server.delivery.memory import InProcessBus
 from kluis.server.mailbox import Mailbox
 from kluis.server.ratelimit import BucketMap, LogLimiter
-from kluis.server.store import SqliteStore
+from kluis.server.store.sqlite import SqliteStore
 from tests.kluis_testing import (
     PASSPHRASE,
     RawConnection,
@@ -294,24 +295,27 @@ async def test_finding5_one_failing_request_does_not_fail_its_group_commit(
     """In-process: a request the database refuses fails alone; the others in its transaction
     are committed again without it, and answered."""
     store = SqliteStore(tmp_path / "db.sqlite3")
-    mailbox = Mailbox(store, Limits(), time.time)
-    real_delete = store.delete_envelopes
+    mailbox = Mailbox(store, Limits(), time.time, InProcessBus())
+    real_delete = store.db.delete_envelopes
 
     def delete(rows):  # type: ignore[no-untyped-def]
         if any(device == "bad" for device, _ in rows):
             raise OverflowError("Python int too large to convert to SQLite INTEGER")
         return real_delete(rows)
 
-    store.delete_envelopes = delete  # type: ignore[method-assign]
-    deposit = mailbox.deposit([("dev", b"one")])
-    bad_ack = mailbox.acknowledge("bad", [1])
-    good_ack = mailbox.acknowledge("other", [1])
-    results = await asyncio.gather(deposit, bad_ack, good_ack, return_exceptions=True)
+    store.db.delete_envelopes = delete  # type: ignore[method-assign]
+    await mailbox.deposit([("dev", b"zero")])  # the device's count is known: no read below
+    results = await asyncio.gather(
+        mailbox.deposit([("dev", b"one")]),
+        mailbox.acknowledge("bad", [1]),
+        mailbox.acknowledge("other", [1]),
+        return_exceptions=True,
+    )
     assert isinstance(results[0], list) and len(results[0]) == 1  # committed, and answered
     assert isinstance(results[1], OverflowError)
     assert results[2] is None
-    assert store.count_envelopes("dev") == 1
-    store.close()
+    assert await store.count_envelopes("dev") == 2
+    await store.close()
 
 
 def test_finding5_failures_log_one_line_per_second_without_traceback(

@@ -12,7 +12,6 @@ import getpass
 import logging
 import os
 import sys
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
@@ -97,16 +96,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def cmd_licence_create(args: argparse.Namespace) -> None:
     if not 1 <= args.count <= 100_000 or not 1 <= args.days <= 36_500:
         raise LocalProtocolError("--count must be 1..100000 and --days 1..36500")
-    from kluis.server.accounts import Accounts
-    from kluis.server.config import Limits, ServerConfig
-    from kluis.server.store import SqliteStore
+    from kluis.server.app import create_licences
+    from kluis.server.config import ServerConfig
 
-    config = ServerConfig(data_dir=Path(args.data))
-    store = SqliteStore(config.database_path)
-    try:
-        codes = Accounts(store, time.time, Limits()).create_licences(args.count, args.days)
-    finally:
-        store.close()
+    codes = create_licences(ServerConfig(data_dir=Path(args.data)), args.count, args.days)
     for code in codes:
         print(code)
 

@@ -38,7 +38,7 @@ from kluis.protocol import signing
 from kluis.protocol.frames import DeviceKeys, DeviceRecord, PendingLink, Revocation
 from kluis.server.config import Limits
 from kluis.server.keys import check_signed_key
-from kluis.server.store import Account, SqliteStore
+from kluis.server.store.protocol import Account, Store
 
 LICENCE_BYTES = 15  # 120 bits
 _ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"
@@ -80,7 +80,7 @@ def _certified(account_id: str, identity: str, record: DeviceRecord) -> None:
 
 class Accounts:
     def __init__(
-        self, store: SqliteStore, clock: Callable[[], float], limits: Limits, origin: str = ""
+        self, store: Store, clock: Callable[[], float], limits: Limits, origin: str = ""
     ) -> None:
         self._store = store
         self._origin = origin  # what login signatures are bound to (signing.origin)
@@ -94,42 +94,42 @@ class Accounts:
     def _now(self) -> int:
         return int(self._clock())
 
-    def create_licences(self, count: int, days: int) -> list[str]:
+    async def create_licences(self, count: int, days: int) -> list[str]:
         codes = [new_licence_code() for _ in range(count)]
-        self._store.add_licences([licence_hash(c) for c in codes], days, self._now())
+        await self._store.add_licences([licence_hash(c) for c in codes], days, self._now())
         return codes
 
     def _check_login(self, device: str, nonce: bytes, sig: str) -> None:
         verify_signature(device, signing.challenge_message(nonce, device, self._origin), sig)
 
-    def register(
+    async def register(
         self, licence: str, identity: str, record: DeviceRecord, nonce: bytes, sig: str
     ) -> Account:
         # The challenge first: existence is told only to the key's holder.
         self._check_login(record.keys.ed25519, nonce, sig)
         account_id = account_id_for(identity)
         _certified(account_id, identity, record)
-        self._check_unused(record.keys)
-        if self._store.account(account_id) is not None:
+        await self._check_unused(record.keys)
+        if await self._store.account(account_id) is not None:
             raise BadSignature("this identity key already has an account")
-        account = self._store.register(
+        account = await self._store.register(
             licence_hash(licence), account_id, identity, record, self._now()
         )
         if account is None:
             raise LicenceInvalid("licence code is unknown or already redeemed")
         return account
 
-    def _check_unused(self, keys: DeviceKeys) -> None:
+    async def _check_unused(self, keys: DeviceKeys) -> None:
         # One Curve25519 key, one device: sessions and sealed-sender claims name a device by it.
-        if self._store.device(keys.ed25519) is not None or self._store.curve_in_use(
+        if await self._store.device(keys.ed25519) is not None or await self._store.curve_in_use(
             keys.curve25519
         ):
             raise BadSignature("these device keys are already registered")
 
-    def authenticate(self, device_id: str, nonce: bytes, sig: str) -> Account:
+    async def authenticate(self, device_id: str, nonce: bytes, sig: str) -> Account:
         # One answer for an unknown device, a revoked one and a bad signature, after one
         # signature check in each case: before login, no one learns which keys are in use.
-        stored = self._store.device(device_id)
+        stored = await self._store.device(device_id)
         key = device_id if stored is not None and not stored.revoked else _DECOY_KEY
         try:
             self._check_login(key, nonce, sig)
@@ -138,82 +138,82 @@ class Accounts:
         if key is _DECOY_KEY:
             raise UnknownDevice(_AUTH_REFUSED)
         assert stored is not None
-        account = self._store.account(stored.account_id)
+        account = await self._store.account(stored.account_id)
         if account is None:
             raise UnknownAccount("account is gone")
         if account.expires_at <= self._now():
             raise AccountExpired("subscription has ended; redeem a new licence")
         return account
 
-    def _account(self, account_id: str) -> Account:
-        account = self._store.account(account_id)
+    async def _account(self, account_id: str) -> Account:
+        account = await self._store.account(account_id)
         if account is None:
             raise UnknownAccount(f"no account {account_id!r}")
         return account
 
-    def devices(self, account_id: str) -> tuple[str, list[DeviceRecord], list[Revocation]]:
+    async def devices(self, account_id: str) -> tuple[str, list[DeviceRecord], list[Revocation]]:
         """The account's identity key, its active devices and the revocations of the others."""
-        identity = self._account(account_id).identity
+        identity = (await self._account(account_id)).identity
         return (
             identity,
-            self._store.active_devices(account_id),
-            self._store.revocations(account_id),
+            await self._store.active_devices(account_id),
+            await self._store.revocations(account_id),
         )
 
-    def device_ids(self, account_id: str) -> frozenset[str]:
+    async def device_ids(self, account_id: str) -> frozenset[str]:
         ids = self._device_ids.get(account_id)
         if ids is None:
-            self._account(account_id)
-            ids = frozenset(r.keys.ed25519 for r in self._store.active_devices(account_id))
+            await self._account(account_id)
+            ids = frozenset(r.keys.ed25519 for r in await self._store.active_devices(account_id))
             self._device_ids[account_id] = ids
         return ids
 
-    def request_link(self, link: PendingLink, nonce: bytes, sig: str) -> tuple[str, int]:
+    async def request_link(self, link: PendingLink, nonce: bytes, sig: str) -> tuple[str, int]:
         # Cheapest first: caps and counts, then one signature, then the rest.
         keys = link.device
         if len(link.one_time_keys) > self._max_keys:
             raise QuotaExceeded(f"at most {self._max_keys} keys per upload")
-        if self._store.count_links(self._now()) >= self._max_links:
+        if await self._store.count_links(self._now()) >= self._max_links:
             raise RateLimited("too many device links are pending; try again in a few minutes")
         self._check_login(keys.ed25519, nonce, sig)
-        self._check_unused(keys)
+        await self._check_unused(keys)
         check_device_keys(keys)
         for k in [*link.one_time_keys, *([link.fallback_key] if link.fallback_key else [])]:
             check_signed_key(keys.ed25519, k)
         token, expires = new_link_token(), self._now() + self._link_ttl_s
-        self._store.put_link(token, link, expires)
+        await self._store.put_link(token, link, expires)
         return token, expires
 
-    def link_keys(self, token: str) -> DeviceKeys:
-        link = self._store.link(token, self._now())
+    async def link_keys(self, token: str) -> DeviceKeys:
+        link = await self._store.link(token, self._now())
         if link is None:
             raise LinkInvalid("link code is unknown or expired")
         return link.device
 
-    def approve_link(self, account_id: str, token: str, record: DeviceRecord) -> None:
+    async def approve_link(self, account_id: str, token: str, record: DeviceRecord) -> None:
         """Admit the pending device of ``token`` once the account's identity certified it."""
-        pending = self.link_keys(token)
+        pending = await self.link_keys(token)
         if record.keys != pending:
             raise LinkInvalid("the certificate is not for the pending device")
-        _certified(account_id, self._account(account_id).identity, record)
-        self._check_unused(record.keys)
-        if not self._store.add_device(account_id, record, token, self._now()):
+        _certified(account_id, (await self._account(account_id)).identity, record)
+        await self._check_unused(record.keys)
+        if not await self._store.add_device(account_id, record, token, self._now()):
             raise LinkInvalid("link code was used meanwhile")
         self._device_ids.pop(account_id, None)
 
-    def check_room(self, account_id: str) -> None:
+    async def check_room(self, account_id: str) -> None:
         """Refuse to link another device to a full account."""
-        if len(self.device_ids(account_id)) >= self._max_devices:
+        if len(await self.device_ids(account_id)) >= self._max_devices:
             raise QuotaExceeded(f"an account has at most {self._max_devices} devices")
 
-    def revoke(self, account_id: str, revocation: Revocation) -> None:
+    async def revoke(self, account_id: str, revocation: Revocation) -> None:
         """End a device of ``account_id``: signed by the account's identity or by the device."""
-        stored = self._store.device(revocation.device)
+        stored = await self._store.device(revocation.device)
         if stored is None or stored.revoked or stored.account_id != account_id:
             raise UnknownDevice("no such device in this account")
         try:
-            check_revocation(account_id, self._account(account_id).identity, revocation)
+            check_revocation(account_id, (await self._account(account_id)).identity, revocation)
         except MalformedFrame as exc:
             raise BadSignature("revocation is malformed") from exc
-        self._store.revoke_device(revocation.device, revocation)
+        await self._store.revoke_device(revocation.device, revocation)
         self._device_ids.pop(account_id, None)

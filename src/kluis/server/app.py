@@ -12,61 +12,70 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from aiohttp import web
 
 from kluis.server import logs
 from kluis.server.accounts import Accounts
 from kluis.server.config import ServerConfig
-from kluis.server.connection import Connection
+from kluis.server.connection import Services
+from kluis.server.delivery.memory import InProcessBus
 from kluis.server.keys import KeyDirectory
 from kluis.server.mailbox import Mailbox
 from kluis.server.openapi import openapi
 from kluis.server.ratelimit import BucketMap, LogLimiter
-from kluis.server.store import SqliteStore
-from kluis.server.websocket import websocket_handler
+from kluis.server.store.protocol import Store
+from kluis.server.store.sqlite import SqliteStore
+from kluis.server.websocket import SERVICES, websocket_handler
 
 log = logging.getLogger("kluis.server")
 
 
-@dataclass
-class ServerState:
+@dataclass(frozen=True, slots=True)
+class Server:
+    """One node: its configuration, its store and the services built on it."""
+
     config: ServerConfig
-    store: SqliteStore
-    clock: Callable[[], float] = time.time
-    accounts: Accounts = field(init=False)
-    keys: KeyDirectory = field(init=False)
-    mailbox: Mailbox = field(init=False)
-    connections: dict[str, Connection] = field(default_factory=dict)
-    # Token buckets kept across connections (reconnecting buys no fresh burst): sends and key
-    # claims per device, and one-time keys handed out per target device, whoever claims.
-    send_buckets: BucketMap = field(init=False)
-    claim_buckets: BucketMap = field(init=False)
-    target_buckets: BucketMap = field(init=False)
-    failures: LogLimiter = field(init=False)  # requests that failed inside the server
-
-    @property
-    def origin(self) -> str:
-        """The origin clients reach this server at; every login signature is bound to it."""
-        return self.config.origin
-
-    def __post_init__(self) -> None:
-        limits = self.config.limits
-        self.accounts = Accounts(self.store, self.clock, limits, self.origin)
-        self.keys = KeyDirectory(self.store, limits)
-        self.mailbox = Mailbox(self.store, limits, self.clock)
-        self.send_buckets = BucketMap(limits.send_rate_per_s, limits.send_burst, self.clock)
-        self.claim_buckets = BucketMap(limits.claim_rate_per_s, limits.claim_burst, self.clock)
-        self.target_buckets = BucketMap(
-            limits.claim_target_rate_per_s, limits.claim_target_burst, self.clock
-        )
-        self.failures = LogLimiter(log, self.clock)
+    store: Store
+    services: Services
 
 
-def open_state(config: ServerConfig, clock: Callable[[], float] = time.time) -> ServerState:
+def build_services(
+    config: ServerConfig, store: Store, clock: Callable[[], float] = time.time
+) -> Services:
+    limits = config.limits
+    bus = InProcessBus()
+    return Services(
+        limits=limits,
+        origin=config.origin,
+        accounts=Accounts(store, clock, limits, config.origin),
+        keys=KeyDirectory(store, limits),
+        mailbox=Mailbox(store, limits, clock, bus),
+        bus=bus,
+        send_buckets=BucketMap(limits.send_rate_per_s, limits.send_burst, clock),
+        claim_buckets=BucketMap(limits.claim_rate_per_s, limits.claim_burst, clock),
+        target_buckets=BucketMap(limits.claim_target_rate_per_s, limits.claim_target_burst, clock),
+        failures=LogLimiter(log, clock),
+    )
+
+
+def open_server(config: ServerConfig, clock: Callable[[], float] = time.time) -> Server:
     store = SqliteStore(config.database_path, synchronous=config.sqlite_synchronous)
-    return ServerState(config=config, store=store, clock=clock)
+    return Server(config=config, store=store, services=build_services(config, store, clock))
+
+
+def create_licences(config: ServerConfig, count: int, days: int) -> list[str]:
+    """New licence codes in the node's store (the `kluis licence create` command)."""
+
+    async def create() -> list[str]:
+        store = SqliteStore(config.database_path)
+        try:
+            return await Accounts(store, time.time, config.limits).create_licences(count, days)
+        finally:
+            await store.close()
+
+    return asyncio.run(create())
 
 
 async def health(request: web.Request) -> web.Response:
@@ -74,45 +83,44 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-async def _sweeper(state: ServerState) -> None:
+async def _sweeper(server: Server) -> None:
     while True:
-        await asyncio.sleep(state.config.sweep_interval_s)
+        await asyncio.sleep(server.config.sweep_interval_s)
         try:
-            envelopes, _links = state.store.sweep(int(state.clock()))
+            envelopes = await server.services.mailbox.sweep()
             if envelopes:
-                state.mailbox.expired()  # a full mailbox may have room again
                 log.info("expired %d undelivered envelopes", envelopes)
         except Exception:
             log.exception("sweep failed")
 
 
-async def _checkpointer(state: ServerState) -> None:
-    """Fold the WAL soon after envelopes are written or deleted: until then it holds copies of
-    acknowledged envelopes, and the frames of recent sends in deposit order (store.py)."""
+async def _checkpointer(server: Server) -> None:
+    """Let the store fold its WAL soon after envelopes are written or deleted: until then it
+    holds copies of acknowledged envelopes, and the frames of recent sends in deposit order
+    (store/sqlite.py)."""
     while True:
-        await asyncio.sleep(state.config.checkpoint_interval_s)
-        if state.store.needs_checkpoint:
-            try:
-                state.store.checkpoint()
-            except Exception:
-                log.exception("checkpoint failed")
+        await asyncio.sleep(server.config.checkpoint_interval_s)
+        try:
+            await server.services.mailbox.maintenance()
+        except Exception:
+            log.exception("checkpoint failed")
 
 
-def build_app(state: ServerState) -> web.Application:
-    app = web.Application(client_max_size=state.config.limits.max_frame_bytes)
-    app["state"] = state
+def build_app(server: Server) -> web.Application:
+    app = web.Application(client_max_size=server.config.limits.max_frame_bytes)
+    app[SERVICES] = server.services
     app.router.add_get("/v1/ws", websocket_handler)
     app.router.add_get("/health", health)
     app.router.add_get("/v1/openapi.json", openapi)  # describes the routes above: keep in step
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        tasks = [asyncio.create_task(_sweeper(state)), asyncio.create_task(_checkpointer(state))]
+        tasks = [asyncio.create_task(_sweeper(server)), asyncio.create_task(_checkpointer(server))]
         yield
         for task in tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        state.store.close()
+        await server.store.close()
 
     app.cleanup_ctx.append(lifecycle)
     return app
@@ -127,10 +135,10 @@ def serve(config: ServerConfig) -> None:
     except ImportError:  # pragma: no cover - uvloop is optional off Linux
         pass
     logs.install()  # no client address in any library's log line
-    state = open_state(config)
+    server = open_server(config)
     log.info("kluis listening on %s:%d", config.host, config.port)
     web.run_app(
-        build_app(state),
+        build_app(server),
         host=config.host,
         port=config.port,
         access_log=None,

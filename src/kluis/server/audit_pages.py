@@ -65,7 +65,7 @@ class DepositOrder:
 
 def pending_pieces(conn: sqlite3.Connection) -> tuple[list[tuple[Envelope, bytes]], int]:
     """(envelope, bytes) for each stored piece of each pending envelope; and orphan pieces."""
-    from kluis.server.store import chunk_key
+    from kluis.server.store.sqlite import chunk_key
 
     tables = {str(r[0]) for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     if "envelopes" not in tables:

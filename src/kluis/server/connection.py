@@ -8,22 +8,28 @@ exactly one answer frame; a refused request changes nothing and leaves the conne
 except a refused login: one login attempt per connection, then the connection is closed (a
 signature check costs the server far more than the attempt costs the client).
 
-Delivery: after login the device's backlog is read from the database one page at a time (count
-and bytes bounded), the next page only once the transport has taken the previous one; envelopes
-committed meanwhile wait in the database too. Once a page comes back short the connection is in
-step and new envelopes are pushed as they commit. ``Deliver`` frames are capped in bytes.
+Delivery: the connection subscribes for its device on the delivery bus (``server/delivery``)
+at login. The mailbox is the truth: the device's envelopes are read from the store one page at a
+time (count and bytes bounded), from the last sequence number delivered, the next page only once
+the transport has taken the previous one. When a read comes back empty the connection is in
+step; from then on, an envelope announced on the bus with the next expected number is queued
+from the announcement itself, and any other announcement (a gap, or one that arrives while a
+read is in flight) sends the connection back to reading the store. So nothing depends on the
+order in which commits and reads finish, or on one event loop. ``Deliver`` frames are capped in
+bytes.
 
-The transport (``server/app.py``) owns the socket: it feeds raw frames to :meth:`handle` and
-writes what :meth:`handle` returns and what :meth:`take_outgoing` yields (pushes).
+The transport (``server/websocket.py``) owns the socket: it feeds raw frames to :meth:`handle`
+and writes what :meth:`handle` returns and what :meth:`take_outgoing` yields (deliveries).
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 import secrets
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 from kluis.errors import (
     FrameTooLarge,
@@ -35,9 +41,12 @@ from kluis.errors import (
     Unauthenticated,
 )
 from kluis.protocol import frames as f
-
-if TYPE_CHECKING:
-    from kluis.server.app import ServerState
+from kluis.server.accounts import Accounts
+from kluis.server.config import Limits
+from kluis.server.delivery.protocol import DeliveryBus
+from kluis.server.keys import KeyDirectory
+from kluis.server.mailbox import Mailbox
+from kluis.server.ratelimit import BucketMap, LogLimiter
 
 log = logging.getLogger("kluis.server")
 
@@ -94,23 +103,43 @@ def deliver_frames(envelopes: list[f.InEnvelope], max_bytes: int, max_count: int
     return out
 
 
-class Connection:
-    """Implements the mailbox's Recipient protocol: pushes queue up in ``outgoing``."""
+@dataclass(frozen=True, slots=True)
+class Services:
+    """What the request handlers use; built by ``server/app.py``."""
 
-    def __init__(self, server: ServerState, wake: Callable[[], None]) -> None:
-        self.server = server
+    limits: Limits
+    origin: str  # what login signatures are bound to (signing.origin)
+    accounts: Accounts
+    keys: KeyDirectory
+    mailbox: Mailbox
+    bus: DeliveryBus
+    # Token buckets kept across connections (reconnecting buys no fresh burst): sends and key
+    # claims per device, and one-time keys handed out per target device, whoever claims.
+    send_buckets: BucketMap
+    claim_buckets: BucketMap
+    target_buckets: BucketMap
+    failures: LogLimiter  # requests that failed inside the server
+
+
+class Connection:
+    """One device's connection; a ``delivery.Subscriber`` once logged in."""
+
+    def __init__(self, services: Services, wake: Callable[[], None]) -> None:
+        self.server = services
         self.state = State.AWAITING_AUTH
         self.nonce = secrets.token_bytes(32)
         self.account_id = ""
         self.device_id = ""
         self.delivered_upto = 0  # the last envelope id queued (or sent) to this device
-        self._wake = wake  # tells the transport that pushes are waiting
+        self._wake = wake  # tells the transport that frames are waiting
         self._outgoing: list[f.InEnvelope] = []
         self._outgoing_bytes = 0
         self._notices: list[f.ServerFrame] = []
-        self.backlog = False  # envelopes wait in the database: read them page by page
+        self.backlog = False  # envelopes may wait in the store: read them page by page
+        self._read: asyncio.Task[None] | None = None  # the page read in flight
+        self._stale = False  # an announcement came during that read: read once more
         self._synced_owed = False  # Synced goes out once the login's backlog is through
-        limits = server.config.limits
+        limits = services.limits
         self._batch = max(1, min(limits.push_batch, f.MAX_ACK_IDS))
         self._page_bytes = max(
             0, limits.max_deliver_bytes - _DELIVER_OVERHEAD - self._batch * _ENVELOPE_OVERHEAD
@@ -118,69 +147,101 @@ class Connection:
         self.close_requested = False
         self.close_reason = b"replaced or revoked"
 
-    # ---- pushes -----------------------------------------------------------------------------
+    # ---- delivery ---------------------------------------------------------------------------
 
-    def push(self, envelope_id: int, body: bytes) -> None:
-        if self.backlog or envelope_id <= self.delivered_upto:
-            return  # a page read will find it in the database, or it was already queued
+    def envelope(self, seq: int, body: bytes | None) -> None:
+        """The bus announced an envelope committed for this device."""
+        if seq <= self.delivered_upto or self.state is not State.AUTHENTICATED:
+            return  # already queued or sent
+        if self._read is not None:
+            self._stale = True  # the read in flight may have missed it
+            return
+        if self.backlog:
+            return  # the next read will find it
+        if body is None or seq != self.delivered_upto + 1:
+            self._to_store()  # a gap: what is missing is in the store
+            return
         if self._outgoing_bytes + len(body) > self._page_bytes and self._outgoing:
-            # The client is not keeping up: what waits here is in the database too, so drop
-            # it and read it back in pages rather than hold it all in memory.
+            # The client is not keeping up: what waits here is in the store too, so drop it
+            # and read it back in pages rather than hold it all in memory.
             self.delivered_upto = self._outgoing[0].id - 1
             self._outgoing, self._outgoing_bytes = [], 0
-            self.backlog = True
-            self._wake()
+            self._to_store()
             return
-        self.delivered_upto = envelope_id
+        self.delivered_upto = seq
         if not self._outgoing and not self._notices:
             self._wake()
-        self._outgoing.append(f.InEnvelope(id=envelope_id, body=body))
+        self._outgoing.append(f.InEnvelope(id=seq, body=body))
         self._outgoing_bytes += len(body)
+
+    def _to_store(self) -> None:
+        self.backlog = True
+        self._wake()
+
+    def keys_low(self, count: int) -> None:
+        self.notify(f.KeysLow(otk_count=count))
+
+    def displaced(self) -> None:
+        self.close_requested = True  # one live connection per device: the newest wins
+        self._wake()
+
+    def revoked(self) -> None:
+        self.close_requested = True
+        self._wake()
 
     def notify(self, frame: f.ServerFrame) -> None:
         if not self._outgoing and not self._notices:
             self._wake()
         self._notices.append(frame)
 
-    def take_outgoing(self) -> list[bytes]:
-        """Frames to write now: waiting envelopes (or the next backlog page), then notices.
+    @property
+    def reading(self) -> bool:
+        """A page read is in flight: it wakes the transport when it is done."""
+        return self._read is not None
 
-        While :attr:`backlog` stays True the transport calls again once it has room.
+    def take_outgoing(self) -> list[bytes]:
+        """Frames to write now: waiting envelopes, then notices.
+
+        While :attr:`backlog` stays True and no read is in flight (:attr:`reading`), the
+        transport calls again once it has room: that call starts the next page's read.
         """
-        if self.backlog and not self._outgoing:
-            self._read_page()
+        if self.backlog and not self._outgoing and self._read is None:
+            self._stale = False
+            self._read = asyncio.get_running_loop().create_task(self._read_page())
         pending, self._outgoing, self._outgoing_bytes = self._outgoing, [], 0
-        limits = self.server.config.limits
-        out = deliver_frames(pending, limits.max_deliver_bytes, self._batch)
+        out = deliver_frames(pending, self.server.limits.max_deliver_bytes, self._batch)
         out.extend(f.encode(n) for n in self._notices)
         self._notices = []
-        if self._synced_owed and not self.backlog:
+        if self._synced_owed and not self.backlog and self._read is None:
             self._synced_owed = False
             out.append(f.encode(f.Synced()))  # after the backlog's last envelope
         return out
 
-    def _read_page(self) -> None:
-        # Synchronous, on the loop thread that commits: no envelope can be committed between
-        # this read and the switch to live pushes below, so none is skipped or sent twice.
-        page = self.server.mailbox.pending(self.device_id, self.delivered_upto, self._page_bytes)
+    async def _read_page(self) -> None:
+        try:
+            page = await self.server.mailbox.pending(
+                self.device_id, self.delivered_upto, self._page_bytes
+            )
+        except Exception as exc:
+            self.server.failures.error("a mailbox read failed", exc)
+            self.close_requested = True  # the device reconnects and reads again
+            self.close_reason = b"server error"
+            page = []
+        finally:
+            self._read = None
+        if self.state is not State.AUTHENTICATED:
+            return
         for env_id, body in page:
             self._outgoing.append(f.InEnvelope(id=env_id, body=body))
-        if not page:
-            self.backlog = False  # in step: pushes go out as they commit
-            return
-        self.delivered_upto = page[-1][0]
-        # One more (small) read tells whether this page was the last one.
-        self.backlog = bool(self.server.mailbox.pending(self.device_id, self.delivered_upto, 0))
-
-    def revoke(self) -> None:
-        self.close_requested = True
+        if page:
+            self.delivered_upto = page[-1][0]
+        # Empty: in step, unless an announcement came while reading (it may be newer).
+        self.backlog = bool(page) or self._stale
         self._wake()
 
     def closed(self) -> None:
         if self.state is State.AUTHENTICATED:
-            self.server.mailbox.detach(self.device_id, self)
-            if self.server.connections.get(self.device_id) is self:  # not a newer connection
-                del self.server.connections[self.device_id]
+            self.server.bus.unsubscribe(self.device_id, self)
         self.state = State.CLOSED
 
     # ---- requests ---------------------------------------------------------------------------
@@ -189,9 +250,9 @@ class Connection:
         """Answer one request frame; never raises for anything the client sent."""
         rid: int | None = None
         try:
-            if len(data) > self.server.config.limits.max_frame_bytes:
+            if len(data) > self.server.limits.max_frame_bytes:
                 raise FrameTooLarge(
-                    f"frame of {len(data)} bytes exceeds {self.server.config.limits.max_frame_bytes}"
+                    f"frame of {len(data)} bytes exceeds {self.server.limits.max_frame_bytes}"
                 )
             frame = f.decode_client_frame(data)
             rid = frame.rid
@@ -217,19 +278,19 @@ class Connection:
             raise Unauthenticated(REFUSALS[self.state])
         match frame:
             case f.Register() | f.Auth() | f.LinkRequest():
-                return self._login(frame)
+                return await self._login(frame)
             case f.Send():
                 return await self._send(frame)
             case f.Ack():
                 await self.server.mailbox.acknowledge(self.device_id, frame.ids)
                 return f.Done(rid=frame.rid)
             case f.UploadKeys():
-                count = self.server.keys.upload(
+                count = await self.server.keys.upload(
                     self.device_id, frame.one_time_keys, frame.fallback_key
                 )
                 return f.KeyCount(rid=frame.rid, otk_count=count)
             case f.ListDevices():
-                identity, devices, revoked = self.server.accounts.devices(frame.account)
+                identity, devices, revoked = await self.server.accounts.devices(frame.account)
                 return f.Devices(
                     rid=frame.rid,
                     account=frame.account,
@@ -238,21 +299,22 @@ class Connection:
                     revoked=revoked,
                 )
             case f.ClaimKeys():
-                return self._claim(frame)
+                return await self._claim(frame)
             case f.LinkFetch():
-                self.server.accounts.check_room(self.account_id)
-                return f.LinkInfo(rid=frame.rid, device=self.server.accounts.link_keys(frame.token))
+                await self.server.accounts.check_room(self.account_id)
+                device = await self.server.accounts.link_keys(frame.token)
+                return f.LinkInfo(rid=frame.rid, device=device)
             case f.LinkApprove():
-                self.server.accounts.check_room(self.account_id)
-                self.server.accounts.approve_link(self.account_id, frame.token, frame.device)
+                await self.server.accounts.check_room(self.account_id)
+                await self.server.accounts.approve_link(self.account_id, frame.token, frame.device)
                 return f.Done(rid=frame.rid)
             case f.Revoke():
-                return self._revoke(frame)
+                return await self._revoke(frame)
         raise MalformedFrame("unexpected frame")  # pragma: no cover - exhaustive above
 
-    def _login(self, frame: f.Register | f.Auth | f.LinkRequest) -> f.ServerFrame:
+    async def _login(self, frame: f.Register | f.Auth | f.LinkRequest) -> f.ServerFrame:
         try:
-            return self._try_login(frame)
+            return await self._try_login(frame)
         except KluisError:
             # One attempt per connection: the answer goes out, then the connection closes, so
             # each guess or forged signature costs a new connection.
@@ -260,7 +322,7 @@ class Connection:
             self.close_reason = b"login failed"
             raise
 
-    def _try_login(self, frame: f.Register | f.Auth | f.LinkRequest) -> f.ServerFrame:
+    async def _try_login(self, frame: f.Register | f.Auth | f.LinkRequest) -> f.ServerFrame:
         accounts = self.server.accounts
         if isinstance(frame, f.LinkRequest):
             link = f.PendingLink(
@@ -268,36 +330,33 @@ class Connection:
                 one_time_keys=frame.one_time_keys,
                 fallback_key=frame.fallback_key,
             )
-            token, expires = accounts.request_link(link, self.nonce, frame.sig)
+            token, expires = await accounts.request_link(link, self.nonce, frame.sig)
             self.state = State.LINK_PENDING
             return f.LinkPending(rid=frame.rid, token=token, expires_at=expires)
         if isinstance(frame, f.Register):
-            account = accounts.register(
+            account = await accounts.register(
                 frame.licence, frame.identity, frame.device, self.nonce, frame.sig
             )
             device_id = frame.device.keys.ed25519
         else:
-            account = accounts.authenticate(frame.device, self.nonce, frame.sig)
+            account = await accounts.authenticate(frame.device, self.nonce, frame.sig)
             device_id = frame.device
-        self.state = State.AUTHENTICATED
         self.account_id, self.device_id = account.id, device_id
-        old = self.server.connections.get(device_id)
-        if old is not None:
-            old.revoke()  # one live connection per device: the newest wins
-        self.server.connections[device_id] = self
-        self.server.mailbox.attach(device_id, self)
+        otk_count = await self.server.keys.count(device_id)
+        self.state = State.AUTHENTICATED
+        self.server.bus.subscribe(device_id, self)  # displaces an older connection
         self.backlog = self._synced_owed = True  # pages follow Welcome, then Synced
         self._wake()
         return f.Welcome(
             rid=frame.rid,
             account=account.id,
             device=device_id,
-            otk_count=self.server.keys.count(device_id),
+            otk_count=otk_count,
             expires_at=account.expires_at,
         )
 
     async def _send(self, frame: f.Send) -> f.ServerFrame:
-        limits = self.server.config.limits
+        limits = self.server.limits
         if not frame.envelopes or len(frame.envelopes) > limits.max_envelopes_per_send:
             raise MalformedFrame(f"a send carries 1 to {limits.max_envelopes_per_send} envelopes")
         for env in frame.envelopes:
@@ -306,7 +365,7 @@ class Connection:
         # Rate limits are kept per device across connections: reconnecting buys no fresh burst.
         if not self.server.send_buckets.get(self.device_id).take():
             raise RateLimited("too many sends; slow down")
-        expected = set(self.server.accounts.device_ids(frame.account))
+        expected = set(await self.server.accounts.device_ids(frame.account))
         if frame.account == self.account_id:
             expected.discard(self.device_id)
         addressed = {e.device for e in frame.envelopes}
@@ -319,28 +378,24 @@ class Connection:
         await self.server.mailbox.deposit([(e.device, e.body) for e in frame.envelopes])
         return f.Done(rid=frame.rid)
 
-    def _claim(self, frame: f.ClaimKeys) -> f.ServerFrame:
+    async def _claim(self, frame: f.ClaimKeys) -> f.ServerFrame:
         if not self.server.claim_buckets.get(self.device_id).take(max(1, len(frame.devices))):
             raise RateLimited("too many key claims; slow down")
         targets = self.server.target_buckets
         # Past its target's budget, whoever claims, a device's bundle carries its fallback key:
         # no burst of claims, from one device or many, drains a device's one-time keys.
-        bundles, low = self.server.keys.claim(
+        bundles, low = await self.server.keys.claim(
             frame.account, frame.devices, lambda device_id: targets.get(device_id).take()
         )
-        for device_id in low:
-            conn = self.server.connections.get(device_id)
-            if conn is not None:
-                conn.notify(f.KeysLow(otk_count=self.server.keys.count(device_id)))
+        for device_id, count in low:
+            self.server.bus.keys_low(device_id, count)
         return f.Bundles(rid=frame.rid, bundles=bundles)
 
-    def _revoke(self, frame: f.Revoke) -> f.ServerFrame:
+    async def _revoke(self, frame: f.Revoke) -> f.ServerFrame:
         device = frame.revocation.device
-        self.server.accounts.revoke(self.account_id, frame.revocation)
+        await self.server.accounts.revoke(self.account_id, frame.revocation)
         self.server.mailbox.forget(device)
-        conn = self.server.connections.get(device)
-        if conn is not None:
-            conn.revoke()
+        self.server.bus.revoke(device)  # closes its connection, wherever it is
         if device == self.device_id:
             self.close_requested = True
         return f.Done(rid=frame.rid)

@@ -7,7 +7,7 @@ the server's internals change, only this module follows. Each connection is the 
 feeds it from a socket.
 
     server = await open_inprocess_server(ServerConfig(data_dir=tmp))
-    client = await KluisClient.register(server.url, server.create_licences(1)[0], profile,
+    client = await KluisClient.register(server.url, (await server.create_licences(1))[0], profile,
                                         passphrase, transport_factory=partial(MemoryTransport, server))
     ...
     await server.close()
@@ -21,7 +21,7 @@ import asyncio
 import time
 from collections.abc import Callable
 
-from kluis.server.app import ServerState, open_state
+from kluis.server.app import Server, open_server
 from kluis.server.config import ServerConfig
 from kluis.server.connection import Connection
 
@@ -44,7 +44,9 @@ class InProcessEnd:
 
     @property
     def backlog(self) -> bool:
-        return self._conn.backlog
+        """Call :meth:`take_outgoing` again next turn: a page waits and no read is in flight
+        (a read in flight wakes the transport itself when it is done)."""
+        return self._conn.backlog and not self._conn.reading
 
     @property
     def close_requested(self) -> bool:
@@ -62,36 +64,36 @@ class InProcessEnd:
 
     def shut_down(self) -> None:
         self._conn.close_reason = b"server shutting down"
-        self._conn.revoke()  # asks for a close and wakes the transport
+        self._conn.revoked()  # asks for a close and wakes the transport
 
 
 class InProcessServer:
     """A server application that in-process clients join (a ``ServerLink``)."""
 
-    def __init__(self, state: ServerState, url: str) -> None:
-        self.state = state
+    def __init__(self, server: Server, url: str) -> None:
+        self.server = server
         self.url = url
         self._ends: set[InProcessEnd] = set()
         self._open = True
 
     @property
     def origin(self) -> str:
-        return self.state.origin
+        return self.server.services.origin
 
     @property
     def config(self) -> ServerConfig:
-        return self.state.config
+        return self.server.config
 
     def connect(self, wake: Callable[[], None]) -> InProcessEnd:
         if not self._open:
             raise ConnectionRefusedError("the in-process server is closed")
-        end = InProcessEnd(self, Connection(self.state, wake))
+        end = InProcessEnd(self, Connection(self.server.services, wake))
         self._ends.add(end)
         return end
 
-    def create_licences(self, count: int = 1, days: int = 182) -> list[str]:
+    async def create_licences(self, count: int = 1, days: int = 182) -> list[str]:
         """What ``kluis licence create`` does."""
-        return self.state.accounts.create_licences(count, days)
+        return await self.server.services.accounts.create_licences(count, days)
 
     async def close(self) -> None:
         """Close every connection (clients see a close, code 1008), then the store."""
@@ -103,7 +105,7 @@ class InProcessServer:
         await asyncio.sleep(0)  # their transports deliver the close
         for end in list(self._ends):
             end.closed()
-        self.state.store.close()
+        await self.server.store.close()
 
 
 async def open_inprocess_server(
@@ -113,5 +115,6 @@ async def open_inprocess_server(
 
     Clients dial :attr:`InProcessServer.url`, the URL whose origin the server names.
     """
-    state = open_state(config, clock)
-    return InProcessServer(state, config.public_url or f"http://{config.host}:{config.port}")
+    return InProcessServer(
+        open_server(config, clock), config.public_url or f"http://{config.host}:{config.port}"
+    )

@@ -1,13 +1,15 @@
-"""Store-and-forward mailbox with group commit and push to connected devices.
+"""Store-and-forward mailbox with group commit; announces committed envelopes on the bus.
 
 Theory of operation: a send is acknowledged only once its envelopes are committed. Deposits and
-acknowledgements that arrive in the same event-loop turn share one SQLite transaction (group
-commit), which is what makes durable storage cheap. After each commit, envelopes for connected
-devices are pushed through the delivery registry; the rest wait until the device connects.
+acknowledgements queue up and are written by one commit task, one store call (one transaction)
+per batch: what arrives while a commit is in flight goes into the next one (group commit), which
+is what makes durable storage cheap, and costs one trip to the store's thread per batch, not per
+message. After each commit, every new envelope is announced on the delivery bus
+(``server/delivery``); a device's connection reads what it has not yet delivered from the store.
 Acknowledged envelopes are deleted; unacknowledged ones expire after ``envelope_ttl_s``.
 
 A request that fails fails alone: when a shared transaction fails, each request is committed
-again on its own, so one bad deposit or ack cannot fail the others of its turn. A device's
+again on its own, so one bad deposit or ack cannot fail the others of its batch. A device's
 backlog is read in pages (``pending``), bounded in count and bytes.
 """
 
@@ -15,53 +17,35 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Protocol
 
 from kluis.errors import QuotaExceeded
 from kluis.server.config import Limits
-from kluis.server.store import SqliteStore
+from kluis.server.delivery.protocol import DeliveryBus
+from kluis.server.store.protocol import Store
 
-
-class Recipient(Protocol):
-    def push(self, envelope_id: int, body: bytes) -> None: ...
+_Deposit = tuple[list[tuple[str, bytes]], "asyncio.Future[list[int]]"]
+_Ack = tuple[list[tuple[str, int]], "asyncio.Future[None]"]
 
 
 class Mailbox:
-    def __init__(self, store: SqliteStore, limits: Limits, clock: Callable[[], float]) -> None:
+    def __init__(
+        self, store: Store, limits: Limits, clock: Callable[[], float], bus: DeliveryBus
+    ) -> None:
         self._store = store
         self._limits = limits
         self._clock = clock
-        self._online: dict[str, Recipient] = {}
+        self._bus = bus
         self._counts: dict[str, int] = {}  # stored envelopes per device (upper bound), lazily
         self._bytes: dict[str, int] = {}  # their body bytes (upper bound), alongside _counts
         self._exact: set[str] = set()  # devices whose count has been exact since their last ack
-        self._deposits: list[tuple[list[tuple[str, bytes]], asyncio.Future[list[int]]]] = []
-        self._acks: list[tuple[list[tuple[str, int]], asyncio.Future[None]]] = []
-        self._flush_scheduled = False
+        self._deposits: list[_Deposit] = []
+        self._acks: list[_Ack] = []
+        self._committer: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-
-    # ---- delivery registry ----------------------------------------------------------------
-
-    def attach(self, device_id: str, recipient: Recipient) -> Recipient | None:
-        """Route pushes for ``device_id`` to ``recipient``; return the one it replaces."""
-        old = self._online.get(device_id)
-        self._online[device_id] = recipient
-        return old
-
-    def detach(self, device_id: str, recipient: Recipient) -> None:
-        if self._online.get(device_id) is recipient:
-            del self._online[device_id]
-
-    def is_online(self, device_id: str) -> bool:
-        return device_id in self._online
-
-    @property
-    def online_count(self) -> int:
-        return len(self._online)
 
     # ---- quota ----------------------------------------------------------------------------
 
-    def _full(self, device_id: str, size: int) -> bool:
+    async def _full(self, device_id: str, size: int) -> bool:
         """Would one more envelope of ``size`` bytes exceed the device's quota (count or bytes)?
 
         The stored count and bytes are upper bounds: acks do not lower them. Counting in the
@@ -72,8 +56,9 @@ class Mailbox:
         n, b = self._counts.get(device_id), self._bytes.get(device_id, 0)
         over = n is None or n >= limits.mailbox_quota or b + size > limits.mailbox_quota_bytes
         if over and device_id not in self._exact:
-            n = self._counts[device_id] = self._store.count_envelopes(device_id)
-            b = self._bytes[device_id] = self._store.envelope_bytes(device_id)
+            # What is committed; a batch still in flight is not counted (a soft limit).
+            n = self._counts[device_id] = await self._store.count_envelopes(device_id)
+            b = self._bytes[device_id] = await self._store.envelope_bytes(device_id)
             self._exact.add(device_id)
         assert n is not None
         return n >= limits.mailbox_quota or b + size > limits.mailbox_quota_bytes
@@ -83,30 +68,37 @@ class Mailbox:
         self._bytes.pop(device_id, None)
         self._exact.discard(device_id)
 
-    def expired(self) -> None:
-        """The sweeper deleted envelopes: no count is known to be exact any more."""
-        self._exact.clear()
+    async def sweep(self) -> int:
+        """Delete expired envelopes and device links; return how many envelopes expired."""
+        envelopes, _links = await self._store.sweep(int(self._clock()))
+        if envelopes:
+            self._exact.clear()  # no count is known to be exact any more: room again
+        return envelopes
+
+    async def maintenance(self) -> None:
+        """The store's housekeeping (SQLite: fold the WAL of recent deposits and deletions)."""
+        await self._store.maintenance()
 
     # ---- deposit / ack with group commit --------------------------------------------------
 
-    def deposit(self, items: list[tuple[str, bytes]]) -> asyncio.Future[list[int]]:
-        """Queue envelopes (device, body); the future resolves once they are committed."""
+    async def deposit(self, items: list[tuple[str, bytes]]) -> list[int]:
+        """Store envelopes (device, body); return their wire ids once they are committed."""
         for device_id, body in items:
-            if self._full(device_id, len(body)):
+            if await self._full(device_id, len(body)):
                 raise QuotaExceeded("the recipient's mailbox is full; try again later")
         for device_id, body in items:
-            self._counts[device_id] += 1
+            self._counts[device_id] = self._counts.get(device_id, 0) + 1
             self._bytes[device_id] = self._bytes.get(device_id, 0) + len(body)
         fut: asyncio.Future[list[int]] = self._running_loop().create_future()
         self._deposits.append((items, fut))
         self._schedule()
-        return fut
+        return await fut
 
-    def acknowledge(self, device_id: str, ids: list[int]) -> asyncio.Future[None]:
+    async def acknowledge(self, device_id: str, ids: list[int]) -> None:
         fut: asyncio.Future[None] = self._running_loop().create_future()
         self._acks.append(([(device_id, i) for i in ids], fut))
         self._schedule()
-        return fut
+        await fut
 
     def _running_loop(self) -> asyncio.AbstractEventLoop:
         # asyncio.get_running_loop() makes a getpid() system call on every call (fork check);
@@ -117,46 +109,45 @@ class Mailbox:
         return loop
 
     def _schedule(self) -> None:
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._running_loop().call_soon(self._flush)
+        if self._committer is None:
+            # The task's first step runs after the callbacks already queued, so every request
+            # of this loop turn goes into its first batch.
+            self._committer = self._running_loop().create_task(self._commit_all())
 
-    def _flush(self) -> None:
-        """Commit every queued deposit and ack in one transaction, then answer and push."""
-        self._flush_scheduled = False
-        deposits, self._deposits = self._deposits, []
-        acks, self._acks = self._acks, []
+    async def _commit_all(self) -> None:
+        try:
+            while self._deposits or self._acks:
+                deposits, self._deposits = self._deposits, []
+                acks, self._acks = self._acks, []
+                await self._flush(deposits, acks)
+        finally:
+            self._committer = None
+
+    async def _flush(self, deposits: list[_Deposit], acks: list[_Ack]) -> None:
+        """Commit a batch of deposits and acks in one transaction, then answer and announce."""
         # Whole hours: an expiry to the second would date each deposit and pair envelopes
         # deposited together (a recipient's and the sender's copy for another device).
         expires = -(-(int(self._clock()) + self._limits.envelope_ttl_s) // 3600) * 3600
-        if self._commit(deposits, acks, expires, alone=len(deposits) + len(acks) == 1):
+        if await self._commit(deposits, acks, expires, alone=len(deposits) + len(acks) == 1):
             return
         # The shared transaction failed and changed nothing: each request again, on its own,
         # so that only the one at fault fails.
         for deposit in deposits:
-            self._commit([deposit], [], expires, alone=True)
+            await self._commit([deposit], [], expires, alone=True)
         for ack in acks:
-            self._commit([], [ack], expires, alone=True)
+            await self._commit([], [ack], expires, alone=True)
 
-    def _commit(
-        self,
-        deposits: list[tuple[list[tuple[str, bytes]], asyncio.Future[list[int]]]],
-        acks: list[tuple[list[tuple[str, int]], asyncio.Future[None]]],
-        expires: int,
-        *,
-        alone: bool,
+    async def _commit(
+        self, deposits: list[_Deposit], acks: list[_Ack], expires: int, *, alone: bool
     ) -> bool:
-        """One transaction for these requests, then answers and pushes.
+        """One transaction for these requests, then answers and announcements.
 
         False (nothing answered) if it failed and the requests were not ``alone``.
         """
         rows = [(d, expires, b) for items, _ in deposits for d, b in items]
         ack_rows = [r for items, _ in acks for r in items]
         try:
-            with self._store.transaction():
-                ids = self._store.insert_envelopes(rows) if rows else []
-                if ack_rows:
-                    self._store.delete_envelopes(ack_rows)
+            ids = await self._store.write_envelopes(rows, ack_rows)
         except Exception as exc:  # nothing was committed
             if not alone:
                 return False
@@ -177,11 +168,9 @@ class Mailbox:
             pos += len(items)
             if not fut.done():
                 fut.set_result(mine)
-        online = self._online
+        announce = self._bus.announce
         for (device_id, _, body), env_id in zip(rows, ids, strict=True):
-            recipient = online.get(device_id)
-            if recipient is not None:
-                recipient.push(env_id, body)
+            announce(device_id, env_id, body)
         for device_id, _ in ack_rows:
             self._exact.discard(device_id)  # the bound in _counts may now be above the truth
         for _, ack_fut in acks:
@@ -189,9 +178,11 @@ class Mailbox:
                 ack_fut.set_result(None)
         return True
 
-    def pending(self, device_id: str, after_id: int, max_bytes: int) -> list[tuple[int, bytes]]:
+    async def pending(
+        self, device_id: str, after_id: int, max_bytes: int
+    ) -> list[tuple[int, bytes]]:
         """The next page of a device's backlog: at most ``push_batch`` envelopes and
         ``max_bytes`` of bodies (at least one envelope, however large)."""
-        return self._store.envelopes_after(
+        return await self._store.envelopes_after(
             device_id, after_id, int(self._clock()), self._limits.push_batch, max_bytes
         )

@@ -24,16 +24,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import struct
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from kluis.errors import FrameTooLarge, MalformedFrame
 from kluis.protocol import frames as f
-from kluis.server.connection import Connection, State
+from kluis.server.connection import Connection, Services, State
 
-if TYPE_CHECKING:
-    from kluis.server.app import ServerState
+SERVICES = web.AppKey("services", Services)  # set by server/app.py
 
 # The transport accepts frames up to this multiple of the configured limit so that a frame a
 # little too large gets a typed error on a live connection; far larger ones close it (1009).
@@ -101,7 +100,7 @@ class Outbox:
                 self._handle = self._loop.call_later(_RETRY_S, self.flush)
             else:
                 out.extend(conn.take_outgoing())
-                if conn.backlog:  # the next page, once this one has left (or in 10 ms)
+                if conn.backlog and not conn.reading:  # the next page, once this one has left
                     self._handle = self._loop.call_soon(self.flush)
         if out:
             transport.write(b"".join([binary_frame(p) for p in out]))
@@ -175,8 +174,8 @@ def install_gate(request: web.Request, budget: int) -> PreLoginGate:
 
 
 async def websocket_handler(request: web.Request) -> web.StreamResponse:
-    state: ServerState = request.app["state"]
-    limits = state.config.limits
+    services = request.app[SERVICES]
+    limits = services.limits
     ws = web.WebSocketResponse(
         max_msg_size=limits.max_frame_bytes * _HARD_FRAME_FACTOR,
         compress=False,
@@ -189,10 +188,10 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         return ws
     gate = install_gate(request, limits.max_prelogin_bytes)
     outbox = Outbox(ws, transport)
-    conn = Connection(state, outbox.wake)
+    conn = Connection(services, outbox.wake)
     outbox.attach(conn)
     try:
-        await ws.send_bytes(f.encode(f.Challenge(nonce=conn.nonce, server=state.origin)))
+        await ws.send_bytes(f.encode(f.Challenge(nonce=conn.nonce, server=services.origin)))
         loop = asyncio.get_running_loop()
         auth_deadline = loop.time() + limits.auth_timeout_s  # a deadline: frames do not extend it
         while True:

@@ -1,0 +1,134 @@
+"""What the server persists, as an async interface that every service depends on.
+
+Theory of operation: the services (``accounts``, ``keys``, ``mailbox``) hold the rules; a store
+only persists, and each of its methods is one atomic step (one transaction): a failure changes
+nothing. Implementations: ``sqlite.SqliteStore`` (embedded, one worker thread); a PostgreSQL
+store is to join them, and must pass the same suite, ``tests/store/``.
+
+Envelopes are opaque bodies kept per device under a per-device sequence number (the wire id):
+numbers grow by one per envelope of a device, in one transaction with the envelope, and are
+never reused while the server runs (a counter, not the largest stored number, which falls when
+envelopes are acknowledged). Nothing orders envelopes across devices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from kluis.protocol.frames import DeviceRecord, PendingLink, Revocation, SignedKey
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    id: str
+    created_at: int
+    expires_at: int
+    identity: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredDevice:
+    account_id: str
+    record: DeviceRecord
+    revoked: bool
+
+
+class Store(Protocol):
+    """The server's persistence. Every method is atomic; none applies a rule of its own."""
+
+    async def close(self) -> None: ...
+
+    # ---- licences and accounts ----------------------------------------------------------------
+
+    async def add_licences(self, code_hashes: Sequence[bytes], days: int, now: int) -> None: ...
+
+    async def register(
+        self, code_hash: bytes, account_id: str, identity: str, device: DeviceRecord, now: int
+    ) -> Account | None:
+        """Redeem the licence and create the account with its first device, atomically; None
+        (and no change) when the licence is unknown or already redeemed."""
+        ...
+
+    async def account(self, account_id: str) -> Account | None: ...
+
+    # ---- devices ------------------------------------------------------------------------------
+
+    async def device(self, device_id: str) -> StoredDevice | None: ...
+
+    async def active_devices(self, account_id: str) -> list[DeviceRecord]:
+        """The account's devices that are not revoked, oldest first."""
+        ...
+
+    async def add_device(
+        self, account_id: str, device: DeviceRecord, link_token: str, now: int
+    ) -> bool:
+        """Add an approved device with its link's keys, consuming the link; False if gone."""
+        ...
+
+    async def curve_in_use(self, curve: str) -> bool: ...
+
+    async def count_devices(self, account_id: str) -> int: ...
+
+    async def revocations(self, account_id: str) -> list[Revocation]: ...
+
+    async def revoke_device(self, device_id: str, revocation: Revocation) -> None:
+        """Revoke a device and drop everything held for it: keys and undelivered envelopes."""
+        ...
+
+    # ---- device links -------------------------------------------------------------------------
+
+    async def put_link(self, token: str, link: PendingLink, expires_at: int) -> None: ...
+
+    async def count_links(self, now: int) -> int: ...
+
+    async def link(self, token: str, now: int) -> PendingLink | None: ...
+
+    # ---- key directory ------------------------------------------------------------------------
+
+    async def add_keys(
+        self, device_id: str, one_time_keys: Sequence[SignedKey], fallback: SignedKey | None
+    ) -> int:
+        """Store keys (a known key ID is ignored); return the device's one-time key count."""
+        ...
+
+    async def count_one_time_keys(self, device_id: str) -> int: ...
+
+    async def claim_key(self, device_id: str) -> tuple[SignedKey, bool] | None:
+        """Hand out one unused one-time key, atomically; the fallback key (True) when none is
+        left; None when the device published neither."""
+        ...
+
+    async def fallback_key(self, device_id: str) -> tuple[SignedKey, bool] | None: ...
+
+    # ---- mailbox ------------------------------------------------------------------------------
+
+    async def write_envelopes(
+        self, insert: Sequence[tuple[str, int, bytes]], delete: Sequence[tuple[str, int]]
+    ) -> list[int]:
+        """In one transaction, store ``insert`` rows (device, expires_at, body) and delete
+        ``delete`` rows (device, wire id): the mailbox's group commit. Returns the inserted
+        envelopes' wire ids, in order."""
+        ...
+
+    async def envelopes_after(
+        self, device_id: str, after_seq: int, now: int, limit: int, max_bytes: int | None = None
+    ) -> list[tuple[int, bytes]]:
+        """(wire id, body) of a device's live envelopes after ``after_seq``, in order: at most
+        ``limit`` of them and ``max_bytes`` of bodies (the first one always)."""
+        ...
+
+    async def count_envelopes(self, device_id: str) -> int: ...
+
+    async def envelope_bytes(self, device_id: str) -> int: ...
+
+    async def sweep(self, now: int) -> tuple[int, int]:
+        """Delete expired envelopes and device links; return how many of each."""
+        ...
+
+    async def maintenance(self) -> None:
+        """Housekeeping the server runs about once a second (SQLite: fold the WAL when it
+        holds what a copy of the data folder must not show). Cheap when there is nothing to
+        do."""
+        ...
