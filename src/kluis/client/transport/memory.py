@@ -26,8 +26,8 @@ import itertools
 from collections.abc import Callable
 from typing import Protocol
 
-from kluis.client.transport.protocol import Push, T
-from kluis.errors import KluisError, MalformedFrame, TransportError, error_for_code
+from kluis.client.transport.protocol import Push, T, expect_answer
+from kluis.errors import KluisError, MalformedFrame, TransportError
 from kluis.protocol import frames as f
 
 _POLICY_VIOLATION = 1008  # the close code of a close the server asked for (websocket.py)
@@ -130,14 +130,7 @@ class MemoryTransport:
                         self._flush()  # the reply, then the close (as websocket.py does)
                     else:
                         self._wake()
-        answer = await fut
-        if isinstance(answer, f.Error):
-            raise error_for_code(
-                answer.code, answer.message, missing=answer.missing, extra=answer.extra
-            )
-        if not isinstance(answer, expect):
-            raise MalformedFrame(f"expected {expect.__name__}, got {type(answer).__name__}")
-        return answer
+        return expect_answer(await fut, expect)
 
     async def close(self) -> None:
         self._end_channel(TransportError("connection closed"))

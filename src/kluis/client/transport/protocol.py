@@ -18,6 +18,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Protocol, TypeVar
 
+from kluis.errors import MalformedFrame, error_for_code
 from kluis.protocol import frames as f
 
 T = TypeVar("T", bound=f.ServerFrame)
@@ -48,6 +49,18 @@ class Transport(Protocol):
     async def close(self) -> None:
         """End the channel (idempotent); waiting requests fail with TransportError."""
         ...
+
+
+def expect_answer(answer: f.ServerFrame, expect: type[T]) -> T:
+    """The answer to a request, as ``expect``: a server Error raised as its typed class, any
+    other frame a MalformedFrame. Every transport's :meth:`Transport.request` ends here."""
+    if isinstance(answer, f.Error):
+        raise error_for_code(
+            answer.code, answer.message, missing=answer.missing, extra=answer.extra
+        )
+    if not isinstance(answer, expect):
+        raise MalformedFrame(f"expected {expect.__name__}, got {type(answer).__name__}")
+    return answer
 
 
 TransportFactory = Callable[[str], Transport]

@@ -14,8 +14,8 @@ from collections.abc import Callable
 
 import aiohttp
 
-from kluis.client.transport.protocol import Push, T
-from kluis.errors import KluisError, MalformedFrame, TransportError, error_for_code
+from kluis.client.transport.protocol import Push, T, expect_answer
+from kluis.errors import KluisError, MalformedFrame, TransportError
 from kluis.protocol import frames as f
 
 
@@ -94,14 +94,7 @@ class WebSocketTransport:
         except (aiohttp.ClientError, OSError, ConnectionError) as exc:
             self._waiting.pop(rid, None)
             raise TransportError(f"send failed: {exc}") from exc
-        answer = await fut
-        if isinstance(answer, f.Error):
-            raise error_for_code(
-                answer.code, answer.message, missing=answer.missing, extra=answer.extra
-            )
-        if not isinstance(answer, expect):
-            raise MalformedFrame(f"expected {expect.__name__}, got {type(answer).__name__}")
-        return answer
+        return expect_answer(await fut, expect)
 
     async def close(self) -> None:
         if self._ws is not None and not self._ws.closed:
