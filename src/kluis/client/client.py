@@ -442,7 +442,6 @@ class KluisClient:
             except TransportError:
                 raise  # not acknowledged: the server delivers it again
             except Exception as exc:  # fail closed, whatever the reason: keep it aside, ack it
-                self.core.rollback()
                 self.core.quarantine(env, exc)
                 if isinstance(exc, KluisError):
                     self.errors.append(exc)

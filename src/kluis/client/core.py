@@ -563,6 +563,15 @@ class ClientCore:
             raise UntrustedDevice(f"message from a device {s.account} has not certified")
         if record.keys.curve25519 != s.curve:
             raise UntrustedDevice("envelope names another key than the sender device's")
+        try:
+            return self._decrypt_and_store(opened, s)
+        except BaseException:
+            # The profile's transaction rolled back, but the Olm account in memory may have
+            # used up a one-time key: go back to what the profile holds.
+            self._rollback()
+            raise
+
+    def _decrypt_and_store(self, opened: Opened, s: Sealed) -> Message | None:
         with self.store.transaction():
             plaintext = self._olm_decrypt(_peer(s.account, s.device), s.curve, s.type, s.body)
             self.store.mark_seen(b"env:" + opened.envelope.body)
@@ -593,19 +602,12 @@ class ClientCore:
             return plaintext
         if msg_type != PRE_KEY:
             raise DecryptionError("no session decrypts this message (session lost or broken)")
-        try:
-            session, plaintext = self._account.create_inbound_session(curve, msg_type, body)
-        except KluisError:
-            # vodozemac may have consumed state in memory: go back to what the profile holds.
-            self._account = OlmAccount.from_pickle(
-                self._identity.account_pickle, self.store.pickle_key
-            )
-            raise
+        session, plaintext = self._account.create_inbound_session(curve, msg_type, body)
         self.store.save_session(None, peer, session.pickle(key).encode(), self._now_ms())
         self._save_identity()  # the one-time key is used up
         return plaintext
 
-    def rollback(self) -> None:
+    def _rollback(self) -> None:
         """After a failed decryption: forget in-memory Olm state the profile did not keep."""
         raw = self.store.get("identity")
         if raw is not None:
