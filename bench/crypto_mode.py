@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import json
 import os
-import secrets
 import shutil
 import sys
 import tempfile
@@ -28,11 +27,7 @@ import psutil
 
 from bench.common import MB, ROOT, Sampler, Server, latency_fields, pct, send_time
 from kluis.client.client import KluisClient
-from kluis.client.core import ClientCore
-from kluis.client.store import ProfileStore
-from kluis.client.transport import WebSocketTransport
 from kluis.crypto.profile_key import new_params
-from kluis.protocol import frames as f
 
 PASSPHRASE = "bench passphrase"
 
@@ -40,27 +35,8 @@ PASSPHRASE = "bench passphrase"
 async def make_client(server: Server, licence: str, profile: Path) -> KluisClient:
     """Create a profile with a fast KDF, redeem ``licence``, then log in as ``kluis`` would."""
     http = f"http://127.0.0.1:{server.port}"
-    store = ProfileStore.create(profile, PASSPHRASE, new_params(time_cost=1, memory_kib=8192))
-    core = ClientCore.create(
-        store, http, clock=time.time, random=secrets.token_bytes, new_account=True
-    )
-    transport = WebSocketTransport(http)
-    try:
-        nonce = await transport.connect()
-        welcome = await transport.request(
-            lambda rid: f.Register(
-                rid=rid,
-                licence=licence,
-                identity=core.identity_key,
-                device=core.own_record(),
-                sig=core.sign_challenge(nonce, transport.server_origin),
-            ),
-            f.Welcome,
-        )
-        core.set_account(welcome.account)
-    finally:
-        await transport.close()
-        store.close()
+    fast = new_params(time_cost=1, memory_kib=8192)
+    await (await KluisClient.register(http, licence, profile, PASSPHRASE, kdf=fast)).close()
     client = KluisClient.open(profile, PASSPHRASE)
     await client.connect()  # Auth, then publishes one-time keys
     return client

@@ -33,6 +33,7 @@ from kluis.client.events import (
 )
 from kluis.client.store import ProfileStore
 from kluis.client.transport import Transport, TransportFactory, WebSocketTransport
+from kluis.crypto.profile_key import KdfParams
 from kluis.errors import (
     DecryptionError,
     KluisError,
@@ -110,9 +111,12 @@ class KluisClient:
         passphrase: str,
         *,
         transport_factory: TransportFactory = WebSocketTransport,
+        kdf: KdfParams | None = None,
     ) -> KluisClient:
-        """Create a profile, redeem ``licence`` and publish this device's keys."""
-        store = ProfileStore.create(profile, passphrase)
+        """Create a profile, redeem ``licence`` and publish this device's keys.
+
+        ``kdf`` overrides the profile's argon2id parameters (benchmarks lower them)."""
+        store = ProfileStore.create(profile, passphrase, kdf)
         core = ClientCore.create(
             store, server, clock=time.time, random=secrets.token_bytes, new_account=True
         )
