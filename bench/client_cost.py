@@ -49,7 +49,7 @@ def send(core: ClientCore, peer: str, text: str) -> OutEnvelope:
     core.trusted_devices(peer)
     core.devices_without_session(peer)
     (env,) = core.encrypt(peer, payload)
-    core.record_sent(peer, payload)
+    core.record_sent(payload)
     core.trusted_devices(core.account_id)
     core.devices_without_session(core.account_id)
     assert core.encrypt(core.account_id, core.sync_copy(payload)) == []

@@ -173,9 +173,7 @@ class Device(WSListener):  # type: ignore[misc]
         rid = self._next_rid()
         fut: asyncio.Future[f.ServerFrame] = self._loop.create_future()
         self._waiters[rid] = fut
-        self._write(
-            f.Send(rid=rid, account=account, envelopes=[f.OutEnvelope(device=device, body=data)])
-        )
+        self._write(f.Send.one(rid, account, [f.OutEnvelope(device=device, body=data)]))
         return await fut
 
     # ---- log-in -----------------------------------------------------------------------------

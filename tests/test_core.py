@@ -93,7 +93,7 @@ def pair(tmp_path: Path) -> tuple[ClientCore, ClientCore]:
 def test_round_trip_and_reply(pair: tuple[ClientCore, ClientCore]) -> None:
     alice, bob = pair
     m = deliver(bob, text_for(alice, bob, "hi bob"))
-    assert m is not None and (m.sender, m.peer, m.text) == (
+    assert m is not None and (m.sender, m.conversation, m.text) == (
         alice.account_id,
         alice.account_id,
         "hi bob",

@@ -15,7 +15,7 @@ from kluis.protocol import frames as f
 
 
 def test_round_trip() -> None:
-    frame = f.Send(rid=3, account="a" * 16, envelopes=[f.OutEnvelope(device="d", body=b"\x00\x01")])
+    frame = f.Send.one(3, "a" * 16, [f.OutEnvelope(device="d", body=b"\x00\x01")])
     assert f.decode_client_frame(f.encode(frame)) == frame
     err = f.Error(rid=None, code="bad_frame", message="no")
     assert f.decode_server_frame(f.encode(err)) == err
@@ -63,6 +63,6 @@ def test_bad_padding() -> None:
 
 
 def test_error_codes_map_back_to_types() -> None:
-    err = error_for_code("mismatched_devices", "m", missing=["x"])
-    assert isinstance(err, MismatchedDevices) and err.details["missing"] == ["x"]
+    err = error_for_code("mismatched_devices", "m")
+    assert isinstance(err, MismatchedDevices) and err.mismatched == []
     assert error_for_code("something_new", "m").code == "remote_protocol"

@@ -17,7 +17,7 @@ remote refusal back to the class below with :func:`error_for_code`.
     │   ├── UnknownAccount            unknown_account
     │   ├── UnknownDevice             unknown_device
     │   ├── MismatchedDevices         mismatched_devices: a send did not address exactly the
-    │   │                             recipient's current devices
+    │   │                             current devices of the accounts it names (per account)
     │   ├── LinkInvalid               link_invalid: unknown or expired device-link code
     │   └── ServerError               internal: the server failed; nothing was changed
     ├── CryptoError
@@ -99,6 +99,17 @@ class UnknownDevice(RemoteProtocolError):
 
 class MismatchedDevices(RemoteProtocolError):
     code = "mismatched_devices"
+
+    def __init__(
+        self, message: str = "", mismatched: list[tuple[str, list[str], list[str]]] | None = None
+    ) -> None:
+        super().__init__(message)
+        # (account, missing devices, extra devices) for every account the send got wrong
+        self.mismatched = mismatched or []
+
+    @property
+    def accounts(self) -> list[str]:
+        return [account for account, _, _ in self.mismatched]
 
 
 class LinkInvalid(RemoteProtocolError):

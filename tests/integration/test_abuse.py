@@ -53,7 +53,7 @@ def garbage(rng: random.Random, device: str, account: str) -> bytes:
     if kind == 0:
         return rng.randbytes(rng.randrange(0, 200))
     valid = [
-        f.Send(rid=1, account=account, envelopes=[f.OutEnvelope(device=device, body=b"x")]),
+        f.Send.one(1, account, [f.OutEnvelope(device=device, body=b"x")]),
         f.ClaimKeys(rid=2, account=account, devices=[device]),
         f.Ack(rid=3, ids=[1, 2, 3]),
         f.ListDevices(rid=4, account=account),

@@ -108,9 +108,7 @@ def forged_envelope(recipient: f.DeviceKeys, claim: Sealed) -> f.OutEnvelope:
 
 
 async def send_raw(sender: KluisClient, account: str, envelopes: list[f.OutEnvelope]) -> None:
-    await sender.transport.request(
-        lambda rid: f.Send(rid=rid, account=account, envelopes=envelopes), f.Done
-    )
+    await sender.transport.request(lambda rid: f.Send.one(rid, account, envelopes), f.Done)
 
 
 # ---- the device chain against a hostile server ------------------------------------------------

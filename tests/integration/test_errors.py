@@ -8,7 +8,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from kluis.errors import DecryptionError
+from kluis.errors import DecryptionError, FrameTooLarge, MismatchedDevices
 from kluis.protocol import frames as f
 from kluis.server.inprocess import InProcessServer
 from tests.kluis_testing import RawConnection, ServerProcess, register
@@ -107,18 +107,12 @@ async def test_oversized_envelope_and_mismatched_devices(
     alice = await register(server, tmp_path / "alice")
     bob = await register(server, tmp_path / "bob")
     big = f.OutEnvelope(device=bob.core.device_id, body=b"x" * (100 * 1024))
-    with pytest.raises(Exception) as info:
-        await alice.transport.request(
-            lambda rid: f.Send(rid=rid, account=bob.account_id, envelopes=[big]), f.Done
-        )
-    assert getattr(info.value, "code", "") == "frame_too_large"
+    with pytest.raises(FrameTooLarge):
+        await alice.transport.request(lambda rid: f.Send.one(rid, bob.account_id, [big]), f.Done)
     wrong = f.OutEnvelope(device="not-a-device", body=b"x")
-    with pytest.raises(Exception) as info:
-        await alice.transport.request(
-            lambda rid: f.Send(rid=rid, account=bob.account_id, envelopes=[wrong]), f.Done
-        )
-    assert info.value.code == "mismatched_devices"  # type: ignore[attr-defined]
-    assert info.value.details["missing"] == [bob.core.device_id]  # type: ignore[attr-defined]
+    with pytest.raises(MismatchedDevices) as info:
+        await alice.transport.request(lambda rid: f.Send.one(rid, bob.account_id, [wrong]), f.Done)
+    assert info.value.mismatched == [(bob.account_id, [bob.core.device_id], ["not-a-device"])]
     # Nothing was stored by the refused sends; a real message still goes through.
     await alice.send(bob.account_id, "still fine")
     assert [m.text for m in await bob.receive(wait=5, until=1)] == ["still fine"]
@@ -139,9 +133,7 @@ async def test_tampered_envelope_rejected_session_survives(
     body = bytearray(env.body)
     body[len(body) // 2] ^= 0x01
     bad = f.OutEnvelope(device=env.device, body=bytes(body))
-    await alice.transport.request(
-        lambda rid: f.Send(rid=rid, account=bob.account_id, envelopes=[bad]), f.Done
-    )
+    await alice.transport.request(lambda rid: f.Send.one(rid, bob.account_id, [bad]), f.Done)
     assert await bob.receive(wait=1) == []
     assert len(bob.errors) == 1 and isinstance(bob.errors[0], DecryptionError)
     assert "tampered" in str(bob.errors[0])
@@ -161,16 +153,12 @@ async def test_replayed_envelope_shown_once(inproc: InProcessServer, tmp_path: P
     bob = await register(server, tmp_path / "bob")
     (env,) = await alice.encrypt(bob.account_id, alice.core.new_text(bob.account_id, "only once"))
     for _ in range(3):  # the server (or anyone) delivers the same envelope three times
-        await alice.transport.request(
-            lambda rid: f.Send(rid=rid, account=bob.account_id, envelopes=[env]), f.Done
-        )
+        await alice.transport.request(lambda rid: f.Send.one(rid, bob.account_id, [env]), f.Done)
     got = await bob.receive(wait=2, until=3)
     assert [m.text for m in got] == ["only once"]
     assert bob.errors == []
     # Replayed again later, after the first copy was acknowledged and deleted.
-    await alice.transport.request(
-        lambda rid: f.Send(rid=rid, account=bob.account_id, envelopes=[env]), f.Done
-    )
+    await alice.transport.request(lambda rid: f.Send.one(rid, bob.account_id, [env]), f.Done)
     assert await bob.receive(wait=1) == []
     await alice.close()
     await bob.close()

@@ -132,7 +132,7 @@ async def test_finding2_large_backlog_is_delivered_in_bounded_frames(tmp_path: P
         for start in range(0, count, 32):  # 32 sends in flight at a time
             window = range(start, min(count, start + 32))
             for rid in window:
-                send = f.Send(rid=rid, account=recipient.account_id, envelopes=[to_recipient])
+                send = f.Send.one(rid, recipient.account_id, [to_recipient])
                 await out.send(f.encode(send))
             for _ in window:
                 assert isinstance(await out.recv(), f.Done)
@@ -150,9 +150,7 @@ async def test_finding2_large_backlog_is_delivered_in_bounded_frames(tmp_path: P
             while not done.is_set():
                 rid += 1
                 t0 = time.perf_counter()
-                await probe.send(
-                    f.encode(f.Send(rid=rid, account=bob.account_id, envelopes=[note]))
-                )
+                await probe.send(f.encode(f.Send.one(rid, bob.account_id, [note])))
                 assert isinstance(await probe.recv(), f.Done)
                 latencies.append(time.perf_counter() - t0)
                 await asyncio.sleep(0.005)
@@ -220,7 +218,7 @@ async def test_finding2_envelope_larger_than_the_deliver_cap_goes_alone(tmp_path
         out = await login(srv, sender)
         for rid, size in enumerate([30_000, 30_000, 60_000, 10_000, 10_000]):
             env = f.OutEnvelope(device=recipient.core.device_id, body=b"z" * size)
-            await out.send(f.encode(f.Send(rid=rid, account=recipient.account_id, envelopes=[env])))
+            await out.send(f.encode(f.Send.one(rid, recipient.account_id, [env])))
             assert isinstance(await out.recv(), f.Done)
         inbox = await login(srv, recipient)
         sizes: list[list[int]] = []
@@ -249,7 +247,7 @@ async def test_finding10_mailbox_bytes_are_capped_per_device(tmp_path: Path) -> 
         with pytest.raises(QuotaExceeded):
             for _ in range(4):
                 await sender.transport.request(
-                    lambda rid: f.Send(rid=rid, account=recipient.account_id, envelopes=[env]),
+                    lambda rid: f.Send.one(rid, recipient.account_id, [env]),
                     f.Done,
                 )
         await sender.close()
@@ -272,7 +270,7 @@ async def test_finding5_huge_ack_ids_fail_alone_without_tracebacks(
     failures = 0
     for rid in range(300):
         await bad.send(msgspec.msgpack.encode({"t": "ack", "rid": rid, "ids": [2**63 + rid]}))
-        await good.send(f.encode(f.Send(rid=rid, account=bob.account_id, envelopes=[note])))
+        await good.send(f.encode(f.Send.one(rid, bob.account_id, [note])))
         answer = await bad.recv()
         assert isinstance(answer, f.Error) and answer.code == "bad_frame", answer
         if not isinstance(await good.recv(), f.Done):

@@ -322,13 +322,14 @@ class KluisClient:
 
     # ---- sending ------------------------------------------------------------------------------
 
-    async def send(self, peer: str, text: str) -> Message:
-        """Encrypt to every device of ``peer`` and to our other devices; return once stored."""
-        payload = self.core.new_text(peer, text)
-        await self._send_payload(peer, payload)
-        sent = self.core.record_sent(peer, payload)
-        await self._send_payload(self.account_id, self.core.sync_copy(payload))
-        return sent
+    async def send(self, conversation: str, text: str) -> Message:
+        """Encrypt to every device of the conversation's accounts and to our other devices, in
+        one request; return once the server stored it all."""
+        payload = self.core.new_text(conversation, text)
+        payloads: dict[str, Payload] = {self.account_id: self.core.sync_copy(payload)}
+        payloads[conversation] = payload  # a note to ourselves: the message itself
+        await self._send_payloads(payloads)
+        return self.core.record_sent(payload)
 
     async def encrypt(
         self, account: str, payload: Payload, *, refresh: bool = False
@@ -344,19 +345,26 @@ class KluisClient:
             self.core.add_bundles(account, bundles.bundles)
         return self.core.encrypt(account, payload)
 
-    async def _send_payload(self, account: str, payload: Payload) -> None:
+    async def _send_payloads(self, payloads: dict[str, Payload]) -> None:
+        """One Send: ``payloads[account]`` to every trusted device of each account (our own
+        device left out). When the server names accounts whose devices changed, fetch those
+        accounts' device lists again and retry."""
+        stale: set[str] = set()
         for attempt in range(_SEND_ATTEMPTS):
-            envelopes = await self.encrypt(account, payload, refresh=attempt > 0)
-            if not envelopes and account == self.account_id:
-                return  # we have no other device
-            try:
-                await self.transport.request(
-                    _with_rid(f.Send(rid=0, account=account, envelopes=envelopes)), f.Done
-                )
+            parts: list[f.Addressed] = []
+            for account, payload in payloads.items():
+                envelopes = await self.encrypt(account, payload, refresh=account in stale)
+                if envelopes or account != self.account_id:  # we may have no other device
+                    parts.append(f.Addressed(account=account, envelopes=envelopes))
+            if not parts:
                 return
-            except MismatchedDevices:
+            try:
+                await self.transport.request(_with_rid(f.Send(rid=0, to=parts)), f.Done)
+                return
+            except MismatchedDevices as exc:
                 if attempt == _SEND_ATTEMPTS - 1:
                     raise
+                stale = set(exc.accounts) or set(payloads)
 
     # ---- receiving ----------------------------------------------------------------------------
 
@@ -481,11 +489,11 @@ class KluisClient:
         only for devices we trust, never at once, at most once an hour per device."""
         for account in self.core.due_recoveries():
             try:
-                await self._send_payload(account, self.core.new_dummy(account))
+                await self._send_payloads({account: self.core.new_dummy(account)})
             except TransportError:
                 raise
             except KluisError:
                 continue  # tried; due_recoveries() will not offer it again this hour
 
-    def history(self, peer: str | None = None) -> list[Message]:
-        return self.core.history(peer)
+    def history(self, conversation: str | None = None) -> list[Message]:
+        return self.core.history(conversation)

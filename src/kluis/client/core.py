@@ -492,9 +492,10 @@ class ClientCore:
                 out.append(OutEnvelope(device=d.keys.ed25519, body=box))
         return out
 
-    def new_text(self, to: str, text: str) -> Text:
-        """A message to the account ``to`` (bound to each recipient device by :meth:`encrypt`)."""
-        return Text(id=self._random(16), ts=self._now_ms(), text=text, to=to)
+    def new_text(self, conversation: str, text: str) -> Text:
+        """A message in ``conversation`` (1:1: the peer's account ID), bound to each recipient
+        device by :meth:`encrypt`."""
+        return Text(id=self._random(16), ts=self._now_ms(), text=text, to=conversation)
 
     @staticmethod
     def sync_copy(message: Text) -> Sync:
@@ -505,10 +506,11 @@ class ClientCore:
         """A message the recipient ignores: it opens a fresh session (session recovery)."""
         return Dummy(id=self._random(16), ts=self._now_ms(), to=to)
 
-    def record_sent(self, peer: str, payload: Text) -> Message:
-        m = StoredMessage(peer=peer, sender=self.account_id, ts=payload.ts, text=payload.text)
+    def record_sent(self, payload: Text) -> Message:
+        conversation = payload.to
+        m = StoredMessage(conversation, sender=self.account_id, ts=payload.ts, text=payload.text)
         with self.store.transaction():
-            self.store.add_message(peer, _enc.encode(m))
+            self.store.add_message(conversation, _enc.encode(m))
             self.store.mark_seen(b"msg:" + payload.id)
         return Message.from_stored(m)
 
@@ -524,6 +526,11 @@ class ClientCore:
         except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
             raise DecryptionError("sealed envelope holds no valid message") from exc
         return Opened(env, sealed)
+
+    def conversation_of(self, payload: Payload) -> str:
+        """The conversation a (bound, checked) payload belongs to, as this device files it: a
+        1:1 message written to us belongs to its sender's conversation; our own copies name it."""
+        return payload.sender if payload.to == self.account_id else payload.to
 
     def _check_binding(self, s: Sealed, payload: Payload) -> None:
         """The payload must name the sealed claim as its sender and this device as recipient."""
@@ -580,10 +587,10 @@ class ClientCore:
             if self.store.seen(b"msg:" + payload.id) or not isinstance(payload, Text | Sync):
                 return None
             self.store.mark_seen(b"msg:" + payload.id)
-            peer = payload.to if isinstance(payload, Sync) else s.account
+            conversation = self.conversation_of(payload)
             ts = min(payload.ts, self._now_ms() + MAX_CLOCK_SKEW_MS)
-            m = StoredMessage(peer=peer, sender=s.account, ts=clamp_ts(ts), text=payload.text)
-            self.store.add_message(peer, _enc.encode(m))
+            m = StoredMessage(conversation, sender=s.account, ts=clamp_ts(ts), text=payload.text)
+            self.store.add_message(conversation, _enc.encode(m))
         return Message.from_stored(m)
 
     def _olm_decrypt(self, peer: str, curve: str, msg_type: int, body: bytes) -> bytes:
@@ -671,7 +678,8 @@ class ClientCore:
 
     # ---- history ------------------------------------------------------------------------------
 
-    def history(self, peer: str | None = None) -> list[Message]:
-        """Stored messages, oldest first by the sender's clock (arrival order breaks ties)."""
-        stored = [_stored_dec.decode(v) for v in self.store.messages(peer)]
+    def history(self, conversation: str | None = None) -> list[Message]:
+        """Stored messages of ``conversation`` (all when None), oldest first by the sender's
+        clock (arrival order breaks ties)."""
+        stored = [_stored_dec.decode(v) for v in self.store.messages(conversation)]
         return [Message.from_stored(m) for m in sorted(stored, key=lambda m: m.ts)]

@@ -58,7 +58,8 @@ class Sealed(msgspec.Struct, frozen=True):
 
 
 class StoredMessage(msgspec.Struct, frozen=True):
-    peer: str
+    # The conversation's ID (1:1: the other account). Stored under its first name, "peer".
+    conversation: str = msgspec.field(name="peer")
     sender: str
     ts: int
     text: str
@@ -84,14 +85,14 @@ class Message:
     """A message as the user sees it."""
 
     sender: str
-    peer: str
+    conversation: str  # 1:1: the other account's ID, whoever wrote the message
     time: datetime
     text: str
 
     @classmethod
     def from_stored(cls, m: StoredMessage) -> Message:
         time_ = datetime.fromtimestamp(clamp_ts(m.ts) / 1000, UTC)
-        return cls(m.sender, m.peer, time_, m.text)
+        return cls(m.sender, m.conversation, time_, m.text)
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,6 +31,7 @@ Count = Annotated[int, msgspec.Meta(ge=0, le=2**31)]
 Stamp = Annotated[int, msgspec.Meta(ge=0, le=2**53)]  # unix seconds
 MAX_ACK_IDS = 1024  # a client acknowledges at most this many envelopes per Ack
 MAX_LIST = 256  # devices, envelopes or keys in one frame; configured limits sit below
+MAX_ACCOUNTS = 1024  # accounts one Send addresses: a group of 1,000 members, and our own
 
 
 class _Frame(msgspec.Struct, frozen=True, tag_field="t", forbid_unknown_fields=True):
@@ -79,6 +80,21 @@ class Bundle(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class OutEnvelope(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     device: IdStr
     body: bytes
+
+
+class Addressed(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One account's part of a send: an envelope for each of its current devices."""
+
+    account: IdStr
+    envelopes: Annotated[list[OutEnvelope], msgspec.Meta(max_length=MAX_LIST)]
+
+
+class Mismatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Why a send was refused for one account: devices it lacks, and devices it should not name."""
+
+    account: str
+    missing: Annotated[list[str], msgspec.Meta(max_length=MAX_LIST)] = []
+    extra: Annotated[list[str], msgspec.Meta(max_length=MAX_LIST)] = []
 
 
 class InEnvelope(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -150,9 +166,16 @@ class ClaimKeys(_Frame, frozen=True, tag="claim_keys"):
 
 
 class Send(_Frame, frozen=True, tag="send"):
+    """One message to a conversation: every recipient account (and our own other devices) in
+    one request, stored all or nothing."""
+
     rid: Rid
-    account: IdStr
-    envelopes: Annotated[list[OutEnvelope], msgspec.Meta(max_length=MAX_LIST)]
+    to: Annotated[list[Addressed], msgspec.Meta(min_length=1, max_length=MAX_ACCOUNTS)]
+
+    @classmethod
+    def one(cls, rid: int, account: str, envelopes: list[OutEnvelope]) -> Send:
+        """A send to one account only."""
+        return cls(rid=rid, to=[Addressed(account=account, envelopes=envelopes)])
 
 
 class Ack(_Frame, frozen=True, tag="ack"):
@@ -233,8 +256,8 @@ class Error(_Frame, frozen=True, tag="error"):
     rid: Rid | None
     code: str
     message: str
-    missing: Annotated[list[str], msgspec.Meta(max_length=MAX_LIST)] = []
-    extra: Annotated[list[str], msgspec.Meta(max_length=MAX_LIST)] = []
+    # mismatched_devices: per account of the refused Send, what it lacked or named too much
+    mismatched: Annotated[list[Mismatch], msgspec.Meta(max_length=MAX_ACCOUNTS)] = []
 
 
 class Deliver(_Frame, frozen=True, tag="deliver"):

@@ -258,12 +258,8 @@ class Connection:
             rid = frame.rid
             reply = await self._dispatch(frame)
         except MismatchedDevices as exc:
-            missing = exc.details.get("missing", [])
-            extra = exc.details.get("extra", [])
-            assert isinstance(missing, list) and isinstance(extra, list)
-            reply = f.Error(
-                rid=rid, code=exc.code, message=exc.message, missing=missing, extra=extra
-            )
+            mismatched = [f.Mismatch(a, missing, extra) for a, missing, extra in exc.mismatched]
+            reply = f.Error(rid=rid, code=exc.code, message=exc.message, mismatched=mismatched)
         except KluisError as exc:
             reply = f.Error(rid=rid, code=exc.code, message=exc.message)
         except Exception as exc:
@@ -357,25 +353,31 @@ class Connection:
 
     async def _send(self, frame: f.Send) -> f.ServerFrame:
         limits = self.server.limits
-        if not frame.envelopes or len(frame.envelopes) > limits.max_envelopes_per_send:
+        envelopes = [e for part in frame.to for e in part.envelopes]
+        if not envelopes or len(envelopes) > limits.max_envelopes_per_send:
             raise MalformedFrame(f"a send carries 1 to {limits.max_envelopes_per_send} envelopes")
-        for env in frame.envelopes:
+        if len({part.account for part in frame.to}) != len(frame.to):
+            raise MalformedFrame("a send names each account once")
+        for env in envelopes:
             if len(env.body) > limits.max_envelope_bytes:
                 raise FrameTooLarge(f"envelope exceeds {limits.max_envelope_bytes} bytes")
         # Rate limits are kept per device across connections: reconnecting buys no fresh burst.
         if not self.server.send_buckets.get(self.device_id).take():
             raise RateLimited("too many sends; slow down")
-        expected = set(await self.server.accounts.device_ids(frame.account))
-        if frame.account == self.account_id:
-            expected.discard(self.device_id)
-        addressed = {e.device for e in frame.envelopes}
-        if addressed != expected or len(addressed) != len(frame.envelopes):
-            raise MismatchedDevices(
-                "address exactly the account's current devices",
-                missing=sorted(expected - addressed),
-                extra=sorted(addressed - expected),
-            )
-        await self.server.mailbox.deposit([(e.device, e.body) for e in frame.envelopes])
+        mismatched: list[tuple[str, list[str], list[str]]] = []
+        for part in frame.to:
+            expected = set(await self.server.accounts.device_ids(part.account))
+            if part.account == self.account_id:
+                expected.discard(self.device_id)
+            addressed = {e.device for e in part.envelopes}
+            if addressed != expected or len(addressed) != len(part.envelopes):
+                mismatched.append(
+                    (part.account, sorted(expected - addressed), sorted(addressed - expected))
+                )
+        if mismatched:
+            raise MismatchedDevices("address exactly each account's current devices", mismatched)
+        # All or nothing: one deposit, one commit, for every account of the conversation.
+        await self.server.mailbox.deposit([(e.device, e.body) for e in envelopes])
         return f.Done(rid=frame.rid)
 
     async def _claim(self, frame: f.ClaimKeys) -> f.ServerFrame:

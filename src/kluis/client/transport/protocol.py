@@ -18,7 +18,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Protocol, TypeVar
 
-from kluis.errors import MalformedFrame, error_for_code
+from kluis.errors import MalformedFrame, MismatchedDevices, error_for_code
 from kluis.protocol import frames as f
 
 T = TypeVar("T", bound=f.ServerFrame)
@@ -55,9 +55,10 @@ def expect_answer(answer: f.ServerFrame, expect: type[T]) -> T:
     """The answer to a request, as ``expect``: a server Error raised as its typed class, any
     other frame a MalformedFrame. Every transport's :meth:`Transport.request` ends here."""
     if isinstance(answer, f.Error):
-        raise error_for_code(
-            answer.code, answer.message, missing=answer.missing, extra=answer.extra
-        )
+        error = error_for_code(answer.code, answer.message)
+        if isinstance(error, MismatchedDevices):
+            error.mismatched = [(m.account, m.missing, m.extra) for m in answer.mismatched]
+        raise error
     if not isinstance(answer, expect):
         raise MalformedFrame(f"expected {expect.__name__}, got {type(answer).__name__}")
     return answer
