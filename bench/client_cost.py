@@ -44,15 +44,15 @@ def counter(core: ClientCore) -> list[int]:
 
 
 def send(core: ClientCore, peer: str, text: str) -> OutEnvelope:
-    """As KluisClient.send: to the peer's devices, then the copy to our own (none here)."""
+    """As KluisClient.send: to the peer's devices and our own (none here), then history."""
     payload = core.new_text(peer, text)
     core.trusted_devices(peer)
     core.devices_without_session(peer)
     (env,) = core.encrypt(peer, payload)
-    core.record_sent(payload)
     core.trusted_devices(core.account_id)
     core.devices_without_session(core.account_id)
-    assert core.encrypt(core.account_id, core.sync_copy(payload)) == []
+    assert core.encrypt(core.account_id, payload) == []  # our other devices: none here
+    core.record_sent(payload)
     return env
 
 

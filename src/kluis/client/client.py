@@ -326,9 +326,8 @@ class KluisClient:
         """Encrypt to every device of the conversation's accounts and to our other devices, in
         one request; return once the server stored it all."""
         payload = self.core.new_text(conversation, text)
-        payloads: dict[str, Payload] = {self.account_id: self.core.sync_copy(payload)}
-        payloads[conversation] = payload  # a note to ourselves: the message itself
-        await self._send_payloads(payloads)
+        # The same payload goes to our own other devices: they file it under ``conversation``.
+        await self._send_payloads({conversation: payload, self.account_id: payload})
         return self.core.record_sent(payload)
 
     async def encrypt(

@@ -497,11 +497,6 @@ class ClientCore:
         device by :meth:`encrypt`."""
         return Text(id=self._random(16), ts=self._now_ms(), text=text, to=conversation)
 
-    @staticmethod
-    def sync_copy(message: Text) -> Sync:
-        """The copy of ``message`` for our own other devices: same ID, time and conversation."""
-        return Sync(id=message.id, ts=message.ts, text=message.text, to=message.to)
-
     def new_dummy(self, to: str) -> Dummy:
         """A message the recipient ignores: it opens a fresh session (session recovery)."""
         return Dummy(id=self._random(16), ts=self._now_ms(), to=to)
@@ -538,10 +533,12 @@ class ClientCore:
             raise UntrustedDevice("message names another sender than its envelope")
         if (payload.recipient, payload.recipient_device) != (self.account_id, self.device_id):
             raise UntrustedDevice("message was written for another device")
-        if isinstance(payload, Text) and payload.to != self.account_id:
-            raise UntrustedDevice("message was written in another conversation")
-        if isinstance(payload, Sync) and s.account != self.account_id:
+        if s.account == self.account_id:
+            return  # our own devices write in any of our conversations
+        if isinstance(payload, Sync):
             raise UntrustedDevice("only our own devices may send us copies")
+        if payload.to != self.account_id:
+            raise UntrustedDevice("message was written in another conversation")
 
     def _payload(self, plaintext: bytes) -> Payload:
         try:
@@ -584,14 +581,24 @@ class ClientCore:
             self.store.mark_seen(b"env:" + opened.envelope.body)
             payload = self._payload(plaintext)
             self._check_binding(s, payload)
-            if self.store.seen(b"msg:" + payload.id) or not isinstance(payload, Text | Sync):
+            if self.store.seen(b"msg:" + payload.id):
                 return None
             self.store.mark_seen(b"msg:" + payload.id)
-            conversation = self.conversation_of(payload)
-            ts = min(payload.ts, self._now_ms() + MAX_CLOCK_SKEW_MS)
-            m = StoredMessage(conversation, sender=s.account, ts=clamp_ts(ts), text=payload.text)
-            self.store.add_message(conversation, _enc.encode(m))
-        return Message.from_stored(m)
+            return self._apply(s, payload)
+
+    def _apply(self, s: Sealed, payload: Payload) -> Message | None:
+        """What a checked, first-seen payload changes, inside its envelope's transaction: one
+        case per kind. A message for the user comes back; anything else may add to
+        :attr:`notices`."""
+        match payload:
+            case Text() | Sync():
+                conversation = self.conversation_of(payload)
+                ts = clamp_ts(min(payload.ts, self._now_ms() + MAX_CLOCK_SKEW_MS))
+                m = StoredMessage(conversation, sender=s.account, ts=ts, text=payload.text)
+                self.store.add_message(conversation, _enc.encode(m))
+                return Message.from_stored(m)
+            case Dummy():
+                return None
 
     def _olm_decrypt(self, peer: str, curve: str, msg_type: int, body: bytes) -> bytes:
         key = self.store.pickle_key

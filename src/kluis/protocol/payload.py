@@ -34,7 +34,8 @@ class Text(_Bound, frozen=True, tag="text"):
 
 
 class Sync(_Bound, frozen=True, tag="sync"):
-    """A copy of a message we wrote to ``to``, for our own other devices."""
+    """A copy of a message we wrote to ``to``, for our own other devices (earlier versions; our
+    own devices now get the very payload the conversation got)."""
 
     text: str = ""
 
