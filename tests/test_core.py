@@ -378,3 +378,28 @@ def test_the_core_draws_ids_from_the_injected_random_source(tmp_path: Path) -> N
     core = make_core(tmp_path, "alice", random=lambda n: b"\x07" * n)
     assert core.new_text("someone", "x").id == b"\x07" * 16
     assert core.new_dummy("someone").id == b"\x07" * 16
+
+
+def test_a_peer_writes_only_in_its_conversation_with_us(
+    pair: tuple[ClientCore, ClientCore], tmp_path: Path
+) -> None:
+    alice, bob = pair
+    # Alice files a message into Bob's conversation with someone else: refused, not stored.
+    elsewhere = alice.new_text("C" * 16, "planted")
+    (env,) = alice.encrypt(bob.account_id, elsewhere)
+    with pytest.raises(UntrustedDevice, match="another conversation"):
+        deliver(bob, env)
+    # Only our own devices may send us copies of what we wrote.
+    copy = Sync(id=b"\x01" * 16, ts=0, text="I said this", to=alice.account_id)
+    (env,) = alice.encrypt(bob.account_id, copy)
+    with pytest.raises(UntrustedDevice, match="own devices"):
+        deliver(bob, env, 2)
+    assert bob.history() == []
+    # Our own second device files what we wrote under the conversation it names.
+    laptop = make_core(tmp_path, "laptop", alice)
+    show(laptop, alice, record(alice), record(laptop, alice))
+    show(alice, alice, record(alice), record(laptop, alice))
+    alice.add_bundles(alice.account_id, [bundle(laptop, alice)])
+    (env,) = alice.encrypt(alice.account_id, alice.new_text(bob.account_id, "to bob"))
+    m = deliver(laptop, env)
+    assert (m.sender, m.conversation, m.text) == (alice.account_id, bob.account_id, "to bob")
