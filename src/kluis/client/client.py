@@ -18,11 +18,11 @@ import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import TracebackType
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import msgspec
 
-from kluis.client.core import ClientCore, Message, Opened, Payload, link_fingerprint
+from kluis.client.core import MEGOLM, ClientCore, Message, Opened, Payload, link_fingerprint
 from kluis.client.events import (
     ConnectionDown,
     ConnectionUp,
@@ -31,6 +31,7 @@ from kluis.client.events import (
     MessageReceived,
     Undecryptable,
 )
+from kluis.client.groups import GroupState, describe, is_group_id
 from kluis.client.store import ProfileStore
 from kluis.client.transport import Transport, TransportFactory, WebSocketTransport
 from kluis.crypto.profile_key import KdfParams
@@ -325,6 +326,8 @@ class KluisClient:
     async def send(self, conversation: str, text: str) -> Message:
         """Encrypt to every device of the conversation's accounts and to our other devices, in
         one request; return once the server stored it all."""
+        if is_group_id(conversation):
+            return await self.send_group(conversation, text)
         payload = self.core.new_text(conversation, text)
         # The same payload goes to our own other devices: they file it under ``conversation``.
         await self._send_payloads({conversation: payload, self.account_id: payload})
@@ -334,6 +337,11 @@ class KluisClient:
         self, account: str, payload: Payload, *, refresh: bool = False
     ) -> list[f.OutEnvelope]:
         """Envelopes of ``payload`` for every trusted device of ``account``, opening sessions."""
+        await self._prepare(account, refresh=refresh)
+        return self.core.encrypt(account, payload)
+
+    async def _prepare(self, account: str, *, refresh: bool = False) -> None:
+        """Know ``account``'s devices, and hold an Olm session with each."""
         if refresh or self.core.trusted_devices(account) is None:
             await self.refresh_devices(account)
         missing = self.core.devices_without_session(account)
@@ -342,7 +350,6 @@ class KluisClient:
                 _with_rid(f.ClaimKeys(rid=0, account=account, devices=missing)), f.Bundles
             )
             self.core.add_bundles(account, bundles.bundles)
-        return self.core.encrypt(account, payload)
 
     async def _send_payloads(self, payloads: dict[str, Payload]) -> None:
         """One Send: ``payloads[account]`` to every trusted device of each account (our own
@@ -364,6 +371,71 @@ class KluisClient:
                 if attempt == _SEND_ATTEMPTS - 1:
                     raise
                 stale = set(exc.accounts) or set(payloads)
+
+    # ---- groups -------------------------------------------------------------------------------
+
+    def groups(self) -> list[GroupState]:
+        return self.core.groups.all()
+
+    def group(self, group: str) -> GroupState:
+        state = self.core.groups.get(group)
+        if state is None:
+            raise LocalProtocolError(f"no group {group} on this device")
+        return state
+
+    async def create_group(self, name: str, members: list[str]) -> GroupState:
+        """A new group of us and ``members``; every member device hears of it."""
+        for account in members:
+            await self._prepare(account)  # an unknown or untrusted member fails here, first
+        state, update = self.core.groups.create(name, members)
+        self.core.record_group_line(state.id, describe(update))
+        await self._send_payloads({account: update for account in [*state.members]})
+        return state
+
+    async def change_group(
+        self,
+        group: str,
+        action: Literal["rename", "add", "remove", "leave"],
+        accounts: list[str] | None = None,
+        name: str | None = None,
+    ) -> GroupState:
+        """Rename, add or remove members, or leave; the old and new members all hear of it."""
+        for account in accounts or []:
+            await self._prepare(account)
+        state, update, audience = self.core.groups.change(group, action, accounts, name)
+        self.core.record_group_line(group, describe(update))
+        await self._send_payloads({account: update for account in {*audience, self.account_id}})
+        return state
+
+    async def send_group(self, group: str, text: str) -> Message:
+        """One request: ``text`` encrypted once with our group session and sealed for every
+        member device; devices that lack our session key get it over Olm first."""
+        state = self.core.groups.current(group)
+        payload = self.core.new_group_text(group, text)
+        stale: set[str] = set()
+        for attempt in range(_SEND_ATTEMPTS):
+            devices: dict[str, list[str]] = {}
+            for account in state.members:
+                await self._prepare(account, refresh=account in stale)
+                devices[account] = self.core.sending_devices(account)
+            key, lacking = self.core.groups.key_shares(group, devices)
+            if lacking:
+                await self._send_payloads({account: key for account in lacking})
+                self.core.groups.shared(group, {a: devices[a] for a in lacking})
+            parts = self.core.group_envelopes(group, payload, state.members)
+            if not any(envelopes for _, envelopes in parts):
+                break  # nobody else to tell (a group of our devices only)
+            to = [
+                f.Addressed(account=a, envelopes=e) for a, e in parts if e or a != self.account_id
+            ]
+            try:
+                await self.transport.request(_with_rid(f.Send(rid=0, to=to)), f.Done)
+                break
+            except MismatchedDevices as exc:
+                if attempt == _SEND_ATTEMPTS - 1:
+                    raise
+                stale = set(exc.accounts)
+        return self.core.record_sent(payload)
 
     # ---- receiving ----------------------------------------------------------------------------
 
@@ -480,7 +552,8 @@ class KluisClient:
         try:
             return self.core.decrypt(opened)
         except DecryptionError:
-            self.core.mark_session_broken(s.account, s.device)
+            if s.type != MEGOLM:  # a group session is not an Olm session to repair
+                self.core.mark_session_broken(s.account, s.device)
             raise
 
     async def _recover_sessions(self) -> None:

@@ -28,6 +28,7 @@ from collections.abc import Callable
 
 import msgspec
 
+from kluis.client.groups import GroupBook, is_group_id
 from kluis.client.records import (
     Dummy,
     Identity,
@@ -65,6 +66,7 @@ from kluis.protocol.frames import (
     Revocation,
     SignedKey,
 )
+from kluis.protocol.payload import GroupKey, GroupText, GroupUpdate
 
 __all__ = [
     "ClientCore",
@@ -84,6 +86,7 @@ Clock = Callable[[], float]  # seconds since the epoch (time.time)
 Random = Callable[[int], bytes]  # n random bytes from a CSPRNG (secrets.token_bytes)
 
 ONE_TIME_KEY_TARGET = 50
+MEGOLM = 2  # Sealed.type of a group message (Olm's are PRE_KEY 0 and NORMAL 1)
 # A peer's clock is not ours: what it says is shown at most this far ahead of our own.
 MAX_CLOCK_SKEW_MS = 5 * 60 * 1000
 # Session recovery (a fresh session and a dummy message after an undecryptable message): never
@@ -130,6 +133,14 @@ class ClientCore:
         self._clock = clock
         self._random = random
         self._pins_memo: dict[str, tuple[bytes, Pins]] = {}
+        self.groups = GroupBook(
+            store,
+            account=lambda: self.account_id,
+            device=self._account.ed25519,
+            sign=lambda message: self._account.sign(message),
+            now_ms=self._now_ms,
+            random=random,
+        )
 
     # ---- identity -----------------------------------------------------------------------------
 
@@ -481,15 +492,45 @@ class ClientCore:
                 )
                 msg_type, body = session.encrypt(padding.pad(_enc.encode(bound)))
                 self.store.save_session(row_id, peer, session.pickle(key).encode(), self._now_ms())
-                inner = Sealed(
-                    account=self.account_id,
-                    device=self.device_id,
-                    curve=self._account.curve25519,
-                    type=msg_type,
-                    body=body,
-                )
-                box = seal.seal(d.keys.seal, _enc.encode(inner), d.keys.ed25519.encode())
-                out.append(OutEnvelope(device=d.keys.ed25519, body=box))
+                out.append(self._sealed_for(d, msg_type, body))
+        return out
+
+    def _sealed_for(self, device: DeviceRecord, msg_type: int, body: bytes) -> OutEnvelope:
+        """An envelope only ``device`` can open, naming us as its sender inside."""
+        inner = Sealed(
+            account=self.account_id,
+            device=self.device_id,
+            curve=self._account.curve25519,
+            type=msg_type,
+            body=body,
+        )
+        box = seal.seal(device.keys.seal, _enc.encode(inner), device.keys.ed25519.encode())
+        return OutEnvelope(device=device.keys.ed25519, body=box)
+
+    def sending_devices(self, account: str) -> list[str]:
+        """The devices of ``account`` a message goes to (ours left out)."""
+        return [
+            d.keys.ed25519
+            for d in self.devices_for_sending(account)
+            if d.keys.ed25519 != self.device_id
+        ]
+
+    def group_envelopes(
+        self, group: str, payload: GroupText, accounts: list[str]
+    ) -> list[tuple[str, list[OutEnvelope]]]:
+        """``payload`` encrypted once with our group session, sealed for every device of
+        ``accounts`` (the group's members, ours left out), per account."""
+        bound = msgspec.structs.replace(
+            payload, sender=self.account_id, sender_device=self.device_id
+        )
+        out: list[tuple[str, list[OutEnvelope]]] = []
+        with self.store.transaction():
+            body = _enc.encode(self.groups.encrypt(group, padding.pad(_enc.encode(bound))))
+            for account in accounts:
+                devices = [
+                    d for d in self.devices_for_sending(account) if d.keys.ed25519 != self.device_id
+                ]
+                out.append((account, [self._sealed_for(d, MEGOLM, body) for d in devices]))
         return out
 
     def new_text(self, conversation: str, text: str) -> Text:
@@ -501,7 +542,16 @@ class ClientCore:
         """A message the recipient ignores: it opens a fresh session (session recovery)."""
         return Dummy(id=self._random(16), ts=self._now_ms(), to=to)
 
-    def record_sent(self, payload: Text) -> Message:
+    def new_group_text(self, group: str, text: str) -> GroupText:
+        return GroupText(id=self._random(16), ts=self._now_ms(), text=text, to=group)
+
+    def record_group_line(self, group: str, line: str) -> Message:
+        """A change we made to a group, in its history."""
+        m = StoredMessage(group, sender=self.account_id, ts=self._now_ms(), text=line)
+        self.store.add_message(group, _enc.encode(m))
+        return Message.from_stored(m)
+
+    def record_sent(self, payload: Text | GroupText) -> Message:
         conversation = payload.to
         m = StoredMessage(conversation, sender=self.account_id, ts=payload.ts, text=payload.text)
         with self.store.transaction():
@@ -529,6 +579,8 @@ class ClientCore:
 
     def _check_binding(self, s: Sealed, payload: Payload) -> None:
         """The payload must name the sealed claim as its sender and this device as recipient."""
+        if isinstance(payload, GroupText):
+            raise UntrustedDevice("group messages travel only in group sessions")
         if (payload.sender, payload.sender_device) != (s.account, s.device):
             raise UntrustedDevice("message names another sender than its envelope")
         if (payload.recipient, payload.recipient_device) != (self.account_id, self.device_id):
@@ -537,6 +589,8 @@ class ClientCore:
             return  # our own devices write in any of our conversations
         if isinstance(payload, Sync):
             raise UntrustedDevice("only our own devices may send us copies")
+        if isinstance(payload, GroupUpdate | GroupKey) and is_group_id(payload.to):
+            return  # the group's own rules decide (GroupBook)
         if payload.to != self.account_id:
             raise UntrustedDevice("message was written in another conversation")
 
@@ -576,11 +630,29 @@ class ClientCore:
             raise
 
     def _decrypt_and_store(self, opened: Opened, s: Sealed) -> Message | None:
+        if s.type == MEGOLM:
+            return self._decrypt_group(opened, s)
         with self.store.transaction():
             plaintext = self._olm_decrypt(_peer(s.account, s.device), s.curve, s.type, s.body)
             self.store.mark_seen(b"env:" + opened.envelope.body)
             payload = self._payload(plaintext)
             self._check_binding(s, payload)
+            if self.store.seen(b"msg:" + payload.id):
+                return None
+            self.store.mark_seen(b"msg:" + payload.id)
+            return self._apply(s, payload)
+
+    def _decrypt_group(self, opened: Opened, s: Sealed) -> Message | None:
+        with self.store.transaction():
+            self.store.mark_seen(b"env:" + opened.envelope.body)
+            got = self.groups.decrypt(s.account, s.device, s.body)
+            if got is None:
+                return None
+            group, plaintext = got
+            payload = self._payload(plaintext)
+            if not isinstance(payload, GroupText):
+                raise UntrustedDevice("a group session carries group messages only")
+            self.groups.check_text(group, s.account, s.device, payload)
             if self.store.seen(b"msg:" + payload.id):
                 return None
             self.store.mark_seen(b"msg:" + payload.id)
@@ -597,6 +669,22 @@ class ClientCore:
                 m = StoredMessage(conversation, sender=s.account, ts=ts, text=payload.text)
                 self.store.add_message(conversation, _enc.encode(m))
                 return Message.from_stored(m)
+            case GroupText():
+                ts = clamp_ts(min(payload.ts, self._now_ms() + MAX_CLOCK_SKEW_MS))
+                m = StoredMessage(payload.to, sender=s.account, ts=ts, text=payload.text)
+                self.store.add_message(payload.to, _enc.encode(m))
+                return Message.from_stored(m)
+            case GroupUpdate():
+                line = self.groups.apply_update(s.account, s.device, payload)
+                if line is None:
+                    return None
+                ts = clamp_ts(min(payload.ts, self._now_ms() + MAX_CLOCK_SKEW_MS))
+                m = StoredMessage(payload.to, sender=s.account, ts=ts, text=line)
+                self.store.add_message(payload.to, _enc.encode(m))
+                return Message.from_stored(m)
+            case GroupKey():
+                self.groups.add_key(s.account, s.device, payload)
+                return None
             case Dummy():
                 return None
 

@@ -12,9 +12,13 @@ an undecryptable message.
 
 from __future__ import annotations
 
-from typing import TypeAlias
+from typing import Annotated, Literal, TypeAlias
 
 import msgspec
+
+MAX_GROUP_MEMBERS = 1_000  # Signal's and WhatsApp's limit
+GroupName = Annotated[str, msgspec.Meta(max_length=100)]
+Members = Annotated[list[str], msgspec.Meta(max_length=MAX_GROUP_MEMBERS)]
 
 
 class _Bound(msgspec.Struct, frozen=True, tag_field="kind"):
@@ -44,6 +48,45 @@ class Dummy(_Bound, frozen=True, tag="dummy"):
     """Carries nothing: opens a fresh session after a broken one (session recovery)."""
 
 
-Payload: TypeAlias = Text | Sync | Dummy
+class GroupUpdate(_Bound, frozen=True, tag="group_update"):
+    """A group's new name and members (``to`` is the group's ID), sent over Olm to every member
+    device, removed ones included, and signed by the device that made the change.
 
-__all__ = ["Dummy", "Payload", "Sync", "Text"]
+    ``version`` orders changes: a device keeps the highest (version, id) it has seen, so every
+    member ends on the same state whatever order concurrent changes arrive in.
+    """
+
+    action: Literal["create", "rename", "add", "remove", "leave"] = "create"
+    name: GroupName = ""
+    members: Members = []  # account IDs after the change, sorted
+    version: int = 0
+    sig: str = ""  # by sender_device over signing.group_update_message(...)
+
+
+class GroupKey(_Bound, frozen=True, tag="group_key"):
+    """The key of the sender device's group session for ``to`` (a group), over Olm: the
+    recipient can read that device's group messages from the key's index on."""
+
+    session_id: Annotated[str, msgspec.Meta(max_length=64)] = ""
+    session_key: Annotated[str, msgspec.Meta(max_length=1024)] = ""
+
+
+class GroupText(_Bound, frozen=True, tag="group_text"):
+    """A message to the group ``to``, encrypted once with Megolm for every member device (the
+    recipient fields stay empty: the group session binds it to the group's members)."""
+
+    text: str = ""
+
+
+Payload: TypeAlias = Text | Sync | Dummy | GroupUpdate | GroupKey | GroupText
+
+__all__ = [
+    "MAX_GROUP_MEMBERS",
+    "Dummy",
+    "GroupKey",
+    "GroupText",
+    "GroupUpdate",
+    "Payload",
+    "Sync",
+    "Text",
+]

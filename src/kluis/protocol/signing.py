@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
+import msgspec
+
 from kluis.protocol.frames import DeviceKeys
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -63,3 +65,19 @@ def revocation_message(account: str, device: str) -> bytes:
 def one_time_key_message(device: str, key_id: str, key: str) -> bytes:
     """What a device signs over each one-time or fallback key it publishes."""
     return _join(b"kluis-otk-v1", device, key_id, key)
+
+
+def group_update_message(
+    group: str,
+    update_id: bytes,
+    action: str,
+    name: str,
+    members: list[str],
+    version: int,
+    account: str,
+    device: str,
+) -> bytes:
+    """What a member device signs over a change to a group (a name may hold any character, so
+    the fields are one msgpack array rather than joined text)."""
+    fields = [group, update_id, action, name, members, version, account, device]
+    return _join(b"kluis-group-update-v1", msgspec.msgpack.encode(fields))

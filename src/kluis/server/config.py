@@ -13,13 +13,14 @@ DAY = 86_400
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    max_frame_bytes: int = 256 * 1024
+    # A group message to 1,000 members is one Send of about 560 bytes per member device.
+    max_frame_bytes: int = 2 * 1024 * 1024
     max_envelope_bytes: int = 96 * 1024
-    max_envelopes_per_send: int = 64
+    max_envelopes_per_send: int = 2048
     max_keys_per_upload: int = 100
     max_stored_one_time_keys: int = 200
     keys_low_threshold: int = 10
-    send_rate_per_s: float = 50.0  # envelopes-carrying requests per device, sustained
+    send_rate_per_s: float = 50.0  # sends per device, sustained (one per 64 envelopes started)
     send_burst: int = 500
     claim_rate_per_s: float = 2.0  # key claims per device, sustained
     claim_burst: int = 50

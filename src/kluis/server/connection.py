@@ -362,7 +362,8 @@ class Connection:
             if len(env.body) > limits.max_envelope_bytes:
                 raise FrameTooLarge(f"envelope exceeds {limits.max_envelope_bytes} bytes")
         # Rate limits are kept per device across connections: reconnecting buys no fresh burst.
-        if not self.server.send_buckets.get(self.device_id).take():
+        # A big group send costs like the many small sends it replaces.
+        if not self.server.send_buckets.get(self.device_id).take(1 + len(envelopes) // 64):
             raise RateLimited("too many sends; slow down")
         mismatched: list[tuple[str, list[str], list[str]]] = []
         for part in frame.to:
