@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from kluis.client.client import KluisClient
+from kluis.client.groups import is_group_id
 from kluis.client.records import Message
 from kluis.errors import KeyChanged, KluisError, LocalProtocolError
 
@@ -193,9 +194,13 @@ async def _device_revoke(args: argparse.Namespace) -> None:
 
 
 def message_line(message: Message) -> str:
-    """One message as ``inbox`` and ``history`` print it: sender, time, text (tab-separated)."""
+    """One message as ``inbox`` and ``history`` print it: sender (``GROUP/SENDER`` in a group),
+    time, text (tab-separated)."""
     text = message.text.replace("\n", " ").replace("\t", " ")
-    return f"{message.sender}\t{message.time.isoformat(timespec='milliseconds')}\t{text}"
+    who = message.sender
+    if is_group_id(message.conversation):
+        who = f"{message.conversation}/{message.sender}"
+    return f"{who}\t{message.time.isoformat(timespec='milliseconds')}\t{text}"
 
 
 async def _send(args: argparse.Namespace) -> None:
@@ -230,6 +235,31 @@ def cmd_history(args: argparse.Namespace) -> None:
     try:
         for message in client.history(args.id):
             print(message_line(message))
+    finally:
+        client.core.store.close()
+
+
+async def _group_create(args: argparse.Namespace) -> None:
+    async def body(client: KluisClient) -> None:
+        print((await client.create_group(args.name, args.ids)).id)
+
+    await _with_client(args, body)
+
+
+async def _group_change(args: argparse.Namespace) -> None:
+    async def body(client: KluisClient) -> None:
+        await client.change_group(args.group, args.action, getattr(args, "ids", None))
+
+    await _with_client(args, body)
+
+
+def cmd_group_members(args: argparse.Namespace) -> None:
+    client = KluisClient.open(Path(args.profile), _passphrase())
+    try:
+        state = client.group(args.group)
+        print(f"{state.id}\t{state.name}" + ("" if state.member else "\t(you left)"))
+        for account in state.members:
+            print(account + ("\t(you)" if account == client.account_id else ""))
     finally:
         client.core.store.close()
 
@@ -345,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     dv.add_argument("device")
     dv.set_defaults(func=_async(_device_revoke))
 
-    sd = sub.add_parser("send", help="send TEXT to ID; exits 0 once the server stored it")
+    sd = sub.add_parser("send", help="send TEXT to ID or GROUP; exits 0 once the server stored it")
     sd.add_argument("--profile", required=True)
     sd.add_argument("id")
     sd.add_argument("text")
@@ -373,6 +403,29 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--profile", required=True)
     t.add_argument("id")
     t.set_defaults(func=cmd_trust)
+
+    grp = sub.add_parser(
+        "group", help="groups: create, add, remove, leave, members"
+    ).add_subparsers(dest="group_command", required=True)
+    gc = grp.add_parser("create", help="a new group of you and the IDs; prints the group's ID")
+    gc.add_argument("--profile", required=True)
+    gc.add_argument("name")
+    gc.add_argument("ids", nargs="*", metavar="ID")
+    gc.set_defaults(func=_async(_group_create))
+    for action, help_ in (("add", "add members"), ("remove", "remove members")):
+        ga = grp.add_parser(action, help=f"{help_}; everyone in the group hears of it")
+        ga.add_argument("--profile", required=True)
+        ga.add_argument("group")
+        ga.add_argument("ids", nargs="+", metavar="ID")
+        ga.set_defaults(func=_async(_group_change), action=action)
+    gl = grp.add_parser("leave", help="leave the group; the others hear of it")
+    gl.add_argument("--profile", required=True)
+    gl.add_argument("group")
+    gl.set_defaults(func=_async(_group_change), action="leave")
+    gm = grp.add_parser("members", help="print the group's ID and name, then one member per line")
+    gm.add_argument("--profile", required=True)
+    gm.add_argument("group")
+    gm.set_defaults(func=cmd_group_members)
     return p
 
 

@@ -36,7 +36,7 @@ from kluis.protocol.payload import MAX_GROUP_MEMBERS, GroupKey, GroupText, Group
 
 ROTATE_MESSAGES = 100
 ROTATE_MS = 7 * 24 * 3600 * 1000
-GROUP_PREFIX = "G"  # group IDs: "G" + 24 base32 characters (account IDs have 16)
+GROUP_PREFIX = "g"  # group IDs: "g" + 24 base32 characters (account IDs have 16)
 
 Action = Literal["create", "rename", "add", "remove", "leave"]
 
@@ -154,7 +154,7 @@ class GroupBook:
         )
 
     def create(self, name: str, members: list[str]) -> tuple[GroupState, GroupUpdate]:
-        group = GROUP_PREFIX + base64.b32encode(self._random(15)).decode()
+        group = GROUP_PREFIX + base64.b32encode(self._random(15)).decode().lower()
         update_id = self._random(16)
         everyone = sorted({self._account(), *members})
         _check_members(everyone)
