@@ -7,7 +7,9 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from kluis.client import groups as gr
 from kluis.client.client import KluisClient
+from kluis.client.store.memory import MemoryStore
 from kluis.crypto import seal
 from kluis.errors import DecryptionError, LocalProtocolError, UntrustedDevice
 from kluis.protocol import frames as f
@@ -121,3 +123,45 @@ async def test_outsiders_cannot_hand_out_group_keys_or_change_groups(
 
 def bob_devices(bob: KluisClient) -> list[str]:
     return [bob.core.device_id]
+
+
+def test_group_sessions_rotate_by_count_time_and_departed_devices() -> None:
+    now = [1_000_000]
+    counter = iter(range(1, 1_000_000))
+    book = gr.GroupBook(
+        MemoryStore(),
+        account=lambda: "a" * 16,
+        device="dev-a",
+        sign=lambda message: "sig",
+        now_ms=lambda: now[0],
+        random=lambda n: next(counter).to_bytes(n, "big"),
+    )
+    state, _ = book.create("big", [f"{i:016d}" for i in range(999)])
+    assert len(state.members) == gr.MAX_GROUP_MEMBERS
+    with pytest.raises(LocalProtocolError, match="at most 1000"):
+        book.create("too big", [f"{i:016d}" for i in range(1000)])
+
+    devices = {"b" * 16: ["dev-b"], "c" * 16: ["dev-c"]}
+    key, lacking = book.key_shares(state.id, devices)
+    assert lacking == sorted(devices)
+    book.shared(state.id, devices)
+    first = key.session_id
+    for _ in range(gr.ROTATE_MESSAGES - 1):
+        book.encrypt(state.id, b"x")
+    key, lacking = book.key_shares(state.id, devices)
+    assert (key.session_id, lacking) == (first, [])  # still the same session, all hold it
+    book.encrypt(state.id, b"x")
+    key, lacking = book.key_shares(state.id, devices)  # the 100th message was sent: rotate
+    assert key.session_id != first and lacking == sorted(devices)
+    book.shared(state.id, devices)
+
+    second = key.session_id
+    now[0] += gr.ROTATE_MS
+    key, _ = book.key_shares(state.id, devices)
+    assert key.session_id != second  # a week old: rotate
+    book.shared(state.id, devices)
+
+    third = key.session_id
+    del devices["c" * 16]  # a device we shared with is gone (revoked, or its account left)
+    key, lacking = book.key_shares(state.id, devices)
+    assert key.session_id != third and lacking == ["b" * 16]
