@@ -16,6 +16,8 @@ from typing import TypeAlias
 
 import msgspec
 
+from kluis.protocol.attachment import AttachmentRef
+
 
 class _Bound(msgspec.Struct, frozen=True, tag_field="kind"):
     id: bytes
@@ -43,6 +45,13 @@ class Dummy(_Bound, frozen=True, tag="dummy"):
     """Carries nothing: opens a fresh session after a broken one (session recovery)."""
 
 
-Payload: TypeAlias = Text | Sync | Dummy
+class File(_Bound, frozen=True, tag="file", kw_only=True):
+    """An attachment sent to ``to``: where the blob is and how to open it, and a caption."""
 
-__all__ = ["Dummy", "Payload", "Sync", "Text"]
+    attachment: AttachmentRef
+    caption: str = ""
+
+
+Payload: TypeAlias = Text | Sync | Dummy | File
+
+__all__ = ["AttachmentRef", "Dummy", "File", "Payload", "Sync", "Text"]
