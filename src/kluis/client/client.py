@@ -22,6 +22,7 @@ from typing import TypeVar
 
 import msgspec
 
+from kluis.client import attachments
 from kluis.client.core import ClientCore, Message, Opened, Payload, link_fingerprint
 from kluis.client.events import (
     ConnectionDown,
@@ -45,6 +46,7 @@ from kluis.errors import (
 )
 from kluis.identity.chain import ChainView
 from kluis.protocol import frames as f
+from kluis.protocol.attachment import AttachmentRef
 from kluis.protocol.signing import origin
 
 _SEND_ATTEMPTS = 3
@@ -489,3 +491,34 @@ class KluisClient:
 
     def history(self, peer: str | None = None) -> list[Message]:
         return self.core.history(peer)
+
+    # ---- attachments --------------------------------------------------------------------------
+
+    async def upload_attachment(
+        self,
+        path: Path | str,
+        recipients: int,
+        progress: attachments.Progress | None = None,
+        *,
+        mime: str = "",
+    ) -> AttachmentRef:
+        """Encrypt the file at ``path`` under a fresh key and upload it for ``recipients``
+        devices (every device that will fetch it: the peers' and our own other ones); return
+        the reference to send them inside a message. Streamed: the file is never whole in
+        memory. Refused before any byte is sent when over the server's size limit or quota."""
+        return await attachments.upload(
+            self.transport, self.core.server, Path(path), recipients, progress, mime=mime
+        )
+
+    async def download_attachment(
+        self,
+        ref: AttachmentRef,
+        out_path: Path | str,
+        progress: attachments.Progress | None = None,
+    ) -> Path:
+        """Fetch, decrypt and verify ``ref`` into ``out_path`` (a file, or a folder to save it
+        in under its sanitised name); return the path written. The target appears only once
+        the whole file has checked out; the server then counts this device's fetch."""
+        return await attachments.download(
+            self.transport, self.core.server, ref, Path(out_path), progress
+        )
