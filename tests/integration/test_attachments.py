@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import time
 import tracemalloc
 from pathlib import Path
 
@@ -26,7 +27,9 @@ from kluis.errors import (
     UnknownBlob,
 )
 from kluis.protocol import frames as f
+from kluis.server.audit import audit
 from kluis.server.blob_files import HEADER_BYTES
+from kluis.server.config import DAY
 from tests.kluis_testing import ServerProcess, register
 
 MB = 1000 * 1000
@@ -147,6 +150,12 @@ async def test_blob_damaged_on_the_servers_disk_is_refused(
         await bob.download_attachment(ref, target)
     assert list(target.iterdir()) == []
     assert blobs(server) == [ref.id]  # nobody confirmed: still there (until expiry)
+    # audit-storage reports it while it is due, and as a finding once past its expiry.
+    kinds = [(x.kind, x.detail) for x in audit(server.data, expect_empty=True).findings]
+    assert ("blob", "attachment still stored (1 fetches due)") in kinds
+    later = int(time.time()) + 31 * DAY
+    kinds = [(x.kind, x.detail) for x in audit(server.data, now=later).findings]
+    assert ("blob", "expired attachment still kept") in kinds
     await alice.close()
     await bob.close()
 
@@ -173,6 +182,7 @@ async def test_blob_is_kept_until_every_recipient_device_fetched_it_once(
     assert out == tmp_path / "photo (1).jpg"  # a folder target: its own name, never overwriting
     assert file_digest(out) == file_digest(source)
     assert blobs(server) == []  # every recipient fetched it: zeroed and unlinked
+    assert [x for x in audit(server.data, expect_empty=True).findings if x.kind == "blob"] == []
     with pytest.raises(UnknownBlob):
         await carol.download_attachment(ref, tmp_path / "again.jpg")
     for client in (alice, bob, carol):

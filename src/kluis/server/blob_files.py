@@ -125,6 +125,11 @@ class BlobFiles:
         return found
 
     @staticmethod
+    def read_header(path: Path) -> Header | None:
+        """The header of the blob file at ``path``; None when it is not a whole blob."""
+        return BlobFiles._read_header(path)
+
+    @staticmethod
     def _read_header(path: Path) -> Header | None:
         try:
             with path.open("rb") as f:

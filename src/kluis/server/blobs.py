@@ -312,8 +312,8 @@ class Upload:
                 f"the upload ended after {self.received} of {self.ticket.size} bytes"
             )
         await self._flush()
-        self._done = True
         await self._service._uploaded(self.ticket, self._part, self._out)
+        self._done = True  # only now: if anything above failed, abort() cleans up
 
     async def abort(self) -> None:
         """Drop the part file and give the reserved room back (idempotent)."""
