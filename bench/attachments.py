@@ -86,7 +86,6 @@ async def run(mb: int) -> dict[str, Any]:
     server = Server(licences=2)
     try:
         pid = server.start()
-        http = f"http://127.0.0.1:{server.port}"
         profiles = [server.dir / "alice", server.dir / "bob"]
         for licence, profile in zip(server.licences, profiles, strict=True):
             await (await make_client(server, licence, profile)).close()

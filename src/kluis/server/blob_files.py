@@ -51,8 +51,7 @@ class BlobFiles:
     """The blob folder. IDs reaching here are 32 lowercase hex characters (checked again)."""
 
     def __init__(self, root: Path) -> None:
-        self.root = root
-        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.root = root  # made on the first upload: a node without attachments has none
 
     def path(self, blob_id: str) -> Path:
         if not _ID.fullmatch(blob_id):  # no path ever comes from a client unchecked
@@ -63,6 +62,7 @@ class BlobFiles:
 
     def create_part(self) -> tuple[Path, BinaryIO]:
         """A new temporary file, its header left blank until :meth:`commit`."""
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         path = self.root / f".part-{secrets.token_hex(16)}"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         out = os.fdopen(fd, "wb", buffering=0)
@@ -114,6 +114,8 @@ class BlobFiles:
     def scan(self) -> list[tuple[str, Header]]:
         """Every blob kept, after shredding leftovers of a crash and damaged files."""
         found: list[tuple[str, Header]] = []
+        if not self.root.is_dir():
+            return found
         for entry in sorted(self.root.iterdir()):
             if not entry.is_file():
                 continue
