@@ -19,9 +19,15 @@ remote refusal back to the class below with :func:`error_for_code`.
     │   ├── MismatchedDevices         mismatched_devices: a send did not address exactly the
     │   │                             current devices of the accounts it names (per account)
     │   ├── LinkInvalid               link_invalid: unknown or expired device-link code
+    │   ├── BlobTooLarge              blob_too_large: an attachment over the server's limit
+    │   ├── UnknownBlob               unknown_blob: no such blob (never uploaded, deleted, expired)
+    │   ├── TicketInvalid             ticket_invalid: a blob ticket unknown, expired, used or
+    │   │                             for another blob; a fetch confirmed before it completed
     │   └── ServerError               internal: the server failed; nothing was changed
     ├── CryptoError
     │   ├── DecryptionError           decryption_failed: tampered or undecryptable envelope
+    │   │   └── AttachmentCorrupt         attachment_corrupt: a blob that fails its chunk tags,
+    │   │                                 digest or size (tampered, truncated, reordered)
     │   ├── ReplayError               replay: a message seen before
     │   ├── UntrustedDevice           untrusted_device: a device without a valid approval chain
     │   ├── KeyChanged                key_changed: a pinned identity key changed; sending to that
@@ -116,6 +122,18 @@ class LinkInvalid(RemoteProtocolError):
     code = "link_invalid"
 
 
+class BlobTooLarge(RemoteProtocolError):
+    code = "blob_too_large"
+
+
+class UnknownBlob(RemoteProtocolError):
+    code = "unknown_blob"
+
+
+class TicketInvalid(RemoteProtocolError):
+    code = "ticket_invalid"
+
+
 class ServerError(RemoteProtocolError):
     code = "internal"
 
@@ -126,6 +144,10 @@ class CryptoError(KluisError):
 
 class DecryptionError(CryptoError):
     code = "decryption_failed"
+
+
+class AttachmentCorrupt(DecryptionError):
+    code = "attachment_corrupt"
 
 
 class ReplayError(CryptoError):

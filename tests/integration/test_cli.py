@@ -16,7 +16,7 @@ LINE = re.compile(r"^([a-z2-7]{16})\t(\S+)\t(.*)$")
 
 
 def kluis(
-    *args: str, passphrase: str = "pw-cli", check: bool = True
+    *args: str, passphrase: str = "pw-cli", check: bool = True, stdin: str = ""
 ) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "KLUIS_PASSPHRASE": passphrase}
     proc = subprocess.run(
@@ -25,6 +25,7 @@ def kluis(
         capture_output=True,
         text=True,
         timeout=60,
+        input=stdin,
     )
     if check:
         assert proc.returncode == 0, proc.stderr

@@ -44,6 +44,20 @@ def test_cli_group_create_send_remove_leave(server: ServerProcess, tmp_path: Pat
         (group, alice, "hello group"),
     ]
 
+    # A file to the group, and a message read from standard input.
+    (tmp_path / "notes.txt").write_bytes(b"x" * 1234)
+    kluis("send", "--profile", a, group, "--file", str(tmp_path / "notes.txt"))
+    kluis("send", "--profile", a, group, "-", stdin="line one\nline two")
+    assert group_lines(kluis("inbox", "--profile", b).stdout) == [
+        (group, alice, "[file] notes.txt (1234 bytes)"),
+        (group, alice, "line one line two"),
+    ]
+    saved = kluis("fetch", "--profile", b, "--out", str(tmp_path / "files")).stdout.split()
+    assert saved == [str(tmp_path / "files" / "notes.txt")]
+    assert (tmp_path / "files" / "notes.txt").read_bytes() == b"x" * 1234
+    assert kluis("fetch", "--profile", b, "--out", str(tmp_path / "files")).stdout == ""
+    kluis("inbox", "--profile", c)
+
     kluis("group", "remove", "--profile", a, group, carol)
     (removed,) = group_lines(kluis("inbox", "--profile", c).stdout)
     assert removed[:2] == (group, alice) and "removed" in removed[2]

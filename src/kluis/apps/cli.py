@@ -12,8 +12,19 @@ import getpass
 import logging
 import os
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TransferSpeedColumn,
+)
 
 from kluis.client.client import KluisClient
 from kluis.client.groups import is_group_id
@@ -197,15 +208,79 @@ def message_line(message: Message) -> str:
     """One message as ``inbox`` and ``history`` print it: sender (``GROUP/SENDER`` in a group),
     time, text (tab-separated)."""
     text = message.text.replace("\n", " ").replace("\t", " ")
+    if message.attachment is not None:
+        ref = message.attachment
+        name = ref.name.replace("\n", " ").replace("\t", " ")
+        text = f"[file] {name} ({ref.size} bytes)" + (f" {text}" if text else "")
     who = message.sender
     if is_group_id(message.conversation):
         who = f"{message.conversation}/{message.sender}"
     return f"{who}\t{message.time.isoformat(timespec='milliseconds')}\t{text}"
 
 
+class _Transfer:
+    """A rich progress bar that appears only for a transfer that takes longer than a second."""
+
+    def __init__(self, label: str) -> None:
+        self._label = label
+        self._start = time.monotonic()
+        self._bar: Progress | None = None
+        self._task: TaskID | None = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._bar is None:
+            if time.monotonic() - self._start < 1.0 or not sys.stderr.isatty():
+                return
+            self._bar = Progress(
+                TextColumn(self._label),
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                console=Console(stderr=True),
+                transient=True,
+            )
+            self._bar.start()
+            self._task = self._bar.add_task(self._label, total=total)
+        assert self._task is not None
+        self._bar.update(self._task, completed=done, total=total)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
 async def _send(args: argparse.Namespace) -> None:
+    text = args.text
+    if text == "-":
+        text = sys.stdin.read()
+    if args.file is None and text is None:
+        raise LocalProtocolError("give TEXT, - to read it from standard input, or --file PATH")
+
     async def body(client: KluisClient) -> None:
-        await client.send(args.id, args.text)
+        if args.file is not None:
+            progress = _Transfer("upload")
+            try:
+                await client.send_file(args.id, args.file, text or "", progress)
+            finally:
+                progress.close()
+        else:
+            await client.send(args.id, text)
+
+    await _with_client(args, body)
+
+
+async def _fetch(args: argparse.Namespace) -> None:
+    folder = Path(args.out)
+    folder.mkdir(parents=True, exist_ok=True)
+
+    async def body(client: KluisClient) -> None:
+        # Only files `inbox` has shown: receiving here would hide messages from the next inbox.
+        progress = _Transfer("download")
+        try:
+            for path in await client.fetch_files(folder, progress):
+                print(path)
+        finally:
+            progress.close()
 
     await _with_client(args, body)
 
@@ -377,9 +452,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     sd = sub.add_parser("send", help="send TEXT to ID or GROUP; exits 0 once the server stored it")
     sd.add_argument("--profile", required=True)
-    sd.add_argument("id")
-    sd.add_argument("text")
+    sd.add_argument("id", metavar="ID|GROUP")
+    sd.add_argument("text", nargs="?", help="the message; - reads it from standard input")
+    sd.add_argument("--file", help="send this file (encrypted, streamed); TEXT is its caption")
     sd.set_defaults(func=_async(_send))
+
+    fe = sub.add_parser("fetch", help="save every received file not saved yet; prints each path")
+    fe.add_argument("--profile", required=True)
+    fe.add_argument("--out", required=True, help="folder to save into (created if missing)")
+    fe.set_defaults(func=_async(_fetch))
 
     ib = sub.add_parser("inbox", help="fetch, decrypt and print incoming messages")
     ib.add_argument("--profile", required=True)

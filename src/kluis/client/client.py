@@ -22,6 +22,7 @@ from typing import Literal, TypeVar
 
 import msgspec
 
+from kluis.client import attachments
 from kluis.client.core import MEGOLM, ClientCore, Message, Opened, Payload, link_fingerprint
 from kluis.client.events import (
     ConnectionDown,
@@ -46,6 +47,8 @@ from kluis.errors import (
 )
 from kluis.identity.chain import ChainView
 from kluis.protocol import frames as f
+from kluis.protocol.attachment import AttachmentRef
+from kluis.protocol.payload import File, GroupText
 from kluis.protocol.signing import origin
 
 _SEND_ATTEMPTS = 3
@@ -410,8 +413,52 @@ class KluisClient:
     async def send_group(self, group: str, text: str) -> Message:
         """One request: ``text`` encrypted once with our group session and sealed for every
         member device; devices that lack our session key get it over Olm first."""
-        state = self.core.groups.current(group)
         payload = self.core.new_group_text(group, text)
+        await self._send_group_payload(group, payload)
+        return self.core.record_sent(payload)
+
+    async def send_file(
+        self,
+        conversation: str,
+        path: Path | str,
+        caption: str = "",
+        progress: attachments.Progress | None = None,
+    ) -> Message:
+        """Upload ``path`` encrypted (streamed) for every device of the conversation and our own
+        other devices, then send its reference and key inside a message."""
+        is_group = is_group_id(conversation)
+        accounts = (
+            self.core.groups.current(conversation).members
+            if is_group
+            else [conversation, self.account_id]
+        )
+        devices = 0
+        for account in dict.fromkeys(accounts):
+            await self._prepare(account)
+            devices += len(self.core.sending_devices(account))
+        if devices == 0:
+            raise LocalProtocolError("no device to send the file to")
+        ref = await self.upload_attachment(path, devices, progress)
+        payload = self.core.new_file(conversation, ref, caption)
+        if is_group:
+            await self._send_group_payload(conversation, payload)
+        else:
+            await self._send_payloads({conversation: payload, self.account_id: payload})
+        return self.core.record_sent(payload)
+
+    async def fetch_files(
+        self, folder: Path | str, progress: attachments.Progress | None = None
+    ) -> list[Path]:
+        """Save every received attachment not saved yet into ``folder``; return the paths."""
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        saved = []
+        for received in self.core.unsaved_files():
+            saved.append(await self.download_attachment(received.attachment, folder, progress))
+            self.core.file_saved(received)
+        return saved
+
+    async def _send_group_payload(self, group: str, payload: GroupText | File) -> None:
+        state = self.core.groups.current(group)
         stale: set[str] = set()
         for attempt in range(_SEND_ATTEMPTS):
             devices: dict[str, list[str]] = {}
@@ -435,7 +482,6 @@ class KluisClient:
                 if attempt == _SEND_ATTEMPTS - 1:
                     raise
                 stale = set(exc.accounts)
-        return self.core.record_sent(payload)
 
     # ---- receiving ----------------------------------------------------------------------------
 
@@ -569,3 +615,34 @@ class KluisClient:
 
     def history(self, conversation: str | None = None) -> list[Message]:
         return self.core.history(conversation)
+
+    # ---- attachments --------------------------------------------------------------------------
+
+    async def upload_attachment(
+        self,
+        path: Path | str,
+        recipients: int,
+        progress: attachments.Progress | None = None,
+        *,
+        mime: str = "",
+    ) -> AttachmentRef:
+        """Encrypt the file at ``path`` under a fresh key and upload it for ``recipients``
+        devices (every device that will fetch it: the peers' and our own other ones); return
+        the reference to send them inside a message. Streamed: the file is never whole in
+        memory. Refused before any byte is sent when over the server's size limit or quota."""
+        return await attachments.upload(
+            self.transport, self.core.server, Path(path), recipients, progress, mime=mime
+        )
+
+    async def download_attachment(
+        self,
+        ref: AttachmentRef,
+        out_path: Path | str,
+        progress: attachments.Progress | None = None,
+    ) -> Path:
+        """Fetch, decrypt and verify ``ref`` into ``out_path`` (a file, or a folder to save it
+        in under its sanitised name); return the path written. The target appears only once
+        the whole file has checked out; the server then counts this device's fetch."""
+        return await attachments.download(
+            self.transport, self.core.server, ref, Path(out_path), progress
+        )

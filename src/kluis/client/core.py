@@ -37,6 +37,7 @@ from kluis.client.records import (
     Payload,
     Pins,
     Quarantined,
+    ReceivedFile,
     Sealed,
     StoredMessage,
     Sync,
@@ -57,6 +58,7 @@ from kluis.errors import (
 from kluis.identity import chain
 from kluis.identity.chain import link_fingerprint
 from kluis.protocol import signing
+from kluis.protocol.attachment import AttachmentRef
 from kluis.protocol.frames import (
     Bundle,
     DeviceKeys,
@@ -66,7 +68,7 @@ from kluis.protocol.frames import (
     Revocation,
     SignedKey,
 )
-from kluis.protocol.payload import GroupKey, GroupText, GroupUpdate
+from kluis.protocol.payload import File, GroupKey, GroupText, GroupUpdate
 
 __all__ = [
     "ClientCore",
@@ -104,6 +106,7 @@ _pins_dec = msgspec.msgpack.Decoder(Pins)
 _payload_dec: msgspec.msgpack.Decoder[Payload] = msgspec.msgpack.Decoder(Payload)
 _sealed_dec = msgspec.msgpack.Decoder(Sealed)
 _stored_dec = msgspec.msgpack.Decoder(StoredMessage)
+_file_dec = msgspec.msgpack.Decoder(ReceivedFile)
 _broken_dec = msgspec.msgpack.Decoder(dict[str, tuple[int, int]])
 
 
@@ -516,7 +519,7 @@ class ClientCore:
         ]
 
     def group_envelopes(
-        self, group: str, payload: GroupText, accounts: list[str]
+        self, group: str, payload: GroupText | File, accounts: list[str]
     ) -> list[tuple[str, list[OutEnvelope]]]:
         """``payload`` encrypted once with our group session, sealed for every device of
         ``accounts`` (the group's members, ours left out), per account."""
@@ -551,9 +554,24 @@ class ClientCore:
         self.store.add_message(group, _enc.encode(m))
         return Message.from_stored(m)
 
-    def record_sent(self, payload: Text | GroupText) -> Message:
+    def new_file(self, conversation: str, attachment: AttachmentRef, caption: str = "") -> File:
+        return File(
+            id=self._random(16),
+            ts=self._now_ms(),
+            to=conversation,
+            attachment=attachment,
+            caption=caption,
+        )
+
+    def record_sent(self, payload: Text | GroupText | File) -> Message:
         conversation = payload.to
-        m = StoredMessage(conversation, sender=self.account_id, ts=payload.ts, text=payload.text)
+        if isinstance(payload, File):
+            text, attachment = payload.caption, payload.attachment
+        else:
+            text, attachment = payload.text, None
+        m = StoredMessage(
+            conversation, self.account_id, payload.ts, text=text, attachment=attachment
+        )
         with self.store.transaction():
             self.store.add_message(conversation, _enc.encode(m))
             self.store.mark_seen(b"msg:" + payload.id)
@@ -650,7 +668,7 @@ class ClientCore:
                 return None
             group, plaintext = got
             payload = self._payload(plaintext)
-            if not isinstance(payload, GroupText):
+            if not isinstance(payload, GroupText | File):
                 raise UntrustedDevice("a group session carries group messages only")
             self.groups.check_text(group, s.account, s.device, payload)
             if self.store.seen(b"msg:" + payload.id):
@@ -668,6 +686,16 @@ class ClientCore:
                 ts = clamp_ts(min(payload.ts, self._now_ms() + MAX_CLOCK_SKEW_MS))
                 m = StoredMessage(conversation, sender=s.account, ts=ts, text=payload.text)
                 self.store.add_message(conversation, _enc.encode(m))
+                return Message.from_stored(m)
+            case File():
+                conversation = self.conversation_of(payload)
+                ts = clamp_ts(min(payload.ts, self._now_ms() + MAX_CLOCK_SKEW_MS))
+                m = StoredMessage(
+                    conversation, s.account, ts, text=payload.caption, attachment=payload.attachment
+                )
+                self.store.add_message(conversation, _enc.encode(m))
+                received = ReceivedFile(payload.attachment, conversation, s.account)
+                self.store.put(self._file_name(payload.attachment.id), _enc.encode(received))
                 return Message.from_stored(m)
             case GroupText():
                 ts = clamp_ts(min(payload.ts, self._now_ms() + MAX_CLOCK_SKEW_MS))
@@ -770,6 +798,24 @@ class ClientCore:
         if due or kept != broken:
             self._save_broken(kept)
         return due
+
+    # ---- attachments --------------------------------------------------------------------------
+
+    def _file_name(self, blob: str) -> str:
+        return "file:" + self.store.blind(blob).hex()
+
+    def unsaved_files(self) -> list[ReceivedFile]:
+        """Attachments received and not saved yet, in no particular order."""
+        out = []
+        for name in self.store.names("file:"):
+            raw = self.store.get(name)
+            if raw is not None and not (f := _file_dec.decode(raw)).saved:
+                out.append(f)
+        return out
+
+    def file_saved(self, received: ReceivedFile) -> None:
+        received.saved = True
+        self.store.put(self._file_name(received.attachment.id), _enc.encode(received))
 
     # ---- history ------------------------------------------------------------------------------
 

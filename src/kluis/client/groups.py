@@ -32,7 +32,7 @@ from kluis.crypto.megolm import InboundGroupSession, OutboundGroupSession
 from kluis.crypto.olm import verify_signature
 from kluis.errors import BadSignature, DecryptionError, LocalProtocolError, UntrustedDevice
 from kluis.protocol import signing
-from kluis.protocol.payload import MAX_GROUP_MEMBERS, GroupKey, GroupText, GroupUpdate
+from kluis.protocol.payload import MAX_GROUP_MEMBERS, File, GroupKey, GroupText, GroupUpdate
 
 ROTATE_MESSAGES = 100
 ROTATE_MS = 7 * 24 * 3600 * 1000
@@ -353,7 +353,7 @@ class GroupBook:
         self.store.mark_seen(token)
         return inbound.group, plaintext
 
-    def check_text(self, group: str, account: str, device: str, payload: GroupText) -> None:
+    def check_text(self, group: str, account: str, device: str, payload: GroupText | File) -> None:
         if payload.to != group or (payload.sender, payload.sender_device) != (account, device):
             raise UntrustedDevice("group message names another group or sender than its session")
         if payload.recipient or payload.recipient_device:

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 
 import msgspec
 
+from kluis.protocol.attachment import AttachmentRef
 from kluis.protocol.frames import DeviceRecord, InEnvelope
 from kluis.protocol.payload import Dummy, Payload, Sync, Text
 
@@ -21,6 +22,7 @@ __all__ = [
     "Payload",
     "Pins",
     "Quarantined",
+    "ReceivedFile",
     "Sealed",
     "StoredMessage",
     "Sync",
@@ -63,6 +65,7 @@ class StoredMessage(msgspec.Struct, frozen=True):
     sender: str
     ts: int
     text: str
+    attachment: AttachmentRef | None = None  # a file message: ``text`` is its caption
 
 
 class Quarantined(msgspec.Struct, frozen=True):
@@ -88,11 +91,21 @@ class Message:
     conversation: str  # 1:1: the other account's ID, whoever wrote the message
     time: datetime
     text: str
+    attachment: AttachmentRef | None = None  # a file message: ``text`` is its caption
 
     @classmethod
     def from_stored(cls, m: StoredMessage) -> Message:
         time_ = datetime.fromtimestamp(clamp_ts(m.ts) / 1000, UTC)
-        return cls(m.sender, m.conversation, time_, m.text)
+        return cls(m.sender, m.conversation, time_, m.text, m.attachment)
+
+
+class ReceivedFile(msgspec.Struct):
+    """An attachment that reached this device, until ``kluis fetch`` saved it."""
+
+    attachment: AttachmentRef
+    conversation: str
+    sender: str
+    saved: bool = False
 
 
 @dataclass(frozen=True, slots=True)

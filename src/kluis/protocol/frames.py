@@ -188,6 +188,33 @@ class Revoke(_Frame, frozen=True, tag="revoke"):
     revocation: Revocation
 
 
+# ---- attachments (blobs): a ticket over the WebSocket, the bytes over HTTP (server/blobs.py) --
+
+BlobId = Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{32}$")]  # 128 random bits, hex
+BlobSize = Annotated[int, msgspec.Meta(ge=0, le=2**53)]  # ciphertext bytes
+
+
+class BlobUpload(_Frame, frozen=True, tag="blob_upload"):
+    """Ask to upload ``size`` ciphertext bytes that ``recipients`` devices will fetch; refused
+    (``blob_too_large``, ``quota_exceeded``) before any byte is sent."""
+
+    rid: Rid
+    size: BlobSize
+    recipients: Annotated[int, msgspec.Meta(ge=1, le=2**31)]
+
+
+class BlobDownload(_Frame, frozen=True, tag="blob_download"):
+    rid: Rid
+    id: BlobId
+
+
+class BlobFetched(_Frame, frozen=True, tag="blob_fetched"):
+    """This device has fetched blob ``id`` in full and checked it; counted once per device."""
+
+    rid: Rid
+    id: BlobId
+
+
 ClientFrame = (
     Register
     | Auth
@@ -200,6 +227,9 @@ ClientFrame = (
     | Send
     | Ack
     | Revoke
+    | BlobUpload
+    | BlobDownload
+    | BlobFetched
 )
 
 
@@ -273,6 +303,17 @@ class Synced(_Frame, frozen=True, tag="synced"):
     """Pushed once after login, right after the stored backlog: the mailbox is drained."""
 
 
+class BlobTicket(_Frame, frozen=True, tag="blob_ticket"):
+    """The answer to BlobUpload or BlobDownload: one HTTP PUT or GET of ``/v1/blobs/{id}`` with
+    ``Authorization: Bearer {ticket}``, started before ``expires_at``."""
+
+    rid: Rid
+    id: BlobId
+    ticket: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    size: BlobSize
+    expires_at: Stamp
+
+
 ServerFrame = (
     Challenge
     | Welcome
@@ -286,6 +327,7 @@ ServerFrame = (
     | Deliver
     | KeysLow
     | Synced
+    | BlobTicket
 )
 
 # msgspec raises UnicodeDecodeError (not DecodeError) for a string that is not UTF-8: the

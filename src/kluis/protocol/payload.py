@@ -16,6 +16,8 @@ from typing import Annotated, Literal, TypeAlias
 
 import msgspec
 
+from kluis.protocol.attachment import AttachmentRef
+
 MAX_GROUP_MEMBERS = 1_000  # Signal's and WhatsApp's limit
 GroupName = Annotated[str, msgspec.Meta(max_length=100)]
 Members = Annotated[list[str], msgspec.Meta(max_length=MAX_GROUP_MEMBERS)]
@@ -78,11 +80,21 @@ class GroupText(_Bound, frozen=True, tag="group_text"):
     text: str = ""
 
 
-Payload: TypeAlias = Text | Sync | Dummy | GroupUpdate | GroupKey | GroupText
+class File(_Bound, frozen=True, tag="file", kw_only=True):
+    """An attachment sent to ``to`` (an account or a group; in a group it travels in the group
+    session): where the blob is and how to open it, and a caption."""
+
+    attachment: AttachmentRef
+    caption: str = ""
+
+
+Payload: TypeAlias = Text | Sync | Dummy | GroupUpdate | GroupKey | GroupText | File
 
 __all__ = [
     "MAX_GROUP_MEMBERS",
+    "AttachmentRef",
     "Dummy",
+    "File",
     "GroupKey",
     "GroupText",
     "GroupUpdate",

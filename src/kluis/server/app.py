@@ -1,7 +1,8 @@
 """Wiring: the aiohttp application that carries the Kluis protocol over one WebSocket route.
 
 Routes: ``GET /v1/ws`` (the protocol, see ``protocol/frames.py``), ``GET /health``,
-``GET /v1/openapi.json`` (``server/openapi.py``). No access log:
+``GET /v1/openapi.json`` (``server/openapi.py``), ``PUT``/``GET /v1/blobs/{id}`` (attachments,
+``server/blob_http.py``). No access log:
 by default the server logs neither client addresses nor anything about messages.
 """
 
@@ -16,8 +17,9 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from kluis.server import logs
+from kluis.server import blob_http, logs
 from kluis.server.accounts import Accounts
+from kluis.server.blobs import BlobService
 from kluis.server.config import ServerConfig
 from kluis.server.connection import Services
 from kluis.server.delivery.memory import InProcessBus
@@ -57,6 +59,7 @@ def build_services(
         claim_buckets=BucketMap(limits.claim_rate_per_s, limits.claim_burst, clock),
         target_buckets=BucketMap(limits.claim_target_rate_per_s, limits.claim_target_burst, clock),
         failures=LogLimiter(log, clock),
+        blobs=BlobService.open(config.data_dir / "blobs", limits, clock),
     )
 
 
@@ -106,15 +109,31 @@ async def _checkpointer(server: Server) -> None:
             log.exception("checkpoint failed")
 
 
+async def _blob_sweeper(server: Server) -> None:
+    """Delete expired attachments and forget expired tickets."""
+    blobs = server.services.blobs
+    while blobs is not None:
+        await asyncio.sleep(server.config.sweep_interval_s)
+        try:
+            expired = await blobs.sweep()
+            if expired:
+                log.info("expired %d attachments", expired)
+        except Exception:
+            log.exception("attachment sweep failed")
+
+
 def build_app(server: Server) -> web.Application:
     app = web.Application(client_max_size=server.config.limits.max_frame_bytes)
     app[SERVICES] = server.services
     app.router.add_get("/v1/ws", websocket_handler)
     app.router.add_get("/health", health)
     app.router.add_get("/v1/openapi.json", openapi)  # describes the routes above: keep in step
+    if server.services.blobs is not None:
+        blob_http.add_routes(app, server.services.blobs)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         tasks = [asyncio.create_task(_sweeper(server)), asyncio.create_task(_checkpointer(server))]
+        tasks.append(asyncio.create_task(_blob_sweeper(server)))
         yield
         for task in tasks:
             task.cancel()

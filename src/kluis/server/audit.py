@@ -14,6 +14,7 @@ for three kinds of finding:
 3. **metadata that outlives delivery**: in a copy of the SQLite database, any row that names
    devices or accounts of two different accounts (a sender/recipient link), envelopes past their
    expiry, and, with ``expect_empty`` (every device has synced), any stored envelope at all;
+   likewise attachments (``blobs/``) past their expiry, and with ``expect_empty`` any at all;
 4. **deposit order** (``audit_pages.py``): pending envelopes for different accounts whose bytes
    sit in pages allocated one after the other, or that one WAL commit wrote together: the
    recipient's envelope and the sender's copy for its other device, paired.
@@ -47,7 +48,7 @@ _PEM_PRIVATE = re.compile(rb"-----BEGIN [A-Z ]*PRIVATE KEY-----")
 
 @dataclass(frozen=True, slots=True)
 class Finding:
-    kind: str  # "marker", "key", "link", "envelope", "deposit"
+    kind: str  # "marker", "key", "link", "envelope", "deposit", "blob"
     where: str
     detail: str
 
@@ -324,6 +325,26 @@ def _note_adjacent_deposits(
         )
 
 
+def scan_blobs(report: Report, folder: Path, *, expect_empty: bool, now: int) -> None:
+    """Attachments kept past their expiry, or (``expect_empty``) kept at all."""
+    from kluis.server.blob_files import BlobFiles
+
+    if not folder.is_dir():
+        return
+    for path in sorted(folder.iterdir()):
+        header = BlobFiles.read_header(path) if path.is_file() else None
+        if header is None:
+            continue
+        if header.expires_at <= now:
+            report.findings.append(Finding("blob", str(path), "expired attachment still kept"))
+        elif expect_empty:
+            report.findings.append(
+                Finding(
+                    "blob", str(path), f"attachment still stored ({header.remaining} fetches due)"
+                )
+            )
+
+
 # ---- entry point ------------------------------------------------------------------------------
 
 
@@ -352,6 +373,7 @@ def audit(
         paths += [p for p in database.parent.glob(database.name + "*") if data not in p.parents]
     scan_files(report, paths, markers, raw, secrets)
     scan_database(report, db, expect_empty=expect_empty, now=int(now or time.time()))
+    scan_blobs(report, data / "blobs", expect_empty=expect_empty, now=int(now or time.time()))
     return report
 
 

@@ -46,6 +46,21 @@ class Limits:
     # Bytes per Deliver frame (an envelope larger than this goes alone), and per backlog page
     # read from the database: a backlog is delivered page by page as the client reads it.
     max_deliver_bytes: int = 1024 * 1024
+    # Attachments (server/blobs.py): opaque ciphertext blobs, uploaded and fetched over HTTP
+    # with a ticket from the WebSocket.
+    max_blob_bytes: int = 200 * 1024 * 1024  # ciphertext bytes; refused at the ticket request
+    blob_quota_bytes: int = 1024 * 1024 * 1024  # live blobs per uploading device (in memory)
+    blob_store_bytes: int = 64 * 1024 * 1024 * 1024  # all blobs on this node's disk
+    blob_ttl_s: int = 30 * DAY  # rounded up to a whole hour, like envelopes
+    max_blob_recipients: int = 10_000  # devices an uploader may say will fetch a blob
+    blob_ticket_ttl_s: int = 300  # a transfer must start this soon after its ticket
+    max_blob_tickets: int = 16  # unused tickets per device
+    blob_ticket_rate_per_s: float = 1.0
+    blob_ticket_burst: int = 30
+    # A transfer that sends no byte for this long is cut (slowloris), and one slower than this
+    # rate on average (after the idle allowance) is cut too.
+    blob_idle_timeout_s: float = 30.0
+    blob_min_bytes_per_s: int = 32 * 1024
 
 
 def limits_with_overrides(base: Limits, overrides: list[str]) -> Limits:

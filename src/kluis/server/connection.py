@@ -42,6 +42,7 @@ from kluis.errors import (
 )
 from kluis.protocol import frames as f
 from kluis.server.accounts import Accounts
+from kluis.server.blobs import BlobService
 from kluis.server.config import Limits
 from kluis.server.delivery.protocol import DeliveryBus
 from kluis.server.keys import KeyDirectory
@@ -61,7 +62,7 @@ class State(enum.Enum):
 _LOGIN: frozenset[type] = frozenset({f.Register, f.Auth, f.LinkRequest})
 _SESSION: frozenset[type] = frozenset(
     {f.Send, f.Ack, f.UploadKeys, f.ListDevices, f.ClaimKeys, f.LinkFetch, f.LinkApprove, f.Revoke}
-)
+) | {f.BlobUpload, f.BlobDownload, f.BlobFetched}
 
 # The state machine as data: the requests each state accepts. Login requests move
 # AWAITING_AUTH to AUTHENTICATED (Register, Auth) or LINK_PENDING (LinkRequest); nothing else
@@ -119,6 +120,7 @@ class Services:
     claim_buckets: BucketMap
     target_buckets: BucketMap
     failures: LogLimiter  # requests that failed inside the server
+    blobs: BlobService | None = None  # attachments (server/blobs.py); None: not kept here
 
 
 class Connection:
@@ -306,6 +308,10 @@ class Connection:
                 return f.Done(rid=frame.rid)
             case f.Revoke():
                 return await self._revoke(frame)
+            case f.BlobUpload() | f.BlobDownload() | f.BlobFetched():
+                if self.server.blobs is None:
+                    raise MalformedFrame("this server keeps no attachments")
+                return await self.server.blobs.answer(self.device_id, frame)
         raise MalformedFrame("unexpected frame")  # pragma: no cover - exhaustive above
 
     async def _login(self, frame: f.Register | f.Auth | f.LinkRequest) -> f.ServerFrame:

@@ -1,7 +1,7 @@
 """The OpenAPI description of the server's HTTP routes, served at ``GET /v1/openapi.json``.
 
-Kluis speaks its protocol over one WebSocket; HTTP is only the upgrade to it, a health check and
-this document. The frames themselves are described in ``protocol/frames.py``, not here: OpenAPI
+Kluis speaks its protocol over one WebSocket; HTTP is only the upgrade to it, a health check,
+this document, and the transfer of attachments' ciphertext with a ticket from the WebSocket. The frames themselves are described in ``protocol/frames.py``, not here: OpenAPI
 has no way to describe messages inside a WebSocket. API fuzzing (schemathesis) runs against this
 description, so it must stay accurate: a route added to ``app.py`` belongs here too.
 """
@@ -29,6 +29,81 @@ def _header(name: str, description: str, enum: list[str] | None = None) -> dict[
         "schema": schema,
     }
 
+
+_JSON_ERROR = {
+    "application/json": {
+        "schema": {
+            "type": "object",
+            "required": ["code", "message"],
+            "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+        }
+    }
+}
+_BLOB_ID = {
+    "name": "id",
+    "in": "path",
+    "required": True,
+    "description": "The blob's ID from its ticket (32 lowercase hex characters)",
+    "schema": {"type": "string"},
+}
+_TICKET = {
+    "name": "Authorization",
+    "in": "header",
+    "required": True,
+    "description": "'Bearer TICKET', a single-use ticket from a BlobTicket frame on /v1/ws",
+    "schema": {"type": "string"},
+}
+_REFUSALS = {
+    "401": {"description": "No valid ticket for this blob and direction", "content": _JSON_ERROR},
+    "404": {"description": "The blob is gone (fetched by all, or expired)", "content": _JSON_ERROR},
+}
+_BLOBS: dict[str, Any] = {
+    "put": {
+        "operationId": "uploadBlob",
+        "summary": "Upload an attachment's ciphertext, exactly the size the ticket was for",
+        "parameters": [_BLOB_ID, _TICKET],
+        "requestBody": {
+            "required": True,
+            "content": {"application/octet-stream": {"schema": {"type": "string"}}},
+        },
+        "responses": {
+            "201": {
+                "description": "Stored",
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["id", "size"],
+                            "properties": {
+                                "id": {"type": "string"},
+                                "size": {"type": "integer"},
+                            },
+                        }
+                    }
+                },
+            },
+            "400": {
+                "description": "The body is shorter than the ticket's size, or not HTTP",
+                "content": {**_JSON_ERROR, **_TEXT_ERROR},
+            },
+            **_REFUSALS,
+            "408": {"description": "Too slow; the connection is cut", "content": _JSON_ERROR},
+            "413": {"description": "Longer than the ticket's size", "content": _JSON_ERROR},
+        },
+    },
+    "get": {
+        "operationId": "downloadBlob",
+        "summary": "Download an attachment's ciphertext",
+        "parameters": [_BLOB_ID, _TICKET],
+        "responses": {
+            "200": {
+                "description": "The ciphertext",
+                "content": {"application/octet-stream": {"schema": {"type": "string"}}},
+            },
+            **_REFUSALS,
+        },
+    },
+}
 
 SPEC: dict[str, Any] = {
     "openapi": "3.0.3",
@@ -87,6 +162,7 @@ SPEC: dict[str, Any] = {
                 },
             }
         },
+        "/v1/blobs/{id}": _BLOBS,
         "/v1/openapi.json": {
             "get": {
                 "operationId": "openapi",
