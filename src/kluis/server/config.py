@@ -22,8 +22,9 @@ class Limits:
     keys_low_threshold: int = 10
     send_rate_per_s: float = 50.0  # sends per device, sustained (one per 64 envelopes started)
     send_burst: int = 500
-    claim_rate_per_s: float = 2.0  # key claims per device, sustained
-    claim_burst: int = 50
+    claim_rate_per_s: float = 5.0  # key claims per device, sustained
+    # A new group of 1,000 members claims a key of each member device at once.
+    claim_burst: int = 1_100
     # One-time keys handed out per TARGET device, whoever claims: past this, claims get the
     # fallback key. Below the 25 keys a client keeps published, so no burst drains a device.
     claim_target_rate_per_s: float = 0.05
