@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import getpass
 import logging
 import os
@@ -29,6 +30,8 @@ from rich.progress import (
 from kluis.client.client import KluisClient
 from kluis.client.groups import is_group_id
 from kluis.client.records import Message
+from kluis.client.transport import TransportFactory, WebSocketTransport
+from kluis.client.transport.websocket import DEFAULT_TIMEOUT_S
 from kluis.errors import KeyChanged, KluisError, LocalProtocolError
 
 DEFAULT_PORT = 8448
@@ -144,16 +147,25 @@ def cmd_audit_storage(args: argparse.Namespace) -> None:
 # ---- client side ---------------------------------------------------------------------------------
 
 
+def _dial(args: argparse.Namespace) -> TransportFactory:
+    """WebSocket transports whose every step ends within ``--timeout`` seconds."""
+    return functools.partial(WebSocketTransport, timeout=args.timeout)
+
+
 async def _register(args: argparse.Namespace) -> None:
     client = await KluisClient.register(
-        args.server, args.licence, Path(args.profile), _passphrase(confirm=True)
+        args.server,
+        args.licence,
+        Path(args.profile),
+        _passphrase(confirm=True),
+        transport_factory=_dial(args),
     )
     await client.close()
     print(client.account_id)
 
 
 async def _whoami(args: argparse.Namespace) -> None:
-    client = KluisClient.open(Path(args.profile), _passphrase())
+    client = KluisClient.open(Path(args.profile), _passphrase(), transport_factory=_dial(args))
     try:
         if not client.account_id:  # a linked device learns its account at first login
             await client.connect()
@@ -164,7 +176,11 @@ async def _whoami(args: argparse.Namespace) -> None:
 
 async def _device_request(args: argparse.Namespace) -> None:
     code = await KluisClient.request_link(
-        args.server, Path(args.profile), _passphrase(confirm=True), account=args.account or ""
+        args.server,
+        Path(args.profile),
+        _passphrase(confirm=True),
+        account=args.account or "",
+        transport_factory=_dial(args),
     )
     print(code)
 
@@ -172,7 +188,7 @@ async def _device_request(args: argparse.Namespace) -> None:
 async def _with_client(
     args: argparse.Namespace, body: Callable[[KluisClient], Awaitable[None]]
 ) -> None:
-    client = KluisClient.open(Path(args.profile), _passphrase())
+    client = KluisClient.open(Path(args.profile), _passphrase(), transport_factory=_dial(args))
     try:
         await client.connect()
         _alarm(client)
@@ -360,6 +376,13 @@ def _async(
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kluis", description="End-to-end encrypted messaging.")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        metavar="SECONDS",
+        help=f"longest wait for each network step (default {DEFAULT_TIMEOUT_S:g})",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run a server node (embedded SQLite in --data)")

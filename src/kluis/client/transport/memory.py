@@ -90,7 +90,7 @@ class MemoryTransport:
         self.pushes: asyncio.Queue[Push | None] = asyncio.Queue()  # None: connection ended
         self.server_origin = ""
 
-    async def connect(self, timeout: float = 10.0) -> bytes:
+    async def connect(self, timeout: float | None = None) -> bytes:
         """Join the server and return its challenge nonce."""
         if self._end is not None or self._ended:
             raise TransportError("a transport connects once")

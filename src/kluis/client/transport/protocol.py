@@ -38,7 +38,7 @@ class Transport(Protocol):
         """Frames the server sent unasked, in order; ``None`` once the channel has ended."""
         ...
 
-    async def connect(self, timeout: float = 10.0) -> bytes:
+    async def connect(self, timeout: float | None = None) -> bytes:
         """Open the channel; return the server's challenge nonce."""
         ...
 

@@ -18,11 +18,22 @@ from kluis.client.transport.protocol import Push, T, expect_answer
 from kluis.errors import KluisError, MalformedFrame, TransportError
 from kluis.protocol import frames as f
 
+DEFAULT_TIMEOUT_S = 30.0  # per network step: connecting, and each request's answer
+
 
 class WebSocketTransport:
-    def __init__(self, url: str, *, max_frame_bytes: int = 4 * 1024 * 1024) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        max_frame_bytes: int = 4 * 1024 * 1024,
+        timeout: float = DEFAULT_TIMEOUT_S,
+    ) -> None:
         self.url = url.rstrip("/") + "/v1/ws" if not url.rstrip("/").endswith("/v1/ws") else url
         self._max_frame = max_frame_bytes
+        # A server that accepts TCP and then says nothing (stopped, overloaded) must not hold a
+        # command forever: every step ends within this many seconds with a TransportError.
+        self.timeout = timeout
         self._session: aiohttp.ClientSession | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -31,15 +42,22 @@ class WebSocketTransport:
         self.pushes: asyncio.Queue[Push | None] = asyncio.Queue()  # None: connection ended
         self.server_origin = ""
 
-    async def connect(self, timeout: float = 10.0) -> bytes:
+    async def connect(self, timeout: float | None = None) -> bytes:
         """Open the socket and return the server's challenge nonce."""
+        timeout = self.timeout if timeout is None else timeout
         self._session = aiohttp.ClientSession()
         try:
-            self._ws = await self._session.ws_connect(
-                self.url, max_msg_size=self._max_frame, timeout=aiohttp.ClientWSTimeout(ws_close=2)
-            )
-            first = await asyncio.wait_for(self._ws.receive(), timeout)
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            async with asyncio.timeout(timeout):
+                self._ws = await self._session.ws_connect(
+                    self.url,
+                    max_msg_size=self._max_frame,
+                    timeout=aiohttp.ClientWSTimeout(ws_close=2),
+                )
+                first = await self._ws.receive()
+        except TimeoutError as exc:
+            await self.close()
+            raise TransportError(f"no answer from {self.url} within {timeout:g} s") from exc
+        except (aiohttp.ClientError, OSError) as exc:
             await self.close()
             raise TransportError(f"cannot connect to {self.url}: {exc}") from exc
         if first.type != aiohttp.WSMsgType.BINARY:
@@ -90,11 +108,16 @@ class WebSocketTransport:
         fut: asyncio.Future[f.ServerFrame] = asyncio.get_running_loop().create_future()
         self._waiting[rid] = fut
         try:
-            await self._ws.send_bytes(f.encode(make(rid)))
+            async with asyncio.timeout(self.timeout):
+                await self._ws.send_bytes(f.encode(make(rid)))
+                answer = await fut
+        except TimeoutError as exc:
+            self._waiting.pop(rid, None)
+            raise TransportError(f"no answer from the server within {self.timeout:g} s") from exc
         except (aiohttp.ClientError, OSError, ConnectionError) as exc:
             self._waiting.pop(rid, None)
             raise TransportError(f"send failed: {exc}") from exc
-        return expect_answer(await fut, expect)
+        return expect_answer(answer, expect)
 
     async def close(self) -> None:
         if self._ws is not None and not self._ws.closed:

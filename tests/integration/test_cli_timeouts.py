@@ -1,0 +1,54 @@
+"""A stopped server (SIGSTOP: it accepts TCP and then says nothing) never hangs the CLI: every
+network command ends within its timeout with one clear line and exit status 1."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+from tests.integration.test_cli import kluis
+from tests.kluis_testing import ServerProcess
+
+
+def test_every_network_command_ends_within_its_timeout(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    a, b = str(tmp_path / "alice"), str(tmp_path / "bob")
+    codes = kluis("licence", "create", "--data", str(server.data), "--count", "3").stdout.split()
+    kluis("register", "--server", server.url, "--licence", codes[0], "--profile", a)
+    bob = kluis(
+        "register", "--server", server.url, "--licence", codes[1], "--profile", b
+    ).stdout.strip()
+    assert server.proc is not None
+    os.kill(server.proc.pid, signal.SIGSTOP)
+    try:
+        commands = [
+            ["send", "--profile", a, bob, "hello?"],
+            ["inbox", "--profile", a, "--wait", "30"],
+            ["device", "list", "--profile", a],
+            ["safety-number", "--profile", a, bob],
+            ["group", "create", "--profile", a, "g", bob],
+            [
+                "register",
+                "--server",
+                server.url,
+                "--licence",
+                codes[2],
+                "--profile",
+                str(tmp_path / "c"),
+            ],
+            ["device", "request", "--server", server.url, "--profile", str(tmp_path / "d")],
+        ]
+        for command in commands:
+            started = time.monotonic()
+            out = kluis("--timeout", "2", *command, check=False)
+            took = time.monotonic() - started
+            assert out.returncode == 1, (command, out.stdout, out.stderr)
+            assert "Traceback" not in out.stderr, out.stderr
+            (line,) = [x for x in out.stderr.splitlines() if x.startswith("error:")]
+            assert "transport" in line and "within 2 s" in line, line
+            assert took < 15, (command, took)  # 2 s, plus unlocking and a bounded close
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
