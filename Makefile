@@ -16,11 +16,20 @@ $(BIN)/kluis: pyproject.toml requirements.lock
 
 install: $(BIN)/kluis
 
-# Install, print a first licence code, and run one node on embedded SQLite in $(DATA).
-serve: install
-	@mkdir -p $(DATA)
-	@echo "First licence code (redeem with: kluis register --server http://$(HOST):$(PORT) --licence CODE --profile DIR):"
-	@$(BIN)/kluis licence create --data $(DATA) --count 1
+# Only what the server needs (no test toolchain): the first `make serve` on a fresh machine.
+$(VENV)/.server: pyproject.toml requirements.lock
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -c requirements.lock -e .
+	@touch $@
+
+# Run one node on embedded SQLite in $(DATA); on the first run, print a first licence code.
+serve: $(VENV)/.server
+	@if [ ! -f $(DATA)/kluis.sqlite3 ]; then \
+	  echo "First licence code (redeem with: kluis register --server http://$(HOST):$(PORT) --licence CODE --profile DIR):"; \
+	  $(BIN)/kluis licence create --data $(DATA) --init --count 1; \
+	else \
+	  echo "More licence codes: $(BIN)/kluis licence create --data $(DATA) [--count N]"; \
+	fi
 	$(BIN)/kluis serve --data $(DATA) --host $(HOST) --port $(PORT)
 
 lint: install

@@ -150,7 +150,16 @@ class Server:
 
     def make_licences(self, count: int) -> list[str]:
         out = subprocess.run(
-            [*self.kluis, "licence", "create", "--data", str(self.data), "--count", str(count)],
+            [
+                *self.kluis,
+                "licence",
+                "create",
+                "--init",
+                "--data",
+                str(self.data),
+                "--count",
+                str(count),
+            ],
             check=True,
             capture_output=True,
             text=True,

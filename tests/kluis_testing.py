@@ -94,6 +94,7 @@ class ServerProcess:
             self.cli(
                 "licence",
                 "create",
+                "--init",
                 "--data",
                 str(self.data),
                 "--count",

@@ -16,9 +16,12 @@ LINE = re.compile(r"^([a-z2-7]{16})\t(\S+)\t(.*)$")
 
 
 def kluis(
-    *args: str, passphrase: str = "pw-cli", check: bool = True, stdin: str = ""
+    *args: str, passphrase: str | None = "pw-cli", check: bool = True, stdin: str = ""
 ) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "KLUIS_PASSPHRASE": passphrase}
+    """Run the CLI; ``passphrase`` None leaves KLUIS_PASSPHRASE unset (stdin is not a tty)."""
+    env = {k: v for k, v in os.environ.items() if k != "KLUIS_PASSPHRASE"}
+    if passphrase is not None:
+        env["KLUIS_PASSPHRASE"] = passphrase
     proc = subprocess.run(
         [sys.executable, "-m", "kluis.apps.cli", *args],
         env=env,

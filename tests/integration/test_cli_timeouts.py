@@ -52,3 +52,36 @@ def test_every_network_command_ends_within_its_timeout(
             assert took < 15, (command, took)  # 2 s, plus unlocking and a bounded close
     finally:
         os.kill(server.proc.pid, signal.SIGCONT)
+
+
+def test_failures_are_one_line_and_change_nothing(server: ServerProcess, tmp_path: Path) -> None:
+    typo = tmp_path / "dta"
+    out = kluis("licence", "create", "--data", str(typo), check=False)
+    assert out.returncode == 1 and "holds no Kluis database" in out.stderr
+    assert not typo.exists()  # no second, empty database
+    out = kluis("serve", "--data", str(tmp_path / "x"), "--port", "99999", check=False)
+    assert out.returncode == 2 and "not a TCP port" in out.stderr
+    # The port is taken (by the running server): one line, and never "listening".
+    out = kluis("serve", "--data", str(tmp_path / "y"), "--port", str(server.port), check=False)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "cannot listen on" in out.stderr and "listening on" not in out.stderr.replace(
+        "cannot listen on", ""
+    )
+    # A passphrase: none without a terminal, and never an empty one for a new profile.
+    env_free = kluis("whoami", "--profile", str(tmp_path / "p"), check=False, passphrase=None)
+    assert env_free.returncode == 1 and "set KLUIS_PASSPHRASE" in env_free.stderr
+    empty = kluis(
+        "register",
+        "--server",
+        server.url,
+        "--licence",
+        "x",
+        "--profile",
+        str(tmp_path / "q"),
+        passphrase="",
+        check=False,
+    )
+    assert empty.returncode == 1 and "needs a passphrase" in empty.stderr
+    assert not (tmp_path / "q").exists()
+    for result in (out, env_free, empty):
+        assert "Traceback" not in result.stderr

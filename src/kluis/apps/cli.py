@@ -37,14 +37,29 @@ from kluis.errors import KeyChanged, KluisError, LocalProtocolError
 DEFAULT_PORT = 8448
 
 
+def _port(text: str) -> int:
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a TCP port (1 to 65535)")
+    return port
+
+
 def _passphrase(confirm: bool = False) -> str:
+    """From KLUIS_PASSPHRASE, else typed at the terminal; a new profile (``confirm``) refuses
+    an empty one."""
     env = os.environ.get("KLUIS_PASSPHRASE")
-    if env is not None:
-        return env
-    first = getpass.getpass("Passphrase: ")
-    if confirm and getpass.getpass("Passphrase again: ") != first:
-        raise LocalProtocolError("the passphrases differ")
-    return first
+    if env is None:
+        if not sys.stdin.isatty():
+            raise LocalProtocolError("no passphrase: set KLUIS_PASSPHRASE or run in a terminal")
+        try:
+            env = getpass.getpass("Passphrase: ")
+            if confirm and getpass.getpass("Passphrase again: ") != env:
+                raise LocalProtocolError("the passphrases differ")
+        except EOFError as exc:
+            raise LocalProtocolError("no passphrase was typed") from exc
+    if confirm and not env:
+        raise LocalProtocolError("a profile needs a passphrase; an empty one protects nothing")
+    return env
 
 
 def _report(err: KluisError, level: str) -> None:
@@ -114,7 +129,14 @@ def cmd_licence_create(args: argparse.Namespace) -> None:
     from kluis.server.app import create_licences
     from kluis.server.config import ServerConfig
 
-    codes = create_licences(ServerConfig(data_dir=Path(args.data)), args.count, args.days)
+    config = ServerConfig(data_dir=Path(args.data))
+    if not args.init and not config.database_path.exists():
+        # A typo in --data must not silently start a second, empty server database.
+        raise LocalProtocolError(
+            f"{args.data} holds no Kluis database; check --data, or add --init to create one"
+        )
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    codes = create_licences(config, args.count, args.days)
     for code in codes:
         print(code)
 
@@ -388,7 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run a server node (embedded SQLite in --data)")
     s.add_argument("--data", required=True)
     s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=DEFAULT_PORT)
+    s.add_argument(
+        "--port", type=_port, default=DEFAULT_PORT, help=f"TCP port (default {DEFAULT_PORT})"
+    )
     s.add_argument(
         "--public-url",
         default=None,
@@ -418,9 +442,14 @@ def build_parser() -> argparse.ArgumentParser:
         dest="action", required=True
     )
     lc = lic.add_parser("create", help="print new licence codes, one per line")
-    lc.add_argument("--data", required=True)
-    lc.add_argument("--days", type=int, default=182)
-    lc.add_argument("--count", type=int, default=1)
+    lc.add_argument("--data", required=True, help="the server's data folder")
+    lc.add_argument(
+        "--days", type=int, default=182, help="subscription length per code, days (default 182)"
+    )
+    lc.add_argument("--count", type=int, default=1, help="how many codes (default 1)")
+    lc.add_argument(
+        "--init", action="store_true", help="create the database if the folder has none yet"
+    )
     lc.set_defaults(func=cmd_licence_create)
 
     au = sub.add_parser(

@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
 
+from kluis.errors import LocalProtocolError
 from kluis.server import blob_http, logs
 from kluis.server.accounts import Accounts
 from kluis.server.blobs import BlobService
@@ -146,7 +148,8 @@ def build_app(server: Server) -> web.Application:
 
 
 def serve(config: ServerConfig) -> None:
-    """Run one node until interrupted (the `kluis serve` command)."""
+    """Run one node until SIGINT or SIGTERM (the `kluis serve` command). A port that cannot
+    be bound is a LocalProtocolError naming it; "listening" is logged only once it is bound."""
     try:
         import uvloop
 
@@ -155,14 +158,33 @@ def serve(config: ServerConfig) -> None:
         pass
     logs.install()  # no client address in any library's log line
     server = open_server(config)
-    log.info("kluis listening on %s:%d", config.host, config.port)
-    web.run_app(
+    asyncio.run(_run(server, config))
+
+
+async def _run(server: Server, config: ServerConfig) -> None:
+    runner = web.AppRunner(
         build_app(server),
-        host=config.host,
-        port=config.port,
         access_log=None,
         keepalive_timeout=config.limits.handshake_timeout_s,
-        backlog=2048,  # reconnect storms (thousands of devices after a restart) overflowed 128
-        print=None,
-        handle_signals=True,
+        shutdown_timeout=3.0,  # open WebSockets get this long to finish; clients reconnect
     )
+    await runner.setup()
+    try:
+        # backlog: reconnect storms (thousands of devices after a restart) overflowed 128
+        site = web.TCPSite(runner, config.host, config.port, backlog=2048)
+        try:
+            await site.start()
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise LocalProtocolError(
+                f"cannot listen on {config.host}:{config.port}: {reason}"
+            ) from exc
+        log.info("kluis listening on %s:%d", config.host, config.port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+        log.info("kluis stopping")
+    finally:
+        await runner.cleanup()
