@@ -22,6 +22,8 @@ from typing import TypeVar
 
 import msgspec
 
+from kluis.client.contacts import Note
+from kluis.client.conversations import ConversationInfo
 from kluis.client.core import ClientCore, Message, Opened, Payload, link_fingerprint
 from kluis.client.events import (
     ConnectionDown,
@@ -325,6 +327,7 @@ class KluisClient:
     async def send(self, conversation: str, text: str) -> Message:
         """Encrypt to every device of the conversation's accounts and to our other devices, in
         one request; return once the server stored it all."""
+        self.sweep()
         payload = self.core.new_text(conversation, text)
         # The same payload goes to our own other devices: they file it under ``conversation``.
         await self._send_payloads({conversation: payload, self.account_id: payload})
@@ -374,6 +377,7 @@ class KluisClient:
         """
         out: list[Message] = []
         self.errors = []
+        self.sweep()
         pushes = self.transport.pushes
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
@@ -399,6 +403,7 @@ class KluisClient:
                     if until is not None and len(out) >= until and self._synced:
                         break
             await self._recover_sessions()
+            await self.flush_receipts()  # one per conversation for the whole batch
         except TransportError:
             # Messages in ``out`` are decrypted and stored, so a redelivery is seen as a
             # duplicate and never shown: hand them over now; the next call raises.
@@ -443,6 +448,9 @@ class KluisClient:
                 yield Undecryptable(error.code, str(error))
             for message in messages:
                 yield MessageReceived(message)
+            self.sweep()  # disappearing messages go while the loop runs, about once a second
+            for event in self.core.features.drain():
+                yield event
 
     async def _handle_deliver(self, envelopes: list[f.InEnvelope], out: list[Message]) -> None:
         """Decrypt into ``out`` as we go (so a lost connection keeps what was read), then ack."""
@@ -495,4 +503,82 @@ class KluisClient:
                 continue  # tried; due_recoveries() will not offer it again this hour
 
     def history(self, conversation: str | None = None) -> list[Message]:
+        self.sweep()
         return self.core.history(conversation)
+
+    # ---- messaging features (issue 9; the rules live in the core's modules) ------------------
+
+    def sweep(self) -> int:
+        """Delete the disappearing messages whose time has come, and scrub the profile of
+        them; returns how many went. Every operation of this client sweeps first."""
+        gone = self.core.features.timers.sweep()
+        if gone:
+            self.core.store.scrub()
+        return len(gone)
+
+    async def _sync_own(self, payload: Payload) -> None:
+        """To our own other devices only (contacts, notes)."""
+        if self._transport is not None:
+            await self._send_payloads({self.account_id: payload})
+
+    def contacts(self) -> dict[str, str]:
+        """Nicknames by account ID."""
+        return self.core.features.contacts.all()
+
+    def contact_name(self, account: str) -> str:
+        return self.core.features.contacts.name(account)
+
+    async def set_contact(self, account: str, name: str, *, rename: bool | None = None) -> None:
+        """Name ``account`` here and on our other devices (see ``Contacts.set``)."""
+        await self._sync_own(self.core.features.contacts.set(account, name, rename=rename))
+
+    def notes(self) -> list[Note]:
+        return self.core.features.notes.list()
+
+    async def add_note(self, text: str) -> str:
+        """Write a note here and on our other devices; returns its short ID."""
+        payload = self.core.features.notes.add(text)
+        await self._sync_own(payload)
+        return payload.note
+
+    async def delete_note(self, note: str) -> None:
+        await self._sync_own(self.core.features.notes.delete(note))
+
+    async def set_timer(self, conversation: str, seconds: int) -> Message:
+        """Set the conversation's disappearing-message timer (0: off) for every member and our
+        other devices; returns the system line filed in history."""
+        self.sweep()
+        payload = self.core.features.timers.new(conversation, seconds)
+        await self._send_payloads({conversation: payload, self.account_id: payload})
+        return self.core.features.timers.record_sent(payload)
+
+    def set_read_receipts(self, on: bool) -> None:
+        """Send read receipts (default) or not; delivered receipts are always sent."""
+        self.core.features.receipts.set_read_enabled(on)
+
+    def conversations(self) -> list[ConversationInfo]:
+        """Every conversation with a stored message, most recent first, with unread counts."""
+        self.sweep()
+        return self.core.features.conversations.list()
+
+    async def mark_read(self, conversation: str | None = None) -> int:
+        """The user read ``conversation`` (all when None): queue read receipts (when on) and
+        send them if connected (else with the next connected operation)."""
+        count = self.core.features.conversations.mark_read(conversation)
+        if self._transport is not None:
+            await self.flush_receipts()
+        return count
+
+    async def flush_receipts(self) -> None:
+        """Send the receipts waiting in the profile. One an account refuses is dropped (a
+        receipt is a courtesy: it must not wedge anything); a lost connection keeps the rest."""
+        receipts = self.core.features.receipts
+        for pending, payloads in receipts.pending():
+            try:
+                for payload in payloads:
+                    await self._send_payloads({pending.account: payload})
+            except TransportError:
+                raise
+            except KluisError:
+                pass
+            receipts.sent(pending)

@@ -28,18 +28,23 @@ from collections.abc import Callable
 
 import msgspec
 
+from kluis.client.features import Features
 from kluis.client.records import (
+    ContactSync,
     Dummy,
     Identity,
     Message,
+    NoteSync,
     Opened,
     Payload,
     Pins,
     Quarantined,
+    Receipt,
     Sealed,
     StoredMessage,
     Sync,
     Text,
+    Timer,
     clamp_ts,
 )
 from kluis.client.store.protocol import ClientStore
@@ -130,6 +135,7 @@ class ClientCore:
         self._clock = clock
         self._random = random
         self._pins_memo: dict[str, tuple[bytes, Pins]] = {}
+        self.features = Features(self)  # contacts, notes, timers, receipts, conversation list
 
     # ---- identity -----------------------------------------------------------------------------
 
@@ -495,7 +501,13 @@ class ClientCore:
     def new_text(self, conversation: str, text: str) -> Text:
         """A message in ``conversation`` (1:1: the peer's account ID), bound to each recipient
         device by :meth:`encrypt`."""
-        return Text(id=self._random(16), ts=self._now_ms(), text=text, to=conversation)
+        return Text(
+            id=self._random(16),
+            ts=self._now_ms(),
+            text=text,
+            to=conversation,
+            expire_s=self.features.timers.seconds(conversation),
+        )
 
     def new_dummy(self, to: str) -> Dummy:
         """A message the recipient ignores: it opens a fresh session (session recovery)."""
@@ -503,10 +515,19 @@ class ClientCore:
 
     def record_sent(self, payload: Text) -> Message:
         conversation = payload.to
-        m = StoredMessage(conversation, sender=self.account_id, ts=payload.ts, text=payload.text)
         with self.store.transaction():
+            expires = self.features.timers.expires(payload.ts, payload.expire_s)
+            m = StoredMessage(
+                conversation,
+                sender=self.account_id,
+                ts=payload.ts,
+                text=payload.text,
+                id=payload.id,
+                expires=expires,
+            )
             self.store.add_message(conversation, _enc.encode(m))
             self.store.mark_seen(b"msg:" + payload.id)
+            self.features.text_sent(m)
         return Message.from_stored(m)
 
     # ---- receiving ----------------------------------------------------------------------------
@@ -594,10 +615,31 @@ class ClientCore:
             case Text() | Sync():
                 conversation = self.conversation_of(payload)
                 ts = clamp_ts(min(payload.ts, self._now_ms() + MAX_CLOCK_SKEW_MS))
-                m = StoredMessage(conversation, sender=s.account, ts=ts, text=payload.text)
+                expire_s = payload.expire_s if isinstance(payload, Text) else 0
+                m = StoredMessage(
+                    conversation,
+                    sender=s.account,
+                    ts=ts,
+                    text=payload.text,
+                    id=payload.id,
+                    expires=self.features.timers.expires(ts, expire_s),
+                )
                 self.store.add_message(conversation, _enc.encode(m))
+                self.features.text_stored(m)
                 return Message.from_stored(m)
             case Dummy():
+                return None
+            case ContactSync():
+                self.features.contacts.apply(s, payload)  # own devices only
+                return None
+            case NoteSync():
+                self.features.notes.apply(s, payload)  # own devices only
+                return None
+            case Timer():
+                ts = clamp_ts(min(payload.ts, self._now_ms() + MAX_CLOCK_SKEW_MS))
+                return self.features.timers.apply(s, payload, ts)
+            case Receipt():
+                self.features.receipts.apply(s, payload)
                 return None
 
     def _olm_decrypt(self, peer: str, curve: str, msg_type: int, body: bytes) -> bytes:
@@ -689,4 +731,5 @@ class ClientCore:
         """Stored messages of ``conversation`` (all when None), oldest first by the sender's
         clock (arrival order breaks ties)."""
         stored = [_stored_dec.decode(v) for v in self.store.messages(conversation)]
-        return [Message.from_stored(m) for m in sorted(stored, key=lambda m: m.ts)]
+        shown = (self.features.shown(m) for m in sorted(stored, key=lambda m: m.ts))
+        return [m for m in shown if m is not None]  # not what expired, even before a sweep

@@ -11,20 +11,33 @@ from datetime import UTC, datetime
 import msgspec
 
 from kluis.protocol.frames import DeviceRecord, InEnvelope
-from kluis.protocol.payload import Dummy, Payload, Sync, Text
+from kluis.protocol.payload import (
+    ContactSync,
+    Dummy,
+    NoteSync,
+    Payload,
+    Receipt,
+    Sync,
+    Text,
+    Timer,
+)
 
 __all__ = [
+    "ContactSync",
     "Dummy",
     "Identity",
     "Message",
+    "NoteSync",
     "Opened",
     "Payload",
     "Pins",
     "Quarantined",
+    "Receipt",
     "Sealed",
     "StoredMessage",
     "Sync",
     "Text",
+    "Timer",
     "clamp_ts",
 ]
 
@@ -63,6 +76,12 @@ class StoredMessage(msgspec.Struct, frozen=True):
     sender: str
     ts: int
     text: str
+    # Issue 9 (defaults keep older rows readable): the payload's ID (receipts name it), when the
+    # message disappears (ms on this device's clock, 0: never), and its kind ("" a text,
+    # "timer" the system line of a timer change).
+    id: bytes = b""
+    expires: int = 0
+    kind: str = ""
 
 
 class Quarantined(msgspec.Struct, frozen=True):
@@ -88,11 +107,16 @@ class Message:
     conversation: str  # 1:1: the other account's ID, whoever wrote the message
     time: datetime
     text: str
+    id: bytes = b""
+    kind: str = "text"  # or "timer": a system line (the text says what changed)
+    expires: datetime | None = None  # when it disappears from this device (None: never)
+    receipt: str = ""  # our own sent messages, in history: "", "delivered" or "read"
 
     @classmethod
     def from_stored(cls, m: StoredMessage) -> Message:
         time_ = datetime.fromtimestamp(clamp_ts(m.ts) / 1000, UTC)
-        return cls(m.sender, m.conversation, time_, m.text)
+        expires = datetime.fromtimestamp(clamp_ts(m.expires) / 1000, UTC) if m.expires else None
+        return cls(m.sender, m.conversation, time_, m.text, m.id, m.kind or "text", expires)
 
 
 @dataclass(frozen=True, slots=True)

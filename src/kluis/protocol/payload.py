@@ -12,7 +12,7 @@ an undecryptable message.
 
 from __future__ import annotations
 
-from typing import TypeAlias
+from typing import Annotated, Literal, TypeAlias
 
 import msgspec
 
@@ -31,6 +31,7 @@ class Text(_Bound, frozen=True, tag="text"):
     """A message the user wrote to ``to``."""
 
     text: str = ""
+    expire_s: int = 0  # the conversation's disappearing-message timer as the sender sees it
 
 
 class Sync(_Bound, frozen=True, tag="sync"):
@@ -44,6 +45,56 @@ class Dummy(_Bound, frozen=True, tag="dummy"):
     """Carries nothing: opens a fresh session after a broken one (session recovery)."""
 
 
-Payload: TypeAlias = Text | Sync | Dummy
+# ---- messaging features (issue 9): contacts, notes, timers, receipts ------------------------------
 
-__all__ = ["Dummy", "Payload", "Sync", "Text"]
+# A Text's timer and a Timer payload: 0 (off) or 1 s .. 4 weeks on the wire; what a user may set
+# is checked by the client (kluis.client.timers), the range here refuses a nonsense value.
+MAX_TIMER_S = 4 * 7 * 24 * 3600
+_TimerSeconds = Annotated[int, msgspec.Meta(ge=0, le=MAX_TIMER_S)]
+_Name = Annotated[str, msgspec.Meta(max_length=64)]
+_NoteText = Annotated[str, msgspec.Meta(max_length=16_000)]
+_Ids = Annotated[list[bytes], msgspec.Meta(max_length=1_000)]
+
+
+class ContactSync(_Bound, frozen=True, tag="contact"):
+    """Our own device named ``account`` ``name`` (empty: forgot the name). Own account only."""
+
+    account: str = ""
+    name: _Name = ""
+
+
+class NoteSync(_Bound, frozen=True, tag="note"):
+    """Our own device wrote (or, with ``deleted``, deleted) note ``note``. Own account only."""
+
+    note: str = ""
+    text: _NoteText = ""
+    deleted: bool = False
+
+
+class Timer(_Bound, frozen=True, tag="timer"):
+    """A member set the conversation's disappearing-message timer (0: off)."""
+
+    seconds: _TimerSeconds = 0
+
+
+class Receipt(_Bound, frozen=True, tag="receipt"):
+    """The messages ``ids`` of the conversation reached (``delivered``) or were ``read`` by the
+    receipt's sender; sent to the account that wrote them, never answered with a receipt."""
+
+    status: Literal["delivered", "read"] = "delivered"
+    ids: _Ids = []
+
+
+Payload: TypeAlias = Text | Sync | Dummy | ContactSync | NoteSync | Timer | Receipt
+
+__all__ = [
+    "MAX_TIMER_S",
+    "ContactSync",
+    "Dummy",
+    "NoteSync",
+    "Payload",
+    "Receipt",
+    "Sync",
+    "Text",
+    "Timer",
+]
