@@ -331,7 +331,9 @@ class KluisClient:
         payload = self.core.new_text(conversation, text)
         # The same payload goes to our own other devices: they file it under ``conversation``.
         await self._send_payloads({conversation: payload, self.account_id: payload})
-        return self.core.record_sent(payload)
+        sent = self.core.record_sent(payload)
+        await self.flush_receipts()  # e.g. read receipts `kluis history` left in the profile
+        return sent
 
     async def encrypt(
         self, account: str, payload: Payload, *, refresh: bool = False

@@ -6,7 +6,8 @@ encrypts (``sender``/``sender_device``, ``recipient``/``recipient_device``, and 
 conversation), and the recipient checks them against the sealed claim and itself before it
 believes anything else in the payload. The ``kind`` field is the tag: it names the struct
 (``"text"``, ``"sync"``, ``"dummy"`` — the same strings earlier versions wrote, so the encoding
-is unchanged). A tag this version does not know fails to decode, and the caller treats that as
+is unchanged; issue 9 added ``"contact"``, ``"note"``, ``"timer"`` and ``"receipt"``, see the
+end of this module). A tag this version does not know fails to decode, and the caller treats that as
 an undecryptable message.
 """
 
