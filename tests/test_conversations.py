@@ -3,15 +3,17 @@ other devices), all or nothing; a refusal names each account whose devices it go
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 
 from kluis.client.client import KluisClient
-from kluis.errors import MalformedFrame, MismatchedDevices
+from kluis.errors import FrameTooLarge, MalformedFrame, MismatchedDevices
 from kluis.protocol import frames as f
+from kluis.server.config import Limits
 from kluis.server.inprocess import InProcessServer
-from tests.kluis_testing import link_device, register
+from tests.kluis_testing import link_device, register, start_inprocess
 
 
 def record_requests(client: KluisClient) -> list[f.ClientFrame]:
@@ -99,3 +101,43 @@ async def test_an_account_named_twice_is_refused(inproc: InProcessServer, tmp_pa
     assert await bob.receive(wait=0.3) == []
     for c in (alice, bob):
         await c.close()
+
+
+def test_big_sends_are_cut_into_requests_the_server_takes() -> None:
+    from kluis.client import client as client_module
+
+    body = b"x" * 100_000
+    parts = [
+        f.Addressed(account=f"{i:016d}", envelopes=[f.OutEnvelope(device="d", body=body)])
+        for i in range(25)
+    ]  # 2.5 MB: more than one Send may carry
+    batches = client_module._batches(parts)
+    assert [p for batch in batches for p in batch] == parts  # all, in order, each once
+    for batch in batches:
+        size = sum(len(e.body) for part in batch for e in part.envelopes)
+        assert size <= client_module._SEND_BYTES
+    many = [
+        f.Addressed(account=f"{i:016d}", envelopes=[f.OutEnvelope(device="d", body=b"y")] * 3)
+        for i in range(1000)
+    ]
+    assert all(
+        sum(len(p.envelopes) for p in batch) <= client_module._SEND_ENVELOPES
+        for batch in client_module._batches(many)
+    )
+
+
+async def test_a_refusal_naming_no_request_answers_the_waiting_one(tmp_path: Path) -> None:
+    server = await start_inprocess(tmp_path / "srv", Limits(max_frame_bytes=32 * 1024))
+    try:
+        alice = await register(server, tmp_path / "alice")
+        big = f.OutEnvelope(device=alice.core.device_id, body=b"z" * 40_000)
+        with pytest.raises(FrameTooLarge):
+            await asyncio.wait_for(
+                alice.transport.request(
+                    lambda rid: f.Send.one(rid, alice.account_id, [big]), f.Done
+                ),
+                5,
+            )
+        await alice.close()
+    finally:
+        await server.close()

@@ -342,7 +342,7 @@ def test_an_unknown_payload_kind_is_undecryptable_and_quarantined(
     row_id, pickled = alice.store.sessions(peer)[0]
     session = OlmSession.from_pickle(pickled.decode(), alice.store.pickle_key)
     fields = {
-        "kind": "receipt",
+        "kind": "reaction",
         "id": b"x" * 16,
         "ts": 1,
         "sender": alice.account_id,

@@ -75,6 +75,7 @@ async def test_broken_session_recovers(server: InProcessServer, tmp_path: Path) 
     await bob.receive(wait=5, until=1)
     await bob.send(alice.account_id, "two")
     await alice.receive(wait=5, until=1)
+    assert await bob.receive(wait=1) == []  # Alice's delivered receipt, before the loss
 
     # Bob loses his session with Alice (e.g. a profile restored from an old copy).
     bob.core.store.drop_sessions(f"{alice.account_id}/{alice.core.device_id}")

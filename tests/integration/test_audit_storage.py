@@ -62,10 +62,12 @@ async def workload(server: ServerProcess, tmp_path: Path) -> tuple[list[Path], l
     assert len(await bob.receive(wait=5, until=2)) == 2
     assert len(await alice.receive(wait=5, until=2)) == 2
     assert len(await alice2.receive(wait=5, until=2)) == 2
+    for c in (bob, alice, alice2):  # the delivered receipts each receive answered with
+        assert await c.receive(wait=1) == []
     for c in (alice, bob, alice2):
         assert c.errors == []
         await c.close()
-    assert len(bodies) == 6
+    assert len(bodies) >= 6 + 3  # the messages, our copies and at least three receipts
     return [tmp_path / "alice", tmp_path / "bob", tmp_path / "alice2"], bodies
 
 

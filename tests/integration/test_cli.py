@@ -12,7 +12,8 @@ from pathlib import Path
 
 from tests.kluis_testing import ServerProcess
 
-LINE = re.compile(r"^([a-z2-7]{16})\t(\S+)\t(.*)$")
+# sender, time, text; history adds a receipt mark (✓ delivered, ✓✓ read) to our sent messages
+LINE = re.compile(r"^([a-z2-7]{16})\t(\S+)\t([^\t]*)(?:\t\u2713{1,2})?$")
 
 
 def kluis(

@@ -30,6 +30,8 @@ async def test_data_folder_holds_no_plaintext_and_no_sender(
     await bob.receive(wait=5, until=1)
     await alice.receive(wait=5, until=2)
     await alice2.receive(wait=5, until=2)
+    for c in (bob, alice, alice2):  # the delivered receipts those receives answered with
+        await c.receive(wait=1)
 
     files = all_bytes(server.data)  # database, WAL, shared memory, logs: every file
     assert server.data / "kluis.sqlite3" in files

@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 
 from rich.console import Console
@@ -30,6 +30,7 @@ from rich.progress import (
 from kluis.client.client import KluisClient
 from kluis.client.groups import is_group_id
 from kluis.client.records import Message
+from kluis.client.timers import describe as describe_timer
 from kluis.client.transport import TransportFactory, WebSocketTransport
 from kluis.client.transport.websocket import DEFAULT_TIMEOUT_S
 from kluis.errors import KeyChanged, KluisError, LocalProtocolError
@@ -242,20 +243,6 @@ async def _device_revoke(args: argparse.Namespace) -> None:
     await _with_client(args, body)
 
 
-def message_line(message: Message) -> str:
-    """One message as ``inbox`` and ``history`` print it: sender (``GROUP/SENDER`` in a group),
-    time, text (tab-separated)."""
-    text = message.text.replace("\n", " ").replace("\t", " ")
-    if message.attachment is not None:
-        ref = message.attachment
-        name = ref.name.replace("\n", " ").replace("\t", " ")
-        text = f"[file] {name} ({ref.size} bytes)" + (f" {text}" if text else "")
-    who = message.sender
-    if is_group_id(message.conversation):
-        who = f"{message.conversation}/{message.sender}"
-    return f"{who}\t{message.time.isoformat(timespec='milliseconds')}\t{text}"
-
-
 class _Transfer:
     """A rich progress bar that appears only for a transfer that takes longer than a second."""
 
@@ -287,6 +274,58 @@ class _Transfer:
             self._bar.stop()
 
 
+def safe_text(text: str) -> str:
+    r"""What a peer wrote, made safe for a terminal: printable characters only. Backslash, tab
+    and newline print as ``\\``, ``\t`` and ``\n``; any other control or format character
+    (escape sequences, bidirectional overrides) as ``\uXXXX``. A peer never drives the
+    terminal, and a line is always one line."""
+    out = []
+    for c in text:
+        if c == "\\":
+            out.append("\\\\")
+        elif c == "\n":
+            out.append("\\n")
+        elif c == "\t":
+            out.append("\\t")
+        elif c.isprintable():
+            out.append(c)
+        else:
+            out.append(f"\\u{ord(c):04x}" if ord(c) <= 0xFFFF else f"\\U{ord(c):08x}")
+    return "".join(out)
+
+
+def account_label(account: str, names: Mapping[str, str]) -> str:
+    """``ID`` or, for a contact, ``ID (NAME)``: the ID always comes first (16 characters), so a
+    script takes ``cut -c1-16`` of the field; the name is sanitised (see :func:`safe_text`)."""
+    name = names.get(account, "")
+    return f"{account} ({safe_text(name)})" if name else account
+
+
+_RECEIPT_MARK = {"delivered": "\u2713", "read": "\u2713\u2713"}
+
+
+def message_line(
+    message: Message, names: Mapping[str, str] | None = None, *, receipt: bool = False
+) -> str:
+    """One message as ``inbox`` and ``history`` print it, tab-separated: sender (``ID`` or
+    ``ID (NAME)``), ISO time, text (sanitised: one line; a timer change reads
+    ``[timer] disappearing messages: 30 s``). With ``receipt`` (``history``), a message we
+    sent that a recipient acknowledged gets a fourth field: ``✓`` delivered, ``✓✓`` read."""
+    text = safe_text(message.text)
+    if message.kind != "text":
+        text = f"[{message.kind}] {text}"
+    if message.attachment is not None:
+        ref = message.attachment
+        text = f"[file] {safe_text(ref.name)} ({ref.size} bytes)" + (f" {text}" if text else "")
+    sender = account_label(message.sender, names or {})
+    if is_group_id(message.conversation):
+        sender = f"{message.conversation}/{sender}"  # GROUP/SENDER
+    line = f"{sender}\t{message.time.isoformat(timespec='milliseconds')}\t{text}"
+    if receipt and message.receipt:
+        line += "\t" + _RECEIPT_MARK[message.receipt]
+    return line
+
+
 async def _send(args: argparse.Namespace) -> None:
     text = args.text
     if text == "-":
@@ -303,6 +342,7 @@ async def _send(args: argparse.Namespace) -> None:
                 progress.close()
         else:
             await client.send(args.id, text)
+        print(f"sent to {account_label(args.id, client.contacts())}")
 
     await _with_client(args, body)
 
@@ -325,8 +365,13 @@ async def _fetch(args: argparse.Namespace) -> None:
 
 async def _inbox(args: argparse.Namespace) -> None:
     async def body(client: KluisClient) -> None:
+        names = client.contacts()
+        shown: set[str] = set()
         for message in await client.receive(wait=args.wait):
-            print(message_line(message), flush=True)
+            print(message_line(message, names), flush=True)
+            shown.add(message.conversation)
+        for conversation in sorted(shown):  # printed: read (read receipts, when on, go now)
+            await client.mark_read(conversation)
         unread = len(client.errors)
         if unread:
             noun = "message" if unread == 1 else "messages"
@@ -346,8 +391,12 @@ async def _safety_number(args: argparse.Namespace) -> None:
 def cmd_history(args: argparse.Namespace) -> None:
     client = KluisClient.open(Path(args.profile), _passphrase())
     try:
+        names = client.contacts()
         for message in client.history(args.id):
-            print(message_line(message))
+            print(message_line(message, names, receipt=True))
+        # Printed: read. history works offline, so its read receipts (when on) wait in the
+        # profile and go with the next command that connects (inbox, send, ...).
+        client.core.features.conversations.mark_read(args.id)
     finally:
         client.core.store.close()
 
@@ -385,6 +434,138 @@ def cmd_trust(args: argparse.Namespace) -> None:
         " certifies them; compare `kluis safety-number` with the peer to check that identity",
         file=sys.stderr,
     )
+
+
+# ---- contacts, conversations, timers, receipts, notes (issue 9) ----------------------------------
+
+
+def _offline(args: argparse.Namespace, body: Callable[[KluisClient], None]) -> None:
+    """Commands that read or change only the profile: no server needed."""
+    client = KluisClient.open(Path(args.profile), _passphrase())
+    try:
+        client.sweep()
+        body(client)
+    finally:
+        client.core.store.close()
+
+
+async def _contact_set(args: argparse.Namespace) -> None:
+    async def body(client: KluisClient) -> None:
+        await client.set_contact(args.id, args.name, rename=args.action == "rename")
+        print(account_label(args.id, client.contacts()))
+
+    await _with_client(args, body)
+
+
+def cmd_contact_list(args: argparse.Namespace) -> None:
+    """``ID<TAB>NAME`` per contact, by name."""
+
+    def body(client: KluisClient) -> None:
+        for account, name in sorted(client.contacts().items(), key=lambda c: (c[1], c[0])):
+            print(f"{account}\t{safe_text(name)}")
+
+    _offline(args, body)
+
+
+def cmd_conversations(args: argparse.Namespace) -> None:
+    """``ID<TAB>NAME<TAB>UNREAD<TAB>LAST-ACTIVITY`` per conversation, newest first; NAME is
+    ``-`` without a contact name. Unread: messages from others stored after this device last
+    showed the conversation (``history``, ``inbox``)."""
+
+    def body(client: KluisClient) -> None:
+        names = client.contacts()
+        for info in client.conversations():
+            name = safe_text(names.get(info.conversation, "")) or "-"
+            when = info.last_activity.isoformat(timespec="milliseconds")
+            print(f"{info.conversation}\t{name}\t{info.unread}\t{when}")
+
+    _offline(args, body)
+
+
+async def _timer(args: argparse.Namespace) -> None:
+    async def body(client: KluisClient) -> None:
+        await client.set_timer(args.id, args.seconds)
+        print(f"{account_label(args.id, client.contacts())}: {describe_timer(args.seconds)}")
+
+    await _with_client(args, body)
+
+
+def cmd_receipts(args: argparse.Namespace) -> None:
+    def body(client: KluisClient) -> None:
+        client.set_read_receipts(args.state == "on")
+        print(f"read receipts {args.state} (delivered receipts are always sent)")
+
+    _offline(args, body)
+
+
+async def _notes_add(args: argparse.Namespace) -> None:
+    async def body(client: KluisClient) -> None:
+        print(await client.add_note(args.text))
+
+    await _with_client(args, body)
+
+
+async def _notes_delete(args: argparse.Namespace) -> None:
+    async def body(client: KluisClient) -> None:
+        await client.delete_note(args.note)
+
+    await _with_client(args, body)
+
+
+def cmd_notes_list(args: argparse.Namespace) -> None:
+    """``NOTE<TAB>TIME<TAB>TEXT`` per note, oldest first (NOTE: the ID ``notes delete`` takes)."""
+
+    def body(client: KluisClient) -> None:
+        for note in client.notes():
+            when = note.created.isoformat(timespec="milliseconds")
+            print(f"{note.id}\t{when}\t{safe_text(note.text)}")
+
+    _offline(args, body)
+
+
+def _add_feature_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    ct = sub.add_parser("contact", help="your address book (synced to your devices)")
+    cts = ct.add_subparsers(dest="action", required=True)
+    for action in ("add", "rename"):
+        c = cts.add_parser(action, help=f"{action} a nickname for ID")
+        c.add_argument("--profile", required=True)
+        c.add_argument("id")
+        c.add_argument("name")
+        c.set_defaults(func=_async(_contact_set))
+    cl = cts.add_parser("list", help="ID<TAB>NAME per contact")
+    cl.add_argument("--profile", required=True)
+    cl.set_defaults(func=cmd_contact_list)
+
+    cv = sub.add_parser(
+        "conversations", help="ID<TAB>NAME<TAB>UNREAD<TAB>LAST-ACTIVITY, newest first"
+    )
+    cv.add_argument("--profile", required=True)
+    cv.set_defaults(func=cmd_conversations)
+
+    tm = sub.add_parser("timer", help="disappearing messages in ID: SECONDS (0: off)")
+    tm.add_argument("--profile", required=True)
+    tm.add_argument("id")
+    tm.add_argument("seconds", type=int)
+    tm.set_defaults(func=_async(_timer))
+
+    rc = sub.add_parser("receipts", help="send read receipts or not (delivered: always)")
+    rc.add_argument("--profile", required=True)
+    rc.add_argument("state", choices=["on", "off"])
+    rc.set_defaults(func=cmd_receipts)
+
+    nt = sub.add_parser("notes", help="your private notebook (synced to your devices)")
+    nts = nt.add_subparsers(dest="action", required=True)
+    na = nts.add_parser("add", help="print the new note's ID")
+    na.add_argument("--profile", required=True)
+    na.add_argument("text")
+    na.set_defaults(func=_async(_notes_add))
+    nl = nts.add_parser("list", help="NOTE<TAB>TIME<TAB>TEXT, oldest first")
+    nl.add_argument("--profile", required=True)
+    nl.set_defaults(func=cmd_notes_list)
+    nd = nts.add_parser("delete")
+    nd.add_argument("--profile", required=True)
+    nd.add_argument("note")
+    nd.set_defaults(func=_async(_notes_delete))
 
 
 # ---- argument parsing ----------------------------------------------------------------------------
@@ -559,6 +740,7 @@ def build_parser() -> argparse.ArgumentParser:
     gm.add_argument("--profile", required=True)
     gm.add_argument("group")
     gm.set_defaults(func=cmd_group_members)
+    _add_feature_parsers(sub)
     return p
 
 

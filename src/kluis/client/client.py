@@ -23,6 +23,8 @@ from typing import Literal, TypeVar
 import msgspec
 
 from kluis.client import attachments
+from kluis.client.contacts import Note
+from kluis.client.conversations import ConversationInfo
 from kluis.client.core import MEGOLM, ClientCore, Message, Opened, Payload, link_fingerprint
 from kluis.client.events import (
     ConnectionDown,
@@ -57,6 +59,30 @@ F = TypeVar("F", bound=f.ClientFrame)
 
 def _with_rid(frame: F) -> Callable[[int], F]:
     return lambda rid: msgspec.structs.replace(frame, rid=rid)
+
+
+# What one Send carries at most (the server's defaults allow 2 MiB and 2,048 envelopes).
+_SEND_BYTES = 1024 * 1024
+_SEND_ENVELOPES = 1024
+
+
+def _batches(parts: list[f.Addressed]) -> list[list[f.Addressed]]:
+    """``parts`` in Sends of at most _SEND_BYTES and _SEND_ENVELOPES (an account's part whole)."""
+    out: list[list[f.Addressed]] = []
+    size = count = 0
+    for part in parts:
+        part_size = sum(len(e.body) + 64 for e in part.envelopes) + 32
+        if out and (
+            size + part_size > _SEND_BYTES or count + len(part.envelopes) > _SEND_ENVELOPES
+        ):
+            out.append([])
+            size = count = 0
+        if not out:
+            out.append([])
+        out[-1].append(part)
+        size += part_size
+        count += len(part.envelopes)
+    return out
 
 
 _BACKLOG_TIMEOUT = 10.0
@@ -329,12 +355,15 @@ class KluisClient:
     async def send(self, conversation: str, text: str) -> Message:
         """Encrypt to every device of the conversation's accounts and to our other devices, in
         one request; return once the server stored it all."""
+        self.sweep()
         if is_group_id(conversation):
             return await self.send_group(conversation, text)
         payload = self.core.new_text(conversation, text)
         # The same payload goes to our own other devices: they file it under ``conversation``.
         await self._send_payloads({conversation: payload, self.account_id: payload})
-        return self.core.record_sent(payload)
+        sent = self.core.record_sent(payload)
+        await self.flush_receipts()  # e.g. read receipts `kluis history` left in the profile
+        return sent
 
     async def encrypt(
         self, account: str, payload: Payload, *, refresh: bool = False
@@ -355,25 +384,30 @@ class KluisClient:
             self.core.add_bundles(account, bundles.bundles)
 
     async def _send_payloads(self, payloads: dict[str, Payload]) -> None:
-        """One Send: ``payloads[account]`` to every trusted device of each account (our own
-        device left out). When the server names accounts whose devices changed, fetch those
-        accounts' device lists again and retry."""
-        stale: set[str] = set()
+        """``payloads[account]`` to every trusted device of each account (our own device left
+        out): one Send, or several when the envelopes exceed what one request may carry (a
+        group change tells 1,000 members). When the server names accounts whose devices
+        changed, fetch those accounts' device lists again and resend what it refused."""
+        pending, stale = dict(payloads), set[str]()
         for attempt in range(_SEND_ATTEMPTS):
             parts: list[f.Addressed] = []
-            for account, payload in payloads.items():
+            for account, payload in pending.items():
                 envelopes = await self.encrypt(account, payload, refresh=account in stale)
                 if envelopes or account != self.account_id:  # we may have no other device
                     parts.append(f.Addressed(account=account, envelopes=envelopes))
-            if not parts:
+            refused: set[str] = set()
+            stale = set()
+            for batch in _batches(parts):
+                try:
+                    await self.transport.request(_with_rid(f.Send(rid=0, to=batch)), f.Done)
+                except MismatchedDevices as exc:
+                    if attempt == _SEND_ATTEMPTS - 1:
+                        raise
+                    refused |= {part.account for part in batch}
+                    stale |= set(exc.accounts) or {part.account for part in batch}
+            if not refused:
                 return
-            try:
-                await self.transport.request(_with_rid(f.Send(rid=0, to=parts)), f.Done)
-                return
-            except MismatchedDevices as exc:
-                if attempt == _SEND_ATTEMPTS - 1:
-                    raise
-                stale = set(exc.accounts) or set(payloads)
+            pending = {account: payloads[account] for account in refused}
 
     # ---- groups -------------------------------------------------------------------------------
 
@@ -492,6 +526,7 @@ class KluisClient:
         """
         out: list[Message] = []
         self.errors = []
+        self.sweep()
         pushes = self.transport.pushes
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
@@ -517,6 +552,7 @@ class KluisClient:
                     if until is not None and len(out) >= until and self._synced:
                         break
             await self._recover_sessions()
+            await self.flush_receipts()  # one per conversation for the whole batch
         except TransportError:
             # Messages in ``out`` are decrypted and stored, so a redelivery is seen as a
             # duplicate and never shown: hand them over now; the next call raises.
@@ -561,6 +597,9 @@ class KluisClient:
                 yield Undecryptable(error.code, str(error))
             for message in messages:
                 yield MessageReceived(message)
+            self.sweep()  # disappearing messages go while the loop runs, about once a second
+            for event in self.core.features.drain():
+                yield event
 
     async def _handle_deliver(self, envelopes: list[f.InEnvelope], out: list[Message]) -> None:
         """Decrypt into ``out`` as we go (so a lost connection keeps what was read), then ack."""
@@ -614,6 +653,7 @@ class KluisClient:
                 continue  # tried; due_recoveries() will not offer it again this hour
 
     def history(self, conversation: str | None = None) -> list[Message]:
+        self.sweep()
         return self.core.history(conversation)
 
     # ---- attachments --------------------------------------------------------------------------
@@ -646,3 +686,86 @@ class KluisClient:
         return await attachments.download(
             self.transport, self.core.server, ref, Path(out_path), progress
         )
+
+    # ---- messaging features (issue 9; the rules live in the core's modules) ------------------
+
+    def sweep(self) -> int:
+        """Delete the disappearing messages whose time has come, and scrub the profile of
+        them; returns how many went. Every operation of this client sweeps first."""
+        gone = self.core.features.timers.sweep()
+        if gone:
+            self.core.store.scrub()
+        return len(gone)
+
+    async def _sync_own(self, payload: Payload) -> None:
+        """To our own other devices only (contacts, notes)."""
+        if self._transport is not None:
+            await self._send_payloads({self.account_id: payload})
+
+    def contacts(self) -> dict[str, str]:
+        """Nicknames by account ID."""
+        return self.core.features.contacts.all()
+
+    def contact_name(self, account: str) -> str:
+        return self.core.features.contacts.name(account)
+
+    async def set_contact(self, account: str, name: str, *, rename: bool | None = None) -> None:
+        """Name ``account`` here and on our other devices (see ``Contacts.set``)."""
+        await self._sync_own(self.core.features.contacts.set(account, name, rename=rename))
+
+    def notes(self) -> list[Note]:
+        return self.core.features.notes.list()
+
+    async def add_note(self, text: str) -> str:
+        """Write a note here and on our other devices; returns its short ID."""
+        payload = self.core.features.notes.add(text)
+        await self._sync_own(payload)
+        return payload.note
+
+    async def delete_note(self, note: str) -> None:
+        await self._sync_own(self.core.features.notes.delete(note))
+
+    async def set_timer(self, conversation: str, seconds: int) -> Message:
+        """Set the conversation's disappearing-message timer (0: off) for every member and our
+        other devices; returns the system line filed in history."""
+        self.sweep()
+        payload = self.core.features.timers.new(conversation, seconds)
+        await self._send_payloads({account: payload for account in self._audience(conversation)})
+        return self.core.features.timers.record_sent(payload)
+
+    def _audience(self, conversation: str) -> list[str]:
+        """The accounts a payload about ``conversation`` goes to, our own included."""
+        if is_group_id(conversation):
+            return self.core.groups.current(conversation).members
+        return [conversation, self.account_id]
+
+    def set_read_receipts(self, on: bool) -> None:
+        """Send read receipts (default) or not; delivered receipts are always sent."""
+        self.core.features.receipts.set_read_enabled(on)
+
+    def conversations(self) -> list[ConversationInfo]:
+        """Every conversation with a stored message, most recent first, with unread counts."""
+        self.sweep()
+        return self.core.features.conversations.list()
+
+    async def mark_read(self, conversation: str | None = None) -> int:
+        """The user read ``conversation`` (all when None): queue read receipts (when on) and
+        send them if connected (else with the next connected operation)."""
+        count = self.core.features.conversations.mark_read(conversation)
+        if self._transport is not None:
+            await self.flush_receipts()
+        return count
+
+    async def flush_receipts(self) -> None:
+        """Send the receipts waiting in the profile. One an account refuses is dropped (a
+        receipt is a courtesy: it must not wedge anything); a lost connection keeps the rest."""
+        receipts = self.core.features.receipts
+        for pending, payloads in receipts.pending():
+            try:
+                for payload in payloads:
+                    await self._send_payloads({pending.account: payload})
+            except TransportError:
+                raise
+            except KluisError:
+                pass
+            receipts.sent(pending)

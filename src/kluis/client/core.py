@@ -28,20 +28,25 @@ from collections.abc import Callable
 
 import msgspec
 
+from kluis.client.features import Features
 from kluis.client.groups import GroupBook, is_group_id
 from kluis.client.records import (
+    ContactSync,
     Dummy,
     Identity,
     Message,
+    NoteSync,
     Opened,
     Payload,
     Pins,
     Quarantined,
+    Receipt,
     ReceivedFile,
     Sealed,
     StoredMessage,
     Sync,
     Text,
+    Timer,
     clamp_ts,
 )
 from kluis.client.store.protocol import ClientStore
@@ -144,6 +149,7 @@ class ClientCore:
             now_ms=self._now_ms,
             random=random,
         )
+        self.features = Features(self)  # contacts, notes, timers, receipts, conversation list
 
     # ---- identity -----------------------------------------------------------------------------
 
@@ -539,14 +545,26 @@ class ClientCore:
     def new_text(self, conversation: str, text: str) -> Text:
         """A message in ``conversation`` (1:1: the peer's account ID), bound to each recipient
         device by :meth:`encrypt`."""
-        return Text(id=self._random(16), ts=self._now_ms(), text=text, to=conversation)
+        return Text(
+            id=self._random(16),
+            ts=self._now_ms(),
+            text=text,
+            to=conversation,
+            expire_s=self.features.timers.seconds(conversation),
+        )
 
     def new_dummy(self, to: str) -> Dummy:
         """A message the recipient ignores: it opens a fresh session (session recovery)."""
         return Dummy(id=self._random(16), ts=self._now_ms(), to=to)
 
     def new_group_text(self, group: str, text: str) -> GroupText:
-        return GroupText(id=self._random(16), ts=self._now_ms(), text=text, to=group)
+        return GroupText(
+            id=self._random(16),
+            ts=self._now_ms(),
+            text=text,
+            to=group,
+            expire_s=self.features.timers.seconds(group),
+        )
 
     def record_group_line(self, group: str, line: str) -> Message:
         """A change we made to a group, in its history."""
@@ -561,21 +579,36 @@ class ClientCore:
             to=conversation,
             attachment=attachment,
             caption=caption,
+            expire_s=self.features.timers.seconds(conversation),
         )
 
     def record_sent(self, payload: Text | GroupText | File) -> Message:
-        conversation = payload.to
+        with self.store.transaction():
+            m = self._file_message(payload, self.account_id, payload.ts, payload.to)
+            self.store.mark_seen(b"msg:" + payload.id)
+            self.features.text_sent(m)
+        return Message.from_stored(m)
+
+    def _file_message(
+        self, payload: Text | Sync | GroupText | File, sender: str, ts: int, conversation: str
+    ) -> StoredMessage:
+        """Store a message of ``conversation`` in its history, with its expiry."""
         if isinstance(payload, File):
             text, attachment = payload.caption, payload.attachment
         else:
             text, attachment = payload.text, None
+        expire_s = 0 if isinstance(payload, Sync) else payload.expire_s
         m = StoredMessage(
-            conversation, self.account_id, payload.ts, text=text, attachment=attachment
+            conversation,
+            sender=sender,
+            ts=ts,
+            text=text,
+            attachment=attachment,
+            id=payload.id,
+            expires=self.features.timers.expires(ts, expire_s),
         )
-        with self.store.transaction():
-            self.store.add_message(conversation, _enc.encode(m))
-            self.store.mark_seen(b"msg:" + payload.id)
-        return Message.from_stored(m)
+        self.store.add_message(conversation, _enc.encode(m))
+        return m
 
     # ---- receiving ----------------------------------------------------------------------------
 
@@ -609,6 +642,10 @@ class ClientCore:
             raise UntrustedDevice("only our own devices may send us copies")
         if isinstance(payload, GroupUpdate | GroupKey) and is_group_id(payload.to):
             return  # the group's own rules decide (GroupBook)
+        if isinstance(payload, Receipt | Timer) and is_group_id(payload.to):
+            if not self.groups.is_member(payload.to, s.account):
+                raise UntrustedDevice("receipt or timer for a group from someone not in it")
+            return
         if payload.to != self.account_id:
             raise UntrustedDevice("message was written in another conversation")
 
@@ -681,26 +718,13 @@ class ClientCore:
         case per kind. A message for the user comes back; anything else may add to
         :attr:`notices`."""
         match payload:
-            case Text() | Sync():
-                conversation = self.conversation_of(payload)
+            case Text() | Sync() | File() | GroupText():
                 ts = clamp_ts(min(payload.ts, self._now_ms() + MAX_CLOCK_SKEW_MS))
-                m = StoredMessage(conversation, sender=s.account, ts=ts, text=payload.text)
-                self.store.add_message(conversation, _enc.encode(m))
-                return Message.from_stored(m)
-            case File():
-                conversation = self.conversation_of(payload)
-                ts = clamp_ts(min(payload.ts, self._now_ms() + MAX_CLOCK_SKEW_MS))
-                m = StoredMessage(
-                    conversation, s.account, ts, text=payload.caption, attachment=payload.attachment
-                )
-                self.store.add_message(conversation, _enc.encode(m))
-                received = ReceivedFile(payload.attachment, conversation, s.account)
-                self.store.put(self._file_name(payload.attachment.id), _enc.encode(received))
-                return Message.from_stored(m)
-            case GroupText():
-                ts = clamp_ts(min(payload.ts, self._now_ms() + MAX_CLOCK_SKEW_MS))
-                m = StoredMessage(payload.to, sender=s.account, ts=ts, text=payload.text)
-                self.store.add_message(payload.to, _enc.encode(m))
+                m = self._file_message(payload, s.account, ts, self.conversation_of(payload))
+                if isinstance(payload, File):
+                    received = ReceivedFile(payload.attachment, m.conversation, s.account)
+                    self.store.put(self._file_name(payload.attachment.id), _enc.encode(received))
+                self.features.text_stored(m)
                 return Message.from_stored(m)
             case GroupUpdate():
                 line = self.groups.apply_update(s.account, s.device, payload)
@@ -714,6 +738,18 @@ class ClientCore:
                 self.groups.add_key(s.account, s.device, payload)
                 return None
             case Dummy():
+                return None
+            case ContactSync():
+                self.features.contacts.apply(s, payload)  # own devices only
+                return None
+            case NoteSync():
+                self.features.notes.apply(s, payload)  # own devices only
+                return None
+            case Timer():
+                ts = clamp_ts(min(payload.ts, self._now_ms() + MAX_CLOCK_SKEW_MS))
+                return self.features.timers.apply(s, payload, ts)
+            case Receipt():
+                self.features.receipts.apply(s, payload)
                 return None
 
     def _olm_decrypt(self, peer: str, curve: str, msg_type: int, body: bytes) -> bytes:
@@ -823,4 +859,5 @@ class ClientCore:
         """Stored messages of ``conversation`` (all when None), oldest first by the sender's
         clock (arrival order breaks ties)."""
         stored = [_stored_dec.decode(v) for v in self.store.messages(conversation)]
-        return [Message.from_stored(m) for m in sorted(stored, key=lambda m: m.ts)]
+        shown = (self.features.shown(m) for m in sorted(stored, key=lambda m: m.ts))
+        return [m for m in shown if m is not None]  # not what expired, even before a sweep

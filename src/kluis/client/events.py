@@ -10,6 +10,10 @@
                 alarm_the_user(alarm)  # our own account lists a device we did not certify
             case ConnectionDown(reason):
                 ...  # the stream ends here; connect() and events() again to go on
+            case ReceiptReceived(conversation, status, by, ids):
+                ...  # our messages ``ids`` were delivered to / read by ``by``
+            case ContactChanged() | NoteChanged() | MessagesExpired():
+                ...  # another of our devices changed contacts or notes; messages disappeared
 
 Events carry only str, ints and our own types (never crypto library objects).
 """
@@ -59,4 +63,46 @@ class DeviceAlarm:
     alarm: str
 
 
-Event = ConnectionUp | ConnectionDown | MessageReceived | Undecryptable | DeviceAlarm
+# ---- messaging features (issue 9) ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiptReceived:
+    """``by`` reports our messages ``ids`` in ``conversation`` as ``status``."""
+
+    conversation: str
+    status: str  # "delivered" or "read"
+    by: str  # the account that sent the receipt
+    ids: tuple[bytes, ...]
+
+    def __post_init__(self) -> None:
+        if self.status not in ("delivered", "read"):
+            raise ValueError(f"unknown receipt status {self.status!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class ContactChanged:
+    """Another of our devices named ``account`` (``name``)."""
+
+    account: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class NoteChanged:
+    """Another of our devices wrote or deleted note ``note``."""
+
+    note: str
+    deleted: bool
+
+
+@dataclass(frozen=True, slots=True)
+class MessagesExpired:
+    """``count`` disappearing messages were deleted from this device."""
+
+    count: int
+
+
+FeatureEvent = ReceiptReceived | ContactChanged | NoteChanged | MessagesExpired
+
+Event = ConnectionUp | ConnectionDown | MessageReceived | Undecryptable | DeviceAlarm | FeatureEvent

@@ -126,6 +126,11 @@ class GroupBook:
     def _save(self, state: GroupState) -> None:
         self.store.put(self._name("group", state.id), _enc.encode(state))
 
+    def is_member(self, group: str, account: str) -> bool:
+        """``account`` is in ``group``, and so are we."""
+        state = self.get(group)
+        return state is not None and state.member and account in state.members
+
     def current(self, group: str) -> GroupState:
         """A group we are a member of, or LocalProtocolError."""
         state = self.get(group)

@@ -12,21 +12,34 @@ import msgspec
 
 from kluis.protocol.attachment import AttachmentRef
 from kluis.protocol.frames import DeviceRecord, InEnvelope
-from kluis.protocol.payload import Dummy, Payload, Sync, Text
+from kluis.protocol.payload import (
+    ContactSync,
+    Dummy,
+    NoteSync,
+    Payload,
+    Receipt,
+    Sync,
+    Text,
+    Timer,
+)
 
 __all__ = [
+    "ContactSync",
     "Dummy",
     "Identity",
     "Message",
+    "NoteSync",
     "Opened",
     "Payload",
     "Pins",
     "Quarantined",
+    "Receipt",
     "ReceivedFile",
     "Sealed",
     "StoredMessage",
     "Sync",
     "Text",
+    "Timer",
     "clamp_ts",
 ]
 
@@ -66,6 +79,12 @@ class StoredMessage(msgspec.Struct, frozen=True):
     ts: int
     text: str
     attachment: AttachmentRef | None = None  # a file message: ``text`` is its caption
+    # Issue 9 (defaults keep older rows readable): the payload's ID (receipts name it), when the
+    # message disappears (ms on this device's clock, 0: never), and its kind ("" a text,
+    # "timer" the system line of a timer change).
+    id: bytes = b""
+    expires: int = 0
+    kind: str = ""
 
 
 class Quarantined(msgspec.Struct, frozen=True):
@@ -92,11 +111,25 @@ class Message:
     time: datetime
     text: str
     attachment: AttachmentRef | None = None  # a file message: ``text`` is its caption
+    id: bytes = b""
+    kind: str = "text"  # or "timer": a system line (the text says what changed)
+    expires: datetime | None = None  # when it disappears from this device (None: never)
+    receipt: str = ""  # our own sent messages, in history: "", "delivered" or "read"
 
     @classmethod
     def from_stored(cls, m: StoredMessage) -> Message:
         time_ = datetime.fromtimestamp(clamp_ts(m.ts) / 1000, UTC)
-        return cls(m.sender, m.conversation, time_, m.text, m.attachment)
+        expires = datetime.fromtimestamp(clamp_ts(m.expires) / 1000, UTC) if m.expires else None
+        return cls(
+            m.sender,
+            m.conversation,
+            time_,
+            m.text,
+            attachment=m.attachment,
+            id=m.id,
+            kind=m.kind or "text",
+            expires=expires,
+        )
 
 
 class ReceivedFile(msgspec.Struct):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 from kluis.errors import LocalProtocolError
@@ -24,7 +24,8 @@ class MemoryStore:
         self._mac_key = hmac.new(self._pickle_key, b"kluis-memory-blind", hashlib.sha256).digest()
         self._kv: dict[str, bytes] = {}
         self._sessions: dict[int, tuple[str, int, bytes]] = {}  # id -> (peer, used, pickle)
-        self._messages: list[tuple[str, bytes]] = []
+        self._messages: dict[int, tuple[str, bytes]] = {}  # seq -> (peer, value)
+        self._next_message = 1  # never rolled back: a gap in seqs is harmless
         self._seen: set[bytes] = set()
         self._next_session = 1
         self._depth = 0
@@ -49,7 +50,7 @@ class MemoryStore:
             snapshot = (
                 dict(self._kv),
                 dict(self._sessions),
-                list(self._messages),
+                dict(self._messages),
                 set(self._seen),
                 self._next_session,
             )
@@ -106,11 +107,27 @@ class MemoryStore:
 
     def add_message(self, peer: str, value: bytes) -> None:
         with self.transaction():
-            self._messages.append((peer, bytes(value)))
+            self._messages[self._next_message] = (peer, bytes(value))
+            self._next_message += 1
 
     def messages(self, peer: str | None = None) -> list[bytes]:
+        return [v for _, v in self.message_rows(peer)]
+
+    def message_rows(self, peer: str | None = None) -> list[tuple[int, bytes]]:
         self._check()
-        return [v for p, v in self._messages if peer is None or p == peer]
+        return [(i, v) for i, (p, v) in sorted(self._messages.items()) if peer is None or p == peer]
+
+    def delete_messages(self, seqs: Sequence[int]) -> None:
+        with self.transaction():
+            for seq in seqs:
+                self._messages.pop(seq, None)
+
+    def delete(self, name: str) -> None:
+        with self.transaction():
+            self._kv.pop(name, None)
+
+    def scrub(self) -> None:
+        self._check()  # nothing is written anywhere: nothing to overwrite
 
     def seen(self, token: bytes) -> bool:
         self._check()

@@ -13,6 +13,7 @@ and :class:`kluis.client.store.memory.MemoryStore` (tests).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from typing import Protocol
 
@@ -61,6 +62,23 @@ class ClientStore(Protocol):
 
     def messages(self, peer: str | None = None) -> list[bytes]:
         """In the order they were added; all conversations when ``peer`` is None."""
+        ...
+
+    def message_rows(self, peer: str | None = None) -> list[tuple[int, bytes]]:
+        """(seq, value) in the order they were added; seq grows with each message added."""
+        ...
+
+    def delete_messages(self, seqs: Sequence[int]) -> None:
+        """Remove these messages (disappearing messages); unknown seqs are ignored."""
+        ...
+
+    def delete(self, name: str) -> None:
+        """Remove a named record (nothing if there is none)."""
+        ...
+
+    def scrub(self) -> None:
+        """Outside a transaction, after deletions: leave no copy of deleted rows in the store's
+        files (the SQLite profile overwrites freed pages and empties its write-ahead log)."""
         ...
 
     def seen(self, token: bytes) -> bool: ...

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -277,6 +277,32 @@ class ProfileStore:
                 "SELECT seq, value FROM messages WHERE peer = ? ORDER BY seq", (self.blind(peer),)
             ).fetchall()
         return [self._cipher.decrypt(v, b"message:" + str(s).encode()) for s, v in rows]
+
+    def message_rows(self, peer: str | None = None) -> list[tuple[int, bytes]]:
+        if peer is None:
+            rows = self._db.execute("SELECT seq, value FROM messages ORDER BY seq").fetchall()
+        else:
+            rows = self._db.execute(
+                "SELECT seq, value FROM messages WHERE peer = ? ORDER BY seq", (self.blind(peer),)
+            ).fetchall()
+        return [(int(s), self._cipher.decrypt(v, b"message:" + str(s).encode())) for s, v in rows]
+
+    def delete_messages(self, seqs: Sequence[int]) -> None:
+        # secure_delete (set at open) overwrites the freed space in the database file itself.
+        with self.transaction():
+            self._db.executemany("DELETE FROM messages WHERE seq = ?", [(s,) for s in seqs])
+
+    def delete(self, name: str) -> None:
+        with self.transaction():
+            self._db.execute("DELETE FROM kv WHERE name = ?", (name,))
+            self._kv[name] = None
+
+    def scrub(self) -> None:
+        """Copy the write-ahead log into the database (whose freed pages secure_delete zeroed)
+        and truncate it: the WAL still holds the pages as they were before a deletion."""
+        if self._depth:
+            raise LocalProtocolError("scrub() runs outside a transaction")
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def seen(self, token: bytes) -> bool:
         row = self._db.execute(

@@ -26,7 +26,7 @@ import itertools
 from collections.abc import Callable
 from typing import Protocol
 
-from kluis.client.transport.protocol import Push, T, expect_answer
+from kluis.client.transport.protocol import Push, T, expect_answer, settle_answer
 from kluis.errors import KluisError, MalformedFrame, TransportError
 from kluis.protocol import frames as f
 
@@ -171,10 +171,7 @@ class MemoryTransport:
         if isinstance(frame, f.Deliver | f.KeysLow | f.Synced):
             self.pushes.put_nowait(frame)
             return
-        rid = getattr(frame, "rid", None)
-        fut = self._waiting.pop(rid, None) if rid is not None else None
-        if fut is not None and not fut.done():
-            fut.set_result(frame)
+        settle_answer(self._waiting, frame)
 
     def _end_channel(self, error: KluisError) -> None:
         if self._ended:

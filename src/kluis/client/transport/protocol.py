@@ -51,6 +51,24 @@ class Transport(Protocol):
         ...
 
 
+def settle_answer(waiting: dict[int, asyncio.Future[f.ServerFrame]], frame: f.ServerFrame) -> None:
+    """Hand an answer to the request waiting for its ``rid``. A refusal of a frame the server
+    could not read (too large, undecodable) names no request: it answers every one waiting,
+    so none waits for an answer that will never come."""
+    rid = getattr(frame, "rid", None)
+    if rid is None:
+        if not isinstance(frame, f.Error):
+            return
+        futures = list(waiting.values())
+        waiting.clear()
+    else:
+        fut = waiting.pop(rid, None)
+        futures = [] if fut is None else [fut]
+    for fut in futures:
+        if not fut.done():
+            fut.set_result(frame)
+
+
 def expect_answer(answer: f.ServerFrame, expect: type[T]) -> T:
     """The answer to a request, as ``expect``: a server Error raised as its typed class, any
     other frame a MalformedFrame. Every transport's :meth:`Transport.request` ends here."""

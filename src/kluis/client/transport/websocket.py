@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import aiohttp
 
-from kluis.client.transport.protocol import Push, T, expect_answer
+from kluis.client.transport.protocol import Push, T, expect_answer, settle_answer
 from kluis.errors import KluisError, MalformedFrame, TransportError
 from kluis.protocol import frames as f
 
@@ -82,10 +82,7 @@ class WebSocketTransport:
                 if isinstance(frame, f.Deliver | f.KeysLow | f.Synced):
                     self.pushes.put_nowait(frame)
                     continue
-                rid = getattr(frame, "rid", None)
-                fut = self._waiting.pop(rid, None) if rid is not None else None
-                if fut is not None and not fut.done():
-                    fut.set_result(frame)
+                settle_answer(self._waiting, frame)
             if self._ws.close_code is not None:
                 reason = f"connection closed by server ({self._ws.close_code})"
                 error = TransportError(reason, close_code=self._ws.close_code)
