@@ -6,7 +6,7 @@ DATA   ?= ./data
 HOST   ?= 127.0.0.1
 PORT   ?= 8448
 
-.PHONY: lock install serve test lint typecheck pytest fuzz audit-deps clean bench bench-quick bench-compare bench-plots
+.PHONY: lock install serve test lint typecheck pytest fuzz audit-deps clean bench bench-quick bench-compare bench-plots bench-groups
 
 $(BIN)/kluis: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -83,6 +83,12 @@ bench-compare: $(VENV)/.bench-installed
 	$(BIN)/python -m bench.run --crypto --only pairs,paced
 	$(BIN)/python -m bench.compare --peer $(BENCH_PEER)
 	$(BIN)/python -m bench.plots
+
+# Group fan-out (issue 9): one sender, 250 and 1,000 members online, opaque bodies back to back
+# and paced at 2/s; then 250 members with real encryption at 1/s (bench/groups.py).
+bench-groups: $(VENV)/.bench-installed
+	$(BIN)/python -m bench.run --only groups --groups 250,1000 --group-messages 100 --group-rate 2
+	$(BIN)/python -m bench.run --crypto --only groups --groups 250 --group-messages 20 --group-rate 1
 
 bench-plots: $(VENV)/.bench-installed
 	$(BIN)/python -m bench.plots

@@ -1,6 +1,7 @@
 """Run Kluis's benchmark workloads and write one JSON file per workload into bench/results/.
 
     python -m bench.run [--quick] [--crypto] [--only pairs,paced,idle,burst]
+    python -m bench.run --only groups [--groups 250,1000] [--crypto]   (bench/groups.py)
 
 Each workload starts its own server on loopback and stops it; the whole run is bounded in time.
 Field names follow ../shared/bench-peer/README.md so one table holds Kluis and its peers.
@@ -87,7 +88,40 @@ async def main(args: argparse.Namespace) -> None:
             counts = [2_000] if q else [5_000, 10_000, 19_000]
         res = await idle_workload("kluis-idle", counts, procs=args.procs)
         _save("idle", res, out)
+    if "groups" in only:
+        await _groups(args, out)
     print(f"mode {mode}: results in {out}")
+
+
+async def _groups(args: argparse.Namespace, out: Path) -> None:
+    """Group fan-out (bench/groups.py): one sender, N members online, one table at the end."""
+    from bench.groups import fanout_workload, table
+
+    rows = []
+    sizes = [int(x) for x in args.groups.split(",")]
+    if args.crypto:
+        from bench.groups_crypto import crypto_group_workload
+
+        for n in sizes:
+            res = await crypto_group_workload(
+                f"kluis-group-{n}-crypto", n, args.group_messages or 20, rate=args.group_rate
+            )
+            _save(f"group-{n}-crypto", res, out)
+            rows.append(res)
+    else:
+        for n in sizes:
+            msgs = args.group_messages or (20 if args.quick else 100)
+            spy = f"{args.profile}-{n}.txt" if args.profile else ""
+            res = await fanout_workload(f"kluis-group-{n}", n, msgs, profile=spy)
+            _save(f"group-{n}", res, out)
+            rows.append(res)
+            if args.group_rate:
+                res = await fanout_workload(
+                    f"kluis-group-{n}-paced", n, msgs // 2, rate=args.group_rate
+                )
+                _save(f"group-{n}-paced", res, out)
+                rows.append(res)
+    print(table(rows), flush=True)
 
 
 def cli() -> None:
@@ -99,7 +133,14 @@ def cli() -> None:
     ap.add_argument("--procs", type=int, default=4, help="idle generator processes")
     ap.add_argument("--repeat", type=int, default=3, help="pairs runs; the median is kept")
     ap.add_argument("--messages", type=int, default=0, help="pairs: messages per sender")
-    ap.add_argument("--profile", default="", help="pairs: py-spy raw stacks to this file")
+    ap.add_argument(
+        "--profile", default="", help="pairs (groups: -N.txt added): py-spy raw stacks to this file"
+    )
+    ap.add_argument("--groups", default="250,1000", help="groups: member counts")
+    ap.add_argument("--group-messages", type=int, default=0, help="groups: messages per run")
+    ap.add_argument(
+        "--group-rate", type=float, default=0.0, help="groups: also a paced run at this msg/s"
+    )
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--deadline", type=float, default=1800.0, help="hard stop for the whole run")
     args = ap.parse_args()
