@@ -12,6 +12,7 @@ import functools
 import getpass
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -366,17 +367,32 @@ async def _fetch(args: argparse.Namespace) -> None:
 async def _inbox(args: argparse.Namespace) -> None:
     async def body(client: KluisClient) -> None:
         names = client.contacts()
-        shown: set[str] = set()
-        for message in await client.receive(wait=args.wait):
-            print(message_line(message, names), flush=True)
-            shown.add(message.conversation)
-        for conversation in sorted(shown):  # printed: read (read receipts, when on, go now)
+        read: set[str] = set()
+        errors: list[KluisError] = []
+
+        def show() -> None:
+            # Printed first, then marked shown: an interrupted inbox shows it again next time
+            # rather than never (the server forgot it once it was acknowledged).
+            for seq, message in client.core.unshown():
+                print(message_line(message, names), flush=True)
+                client.core.shown(seq)
+                read.add(message.conversation)
+
+        show()  # what an earlier, interrupted inbox received and did not print
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + args.wait
+        while True:
+            await client.receive(wait=max(0.0, deadline - loop.time()), until=1)
+            errors += client.errors
+            show()
+            if loop.time() >= deadline:
+                break
+        for conversation in sorted(read):  # printed: read (read receipts, when on, go now)
             await client.mark_read(conversation)
-        unread = len(client.errors)
-        if unread:
-            noun = "message" if unread == 1 else "messages"
-            print(f"warning: {unread} {noun} could not be read (kept aside)", file=sys.stderr)
-            _warn(client.errors)
+        if errors:
+            noun = "message" if len(errors) == 1 else "messages"
+            print(f"warning: {len(errors)} {noun} could not be read (kept aside)", file=sys.stderr)
+            _warn(errors)
 
     await _with_client(args, body)
 
@@ -745,6 +761,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # A shell starts background jobs with SIGINT ignored, and children inherit that: Ctrl-C
+    # (or kill -INT) must still end a command cleanly, through asyncio's own handler.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

@@ -538,7 +538,10 @@ class KluisClient:
                 elif remaining <= 0 and pushes.empty():
                     break
                 try:
-                    push = await asyncio.wait_for(pushes.get(), max(0.0, remaining))
+                    # Not wait_for: on 3.11 it can swallow a cancellation (Ctrl-C) that lands
+                    # as a push arrives, and the command would go on waiting.
+                    async with asyncio.timeout(max(0.0, remaining)):
+                        push = await pushes.get()
                 except TimeoutError:
                     break
                 if push is None:

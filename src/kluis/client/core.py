@@ -568,7 +568,7 @@ class ClientCore:
 
     def record_group_line(self, group: str, line: str) -> Message:
         """A change we made to a group, in its history."""
-        m = StoredMessage(group, sender=self.account_id, ts=self._now_ms(), text=line)
+        m = StoredMessage(group, self.account_id, self._now_ms(), text=line, local=True)
         self.store.add_message(group, _enc.encode(m))
         return Message.from_stored(m)
 
@@ -584,13 +584,19 @@ class ClientCore:
 
     def record_sent(self, payload: Text | GroupText | File) -> Message:
         with self.store.transaction():
-            m = self._file_message(payload, self.account_id, payload.ts, payload.to)
+            m = self._file_message(payload, self.account_id, payload.ts, payload.to, local=True)
             self.store.mark_seen(b"msg:" + payload.id)
             self.features.text_sent(m)
         return Message.from_stored(m)
 
     def _file_message(
-        self, payload: Text | Sync | GroupText | File, sender: str, ts: int, conversation: str
+        self,
+        payload: Text | Sync | GroupText | File,
+        sender: str,
+        ts: int,
+        conversation: str,
+        *,
+        local: bool = False,
     ) -> StoredMessage:
         """Store a message of ``conversation`` in its history, with its expiry."""
         if isinstance(payload, File):
@@ -606,6 +612,7 @@ class ClientCore:
             attachment=attachment,
             id=payload.id,
             expires=self.features.timers.expires(ts, expire_s),
+            local=local,
         )
         self.store.add_message(conversation, _enc.encode(m))
         return m
@@ -854,6 +861,28 @@ class ClientCore:
         self.store.put(self._file_name(received.attachment.id), _enc.encode(received))
 
     # ---- history ------------------------------------------------------------------------------
+
+    def unshown(self) -> list[tuple[int, Message]]:
+        """(seq, message) of what reached this device and ``inbox`` has not printed yet, in
+        the order it arrived. A message stays here until :meth:`shown` moves past it, so one
+        acknowledged to the server and stored is never lost to an interrupted ``inbox``."""
+        raw = self.store.get("inbox-cursor")
+        cursor = msgspec.msgpack.decode(raw, type=int) if raw else 0
+        out = []
+        for seq, value in self.store.message_rows():
+            if seq <= cursor:
+                continue
+            m = _stored_dec.decode(value)
+            shown = None if m.local else self.features.shown(m)
+            if shown is not None:
+                out.append((seq, shown))
+        return out
+
+    def shown(self, seq: int) -> None:
+        """``inbox`` printed everything up to ``seq``."""
+        raw = self.store.get("inbox-cursor")
+        if not raw or msgspec.msgpack.decode(raw, type=int) < seq:
+            self.store.put("inbox-cursor", _enc.encode(seq))
 
     def history(self, conversation: str | None = None) -> list[Message]:
         """Stored messages of ``conversation`` (all when None), oldest first by the sender's

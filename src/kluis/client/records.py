@@ -85,6 +85,7 @@ class StoredMessage(msgspec.Struct, frozen=True):
     id: bytes = b""
     expires: int = 0
     kind: str = ""
+    local: bool = False  # written on this device (what we sent here): inbox does not show it
 
 
 class Quarantined(msgspec.Struct, frozen=True):

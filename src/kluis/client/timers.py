@@ -97,12 +97,14 @@ class Timers:
     def record_sent(self, payload: Timer) -> Message:
         with self._core.store.transaction():
             self._core.store.mark_seen(b"msg:" + payload.id)
-            return self._store(payload.to, self._core.account_id, payload, payload.ts)
+            return self._store(payload.to, self._core.account_id, payload, payload.ts, local=True)
 
     def apply(self, s: Sealed, payload: Timer, ts: int) -> Message:
         return self._store(self._core.conversation_of(payload), s.account, payload, ts)
 
-    def _store(self, conversation: str, sender: str, payload: Timer, ts: int) -> Message:
+    def _store(
+        self, conversation: str, sender: str, payload: Timer, ts: int, *, local: bool = False
+    ) -> Message:
         """Keep the newest setting; file the system line whatever its order of arrival."""
         timers = self._load()
         new = _Setting(seconds=payload.seconds, ts=payload.ts, id=payload.id)
@@ -117,6 +119,7 @@ class Timers:
             text=timer_line(payload.seconds),
             id=payload.id,
             kind="timer",
+            local=local,
         )
         self._core.store.add_message(conversation, _enc.encode(m))
         return Message.from_stored(m)
