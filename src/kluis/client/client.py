@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
@@ -33,6 +33,7 @@ from kluis.client.events import (
 )
 from kluis.client.store import ProfileStore
 from kluis.client.transport import Transport, TransportFactory, WebSocketTransport
+from kluis.client.verification import State, Status, Verification
 from kluis.crypto.profile_key import KdfParams
 from kluis.errors import (
     DecryptionError,
@@ -42,6 +43,7 @@ from kluis.errors import (
     MismatchedDevices,
     TransportError,
     UnknownDevice,
+    VerificationFailed,
 )
 from kluis.identity.chain import ChainView
 from kluis.protocol import frames as f
@@ -336,6 +338,7 @@ class KluisClient:
         """Envelopes of ``payload`` for every trusted device of ``account``, opening sessions."""
         if refresh or self.core.trusted_devices(account) is None:
             await self.refresh_devices(account)
+        self.core.check_verified(account, payload)  # before claiming keys for a blocked peer
         missing = self.core.devices_without_session(account)
         if missing:
             bundles = await self.transport.request(
@@ -496,3 +499,59 @@ class KluisClient:
 
     def history(self, conversation: str | None = None) -> list[Message]:
         return self.core.history(conversation)
+
+    # ---- verification (SAS) -------------------------------------------------------------------
+
+    async def verify(
+        self,
+        peer: str,
+        confirm: Callable[[Verification], Awaitable[bool]],
+        *,
+        timeout: float = 600.0,
+        poll: float = 0.2,
+    ) -> Verification:
+        """Verify ``peer`` interactively with one of its devices (its user runs this too).
+
+        Answers a request ``peer`` already sent, or sends one and waits. Once both sides have
+        the short code, ``confirm`` shows it to the user and returns whether it matches what the
+        peer's screen shows. Returns the verified flow; raises VerificationFailed on a "no" (on
+        either side), a MAC or commitment that fails, a cancel, or the timeout. Messages that
+        arrive meanwhile are stored in the history as usual.
+        """
+        machine = self.core.verification
+        await self.refresh_devices(peer)
+        await self.receive()  # the backlog: a request the peer sent may be waiting in it
+        flow = machine.begin(peer)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        asked: set[bytes] = set()
+        try:
+            while True:
+                machine.expire()
+                await self._flush_verifications()
+                flow = machine.current(peer) or flow
+                if flow.state is State.VERIFIED:
+                    return flow
+                if flow.state is State.CANCELLED:
+                    raise VerificationFailed(f"verification with {peer} failed: {flow.reason}")
+                if flow.state is State.COMPARING and flow.txn not in asked:
+                    asked.add(flow.txn)
+                    machine.confirm(flow.txn, await confirm(flow))
+                    continue
+                if loop.time() >= deadline:
+                    machine.cancel(flow.txn, "timed out")
+                    await self._flush_verifications()
+                    raise VerificationFailed(f"verification with {peer} timed out")
+                await self.receive(wait=poll)
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            machine.cancel(flow.txn)  # best effort: tell the peer on the next flush
+            raise
+
+    def verification_status(self, peer: str) -> tuple[Status, str]:
+        """Whether ``peer`` is verified; for a broken verification, why (offline)."""
+        return self.core.verification.status(peer)
+
+    async def _flush_verifications(self) -> None:
+        """Send what the verification flows queued, each to every device of its account."""
+        for account, payload in self.core.verification.take_outbox():
+            await self._send_payloads({account: payload})

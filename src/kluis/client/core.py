@@ -43,6 +43,7 @@ from kluis.client.records import (
     clamp_ts,
 )
 from kluis.client.store.protocol import ClientStore
+from kluis.client.verification import VERIFY_KINDS, Verifications
 from kluis.crypto import padding, seal
 from kluis.crypto.account_key import AccountKey
 from kluis.crypto.olm import PRE_KEY, OlmAccount, OlmSession, verify_signature
@@ -64,6 +65,14 @@ from kluis.protocol.frames import (
     OutEnvelope,
     Revocation,
     SignedKey,
+)
+from kluis.protocol.payload import (
+    VerifyAccept,
+    VerifyCancel,
+    VerifyDone,
+    VerifyKey,
+    VerifyMac,
+    VerifyRequest,
 )
 
 __all__ = [
@@ -130,6 +139,8 @@ class ClientCore:
         self._clock = clock
         self._random = random
         self._pins_memo: dict[str, tuple[bytes, Pins]] = {}
+        # SAS flows (in memory: their ephemeral keys cannot be persisted) and verified accounts.
+        self.verification = Verifications(store, self, clock_ms=self._now_ms, random=random)
 
     # ---- identity -----------------------------------------------------------------------------
 
@@ -304,6 +315,10 @@ class ClientCore:
         self._pins_memo[name] = (raw, pins)
         return pins
 
+    def pinned(self, account: str) -> Pins | None:
+        """What we pinned for ``account`` (its identity and devices), or None; read-only."""
+        return self._pins(account)
+
     def _save_pins(self, pins: Pins) -> None:
         self.store.put(self._pins_name(pins.account), _enc.encode(pins))
 
@@ -459,6 +474,7 @@ class ClientCore:
     def encrypt(self, account: str, payload: Payload) -> list[OutEnvelope]:
         """One sealed envelope per trusted device of ``account`` (ours excluded), each naming
         sender and recipient device inside the encryption."""
+        self.check_verified(account, payload)
         devices = [d for d in self.devices_for_sending(account) if d.keys.ed25519 != self.device_id]
         out: list[OutEnvelope] = []
         if not devices:
@@ -491,6 +507,12 @@ class ClientCore:
                 box = seal.seal(d.keys.seal, _enc.encode(inner), d.keys.ed25519.encode())
                 out.append(OutEnvelope(device=d.keys.ed25519, body=box))
         return out
+
+    def check_verified(self, account: str, payload: Payload) -> None:
+        """Refuse (VerificationBroken) anything but verification messages to an account
+        whose SAS verification broke: its identity or a verified device changed."""
+        if account != self.account_id and not isinstance(payload, VERIFY_KINDS):
+            self.verification.require_intact(account)
 
     def new_text(self, conversation: str, text: str) -> Text:
         """A message in ``conversation`` (1:1: the peer's account ID), bound to each recipient
@@ -598,6 +620,16 @@ class ClientCore:
                 self.store.add_message(conversation, _enc.encode(m))
                 return Message.from_stored(m)
             case Dummy():
+                return None
+            case (
+                VerifyRequest()
+                | VerifyAccept()
+                | VerifyKey()
+                | VerifyMac()
+                | VerifyDone()
+                | VerifyCancel()
+            ):
+                self.verification.receive(s.account, s.device, payload)
                 return None
 
     def _olm_decrypt(self, peer: str, curve: str, msg_type: int, body: bytes) -> bytes:
