@@ -6,6 +6,7 @@ to the tree), so that dropping or narrowing the rule in pyproject.toml fails thi
 
 from __future__ import annotations
 
+import ast
 import re
 import subprocess
 import sys
@@ -54,6 +55,7 @@ def banned_imports(path: str, source: str = PROBE) -> set[str]:
     "path",
     [
         "src/kluis/client/core.py",
+        "src/kluis/client/verification.py",
         "src/kluis/protocol/_probe.py",
         "src/kluis/crypto/_probe.py",
         "src/kluis/identity/sub/_probe.py",
@@ -73,6 +75,24 @@ def test_the_core_may_not_reach_for_the_sqlite_profile() -> None:
 )
 def test_io_layers_may_import_io(path: str) -> None:
     assert banned_imports(path) == set()
+
+
+# The boundaries to vodozemac: each wraps its objects and translates its exceptions.
+VODOZEMAC_BOUNDARIES = {"src/kluis/crypto/olm.py", "src/kluis/crypto/sas.py"}
+
+
+def test_only_the_crypto_boundaries_import_vodozemac() -> None:
+    importers = set()
+    for path in sorted((ROOT / "src").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            if any(n == "vodozemac" or n.startswith("vodozemac.") for n in names):
+                importers.add(str(path.relative_to(ROOT)))
+    assert importers == VODOZEMAC_BOUNDARIES
 
 
 def test_errors_are_matched_by_class_not_by_code() -> None:

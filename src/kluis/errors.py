@@ -32,6 +32,11 @@ remote refusal back to the class below with :func:`error_for_code`.
     │   ├── UntrustedDevice           untrusted_device: a device without a valid approval chain
     │   ├── KeyChanged                key_changed: a pinned identity key changed; sending to that
     │   │                             peer is refused until the change is acknowledged
+    │   ├── VerificationFailed        verification_failed: a SAS verification did not succeed
+    │   │                             (codes differ, a MAC or commitment fails, cancelled, timed out)
+    │   ├── VerificationBroken        verification_broken: a verified account's identity or a
+    │   │                             verified device changed; sending to it is refused until a
+    │   │                             fresh SAS verification
     │   └── WrongPassphrase           wrong_passphrase: the profile key does not open the store
     └── TransportError                transport: connection lost, refused or timed out
 """
@@ -160,6 +165,14 @@ class UntrustedDevice(CryptoError):
 
 class KeyChanged(CryptoError):
     code = "key_changed"
+
+
+class VerificationFailed(CryptoError):
+    code = "verification_failed"
+
+
+class VerificationBroken(CryptoError):
+    code = "verification_broken"
 
 
 class WrongPassphrase(CryptoError):

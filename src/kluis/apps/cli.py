@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import functools
 import getpass
+import io
 import logging
 import os
 import signal
@@ -34,7 +35,8 @@ from kluis.client.records import Message
 from kluis.client.timers import describe as describe_timer
 from kluis.client.transport import TransportFactory, WebSocketTransport
 from kluis.client.transport.websocket import DEFAULT_TIMEOUT_S
-from kluis.errors import KeyChanged, KluisError, LocalProtocolError
+from kluis.client.verification import Status, Verification
+from kluis.errors import KeyChanged, KluisError, LocalProtocolError, VerificationBroken
 
 DEFAULT_PORT = 8448
 
@@ -71,6 +73,13 @@ def _report(err: KluisError, level: str) -> None:
         print(
             f"  compare `kluis safety-number --profile DIR {account}` with the peer's own, then:"
             f" kluis trust --profile DIR {account}",
+            file=sys.stderr,
+        )
+    if isinstance(err, VerificationBroken):
+        account = err.details.get("account", "ID")
+        print(
+            f"  check it with them again: both run `kluis verify --profile DIR` with the other's ID"
+            f" (you: kluis verify --profile DIR {account})",
             file=sys.stderr,
         )
 
@@ -404,6 +413,41 @@ async def _safety_number(args: argparse.Namespace) -> None:
     await _with_client(args, body)
 
 
+async def _verify(args: argparse.Namespace) -> None:
+    if args.status:
+        client = KluisClient.open(Path(args.profile), _passphrase())
+        try:
+            status, reason = client.verification_status(args.id)
+        finally:
+            client.core.store.close()
+        print(f"{status.value}: {reason}" if status is Status.BROKEN else status.value)
+        return
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(errors="replace")  # a terminal without emoji still gets the names
+
+    async def confirm(flow: Verification) -> bool:
+        code = flow.short_code
+        if code is None:  # not comparing: nothing to confirm
+            return False
+        print(f"Compare with what {flow.peer} sees (device {flow.peer_device[:8]}…):")
+        print(f"  {code.emoji_line()}")
+        print(f"  {code.decimal_line()}")
+        print("Do they match? [y/N] ", end="", flush=True)
+        answer = await asyncio.to_thread(sys.stdin.readline)
+        return answer.strip().lower() in ("y", "yes")
+
+    async def body(client: KluisClient) -> None:
+        print(
+            f"verifying {args.id}: they run `kluis verify --profile DIR {client.account_id}`"
+            " now; waiting …",
+            file=sys.stderr,
+        )
+        flow = await client.verify(args.id, confirm, timeout=args.verify_timeout)
+        print(f"verified: {flow.peer} (identity key and device {flow.peer_device[:8]}…)")
+
+    await _with_client(args, body)
+
+
 def cmd_history(args: argparse.Namespace) -> None:
     client = KluisClient.open(Path(args.profile), _passphrase())
     try:
@@ -728,6 +772,24 @@ def build_parser() -> argparse.ArgumentParser:
     sn.add_argument("--profile", required=True)
     sn.add_argument("id", nargs="?")
     sn.set_defaults(func=_async(_safety_number))
+
+    vf = sub.add_parser(
+        "verify",
+        help="verify ID interactively (emoji and numbers); the peer runs it with your ID",
+    )
+    vf.add_argument("--profile", required=True)
+    vf.add_argument("id")
+    vf.add_argument(
+        "--timeout",
+        dest="verify_timeout",
+        type=float,
+        default=600.0,
+        help="seconds to wait for the peer (default 600)",
+    )
+    vf.add_argument(
+        "--status", action="store_true", help="print verified, unverified or broken (offline)"
+    )
+    vf.set_defaults(func=_async(_verify))
 
     t = sub.add_parser("trust", help="accept the changed keys of ID")
     t.add_argument("--profile", required=True)

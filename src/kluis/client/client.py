@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Literal, TypeVar
@@ -37,6 +37,7 @@ from kluis.client.events import (
 from kluis.client.groups import GroupState, describe, is_group_id
 from kluis.client.store import ProfileStore
 from kluis.client.transport import Transport, TransportFactory, WebSocketTransport
+from kluis.client.verification import State, Status, Verification
 from kluis.crypto.profile_key import KdfParams
 from kluis.errors import (
     DecryptionError,
@@ -46,6 +47,7 @@ from kluis.errors import (
     MismatchedDevices,
     TransportError,
     UnknownDevice,
+    VerificationFailed,
 )
 from kluis.identity.chain import ChainView
 from kluis.protocol import frames as f
@@ -369,13 +371,18 @@ class KluisClient:
         self, account: str, payload: Payload, *, refresh: bool = False
     ) -> list[f.OutEnvelope]:
         """Envelopes of ``payload`` for every trusted device of ``account``, opening sessions."""
-        await self._prepare(account, refresh=refresh)
+        await self._prepare(account, refresh=refresh, payload=payload)
         return self.core.encrypt(account, payload)
 
-    async def _prepare(self, account: str, *, refresh: bool = False) -> None:
-        """Know ``account``'s devices, and hold an Olm session with each."""
+    async def _prepare(
+        self, account: str, *, refresh: bool = False, payload: Payload | None = None
+    ) -> None:
+        """Know ``account``'s devices, and hold an Olm session with each; with ``payload``,
+        refuse an account whose verification broke before claiming any of its keys."""
         if refresh or self.core.trusted_devices(account) is None:
             await self.refresh_devices(account)
+        if payload is not None:
+            self.core.check_verified(account, payload)
         missing = self.core.devices_without_session(account)
         if missing:
             bundles = await self.transport.request(
@@ -497,7 +504,7 @@ class KluisClient:
         for attempt in range(_SEND_ATTEMPTS):
             devices: dict[str, list[str]] = {}
             for account in state.members:
-                await self._prepare(account, refresh=account in stale)
+                await self._prepare(account, refresh=account in stale, payload=payload)
                 devices[account] = self.core.sending_devices(account)
             key, lacking = self.core.groups.key_shares(group, devices)
             if lacking:
@@ -772,3 +779,59 @@ class KluisClient:
             except KluisError:
                 pass
             receipts.sent(pending)
+
+    # ---- verification (SAS) -------------------------------------------------------------------
+
+    async def verify(
+        self,
+        peer: str,
+        confirm: Callable[[Verification], Awaitable[bool]],
+        *,
+        timeout: float = 600.0,
+        poll: float = 0.2,
+    ) -> Verification:
+        """Verify ``peer`` interactively with one of its devices (its user runs this too).
+
+        Answers a request ``peer`` already sent, or sends one and waits. Once both sides have
+        the short code, ``confirm`` shows it to the user and returns whether it matches what the
+        peer's screen shows. Returns the verified flow; raises VerificationFailed on a "no" (on
+        either side), a MAC or commitment that fails, a cancel, or the timeout. Messages that
+        arrive meanwhile are stored in the history as usual.
+        """
+        machine = self.core.verification
+        await self.refresh_devices(peer)
+        await self.receive()  # the backlog: a request the peer sent may be waiting in it
+        flow = machine.begin(peer)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        asked: set[bytes] = set()
+        try:
+            while True:
+                machine.expire()
+                await self._flush_verifications()
+                flow = machine.current(peer) or flow
+                if flow.state is State.VERIFIED:
+                    return flow
+                if flow.state is State.CANCELLED:
+                    raise VerificationFailed(f"verification with {peer} failed: {flow.reason}")
+                if flow.state is State.COMPARING and flow.txn not in asked:
+                    asked.add(flow.txn)
+                    machine.confirm(flow.txn, await confirm(flow))
+                    continue
+                if loop.time() >= deadline:
+                    machine.cancel(flow.txn, "timed out")
+                    await self._flush_verifications()
+                    raise VerificationFailed(f"verification with {peer} timed out")
+                await self.receive(wait=poll)
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            machine.cancel(flow.txn)  # best effort: tell the peer on the next flush
+            raise
+
+    def verification_status(self, peer: str) -> tuple[Status, str]:
+        """Whether ``peer`` is verified; for a broken verification, why (offline)."""
+        return self.core.verification.status(peer)
+
+    async def _flush_verifications(self) -> None:
+        """Send what the verification flows queued, each to every device of its account."""
+        for account, payload in self.core.verification.take_outbox():
+            await self._send_payloads({account: payload})

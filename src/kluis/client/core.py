@@ -50,6 +50,7 @@ from kluis.client.records import (
     clamp_ts,
 )
 from kluis.client.store.protocol import ClientStore
+from kluis.client.verification import VERIFY_KINDS, Verifications
 from kluis.crypto import padding, seal
 from kluis.crypto.account_key import AccountKey
 from kluis.crypto.olm import PRE_KEY, OlmAccount, OlmSession, verify_signature
@@ -73,7 +74,18 @@ from kluis.protocol.frames import (
     Revocation,
     SignedKey,
 )
-from kluis.protocol.payload import File, GroupKey, GroupText, GroupUpdate
+from kluis.protocol.payload import (
+    File,
+    GroupKey,
+    GroupText,
+    GroupUpdate,
+    VerifyAccept,
+    VerifyCancel,
+    VerifyDone,
+    VerifyKey,
+    VerifyMac,
+    VerifyRequest,
+)
 
 __all__ = [
     "ClientCore",
@@ -150,6 +162,8 @@ class ClientCore:
             random=random,
         )
         self.features = Features(self)  # contacts, notes, timers, receipts, conversation list
+        # SAS flows (in memory: their ephemeral keys cannot be persisted) and verified accounts.
+        self.verification = Verifications(store, self, clock_ms=self._now_ms, random=random)
 
     # ---- identity -----------------------------------------------------------------------------
 
@@ -324,6 +338,10 @@ class ClientCore:
         self._pins_memo[name] = (raw, pins)
         return pins
 
+    def pinned(self, account: str) -> Pins | None:
+        """What we pinned for ``account`` (its identity and devices), or None; read-only."""
+        return self._pins(account)
+
     def _save_pins(self, pins: Pins) -> None:
         self.store.put(self._pins_name(pins.account), _enc.encode(pins))
 
@@ -479,6 +497,7 @@ class ClientCore:
     def encrypt(self, account: str, payload: Payload) -> list[OutEnvelope]:
         """One sealed envelope per trusted device of ``account`` (ours excluded), each naming
         sender and recipient device inside the encryption."""
+        self.check_verified(account, payload)
         devices = [d for d in self.devices_for_sending(account) if d.keys.ed25519 != self.device_id]
         out: list[OutEnvelope] = []
         if not devices:
@@ -541,6 +560,12 @@ class ClientCore:
                 ]
                 out.append((account, [self._sealed_for(d, MEGOLM, body) for d in devices]))
         return out
+
+    def check_verified(self, account: str, payload: Payload) -> None:
+        """Refuse (VerificationBroken) anything but verification messages to an account
+        whose SAS verification broke: its identity or a verified device changed."""
+        if account != self.account_id and not isinstance(payload, VERIFY_KINDS):
+            self.verification.require_intact(account)
 
     def new_text(self, conversation: str, text: str) -> Text:
         """A message in ``conversation`` (1:1: the peer's account ID), bound to each recipient
@@ -757,6 +782,16 @@ class ClientCore:
                 return self.features.timers.apply(s, payload, ts)
             case Receipt():
                 self.features.receipts.apply(s, payload)
+                return None
+            case (
+                VerifyRequest()
+                | VerifyAccept()
+                | VerifyKey()
+                | VerifyMac()
+                | VerifyDone()
+                | VerifyCancel()
+            ):
+                self.verification.receive(s.account, s.device, payload)
                 return None
 
     def _olm_decrypt(self, peer: str, curve: str, msg_type: int, body: bytes) -> bytes:

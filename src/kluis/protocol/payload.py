@@ -6,8 +6,9 @@ encrypts (``sender``/``sender_device``, ``recipient``/``recipient_device``, and 
 conversation), and the recipient checks them against the sealed claim and itself before it
 believes anything else in the payload. The ``kind`` field is the tag: it names the struct
 (``"text"``, ``"sync"``, ``"dummy"`` — the same strings earlier versions wrote, so the encoding
-is unchanged; issue 9 added ``"contact"``, ``"note"``, ``"timer"`` and ``"receipt"``, see the
-end of this module). A tag this version does not know fails to decode, and the caller treats that as
+is unchanged; issue 9 added ``"contact"``, ``"note"``, ``"timer"``, ``"receipt"``, the group
+kinds, ``"file"`` and ``"verify_*"`` for SAS verification). A tag this version does not know
+fails to decode, and the caller treats that as
 an undecryptable message.
 """
 
@@ -132,6 +133,66 @@ class Receipt(_Bound, frozen=True, tag="receipt"):
     ids: _Ids = []
 
 
+# ---- SAS verification (kluis.client.verification): one flow is one ``txn``; every message but
+# the request names the one device it is for (``for_device``), since a Send reaches every device
+# of an account. Sizes are bounded: these come from peers.
+
+_Txn = Annotated[bytes, msgspec.Meta(max_length=32)]
+_Key = Annotated[str, msgspec.Meta(max_length=64)]
+_Mac = Annotated[str, msgspec.Meta(max_length=64)]
+
+
+class VerifyRequest(_Bound, frozen=True, tag="verify_request"):
+    """Asks every device of ``to`` for an interactive SAS verification with the sender device."""
+
+    txn: _Txn = b""
+
+
+class VerifyAccept(_Bound, frozen=True, tag="verify_accept"):
+    """A device takes the request up and commits to its SAS key before seeing the other's."""
+
+    txn: _Txn = b""
+    for_device: _Key = ""
+    commitment: _Txn = b""
+
+
+class VerifyKey(_Bound, frozen=True, tag="verify_key"):
+    """An ephemeral SAS public key (the requester's first, then the accepter's)."""
+
+    txn: _Txn = b""
+    for_device: _Key = ""
+    key: _Key = ""
+
+
+class VerifyMac(_Bound, frozen=True, tag="verify_mac"):
+    """Sent once the user confirmed the codes: MACs over the sender's identity and device key."""
+
+    txn: _Txn = b""
+    for_device: _Key = ""
+    identity_mac: _Mac = ""
+    device_mac: _Mac = ""
+
+
+class VerifyDone(_Bound, frozen=True, tag="verify_done"):
+    """The sender checked the other side's MAC: both sides now mark each other verified."""
+
+    txn: _Txn = b""
+    for_device: _Key = ""
+
+
+class VerifyCancel(_Bound, frozen=True, tag="verify_cancel"):
+    """Ends a flow without verifying anything (``code`` says why, e.g. ``mismatch``)."""
+
+    txn: _Txn = b""
+    for_device: _Key = ""
+    code: Annotated[str, msgspec.Meta(max_length=32)] = ""
+    reason: Annotated[str, msgspec.Meta(max_length=200)] = ""
+
+
+VerifyPayload: TypeAlias = (
+    VerifyRequest | VerifyAccept | VerifyKey | VerifyMac | VerifyDone | VerifyCancel
+)
+
 Payload: TypeAlias = (
     Text
     | Sync
@@ -144,6 +205,7 @@ Payload: TypeAlias = (
     | NoteSync
     | Timer
     | Receipt
+    | VerifyPayload
 )
 
 __all__ = [
@@ -162,4 +224,11 @@ __all__ = [
     "Sync",
     "Text",
     "Timer",
+    "VerifyAccept",
+    "VerifyCancel",
+    "VerifyDone",
+    "VerifyKey",
+    "VerifyMac",
+    "VerifyPayload",
+    "VerifyRequest",
 ]
