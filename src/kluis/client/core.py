@@ -24,7 +24,8 @@ itself.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import msgspec
 
@@ -144,6 +145,7 @@ class ClientCore:
             now_ms=self._now_ms,
             random=random,
         )
+        self._recorded = b""  # the ID of the last sent message stored in history
 
     # ---- identity -----------------------------------------------------------------------------
 
@@ -496,6 +498,12 @@ class ClientCore:
                 msg_type, body = session.encrypt(padding.pad(_enc.encode(bound)))
                 self.store.save_session(row_id, peer, session.pickle(key).encode(), self._now_ms())
                 out.append(self._sealed_for(d, msg_type, body))
+            if isinstance(payload, Text | File) and payload.to == account:
+                # A message's history entry commits with the session advance, before anything
+                # goes on the wire: one durable commit per send (record_sent finds it done).
+                self._store_sent(payload)
+        if isinstance(payload, Text | File) and payload.to == account:
+            self._recorded = payload.id  # committed
         return out
 
     def _sealed_for(self, device: DeviceRecord, msg_type: int, body: bytes) -> OutEnvelope:
@@ -564,6 +572,12 @@ class ClientCore:
         )
 
     def record_sent(self, payload: Text | GroupText | File) -> Message:
+        """Store a sent message in history, unless :meth:`encrypt` already did."""
+        m = self._store_sent(payload)
+        self._recorded = payload.id
+        return Message.from_stored(m)
+
+    def _store_sent(self, payload: Text | GroupText | File) -> StoredMessage:
         conversation = payload.to
         if isinstance(payload, File):
             text, attachment = payload.caption, payload.attachment
@@ -572,10 +586,11 @@ class ClientCore:
         m = StoredMessage(
             conversation, self.account_id, payload.ts, text=text, attachment=attachment
         )
-        with self.store.transaction():
-            self.store.add_message(conversation, _enc.encode(m))
-            self.store.mark_seen(b"msg:" + payload.id)
-        return Message.from_stored(m)
+        if payload.id != self._recorded:  # once, however often it is encrypted (retries)
+            with self.store.transaction():
+                self.store.add_message(conversation, _enc.encode(m))
+                self.store.mark_seen(b"msg:" + payload.id)
+        return m
 
     # ---- receiving ----------------------------------------------------------------------------
 
@@ -650,7 +665,8 @@ class ClientCore:
     def _decrypt_and_store(self, opened: Opened, s: Sealed) -> Message | None:
         if s.type == MEGOLM:
             return self._decrypt_group(opened, s)
-        with self.store.transaction():
+        # In a batch (see batch()), a failure here rolls back this envelope's writes only.
+        with self.store.savepoint():
             plaintext = self._olm_decrypt(_peer(s.account, s.device), s.curve, s.type, s.body)
             self.store.mark_seen(b"env:" + opened.envelope.body)
             payload = self._payload(plaintext)
@@ -661,7 +677,7 @@ class ClientCore:
             return self._apply(s, payload)
 
     def _decrypt_group(self, opened: Opened, s: Sealed) -> Message | None:
-        with self.store.transaction():
+        with self.store.savepoint():
             self.store.mark_seen(b"env:" + opened.envelope.body)
             got = self.groups.decrypt(s.account, s.device, s.body)
             if got is None:
@@ -715,6 +731,20 @@ class ClientCore:
                 return None
             case Dummy():
                 return None
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """One transaction (one durable commit) for several received envelopes: each
+        :meth:`decrypt` in it keeps its writes or rolls them back alone, :meth:`quarantine` and
+        :meth:`mark_session_broken` join it. Nothing of it is kept unless it all commits, so
+        acknowledge the envelopes only after the block ends; on failure the in-memory Olm
+        account goes back to what the profile holds, too."""
+        try:
+            with self.store.transaction():
+                yield
+        except BaseException:
+            self._rollback()
+            raise
 
     def _olm_decrypt(self, peer: str, curve: str, msg_type: int, body: bytes) -> bytes:
         key = self.store.pickle_key
