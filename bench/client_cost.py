@@ -17,6 +17,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from kluis.client.core import ClientCore
@@ -61,7 +62,7 @@ def send(core: ClientCore, peer: str, text: str) -> OutEnvelope:
 
 def receive(core: ClientCore, envs: list[OutEnvelope], first_id: int) -> None:
     """As KluisClient.receive for one push of envelopes from a known device."""
-    with core.batch():
+    with core.batch() if len(envs) > 1 else nullcontext():
         for i, env in enumerate(envs):
             opened = core.open_envelope(InEnvelope(id=first_id + i, body=env.body))
             assert opened is not None

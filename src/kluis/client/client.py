@@ -16,6 +16,7 @@ import asyncio
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import nullcontext
 from pathlib import Path
 from types import TracebackType
 from typing import Literal, TypeVar
@@ -578,7 +579,8 @@ class KluisClient:
         while i < len(envelopes):
             read: list[Message] = []
             unknown: Opened | None = None
-            with self.core.batch():
+            # A push of one (a live conversation) needs no savepoint: its own transaction.
+            with self.core.batch() if len(envelopes) > 1 else nullcontext():
                 while i < len(envelopes) and unknown is None:
                     unknown = self._read_known(envelopes[i], read)
                     if unknown is None:

@@ -18,7 +18,8 @@ check, unsealing: who claims to have sent it); for a device we do not know yet,
 the payload names this claim and us, all before any network request; then :meth:`decrypt`
 (Olm, binding checks, deduplication, history). An envelope that fails anywhere is
 acknowledged and quarantined (:meth:`quarantine`): kept encrypted, counted, never retried by
-itself.
+itself. Several envelopes may share one transaction (:meth:`batch`): then the caller
+acknowledges them only once it has committed.
 """
 
 from __future__ import annotations
