@@ -403,3 +403,66 @@ def test_a_peer_writes_only_in_its_conversation_with_us(
     (env,) = alice.encrypt(alice.account_id, alice.new_text(bob.account_id, "to bob"))
     m = deliver(laptop, env)
     assert (m.sender, m.conversation, m.text) == (alice.account_id, bob.account_id, "to bob")
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_a_bad_envelope_in_a_batch_rolls_back_only_its_own_writes(
+    tmp_path: Path, on_disk: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alice = make_core(tmp_path, "alice", on_disk=on_disk)
+    bob = make_core(tmp_path, "bob", on_disk=on_disk)
+    connect(alice, bob)
+    assert deliver(bob, text_for(alice, bob, "first")).text == "first"  # the pre-key message
+    bad_payload = alice.new_text(bob.account_id, "bad")
+    envs = [
+        text_for(alice, bob, "m1"),
+        *alice.encrypt(bob.account_id, bad_payload),
+        text_for(alice, bob, "m2"),
+    ]
+    add_message = bob.store.add_message
+
+    def fail_on_bad(peer: str, value: bytes) -> None:
+        add_message(peer, value)  # a write of its own, rolled back with the rest
+        if b"bad" in value:
+            raise RuntimeError("failed after its session advanced and it was marked seen")
+
+    monkeypatch.setattr(bob.store, "add_message", fail_on_bad)
+    shown = []
+    with bob.batch():
+        for i, env in enumerate(envs, start=2):
+            opened = bob.open_envelope(InEnvelope(id=i, body=env.body))
+            assert opened is not None
+            try:
+                shown.append(bob.decrypt(opened))
+            except RuntimeError as exc:
+                bob.quarantine(opened.envelope, exc)
+    monkeypatch.undo()
+    assert [m.text for m in shown if m] == ["m1", "m2"]
+    assert [m.text for m in bob.history(alice.account_id)] == ["first", "m1", "m2"]
+    assert bob.quarantined() == 1
+    assert not bob.store.seen(b"msg:" + bad_payload.id)  # its own writes were rolled back
+    # ...its Olm session step too: the message decrypts again (skipped over, then rolled back).
+    opened = bob.open_envelope(InEnvelope(id=9, body=envs[1].body))
+    assert opened is None  # quarantined: never processed again by itself
+    sealed = msgspec.msgpack.decode(
+        bob._seal.open(envs[1].body, bob.device_id.encode()), type=Sealed
+    )
+    from kluis.client.records import Opened
+
+    again = bob.decrypt(Opened(InEnvelope(id=9, body=envs[1].body), sealed))
+    assert again is not None and again.text == "bad"
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_a_batch_that_fails_keeps_nothing(tmp_path: Path, on_disk: bool) -> None:
+    """Nothing of a batch is kept unless all of it commits (so nothing of it is acknowledged),
+    and the in-memory Olm account forgets the one-time key a pre-key message used."""
+    alice = make_core(tmp_path, "alice", on_disk=on_disk)
+    bob = make_core(tmp_path, "bob", on_disk=on_disk)
+    connect(alice, bob)
+    env = text_for(alice, bob, "pre-key")
+    with pytest.raises(KeyboardInterrupt), bob.batch():
+        assert deliver(bob, env).text == "pre-key"
+        raise KeyboardInterrupt  # e.g. killed before the commit
+    assert bob.history() == []
+    assert deliver(bob, env).text == "pre-key"  # the redelivery decrypts: nothing was lost

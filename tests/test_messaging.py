@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import msgspec
 import pytest
 
+from kluis.client.client import KluisClient
+from kluis.client.store import ProfileStore
 from kluis.protocol import frames as f
 from kluis.server.config import Limits
 from kluis.server.inprocess import InProcessServer
+from tests.integration.test_device_chain import send_raw
 from tests.kluis_testing import link_device, open_profile, reconnect, register, start_inprocess
 
 
@@ -170,3 +174,94 @@ async def test_messages_iterator_yields_as_they_arrive(
     await stream.aclose()
     await alice.close()
     await bob.close()
+
+
+class _CountingCommits:
+    """Bob's profile connection, counting commits; with ``fail``, a COMMIT fails (a crash, a
+    full disk) and nothing of that transaction is kept."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db, self.commits, self.fail = db, 0, False
+
+    def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
+        if sql == "COMMIT":
+            self.commits += 1
+            if self.fail:
+                raise sqlite3.OperationalError("disk I/O error (simulated)")
+        return self.db.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.db, name)
+
+
+def counting_commits(client: KluisClient) -> _CountingCommits:
+    store = client.core.store
+    assert isinstance(store, ProfileStore)
+    counter = _CountingCommits(store._db)
+    store._db = counter  # type: ignore[assignment]
+    return counter
+
+
+async def test_a_bad_envelope_in_the_middle_of_a_push_is_quarantined_alone(
+    inproc: InProcessServer, tmp_path: Path
+) -> None:
+    alice = await register(inproc, tmp_path / "alice")
+    bob = await register(inproc, tmp_path / "bob")
+    bob_id = bob.account_id
+    await alice.send(bob_id, "m0")
+    assert texts(await bob.receive(wait=5, until=1)) == ["m0"]
+    await bob.close()  # the next ones wait for Bob and come in one push
+    await alice.send(bob_id, "m1")
+    # Decrypts (its Olm session steps on), then fails: it names another conversation.
+    await send_raw(alice, bob_id, alice.core.encrypt(bob_id, alice.core.new_text("x" * 16, "no")))
+    await alice.send(bob_id, "m2")
+    await alice.send(bob_id, "m3")
+
+    bob = await reconnect(inproc, tmp_path / "bob")
+    counter = counting_commits(bob)
+    at_ack: list[int] = []  # commits made when the push's Ack went out
+    request = bob.transport.request
+
+    async def noting(make, expect):  # type: ignore[no-untyped-def]
+        def made(rid: int) -> f.ClientFrame:
+            frame = make(rid)
+            if isinstance(frame, f.Ack):
+                at_ack.append(counter.commits)
+            return frame
+
+        return await request(made, expect)
+
+    bob.transport.request = noting  # type: ignore[method-assign]
+    assert texts(await bob.receive()) == ["m1", "m2", "m3"]
+    # The whole push: one durable commit before its Ack (delivered receipts follow it).
+    assert at_ack[0] == 1
+    assert bob.quarantined == 1 and [e.code for e in bob.errors] == ["untrusted_device"]
+    await bob.close()
+    bob = await reconnect(inproc, tmp_path / "bob")
+    assert await bob.receive() == []  # all four were acknowledged
+    assert texts(bob.history(alice.account_id)) == ["m0", "m1", "m2", "m3"]
+    await bob.close()
+    await alice.close()
+
+
+async def test_a_push_whose_commit_fails_is_not_acknowledged(
+    inproc: InProcessServer, tmp_path: Path
+) -> None:
+    alice = await register(inproc, tmp_path / "alice")
+    bob = await register(inproc, tmp_path / "bob")
+    bob_id = bob.account_id
+    await bob.close()
+    for i in range(3):
+        await alice.send(bob_id, f"m{i}")  # the first one is a pre-key message
+
+    bob = await reconnect(inproc, tmp_path / "bob")
+    counting_commits(bob).fail = True  # the process dies (or the disk fails) at the commit
+    with pytest.raises(sqlite3.OperationalError):
+        await bob.receive()
+    await bob.close()
+    bob = await reconnect(inproc, tmp_path / "bob")
+    assert bob.history() == []  # nothing of the push was kept...
+    assert texts(await bob.receive()) == ["m0", "m1", "m2"]  # ...nor acknowledged: redelivered
+    assert bob.errors == [] and bob.quarantined == 0
+    await bob.close()
+    await alice.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -104,4 +105,35 @@ def test_a_rollback_leaves_no_cached_value(tmp_path: Path) -> None:
         assert store.get("k") == b"new"
         raise RuntimeError
     assert store.get("k") == b"old" and store.sessions("peer") == [(row, b"s1")]
+    store.close()
+
+
+class _FailingCommit:
+    """A profile's connection whose COMMIT fails (a full disk, an I/O error)."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
+        if sql == "COMMIT":
+            raise sqlite3.OperationalError("disk I/O error (simulated)")
+        return self.db.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.db, name)
+
+
+def test_a_failed_commit_keeps_nothing_and_the_profile_goes_on(tmp_path: Path) -> None:
+    store = ProfileStore.create(tmp_path / "p", "pw", FAST)
+    store.put("k", b"old")
+    store.add_message("peer", b"m1")
+    real = store._db
+    store._db = _FailingCommit(real)  # type: ignore[assignment]
+    with pytest.raises(sqlite3.OperationalError), store.transaction():
+        store.put("k", b"new")
+        store.add_message("peer", b"lost")
+    store._db = real
+    assert store.get("k") == b"old" and store.messages() == [b"m1"]
+    store.add_message("peer", b"m2")
+    assert store.messages() == [b"m1", b"m2"]
     store.close()

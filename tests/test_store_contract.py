@@ -80,3 +80,30 @@ def test_a_failed_transaction_leaves_nothing(store: ClientStore) -> None:
     with store.transaction():
         store.put("new", b"y")
     assert store.get("new") == b"y"
+
+
+def test_a_savepoint_rolls_back_only_its_own_writes(store: ClientStore) -> None:
+    row = store.save_session(None, "peer", b"v1", 1)
+    with store.transaction():
+        store.put("before", b"1")
+        with pytest.raises(RuntimeError), store.savepoint():
+            store.put("inside", b"x")
+            store.save_session(row, "peer", b"v2", 2)
+            store.add_message("peer", b"rolled back")
+            store.mark_seen(b"t")
+            with store.transaction():  # nested: joins the savepoint
+                store.put("before", b"2")
+            raise RuntimeError
+        with store.savepoint():
+            store.add_message("peer", b"kept")
+        store.put("after", b"3")
+    assert store.get("before") == b"1" and store.get("inside") is None
+    assert store.get("after") == b"3"
+    assert store.sessions("peer") == [(row, b"v1")]
+    assert store.messages() == [b"kept"] and not store.seen(b"t")
+    with pytest.raises(RuntimeError), store.savepoint():  # outside a transaction: it is one
+        store.put("alone", b"x")
+        raise RuntimeError
+    assert store.get("alone") is None
+    store.add_message("peer", b"later")
+    assert store.messages() == [b"kept", b"later"]

@@ -16,6 +16,7 @@ import asyncio
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import nullcontext
 from pathlib import Path
 from types import TracebackType
 from typing import Literal, TypeVar
@@ -612,44 +613,80 @@ class KluisClient:
                 yield event
 
     async def _handle_deliver(self, envelopes: list[f.InEnvelope], out: list[Message]) -> None:
-        """Decrypt into ``out`` as we go (so a lost connection keeps what was read), then ack."""
+        """Decrypt and store a Deliver push, then ack it.
+
+        Envelopes from devices we know need no network: a run of them is read in one
+        transaction (one durable commit, see ``ClientCore.batch``), where a bad one is rolled
+        back alone and quarantined. An envelope from a device we do not know yet needs a device
+        list from the server: it is read on its own, outside any transaction (none stays open
+        across an await: a send from this client meanwhile must commit before it goes on the
+        wire). Messages reach ``out`` once committed (so a lost connection keeps what was read);
+        the Ack goes out after the last commit.
+        """
         ack: list[int] = []
-        for env in envelopes:
-            try:
-                message = await self._decrypt(env)
-            except TransportError:
-                raise  # not acknowledged: the server delivers it again
-            except Exception as exc:  # fail closed, whatever the reason: keep it aside, ack it
-                self.core.quarantine(env, exc)
-                if isinstance(exc, KluisError):
-                    self.errors.append(exc)
+        i = 0
+        while i < len(envelopes):
+            read: list[Message] = []
+            unknown: Opened | None = None
+            # A push of one (a live conversation) needs no savepoint: its own transaction.
+            with self.core.batch() if len(envelopes) > 1 else nullcontext():
+                while i < len(envelopes) and unknown is None:
+                    unknown = self._read_known(envelopes[i], read)
+                    if unknown is None:
+                        ack.append(envelopes[i].id)
+                        i += 1
+            out.extend(read)
+            if unknown is not None:
+                env = envelopes[i]
+                try:
+                    message = await self._read_unknown(unknown)
+                except TransportError:
+                    raise  # not acknowledged: the server delivers it again
+                except Exception as exc:  # fail closed, whatever the reason: keep it aside, ack it
+                    self._quarantine(env, exc)
                 else:
-                    self.errors.append(
-                        DecryptionError(f"unreadable envelope ({type(exc).__name__})")
-                    )
-            else:
-                if message is not None:
-                    out.append(message)
-            ack.append(env.id)
+                    if message is not None:
+                        out.append(message)
+                ack.append(env.id)
+                i += 1
         if ack:
             await self.transport.request(lambda rid: f.Ack(rid=rid, ids=ack), f.Done)
 
-    async def _decrypt(self, env: f.InEnvelope) -> Message | None:
-        opened: Opened | None = self.core.open_envelope(env)
-        if opened is None:
-            return None
-        s = opened.sealed
-        if not self.core.knows_device(s.account, s.device):
-            # Nothing goes on the wire for a claim until its Olm message has decrypted to us.
-            self.core.precheck(opened)
-            await self.refresh_devices(s.account)
-            return self.core.decrypt(opened)
+    def _quarantine(self, env: f.InEnvelope, exc: Exception) -> None:
+        self.core.quarantine(env, exc)
+        if isinstance(exc, KluisError):
+            self.errors.append(exc)
+        else:
+            self.errors.append(DecryptionError(f"unreadable envelope ({type(exc).__name__})"))
+
+    def _read_known(self, env: f.InEnvelope, read: list[Message]) -> Opened | None:
+        """Read ``env`` into ``read``, or quarantine it; return it opened, unread, if it claims
+        a device we do not know yet (that takes a request: see :meth:`_read_unknown`)."""
         try:
-            return self.core.decrypt(opened)
-        except DecryptionError:
-            if s.type != MEGOLM:  # a group session is not an Olm session to repair
-                self.core.mark_session_broken(s.account, s.device)
-            raise
+            opened = self.core.open_envelope(env)
+            if opened is None:
+                return None
+            s = opened.sealed
+            if not self.core.knows_device(s.account, s.device):
+                return opened
+            try:
+                message = self.core.decrypt(opened)
+            except DecryptionError:
+                if s.type != MEGOLM:  # a group session is not an Olm session to repair
+                    self.core.mark_session_broken(s.account, s.device)
+                raise
+        except Exception as exc:  # fail closed, whatever the reason: keep it aside, ack it
+            self._quarantine(env, exc)
+            return None
+        if message is not None:
+            read.append(message)
+        return None
+
+    async def _read_unknown(self, opened: Opened) -> Message | None:
+        # Nothing goes on the wire for a claim until its Olm message has decrypted to us.
+        self.core.precheck(opened)
+        await self.refresh_devices(opened.sealed.account)
+        return self.core.decrypt(opened)
 
     async def _recover_sessions(self) -> None:
         """Open fresh sessions to devices whose session broke, with a message they ignore:

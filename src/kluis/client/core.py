@@ -18,13 +18,15 @@ check, unsealing: who claims to have sent it); for a device we do not know yet,
 the payload names this claim and us, all before any network request; then :meth:`decrypt`
 (Olm, binding checks, deduplication, history). An envelope that fails anywhere is
 acknowledged and quarantined (:meth:`quarantine`): kept encrypted, counted, never retried by
-itself.
+itself. Several envelopes may share one transaction (:meth:`batch`): then the caller
+acknowledges them only once it has committed.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import msgspec
 
@@ -719,7 +721,8 @@ class ClientCore:
     def _decrypt_and_store(self, opened: Opened, s: Sealed) -> Message | None:
         if s.type == MEGOLM:
             return self._decrypt_group(opened, s)
-        with self.store.transaction():
+        # In a batch (see batch()), a failure here rolls back this envelope's writes only.
+        with self.store.savepoint():
             plaintext = self._olm_decrypt(_peer(s.account, s.device), s.curve, s.type, s.body)
             self.store.mark_seen(b"env:" + opened.envelope.body)
             payload = self._payload(plaintext)
@@ -730,7 +733,7 @@ class ClientCore:
             return self._apply(s, payload)
 
     def _decrypt_group(self, opened: Opened, s: Sealed) -> Message | None:
-        with self.store.transaction():
+        with self.store.savepoint():
             self.store.mark_seen(b"env:" + opened.envelope.body)
             got = self.groups.decrypt(s.account, s.device, s.body)
             if got is None:
@@ -793,6 +796,20 @@ class ClientCore:
             ):
                 self.verification.receive(s.account, s.device, payload)
                 return None
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """One transaction (one durable commit) for several received envelopes: each
+        :meth:`decrypt` in it keeps its writes or rolls them back alone, :meth:`quarantine` and
+        :meth:`mark_session_broken` join it. Nothing of it is kept unless it all commits, so
+        acknowledge the envelopes only after the block ends; on failure the in-memory Olm
+        account goes back to what the profile holds, too."""
+        try:
+            with self.store.transaction():
+                yield
+        except BaseException:
+            self._rollback()
+            raise
 
     def _olm_decrypt(self, peer: str, curve: str, msg_type: int, body: bytes) -> bytes:
         key = self.store.pickle_key

@@ -11,7 +11,8 @@ import hashlib
 import hmac
 import secrets
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any
 
 from kluis.errors import LocalProtocolError
 
@@ -42,18 +43,29 @@ class MemoryStore:
 
     # ---- transactions -------------------------------------------------------------------------
 
+    def _snapshot(self) -> tuple[Any, ...]:
+        return (
+            dict(self._kv),
+            dict(self._sessions),
+            dict(self._messages),
+            set(self._seen),
+            self._next_session,
+        )
+
+    def transaction(self) -> AbstractContextManager[None]:
+        return self._level(outermost_only=True)
+
+    def savepoint(self) -> AbstractContextManager[None]:
+        return self._level(outermost_only=False)
+
     @contextmanager
-    def transaction(self) -> Iterator[None]:
+    def _level(self, *, outermost_only: bool) -> Iterator[None]:
+        """A transaction level: restores its snapshot on an exception (a savepoint's at any
+        depth, a transaction's only at the outermost)."""
         self._check()
         snapshot = None
-        if self._depth == 0:
-            snapshot = (
-                dict(self._kv),
-                dict(self._sessions),
-                dict(self._messages),
-                set(self._seen),
-                self._next_session,
-            )
+        if self._depth == 0 or not outermost_only:
+            snapshot = self._snapshot()
         self._depth += 1
         try:
             yield

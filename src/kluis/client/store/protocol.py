@@ -4,7 +4,9 @@ Theory of operation: the core keeps everything it knows in a store of this shape
 (identity, pins, recovery state, quarantine), Olm sessions per peer device, message history per
 conversation, and the set of seen envelope and message IDs. Stores are synchronous and local; the
 core groups the writes of one state change in :meth:`ClientStore.transaction` and commits before
-anything it returns goes on the wire. Values are opaque bytes: a store encrypts them at rest (the
+anything it returns goes on the wire. Several state changes may share one transaction (a batch of
+received envelopes: one durable commit); each then sits in a :meth:`ClientStore.savepoint`, so
+that one that fails rolls back only its own writes. Values are opaque bytes: a store encrypts them at rest (the
 SQLite profile) or simply keeps them (the in-memory store of the tests).
 
 Implementations: :class:`kluis.client.store.sqlite.ProfileStore` (the encrypted profile on disk)
@@ -28,6 +30,11 @@ class ClientStore(Protocol):
 
     def transaction(self) -> AbstractContextManager[None]:
         """Nestable; only the outermost level commits, and an exception rolls it all back."""
+        ...
+
+    def savepoint(self) -> AbstractContextManager[None]:
+        """Like :meth:`transaction`, except that inside one, an exception rolls back only the
+        writes made in this block (then propagates), and the enclosing transaction goes on."""
         ...
 
     def blind(self, data: str | bytes) -> bytes:

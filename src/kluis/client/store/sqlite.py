@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
+from types import TracebackType
 
 import msgspec
 from cryptography.hazmat.primitives import hashes
@@ -75,6 +76,12 @@ class ProfileStore:
         self.pickle_key = _subkey(key, b"kluis-profile-pickles")
         self._db = sqlite3.connect(path / self.DB, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
+        # FULL, not NORMAL: in WAL mode NORMAL skips the fsync at each commit, so a power loss
+        # may take back the last commits. Every commit here is either crypto state that is about
+        # to go on the wire (an older Olm session restored would reuse message keys) or a
+        # message about to be shown and acknowledged (the server then deletes it). The cost of
+        # FULL is paid per commit, so the callers group work into few commits instead: one per
+        # send, one per batch of received envelopes.
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA secure_delete=ON")
         self._db.executescript(_SCHEMA)
@@ -82,6 +89,7 @@ class ProfileStore:
         self._kv: dict[str, bytes | None] = {}  # name -> plaintext (None: no such record)
         self._sessions: dict[bytes, list[tuple[int, int, bytes]]] = {}  # peer -> (used, id, value)
         self._blinded: dict[str, bytes] = {}
+        self._next_seq: int | None = None  # the next message's seq (AUTOINCREMENT's, known)
         self._version = self._data_version()
 
     def _data_version(self) -> int:
@@ -97,6 +105,7 @@ class ProfileStore:
     def _drop_caches(self) -> None:
         self._kv.clear()
         self._sessions.clear()
+        self._next_seq = None
 
     def _read(self) -> None:
         if self._depth == 0:
@@ -148,28 +157,35 @@ class ProfileStore:
 
     # ---- transactions -------------------------------------------------------------------------
 
-    @contextmanager
-    def transaction(self) -> Iterator[None]:
+    def transaction(self) -> AbstractContextManager[None]:
         """Nestable; only the outermost level commits."""
-        if self._depth == 0:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._fresh()
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-        self._depth += 1
+        return _Level(self, savepoint=False)
+
+    def savepoint(self) -> AbstractContextManager[None]:
+        """Inside a transaction, an exception rolls back only this block's writes."""
+        return _Level(self, savepoint=True)
+
+    def _begin(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
         try:
-            yield
+            self._fresh()
         except BaseException:
-            self._depth -= 1
-            if self._depth == 0:
-                self._drop_caches()  # they may hold what is being rolled back
+            self._db.execute("ROLLBACK")
+            raise
+
+    def _end(self, ok: bool) -> None:
+        if not ok:
+            self._drop_caches()  # they may hold what is being rolled back
+            self._db.execute("ROLLBACK")
+            return
+        try:
+            self._db.execute("COMMIT")
+        except BaseException:
+            # e.g. disk full or an I/O error: nothing of it is kept (and none may be acked)
+            self._drop_caches()
+            if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
             raise
-        self._depth -= 1
-        if self._depth == 0:
-            self._db.execute("COMMIT")
 
     def blind(self, data: str | bytes) -> bytes:
         if isinstance(data, bytes):
@@ -260,14 +276,24 @@ class ProfileStore:
 
     def add_message(self, peer: str, value: bytes) -> None:
         with self.transaction():
-            cur = self._db.execute(
-                "INSERT INTO messages(peer, value) VALUES (?, x'')", (self.blind(peer),)
-            )
-            seq = int(cur.lastrowid or 0)
+            # The value is bound to its seq, so the seq is chosen here (as AUTOINCREMENT would:
+            # past any seq ever used) and the row written in one statement. Under the write
+            # lock, and the cache is dropped whenever another connection commits.
+            seq = self._next_seq
+            if seq is None:
+                row = self._db.execute(
+                    "SELECT seq FROM sqlite_sequence WHERE name = 'messages'"
+                ).fetchone()
+                seq = int(row[0]) + 1 if row else 1
             self._db.execute(
-                "UPDATE messages SET value = ? WHERE seq = ?",
-                (self._cipher.encrypt(value, b"message:" + str(seq).encode()), seq),
+                "INSERT INTO messages(seq, peer, value) VALUES (?, ?, ?)",
+                (
+                    seq,
+                    self.blind(peer),
+                    self._cipher.encrypt(value, b"message:" + str(seq).encode()),
+                ),
             )
+            self._next_seq = seq + 1
 
     def messages(self, peer: str | None = None) -> list[bytes]:
         if peer is None:
@@ -313,3 +339,38 @@ class ProfileStore:
     def mark_seen(self, token: bytes) -> None:
         with self.transaction():
             self._db.execute("INSERT OR IGNORE INTO seen(digest) VALUES (?)", (self.blind(token),))
+
+
+class _Level:
+    """One level of :meth:`ProfileStore.transaction` or :meth:`ProfileStore.savepoint`.
+
+    A class rather than a generator: every write enters a level, several per message.
+    """
+
+    __slots__ = ("_savepoint", "_store")
+
+    def __init__(self, store: ProfileStore, *, savepoint: bool) -> None:
+        self._store = store
+        self._savepoint = savepoint  # becomes False when it is the outermost level
+
+    def __enter__(self) -> None:
+        store = self._store
+        if store._depth == 0:
+            store._begin()
+            self._savepoint = False
+        elif self._savepoint:
+            store._db.execute(f"SAVEPOINT sp{store._depth}")
+        store._depth += 1
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        store = self._store
+        store._depth -= 1
+        if store._depth == 0:
+            store._end(t is None)
+        elif self._savepoint:
+            if t is not None:
+                store._drop_caches()  # they may hold what is being rolled back
+                store._db.execute(f"ROLLBACK TO sp{store._depth}")
+            store._db.execute(f"RELEASE sp{store._depth}")
