@@ -27,6 +27,7 @@ lint: install
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 
+# Strict mypy on src/kluis, tests and bench (the list is in pyproject.toml).
 typecheck: install
 	$(BIN)/mypy
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from kluis.client.client import KluisClient
 from kluis.client.core import RECOVERY_DELAY_MS
 from kluis.errors import DecryptionError
 from kluis.protocol import frames as f
@@ -26,7 +27,7 @@ async def server(tmp_path: Path) -> AsyncIterator[InProcessServer]:
         await srv.close()
 
 
-async def claim(client, account: str, device: str) -> f.Bundle:  # type: ignore[no-untyped-def]
+async def claim(client: KluisClient, account: str, device: str) -> f.Bundle:
     answer = await client.transport.request(
         lambda rid: f.ClaimKeys(rid=rid, account=account, devices=[device]), f.Bundles
     )

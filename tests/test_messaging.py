@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 
 import msgspec
@@ -167,6 +167,7 @@ async def test_messages_iterator_yields_as_they_arrive(
         await alice.send(bob.account_id, text)
         message = await asyncio.wait_for(anext(stream), 10)
         assert (message.sender, message.text) == (alice.account_id, text)
+    assert isinstance(stream, AsyncGenerator)  # closed like any async generator
     await stream.aclose()
     await alice.close()
     await bob.close()

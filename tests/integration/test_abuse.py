@@ -74,10 +74,10 @@ def garbage(rng: random.Random, device: str, account: str) -> bytes:
         obj[key] = rng.choice([None, -1, 2**64 - 1, "", b"\x00" * 70, [[]], {"a": 1}, 1.5])
         return msgspec.msgpack.encode(obj)
     if kind == 4:  # nested deeply
-        obj: object = []
+        nested: object = []
         for _ in range(rng.randrange(10, 500)):
-            obj = [obj]
-        return msgspec.msgpack.encode(obj)
+            nested = [nested]
+        return msgspec.msgpack.encode(nested)
     return bytes(data)  # a valid frame, as a stranger or at the wrong time
 
 

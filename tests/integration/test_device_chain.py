@@ -431,6 +431,7 @@ async def test_finding15_profile_keeps_no_session_times_in_plaintext(
     await alice.receive(wait=5, until=1)
     for c in (alice, bob):
         await c.close()
+        assert isinstance(c.core.store, ProfileStore)
         db = sqlite3.connect(c.core.store.path / "profile.sqlite3")
         used = [r[0] for r in db.execute("SELECT used FROM sessions")]
         db.close()
