@@ -105,3 +105,15 @@ def test_a_rollback_leaves_no_cached_value(tmp_path: Path) -> None:
         raise RuntimeError
     assert store.get("k") == b"old" and store.sessions("peer") == [(row, b"s1")]
     store.close()
+
+
+def test_a_profile_made_without_parameters_gets_the_full_argon2id_cost(tmp_path: Path) -> None:
+    """Tests lower the KDF's cost for speed (``tests.kluis_testing.fast_kdf``) only by passing
+    parameters; without them, as the CLI and KluisClient do, a profile gets the defaults."""
+    import json
+
+    ProfileStore.create(tmp_path / "p", "pw").close()
+    kdf = json.loads((tmp_path / "p" / ProfileStore.META).read_bytes())["kdf"]
+    defaults = new_params()
+    assert (kdf["time_cost"], kdf["memory_kib"]) == (defaults.time_cost, defaults.memory_kib)
+    assert (defaults.time_cost, defaults.memory_kib) == (3, 64 * 1024)

@@ -22,7 +22,7 @@ import pytest
 from kluis.client.client import KluisClient
 from kluis.errors import QuotaExceeded, RateLimited
 from kluis.protocol import frames as f
-from tests.kluis_testing import PASSPHRASE, RawConnection, ServerProcess, register
+from tests.kluis_testing import PASSPHRASE, RawConnection, ServerProcess, fast_kdf, register
 
 AUTH_TIMEOUT_S = 10.0  # Limits.auth_timeout_s and Limits.handshake_timeout_s
 KNOWN_CODES = {
@@ -240,8 +240,12 @@ async def test_pending_device_links_are_capped(tmp_path: Path) -> None:
     srv.start()
     try:
         for i in range(3):
-            await KluisClient.request_link(srv.url, tmp_path / f"new{i}", PASSPHRASE)
+            await KluisClient.request_link(
+                srv.url, tmp_path / f"new{i}", PASSPHRASE, kdf=fast_kdf()
+            )
         with pytest.raises(RateLimited):
-            await KluisClient.request_link(srv.url, tmp_path / "one-more", PASSPHRASE)
+            await KluisClient.request_link(
+                srv.url, tmp_path / "one-more", PASSPHRASE, kdf=fast_kdf()
+            )
     finally:
         srv.stop()
