@@ -31,8 +31,9 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
+# One worker per core: most tests wait on servers, subprocesses and timers, not on the CPU.
 pytest: install
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n auto
 
 # Known vulnerabilities in the installed dependencies (pip-audit); says SKIP when offline.
 audit-deps: install
