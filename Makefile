@@ -36,11 +36,13 @@ lint: install
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 
+# Strict mypy on src/kluis, tests and bench (the list is in pyproject.toml).
 typecheck: install
 	$(BIN)/mypy
 
+# One worker per core: most tests wait on servers, subprocesses and timers, not on the CPU.
 pytest: install
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n auto
 
 # Known vulnerabilities in the installed dependencies (pip-audit); says SKIP when offline.
 audit-deps: install

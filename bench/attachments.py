@@ -114,11 +114,12 @@ async def run(mb: int) -> dict[str, Any]:
             str(server.dir / "ref.msgpack"),
             stdout=subprocess.PIPE,
         )
-        out, _ = await asyncio.wait_for(proc.communicate(), 600)
+        async with asyncio.timeout(600):
+            printed, _ = await proc.communicate()
         await sampler.stop()
         if proc.returncode != 0:
             raise RuntimeError(f"client process failed ({proc.returncode})")
-        figures: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+        figures: dict[str, Any] = json.loads(printed.decode().strip().splitlines()[-1])
         ref = msgspec.msgpack.decode((server.dir / "ref.msgpack").read_bytes(), type=AttachmentRef)
         assert _digest(target) == expected, "the downloaded file differs from the source"
         blobs_left = sorted(p.name for p in (server.data / "blobs").iterdir())

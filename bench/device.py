@@ -69,7 +69,7 @@ class Keys:
 DeliverHandler = Callable[["Device", list[f.InEnvelope], float], None]
 
 
-class Device(WSListener):  # type: ignore[misc]
+class Device(WSListener):
     """One connection of one simulated device. Requests are answered through futures by rid."""
 
     def __init__(self, keys: Keys | None = None, on_deliver: DeliverHandler | None = None) -> None:

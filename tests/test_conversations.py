@@ -24,7 +24,7 @@ def record_requests(client: KluisClient) -> list[f.ClientFrame]:
 
     async def recording(make, expect):  # type: ignore[no-untyped-def]
         def made(rid: int) -> f.ClientFrame:
-            frame = make(rid)
+            frame: f.ClientFrame = make(rid)
             sent.append(frame)
             return frame
 

@@ -8,8 +8,8 @@ import sqlite3
 import struct
 from pathlib import Path
 
+from kluis import audit
 from kluis.protocol.frames import Revocation
-from kluis.server import audit
 from kluis.server.store.sqlite import SqliteDatabase
 from tests.integration.test_audit_storage import OLD_EXPIRY, old_send, open_old_layout
 
@@ -52,7 +52,7 @@ def test_the_old_layout_is_migrated_on_open_without_losing_an_envelope(tmp_path:
     db.close()
     assert not audit.audit(tmp_path).clean  # the pairing, before
 
-    store = SqliteDatabase(tmp_path / audit.DB_NAME)
+    store = SqliteDatabase(audit.store_footprint(tmp_path)[0])
     after = [
         (device, n, body)
         for device in sorted(seq)
@@ -77,7 +77,7 @@ def test_a_live_copy_shows_deposit_order_until_the_checkpoint_and_none_after(
     """The residual window: before the checkpointer runs (at most checkpoint_interval_s after a
     write), the WAL holds the send as one commit; after it, neither the WAL nor the -shm index
     tells which pages the send wrote."""
-    path = tmp_path / audit.DB_NAME
+    path = audit.store_footprint(tmp_path)[0]
     store = SqliteDatabase(path)
     store.checkpoint()
     for _ in range(3):

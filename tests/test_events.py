@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 
 from kluis.client.core import Sealed
@@ -79,5 +79,6 @@ async def test_a_device_our_identity_did_not_certify_raises_an_alarm(
     assert await next_event(stream) == ConnectionUp()
     event = await next_event(stream)
     assert isinstance(event, DeviceAlarm) and planted.ed25519 in event.alarm
+    assert isinstance(stream, AsyncGenerator)  # closed like any async generator
     await stream.aclose()
     await alice.close()

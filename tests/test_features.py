@@ -10,7 +10,7 @@ from kluis.client.client import KluisClient
 from kluis.client.events import ReceiptReceived
 from kluis.client.store import ProfileStore
 from kluis.protocol import frames as f
-from kluis.protocol.payload import ContactSync, Receipt, Timer
+from kluis.protocol.payload import ContactSync, Payload, Receipt, Timer
 from kluis.server.inprocess import InProcessServer
 from tests.kluis_testing import link_device, register
 from tests.test_conversations import record_requests
@@ -133,7 +133,7 @@ async def test_hostile_feature_payloads_are_refused_without_harm(
     await alice.receive(wait=1)
     core = mallory.core
     now = core._now_ms()
-    hostile = [
+    hostile: list[Payload] = [
         # a timer in Alice's conversation with Bob, which Mallory is not in
         Timer(id=b"1" * 16, ts=now, to=bob.account_id, seconds=30),
         # a contact and a note: only Alice's own devices may sync those

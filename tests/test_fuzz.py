@@ -37,8 +37,8 @@ from kluis.errors import (
     LocalProtocolError,
     MalformedFrame,
 )
+from kluis.identity.chain import check_device_keys
 from kluis.protocol import frames as f
-from kluis.server.accounts import check_device_keys
 from kluis.server.app import Server, open_server
 from kluis.server.config import ServerConfig
 from kluis.server.connection import Connection

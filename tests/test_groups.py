@@ -13,6 +13,7 @@ from kluis.client.store.memory import MemoryStore
 from kluis.crypto import seal
 from kluis.errors import DecryptionError, LocalProtocolError, UntrustedDevice
 from kluis.protocol import frames as f
+from kluis.protocol.payload import MAX_GROUP_MEMBERS
 from kluis.server.inprocess import InProcessServer
 from tests.kluis_testing import link_device, register
 from tests.test_conversations import record_requests
@@ -137,7 +138,7 @@ def test_group_sessions_rotate_by_count_time_and_departed_devices() -> None:
         random=lambda n: next(counter).to_bytes(n, "big"),
     )
     state, _ = book.create("big", [f"{i:016d}" for i in range(999)])
-    assert len(state.members) == gr.MAX_GROUP_MEMBERS
+    assert len(state.members) == MAX_GROUP_MEMBERS
     with pytest.raises(LocalProtocolError, match="at most 1000"):
         book.create("too big", [f"{i:016d}" for i in range(1000)])
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -171,6 +172,7 @@ async def test_messages_iterator_yields_as_they_arrive(
         await alice.send(bob.account_id, text)
         message = await asyncio.wait_for(anext(stream), 10)
         assert (message.sender, message.text) == (alice.account_id, text)
+    assert isinstance(stream, AsyncGenerator)  # closed like any async generator
     await stream.aclose()
     await alice.close()
     await bob.close()
@@ -183,7 +185,7 @@ class _CountingCommits:
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db, self.commits, self.fail = db, 0, False
 
-    def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
         if sql == "COMMIT":
             self.commits += 1
             if self.fail:
@@ -224,7 +226,7 @@ async def test_a_bad_envelope_in_the_middle_of_a_push_is_quarantined_alone(
 
     async def noting(make, expect):  # type: ignore[no-untyped-def]
         def made(rid: int) -> f.ClientFrame:
-            frame = make(rid)
+            frame: f.ClientFrame = make(rid)
             if isinstance(frame, f.Ack):
                 at_ack.append(counter.commits)
             return frame

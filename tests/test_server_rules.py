@@ -18,6 +18,7 @@ from kluis.server.accounts import Accounts, licence_hash, normalise_licence
 from kluis.server.config import DAY, Limits
 from kluis.server.delivery.memory import InProcessBus
 from kluis.server.ratelimit import TokenBucket
+from kluis.server.store.protocol import Account
 from kluis.server.store.sqlite import SqliteStore
 
 
@@ -45,7 +46,7 @@ def login(acct: OlmAccount, nonce: bytes) -> str:
 
 async def register(
     accounts: Accounts, code: str, acct: OlmAccount, keys: DeviceKeys, nonce: bytes, sig: str
-):  # type: ignore[no-untyped-def]
+) -> Account:
     identity = AccountKey()
     record = certify(identity, account_id_for(identity.public), keys)
     return await accounts.register(code, identity.public, record, nonce, sig)

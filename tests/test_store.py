@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -114,7 +115,7 @@ class _FailingCommit:
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
 
-    def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
         if sql == "COMMIT":
             raise sqlite3.OperationalError("disk I/O error (simulated)")
         return self.db.execute(sql, *args)
@@ -137,3 +138,15 @@ def test_a_failed_commit_keeps_nothing_and_the_profile_goes_on(tmp_path: Path) -
     store.add_message("peer", b"m2")
     assert store.messages() == [b"m1", b"m2"]
     store.close()
+
+
+def test_a_profile_made_without_parameters_gets_the_full_argon2id_cost(tmp_path: Path) -> None:
+    """Tests lower the KDF's cost for speed (``tests.kluis_testing.fast_kdf``) only by passing
+    parameters; without them, as the CLI and KluisClient do, a profile gets the defaults."""
+    import json
+
+    ProfileStore.create(tmp_path / "p", "pw").close()
+    kdf = json.loads((tmp_path / "p" / ProfileStore.META).read_bytes())["kdf"]
+    defaults = new_params()
+    assert (kdf["time_cost"], kdf["memory_kib"]) == (defaults.time_cost, defaults.memory_kib)
+    assert (defaults.time_cost, defaults.memory_kib) == (3, 64 * 1024)

@@ -6,6 +6,7 @@ import asyncio
 import secrets
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -91,7 +92,8 @@ async def test_key_change_after_verification_blocks_sending_until_reverified(
     # Alice verifies Bob on his second device (his first device is not running `verify`).
     results, _, _ = await both_verify(alice, bob2)
     assert all(isinstance(r, Verification) for r in results), results
-    assert results[0].peer_device == bob2.core.device_id  # type: ignore[union-attr]
+    first = results[0]
+    assert isinstance(first, Verification) and first.peer_device == bob2.core.device_id
     await alice.send(bob.account_id, "to both of bob's devices")
 
     # Bob revokes the device Alice verified: a key change Alice must not accept silently.
@@ -284,7 +286,7 @@ def test_unknown_duplicate_and_out_of_order_messages_change_nothing(
     cores: tuple[ClientCore, ClientCore, Clock],
 ) -> None:
     alice, bob, _ = cores
-    stamp = {"ts": 1, "to": alice.account_id, "for_device": alice.device_id}
+    stamp: dict[str, Any] = {"ts": 1, "to": alice.account_id, "for_device": alice.device_id}
     # A message of a verification Alice never started.
     _from(bob, alice, VerifyKey(id=secrets.token_bytes(16), txn=b"x" * 16, key="k", **stamp))
     assert alice.verification.ignored[-1] == "unknown verification"
@@ -293,7 +295,7 @@ def test_unknown_duplicate_and_out_of_order_messages_change_nothing(
     settle(alice, bob)
     (va,) = [alice.verification.current(bob.account_id)]
     assert va is not None
-    stamp["txn"] = va.txn  # type: ignore[assignment]
+    stamp["txn"] = va.txn
     # Out of order: a MAC or a done before any key.
     _from(bob, alice, VerifyMac(id=secrets.token_bytes(16), identity_mac="a", **stamp))
     _from(bob, alice, VerifyDone(id=secrets.token_bytes(16), **stamp))

@@ -23,7 +23,7 @@ from kluis.client.client import KluisClient
 from kluis.errors import QuotaExceeded, RateLimited
 from kluis.protocol import frames as f
 from kluis.server.config import Limits
-from tests.kluis_testing import PASSPHRASE, RawConnection, ServerProcess, register
+from tests.kluis_testing import PASSPHRASE, RawConnection, ServerProcess, fast_kdf, register
 
 AUTH_TIMEOUT_S = 10.0  # Limits.auth_timeout_s and Limits.handshake_timeout_s
 KNOWN_CODES = {
@@ -75,10 +75,10 @@ def garbage(rng: random.Random, device: str, account: str) -> bytes:
         obj[key] = rng.choice([None, -1, 2**64 - 1, "", b"\x00" * 70, [[]], {"a": 1}, 1.5])
         return msgspec.msgpack.encode(obj)
     if kind == 4:  # nested deeply
-        obj: object = []
+        nested: object = []
         for _ in range(rng.randrange(10, 500)):
-            obj = [obj]
-        return msgspec.msgpack.encode(obj)
+            nested = [nested]
+        return msgspec.msgpack.encode(nested)
     return bytes(data)  # a valid frame, as a stranger or at the wrong time
 
 
@@ -245,8 +245,12 @@ async def test_pending_device_links_are_capped(tmp_path: Path) -> None:
     srv.start()
     try:
         for i in range(3):
-            await KluisClient.request_link(srv.url, tmp_path / f"new{i}", PASSPHRASE)
+            await KluisClient.request_link(
+                srv.url, tmp_path / f"new{i}", PASSPHRASE, kdf=fast_kdf()
+            )
         with pytest.raises(RateLimited):
-            await KluisClient.request_link(srv.url, tmp_path / "one-more", PASSPHRASE)
+            await KluisClient.request_link(
+                srv.url, tmp_path / "one-more", PASSPHRASE, kdf=fast_kdf()
+            )
     finally:
         srv.stop()

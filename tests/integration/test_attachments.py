@@ -12,11 +12,13 @@ import hashlib
 import os
 import time
 import tracemalloc
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
+from kluis.audit.storage import audit
 from kluis.client.client import KluisClient
 from kluis.crypto.attachment import CHUNK, ciphertext_size
 from kluis.errors import (
@@ -27,7 +29,6 @@ from kluis.errors import (
     UnknownBlob,
 )
 from kluis.protocol import frames as f
-from kluis.server.audit import audit
 from kluis.server.blob_files import HEADER_BYTES
 from kluis.server.config import DAY
 from tests.kluis_testing import ServerProcess, register
@@ -68,7 +69,7 @@ def file_digest(path: Path) -> str:
 
 
 @pytest.fixture
-def limited(tmp_path: Path) -> ServerProcess:
+def limited(tmp_path: Path) -> Iterator[ServerProcess]:
     srv = ServerProcess(
         tmp_path / "limited",
         "--limit",
@@ -79,7 +80,7 @@ def limited(tmp_path: Path) -> ServerProcess:
         "max_blob_recipients=100",
     )
     srv.start()
-    yield srv  # type: ignore[misc]
+    yield srv
     srv.stop()
 
 

@@ -33,6 +33,7 @@ from tests.kluis_testing import (
     Server,
     ServerProcess,
     data_dir,
+    fast_kdf,
     link_device,
     open_profile,
     reconnect,
@@ -186,7 +187,9 @@ async def test_finding3_swapped_pending_link_is_refused(
     """Must show: the server swaps a pending link's keys for its own device's: the approving
     device refuses (the code carries 130 bits of the real keys), the server's device stays out."""
     alice = await register(server, tmp_path / "alice")
-    code = await KluisClient.request_link(server.url, tmp_path / "laptop", PASSPHRASE)
+    code = await KluisClient.request_link(
+        server.url, tmp_path / "laptop", PASSPHRASE, kdf=fast_kdf()
+    )
     token = code.split("-", 1)[0]
     assert len(code.split("-", 1)[1]) >= 26  # >= 128 bits of fingerprint
     _, server_keys = stray_device(tmp_path, "server-device")
@@ -429,6 +432,7 @@ async def test_finding15_profile_keeps_no_session_times_in_plaintext(
     await alice.receive(wait=5, until=1)
     for c in (alice, bob):
         await c.close()
+        assert isinstance(c.core.store, ProfileStore)
         db = sqlite3.connect(c.core.store.path / "profile.sqlite3")
         used = [r[0] for r in db.execute("SELECT used FROM sessions")]
         db.close()
@@ -451,6 +455,7 @@ async def test_a_linking_device_refuses_an_account_it_did_not_ask_for(
         PASSPHRASE,
         account=alice.account_id,
         transport_factory=transport_factory(server),
+        kdf=fast_kdf(),
     )
     await mallory.approve(code)  # the code reached the wrong account
     laptop = open_profile(server, tmp_path / "laptop")

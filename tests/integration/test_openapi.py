@@ -13,6 +13,7 @@ import os
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import schemathesis
@@ -55,7 +56,7 @@ schema = schemathesis.openapi.from_dict(SPEC)
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-def test_http_routes_match_their_description(case: Case, live: ServerProcess) -> None:
+def test_http_routes_match_their_description(case: Case[Any], live: ServerProcess) -> None:
     case.call_and_validate(
         base_url=live.url,
         timeout=10,

@@ -37,6 +37,7 @@ from tests.kluis_testing import (
     PASSPHRASE,
     RawConnection,
     ServerProcess,
+    fast_kdf,
     link_device,
     register,
     start_inprocess,
@@ -346,7 +347,7 @@ def test_finding5_rate_limit_buckets_are_pruned() -> None:
 
 
 def new_device(tmp_path: Path, name: str, server: ServerProcess) -> ClientCore:
-    store = ProfileStore.create(tmp_path / name, PASSPHRASE)
+    store = ProfileStore.create(tmp_path / name, PASSPHRASE, fast_kdf())
     return ClientCore.create(
         store, server.url, clock=time.time, random=secrets.token_bytes, new_account=True
     )
@@ -467,7 +468,11 @@ async def test_finding10_devices_per_account_are_capped(tmp_path: Path) -> None:
         alice = await register(srv, tmp_path / "alice")
         second = await link_device(alice, srv, tmp_path / "alice2")
         code = await KluisClient.request_link(
-            srv.url, tmp_path / "alice3", PASSPHRASE, transport_factory=transport_factory(srv)
+            srv.url,
+            tmp_path / "alice3",
+            PASSPHRASE,
+            transport_factory=transport_factory(srv),
+            kdf=fast_kdf(),
         )
         with pytest.raises(QuotaExceeded):
             await alice.approve(code)

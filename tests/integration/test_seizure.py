@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+from kluis.audit import store_footprint
 from tests.kluis_testing import ServerProcess, link_device, register
 
 MARKERS = ["SEIZE-MARKER-alpha-7f3a", "SEIZE-MARKER-bravo-91c2", "SEIZE-MARKER-charlie-d0e4"]
@@ -34,13 +35,15 @@ async def test_data_folder_holds_no_plaintext_and_no_sender(
         await c.receive(wait=1)
 
     files = all_bytes(server.data)  # database, WAL, shared memory, logs: every file
-    assert server.data / "kluis.sqlite3" in files
+    footprint = store_footprint(server.data)  # the store's files, asked of the store
+    assert footprint[0] in files
+    assert {p for p in footprint if p.exists()} <= set(files)
     for path, data in files.items():
         for marker in MARKERS:
             for encoded in (marker.encode(), marker.encode("utf-16-le")):
                 assert encoded not in data, f"plaintext {marker!r} found in {path}"
 
-    db = sqlite3.connect(server.data / "kluis.sqlite3")
+    db = sqlite3.connect(footprint[0])
     columns = [r[1] for r in db.execute("PRAGMA table_info(envelopes)")]
     assert columns == ["device_id", "seq", "expires_at", "body", "size"]  # no sender column
     rows = db.execute("SELECT device_id, body FROM envelopes").fetchall()

@@ -22,7 +22,8 @@ def open_store(kind: str, tmp_path: Path) -> Store:
 
 @pytest.fixture(params=IMPLEMENTATIONS)
 def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], Store]:
-    """Opens the same store again (a restart): each call returns a new instance."""
+    """Opens the same store again (a restart): each call returns a new instance. A store that
+    keeps files keeps them under ``tmp_path``."""
     kind = str(request.param)
     return lambda: open_store(kind, tmp_path)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from pathlib import Path
 
 from kluis.protocol.frames import DeviceKeys, DeviceRecord, PendingLink, Revocation, SignedKey
 from kluis.server.store.protocol import Account, Store, StoredDevice
@@ -235,3 +236,37 @@ async def test_a_store_reopened_keeps_its_state_and_continues_its_numbers(
         assert await store.envelopes_after("d", 0, NOW, 10) == [(second, b"two")]
     finally:
         await store.close()
+
+
+# ---- footprint ------------------------------------------------------------------------------
+
+
+def files_under(folder: Path) -> set[Path]:
+    return {p for p in folder.rglob("*") if p.is_file()}
+
+
+async def test_the_footprint_names_every_file_the_store_writes(
+    opener: Callable[[], Store], tmp_path: Path
+) -> None:
+    """The seizure audit reads exactly ``footprint()``: a file the store writes in its folder
+    (``tmp_path`` here) and leaves out of it would escape the audit."""
+    store = opener()
+    footprint = store.footprint()
+    assert footprint == list(dict.fromkeys(footprint))  # no file twice
+    assert all(p.is_absolute() for p in footprint)
+    try:
+        await account_with(store, "a", "b")
+        ids = await store.write_envelopes([("ed-b", LATER, b"x" * 50_000)], [])
+        assert files_under(tmp_path) <= set(footprint)  # live: the WAL and its index too
+        await store.write_envelopes([], [("ed-b", ids[0])])
+        await store.sweep(LATER + 1)
+        await store.maintenance()
+        assert files_under(tmp_path) <= set(footprint)
+    finally:
+        await store.close()
+    assert files_under(tmp_path) <= set(footprint)
+    reopened = opener()
+    try:
+        assert reopened.footprint() == footprint  # a property of where it is, not of a run
+    finally:
+        await reopened.close()

@@ -153,15 +153,16 @@ def cmd_licence_create(args: argparse.Namespace) -> None:
 
 
 def cmd_audit_storage(args: argparse.Namespace) -> None:
-    from kluis.server import audit
+    from kluis import audit
 
-    database = audit.parse_database_url(args.database) if args.database else None
+    data = Path(args.data)
+    footprint = audit.store_footprint(data, args.database)
     secrets = [(f"secret {i + 1}", audit.decode_secret(s)) for i, s in enumerate(args.secret)]
     for profile in args.profile:
         secrets.extend(audit.profile_secrets(Path(profile), _passphrase()))
     report = audit.audit(
-        Path(args.data),
-        database=database,
+        data,
+        footprint=footprint,
         markers=args.marker,
         raw=[(f"bytes {h[:16]}", audit.decode_secret(h)) for h in args.bytes],
         secrets=secrets,

@@ -185,13 +185,14 @@ class KluisClient:
         *,
         account: str = "",
         transport_factory: TransportFactory = WebSocketTransport,
+        kdf: KdfParams | None = None,
     ) -> str:
         """Create a profile for a new device and ask to join an account; return the link code.
 
         With ``account`` (the ID the user means to join), this device refuses any other account
-        the server may later put it in.
+        the server may later put it in. ``kdf`` as for :meth:`register`.
         """
-        store = ProfileStore.create(profile, passphrase)
+        store = ProfileStore.create(profile, passphrase, kdf)
         core = ClientCore.create(store, server, clock=time.time, random=secrets.token_bytes)
         if account:
             core.set_account(account)

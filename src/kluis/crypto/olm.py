@@ -17,8 +17,7 @@ from kluis.errors import (
     MalformedFrame,
 )
 
-PRE_KEY = 0
-NORMAL = 1
+PRE_KEY = 0  # Olm's message type that can open a session (1 is a normal message)
 
 
 def verify_signature(ed25519: str, message: bytes, signature: str) -> None:
@@ -48,10 +47,6 @@ class OlmSession:
 
     def __init__(self, inner: vz.Session) -> None:
         self._inner = inner
-
-    @property
-    def session_id(self) -> str:
-        return str(self._inner.session_id)
 
     def encrypt(self, plaintext: bytes) -> tuple[int, bytes]:
         try:

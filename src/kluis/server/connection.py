@@ -18,8 +18,9 @@ read is in flight) sends the connection back to reading the store. So nothing de
 order in which commits and reads finish, or on one event loop. ``Deliver`` frames are capped in
 bytes.
 
-The transport (``server/websocket.py``) owns the socket: it feeds raw frames to :meth:`handle`
-and writes what :meth:`handle` returns and what :meth:`take_outgoing` yields (deliveries).
+The transport (``server/websocket.py``, or ``server/inprocess.py`` in memory) owns the channel:
+it feeds raw frames to :meth:`handle` and writes what :meth:`handle` returns and what
+:meth:`take_outgoing` yields (deliveries).
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from kluis import __version__
+from kluis.server.config import Limits
 
 _TEXT_ERROR = {"text/plain": {"schema": {"type": "string"}}}
 
@@ -145,7 +146,8 @@ SPEC: dict[str, Any] = {
                 "summary": "Upgrade to the Kluis protocol (RFC 6455 WebSocket)",
                 "description": (
                     "The server sends a Challenge frame first and closes a connection that has "
-                    "not authenticated within the auth timeout (10 s)."
+                    "not authenticated within the auth timeout (the limit auth_timeout_s, "
+                    f"{Limits().auth_timeout_s:g} s unless the operator sets it)."
                 ),
                 "parameters": [
                     _header("Upgrade", "Must be 'websocket'", ["websocket"]),

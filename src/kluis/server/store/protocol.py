@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from kluis.protocol.frames import DeviceRecord, PendingLink, Revocation, SignedKey
@@ -39,6 +40,14 @@ class Store(Protocol):
     """The server's persistence. Every method is atomic; none applies a rule of its own."""
 
     async def close(self) -> None: ...
+
+    def footprint(self) -> list[Path]:
+        """Every file this store keeps its data in, main file first, whether or not it exists
+        right now: what a copy of the server's disk takes from the store (SQLite: the database,
+        its WAL, its shared-memory index, a rollback journal). A store on a database server lists
+        none. The seizure audit (``kluis.audit``) reads these files; the suite in
+        ``tests/store/`` checks that the store writes nowhere else in its folder."""
+        ...
 
     # ---- licences and accounts ----------------------------------------------------------------
 

@@ -670,6 +670,7 @@ class SqliteStore:
         )
         self._thread.start()
         self.db = opened.result()
+        self.path = path
 
     def _serve(
         self,
@@ -704,6 +705,15 @@ class SqliteStore:
     @property
     def needs_checkpoint(self) -> bool:
         return self.db.needs_checkpoint
+
+    @staticmethod
+    def footprint_at(path: Path) -> list[Path]:
+        """The files of a SQLite store at ``path``, without opening it (opening would change
+        them): the database, then the files SQLite keeps beside it."""
+        return [path, *(path.with_name(path.name + s) for s in ("-wal", "-shm", "-journal"))]
+
+    def footprint(self) -> list[Path]:
+        return self.footprint_at(self.path)
 
     async def close(self) -> None:
         await self._run(self.db.close)

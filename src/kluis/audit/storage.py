@@ -1,9 +1,12 @@
 """Seizure audit: what would someone who takes the server's disk find? (``kluis audit-storage``)
 
 Theory of operation: the audit reads, never writes. It walks every file under the data folder
-(the database, its WAL and shared-memory files, logs, anything else) plus any extra paths, as raw
-bytes, so deleted-but-not-overwritten data in free pages and old WAL frames counts too. It looks
-for three kinds of finding:
+(logs, anything else), every file of the store's footprint (``Store.footprint()``: for SQLite the
+database, its WAL and shared-memory index, wherever they are kept) and any extra paths, as raw
+bytes, so deleted-but-not-overwritten data in free pages and old WAL frames counts too. It never
+opens the store itself, which would change the files: it asks the store class which files a
+store at that place keeps (``SqliteStore.footprint_at``), copies them, and reads the copies.
+It looks for four kinds of finding:
 
 1. **markers**: plaintext strings the caller knows were sent (as UTF-8, UTF-16, UTF-32, base64
    and hex), and raw byte strings (for example the ciphertext of an envelope already delivered);
@@ -11,11 +14,12 @@ for three kinds of finding:
    profiles with ``--profile``), and anything that looks like a private key: PEM/OpenSSH private
    key blocks and long base64 runs such as vodozemac pickles (the server stores only public keys
    and signatures, which are short);
-3. **metadata that outlives delivery**: in a copy of the SQLite database, any row that names
+3. **metadata that outlives delivery**: in a copy of the SQLite database (the footprint file
+   that starts with SQLite's header), any row that names
    devices or accounts of two different accounts (a sender/recipient link), envelopes past their
    expiry, and, with ``expect_empty`` (every device has synced), any stored envelope at all;
    likewise attachments (``blobs/``) past their expiry, and with ``expect_empty`` any at all;
-4. **deposit order** (``audit_pages.py``): pending envelopes for different accounts whose bytes
+4. **deposit order** (``pages.py``): pending envelopes for different accounts whose bytes
    sit in pages allocated one after the other, or that one WAL commit wrote together: the
    recipient's envelope and the sender's copy for its other device, paired.
 
@@ -35,10 +39,16 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kluis.errors import LocalProtocolError
-from kluis.server import audit_pages
+import msgspec
 
-DB_NAME = "kluis.sqlite3"
+from kluis.audit import pages
+from kluis.client.records import Identity
+from kluis.client.store import ProfileStore
+from kluis.errors import LocalProtocolError
+from kluis.server.config import ServerConfig
+from kluis.server.store.sqlite import SqliteStore
+
+_SQLITE_HEADER = b"SQLite format 3\x00"
 # A run of base64 text this long is no public key (43 chars) or signature (86 chars) the server
 # keeps; vodozemac pickles are 500+ characters.
 LONG_BASE64_RUN = 200
@@ -175,14 +185,22 @@ def scan_files(
 # ---- the database -----------------------------------------------------------------------------
 
 
-def _copy_database(db: Path, into: Path) -> Path:
-    """Copy the database with its WAL so that opening it cannot change the evidence."""
-    target = into / db.name
-    for suffix in ("", "-wal", "-shm"):
-        src = db.with_name(db.name + suffix)
-        if src.exists():
-            shutil.copyfile(src, into / (db.name + suffix))
-    return target
+def _header(path: Path, size: int) -> bytes:
+    with path.open("rb") as fh:
+        return fh.read(size)
+
+
+def _copy_footprint(files: Sequence[Path], into: Path) -> dict[Path, Path]:
+    """Copy the store's files, under their own names, so that opening the copy of the database
+    finds its WAL beside it and cannot change the evidence. Original -> copy."""
+    copies = {}
+    for src in files:
+        target = into / src.name
+        if target.exists():
+            raise LocalProtocolError(f"two files of the store are named {src.name}")
+        shutil.copyfile(src, target)
+        copies[src] = target
+    return copies
 
 
 def _cells(row: Sequence[object]) -> bytes:
@@ -191,24 +209,33 @@ def _cells(row: Sequence[object]) -> bytes:
     )
 
 
-def scan_database(report: Report, db: Path, *, expect_empty: bool, now: int) -> None:
-    if not db.exists():
-        report.notes.append(f"no database at {db}")
+def scan_database(
+    report: Report, footprint: Sequence[Path], *, expect_empty: bool, now: int
+) -> None:
+    """Row- and page-level findings in the store's SQLite database, found among its files by
+    its header (and its WAL by the WAL's magic number), not by their names."""
+    files = [p for p in footprint if p.is_file()]
+    db = next((p for p in files if _header(p, 16) == _SQLITE_HEADER), None)
+    if db is None:
+        shown = footprint[0] if footprint else "the store (it keeps no files)"
+        report.notes.append(f"no database at {shown}")
         return
+    wal = next((p for p in files if pages.is_wal(_header(p, 4))), None)
     with tempfile.TemporaryDirectory() as tmp:
-        conn = sqlite3.connect(_copy_database(db, Path(tmp)))
+        copies = _copy_footprint(files, Path(tmp))
+        conn = sqlite3.connect(copies[db])
         try:
             owner = _scan_tables(report, conn, str(db), expect_empty=expect_empty, now=now)
-            _scan_deposit_order(report, db, conn, owner)
+            _scan_deposit_order(report, db, wal, conn, owner)
         finally:
             conn.close()
 
 
 def _scan_deposit_order(
-    report: Report, db: Path, conn: sqlite3.Connection, owner: dict[bytes, str]
+    report: Report, db: Path, wal: Path | None, conn: sqlite3.Connection, owner: dict[bytes, str]
 ) -> None:
-    """Pages and WAL frames, read as a seizer would: see ``audit_pages``."""
-    seen = audit_pages.scan(db, conn, owner)
+    """Pages and WAL frames, read as a seizer would: see ``pages``."""
+    seen = pages.scan(db, wal, conn, owner)
     report.notes.append(
         f"{seen.overflow_pages} overflow pages hold envelope bytes; "
         f"{seen.wal_commits} commits in the WAL"
@@ -216,7 +243,7 @@ def _scan_deposit_order(
     )
     for where, what, pairs in (
         (str(db), "overflow pages that follow each other", seen.allocation_pairs),
-        (f"{db}-wal", "one WAL commit", seen.wal_pairs),
+        (str(wal), "one WAL commit", seen.wal_pairs),
     ):
         if pairs:
             examples = "; ".join(pairs[:3]) + ("; …" if len(pairs) > 3 else "")
@@ -351,43 +378,46 @@ def scan_blobs(report: Report, folder: Path, *, expect_empty: bool, now: int) ->
 def audit(
     data: Path,
     *,
+    footprint: Sequence[Path] | None = None,
     markers: Sequence[str] = (),
     raw: Sequence[tuple[str, bytes]] = (),
     secrets: Sequence[tuple[str, bytes]] = (),
     extra_paths: Sequence[Path] = (),
     expect_empty: bool = False,
-    database: Path | None = None,
     now: int | None = None,
 ) -> Report:
-    """Audit the data folder ``data`` (and ``extra_paths``, e.g. log files kept elsewhere).
-
-    ``database`` is the SQLite file when it is not ``data/kluis.sqlite3``; it is scanned as raw
-    bytes too.
-    """
+    """Audit the data folder ``data``, the store's files ``footprint`` (by default those of the
+    store a server on ``data`` opens: see :func:`store_footprint`) and ``extra_paths`` (e.g. log
+    files kept elsewhere)."""
     if not data.is_dir():
         raise LocalProtocolError(f"no data folder at {data}")
+    if footprint is None:
+        footprint = store_footprint(data)
     report = Report()
-    db = database or data / DB_NAME
-    paths = [data, *extra_paths]
-    if database is not None:  # the database and its WAL, when kept outside the data folder
-        paths += [p for p in database.parent.glob(database.name + "*") if data not in p.parents]
-    scan_files(report, paths, markers, raw, secrets)
-    scan_database(report, db, expect_empty=expect_empty, now=int(now or time.time()))
+    # The data folder is walked whole; the store's files kept outside it are added.
+    elsewhere = [p for p in footprint if data.resolve() not in p.resolve().parents]
+    scan_files(report, [data, *extra_paths, *elsewhere], markers, raw, secrets)
+    scan_database(report, footprint, expect_empty=expect_empty, now=int(now or time.time()))
     scan_blobs(report, data / "blobs", expect_empty=expect_empty, now=int(now or time.time()))
     return report
 
 
-def parse_database_url(url: str) -> Path:
-    """``sqlite:///path`` or a plain path; other databases are not supported yet."""
-    if url.startswith("sqlite:///"):
-        return Path(url[len("sqlite:///") :])  # as SQLAlchemy: sqlite:////abs, sqlite:///rel
-    if url.startswith(("postgres://", "postgresql://")):
+def store_footprint(data: Path, database_url: str | None = None) -> list[Path]:
+    """The files of the store that a server on ``data`` keeps, asked of the store's class:
+    by default the server's own database; ``database_url`` (``sqlite:///path`` or a plain
+    path) names one kept elsewhere. Other databases are not supported yet."""
+    if database_url is None:
+        return SqliteStore.footprint_at(ServerConfig(data_dir=data).database_path)
+    if database_url.startswith("sqlite:///"):
+        # As SQLAlchemy: sqlite:////abs, sqlite:///rel
+        return SqliteStore.footprint_at(Path(database_url[len("sqlite:///") :]))
+    if database_url.startswith(("postgres://", "postgresql://")):
         raise LocalProtocolError(
             "auditing PostgreSQL is not supported yet: Kluis has no PostgreSQL store"
         )
-    if "://" in url:
-        raise LocalProtocolError(f"unsupported database URL {url.split('://')[0]}://")
-    return Path(url)
+    if "://" in database_url:
+        raise LocalProtocolError(f"unsupported database URL {database_url.split('://')[0]}://")
+    return SqliteStore.footprint_at(Path(database_url))
 
 
 def decode_secret(text: str) -> bytes:
@@ -404,11 +434,6 @@ def decode_secret(text: str) -> bytes:
 
 def profile_secrets(profile: Path, passphrase: str) -> list[tuple[str, bytes]]:
     """The private material a client profile holds: what must never reach the server."""
-    import msgspec
-
-    from kluis.client.records import Identity
-    from kluis.client.store import ProfileStore
-
     store = ProfileStore.open(profile, passphrase)
     try:
         raw = store.get("identity")

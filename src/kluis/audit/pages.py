@@ -38,6 +38,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kluis.server.store.sqlite import chunk_key
+
 WINDOW = 16  # bytes per indexed window
 INDEX_STEP = 8  # windows of each piece start every INDEX_STEP bytes
 SCAN_STEP = 9  # a page is probed every SCAN_STEP bytes (coprime with INDEX_STEP)
@@ -65,8 +67,6 @@ class DepositOrder:
 
 def pending_pieces(conn: sqlite3.Connection) -> tuple[list[tuple[Envelope, bytes]], int]:
     """(envelope, bytes) for each stored piece of each pending envelope; and orphan pieces."""
-    from kluis.server.store.sqlite import chunk_key
-
     tables = {str(r[0]) for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     if "envelopes" not in tables:
         return [], 0
@@ -129,7 +129,7 @@ def _wal_commits(wal: bytes) -> tuple[int, list[list[tuple[int, bytes]]]]:
     Frames of an older WAL generation (other salts) still in the file are read too: a seizer
     would. A trailing group with no commit frame is kept as one more group.
     """
-    if len(wal) < 32 or struct.unpack(">I", wal[:4])[0] not in _WAL_MAGIC:
+    if len(wal) < 32 or not is_wal(wal):
         return 0, []
     page_size = struct.unpack(">I", wal[8:12])[0]
     commits: list[list[tuple[int, bytes]]] = []
@@ -155,8 +155,16 @@ def _pair_text(owner: dict[bytes, str], envs: set[Envelope]) -> str:
     return ", ".join(f"{d[:12]}…#{s} ({_account(owner, (d, s))[:12]}…)" for d, s in sorted(envs))
 
 
-def scan(db: Path, conn: sqlite3.Connection, owner: dict[bytes, str]) -> DepositOrder:
-    """Look for deposit order in the raw files of ``db`` (and its WAL); ``conn`` reads a copy."""
+def is_wal(header: bytes) -> bool:
+    """Whether a file starting with ``header`` (4 bytes or more) is a SQLite WAL."""
+    return len(header) >= 4 and struct.unpack(">I", header[:4])[0] in _WAL_MAGIC
+
+
+def scan(
+    db: Path, wal_path: Path | None, conn: sqlite3.Connection, owner: dict[bytes, str]
+) -> DepositOrder:
+    """Look for deposit order in the raw bytes of the database ``db`` and its WAL ``wal_path``
+    (when the store has one); ``conn`` reads a copy of them."""
     out = DepositOrder()
     pieces, out.orphan_chunks = pending_pieces(conn)
     index = PieceIndex(pieces)
@@ -164,8 +172,7 @@ def scan(db: Path, conn: sqlite3.Connection, owner: dict[bytes, str]) -> Deposit
     if not index:
         return out
     blob = db.read_bytes()
-    wal_path = db.with_name(db.name + "-wal")
-    wal = wal_path.read_bytes() if wal_path.exists() else b""
+    wal = wal_path.read_bytes() if wal_path is not None and wal_path.exists() else b""
     page_size = int(struct.unpack(">H", blob[16:18])[0]) if len(blob) >= 100 else 0
     page_size = 65536 if page_size == 1 else page_size
     db_pages = dict(_pages(blob, page_size)) if page_size else {}
