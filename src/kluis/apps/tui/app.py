@@ -33,10 +33,10 @@ Screen { layers: base overlay; }
 .title { padding: 0 0 1 0; }
 .hint { color: $text-muted; }
 #error { height: auto; }
-#sidebar { width: 28; border-right: vkey $primary; }
+#sidebar { width: 28; border-right: tall $primary 40%; }
 #conversations { height: 1fr; border: none; padding: 0; }
 #chat { width: 1fr; }
-#log { height: 1fr; padding: 0 1; }
+#log { height: 1fr; padding: 0 1; scrollbar-size-vertical: 1; }
 #compose { height: 4; border: round $primary; }
 #compose:focus { border: round $accent; }
 #status { height: 1; padding: 0 1; background: $panel; }
@@ -65,7 +65,7 @@ class KluisCommands(Provider):
             ("Toggle light/dark theme", "switch the colours", app.action_toggle_dark_theme),
             ("Help: keys", "every key binding", app.action_help),
         ]
-        screen = app.screen
+        screen = self.screen  # the screen the palette was opened on
         if isinstance(screen, MainScreen):
             commands += [
                 ("New conversation", "start a chat by ID", screen.action_new_conversation),

@@ -115,15 +115,15 @@ class ConversationBook:
     def notice(self, notice: Notice) -> None:
         self.notices.append(notice)
         if notice.kind == "unreadable":
-            unread = sum(1 for n in self.notices if n.kind == "unreadable")
             seen = self._rows.get(UNREADABLE)
+            unread = 0 if self.open_id == UNREADABLE else (seen.unread if seen else 0) + 1
             self._rows[UNREADABLE] = Conversation(
                 UNREADABLE,
                 "Unreadable messages",
                 False,
                 preview=notice.text,
                 last=notice.time,
-                unread=0 if self.open_id == UNREADABLE else (seen.unread + 1 if seen else unread),
+                unread=unread,
             )
 
     def get(self, conversation: str) -> Conversation | None:

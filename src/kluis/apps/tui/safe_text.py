@@ -16,7 +16,7 @@ from rich.text import Text
 
 ESCAPE_STYLE = "reverse"
 
-_NAMED = {"\r": "\\r", "\x07": "\\a", "\x08": "\\b", "\x0b": "\\v", "\x0c": "\\f", "\x00": "\\0"}
+_NAMED = {"\r": "\\r", "\n": "\\n"}
 _BIDI = {
     *range(0x202A, 0x202F),  # LRE RLE PDF LRO RLO
     *range(0x2066, 0x206A),  # LRI RLI FSI PDI
@@ -39,8 +39,6 @@ def escape_char(ch: str) -> str:
     """The visible form of a character :func:`needs_escape` refused."""
     if ch in _NAMED:
         return _NAMED[ch]
-    if ch == "\n":
-        return "\\n"
     cp = ord(ch)
     return f"\\x{cp:02x}" if cp <= 0xFF else f"\\u{cp:04x}"
 

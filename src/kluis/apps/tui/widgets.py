@@ -41,9 +41,9 @@ def day_label(day: datetime, today: datetime) -> str:
 def _row(time: str, who: Text, body: Text) -> Table:
     """Time, sender and text in fixed columns: a line break or a wrap in the text stays in
     the text's column, so no text can draw what looks like another message's header."""
-    grid = Table.grid(padding=(0, 1), expand=True)
-    grid.add_column(width=5, no_wrap=True, style="dim")
-    grid.add_column(width=8, no_wrap=True)
+    grid = Table.grid(expand=True)
+    grid.add_column(width=6, no_wrap=True, style="dim")
+    grid.add_column(width=10, no_wrap=True, overflow="crop")
     grid.add_column(ratio=1, overflow="fold")
     grid.add_row(time, who, body)
     return grid
@@ -78,28 +78,45 @@ class ChatLog(RichLog):
     """The open conversation: messages with time and sender, and day separators."""
 
     def __init__(self, *, id: str | None = None) -> None:
-        super().__init__(id=id, markup=False, highlight=False, wrap=True, auto_scroll=True)
+        super().__init__(
+            id=id, markup=False, highlight=False, wrap=True, auto_scroll=True, min_width=20
+        )
         self.can_focus = True
         self._last_day: str | None = None
+        self._entries: list[RenderableType] = []
+        self._width = 0
 
     def reset(self) -> None:
         self.clear()
+        self._entries.clear()
         self._last_day = None
+
+    def _emit(self, renderable: RenderableType) -> None:
+        self._entries.append(renderable)
+        self.write(renderable, expand=True)
+
+    def on_resize(self, event: events.Resize) -> None:
+        """Lines are wrapped when written: write them again at the new width."""
+        if event.size.width != self._width:
+            self._width = event.size.width
+            self.clear()
+            for renderable in self._entries:
+                self.write(renderable, expand=True)
 
     def _day(self, when: datetime, today: datetime) -> None:
         label = day_label(when, today)
         key = when.date().isoformat()
         if key != self._last_day:
             self._last_day = key
-            self.write(separator(label), expand=True)
+            self._emit(separator(label))
 
     def add_message(self, message: Message, me: str, today: datetime, tz: tzinfo | None) -> None:
         self._day(local(message.time, tz), today)
-        self.write(message_renderable(message, me, tz), expand=True)
+        self._emit(message_renderable(message, me, tz))
 
     def add_notice(self, notice: Notice, today: datetime, tz: tzinfo | None) -> None:
         self._day(local(notice.time, tz), today)
-        self.write(notice_renderable(notice, tz), expand=True)
+        self._emit(notice_renderable(notice, tz))
 
 
 class ComposeArea(TextArea):

@@ -71,6 +71,7 @@ class MainScreen(Screen[None]):
     def on_mount(self) -> None:
         compose = self.query_one(ComposeArea)
         compose.cursor_blink = self.app.cursor_blink
+        compose.focus()
         self._show_status()
         self._load()
 
@@ -92,7 +93,7 @@ class MainScreen(Screen[None]):
                     "in the profile",
                 )
             )
-        rows = self.book.rows()
+        rows = [row for row in self.book.rows() if row.id != UNREADABLE]
         if rows and self.book.open_id is None:
             self.open_conversation(rows[0].id)
         else:
