@@ -43,7 +43,8 @@ Screen { layers: base overlay; }
 .form { width: 72; max-width: 100%; height: auto; max-height: 100%; padding: 1 2;
         border: round $primary; margin: 0 2; }
 #onboarding { align: left top; }
-#onboarding Input { margin: 0 0 0 0; }
+#onboarding Input { margin: 0 0 1 0; }
+#onboarding Label { margin: 0; }
 #unlock { margin-top: 4; }
 ModalScreen { align: center middle; }
 .dialog { width: 70; max-width: 100%; height: auto; max-height: 100%; padding: 1 2;

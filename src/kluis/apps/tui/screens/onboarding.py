@@ -41,16 +41,16 @@ class OnboardingScreen(Screen[None]):
                 classes="hint",
             )
             yield Label("Server")
-            yield Input(self.app.default_server, id="server")
+            yield Input(self.app.default_server, id="server", compact=True)
             yield Label("Licence code")
-            yield Input(id="licence", placeholder="from your operator")
+            yield Input(id="licence", placeholder="from your operator", compact=True)
             yield Label("Passphrase (protects this profile on this device)")
-            yield Input(id="passphrase", password=True)
+            yield Input(id="passphrase", password=True, compact=True)
             yield Static(id="strength", classes="hint")
             yield Label("Passphrase again")
-            yield Input(id="passphrase2", password=True)
+            yield Input(id="passphrase2", password=True, compact=True)
             yield Static(id="error")
-            yield Button("Create my ID", id="register", variant="primary")
+            yield Button("Create my ID", id="register", variant="primary", compact=True)
 
     def on_mount(self) -> None:
         for widget in self.query(Input):
