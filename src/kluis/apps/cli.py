@@ -632,6 +632,12 @@ def _add_feature_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser
 # ---- argument parsing ----------------------------------------------------------------------------
 
 
+def cmd_chat(args: argparse.Namespace) -> None:
+    from kluis.apps.tui.app import KluisApp  # Textual loads only for this command
+
+    KluisApp(Path(args.profile).expanduser(), default_server=args.server).run()
+
+
 def _async(
     fn: Callable[[argparse.Namespace], Awaitable[None]],
 ) -> Callable[[argparse.Namespace], None]:
@@ -820,6 +826,11 @@ def build_parser() -> argparse.ArgumentParser:
     gm.add_argument("group")
     gm.set_defaults(func=cmd_group_members)
     _add_feature_parsers(sub)
+
+    ch = sub.add_parser("chat", help="the full-screen messenger (first run: register)")
+    ch.add_argument("--profile", default="~/.kluis/default", help="default: %(default)s")
+    ch.add_argument("--server", default=f"http://127.0.0.1:{DEFAULT_PORT}", help="first run only")
+    ch.set_defaults(func=cmd_chat)
     return p
 
 

@@ -1,0 +1,163 @@
+"""``kluis chat``: the Textual application.
+
+    KluisApp(Path("~/.kluis/me").expanduser()).run()
+
+The app starts on the first-run screen when the profile folder holds no profile, else on the
+unlock screen; tests and screenshots may hand it a ready :class:`~.backend.Backend` instead.
+Time is injected (``clock``, ``tz``) and the cursor blink can be turned off, so that screenshots
+are the same on every run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime, tzinfo
+from functools import partial
+from pathlib import Path
+
+from textual.app import App
+from textual.binding import Binding
+from textual.command import DiscoveryHit, Hit, Hits, Provider
+
+from kluis.apps.tui.backend import Backend, profile_exists
+from kluis.apps.tui.screens.dialogs import HelpScreen
+from kluis.apps.tui.screens.main import MainScreen
+from kluis.apps.tui.screens.onboarding import IdScreen, OnboardingScreen, UnlockScreen
+from kluis.client.transport import TransportFactory, WebSocketTransport
+from kluis.crypto.profile_key import KdfParams
+from kluis.errors import LocalProtocolError
+
+CSS = """
+Screen { layers: base overlay; }
+.heading { height: 1; padding: 0 1; background: $panel; }
+.title { padding: 0 0 1 0; }
+.hint { color: $text-muted; }
+#error { height: auto; }
+#sidebar { width: 28; border-right: tall $primary 40%; }
+#conversations { height: 1fr; border: none; padding: 0; }
+#chat { width: 1fr; }
+#log { height: 1fr; padding: 0 1; scrollbar-size-vertical: 1; }
+#compose { height: 4; border: round $primary; }
+#compose:focus { border: round $accent; }
+#status { height: 1; padding: 0 1; background: $panel; }
+.form { width: 72; max-width: 100%; height: auto; max-height: 100%; padding: 1 2;
+        border: round $primary; margin: 0 2; }
+#onboarding { align: left top; }
+#onboarding Input { margin: 0 0 1 0; }
+#onboarding Label { margin: 0; }
+#unlock { margin-top: 4; }
+ModalScreen { align: center middle; }
+.dialog { width: 70; max-width: 100%; height: auto; max-height: 100%; padding: 1 2;
+          border: thick $primary; background: $surface; }
+.dialog.alarm { border: thick $error; background: $error 30%; }
+#id-box { width: auto; min-width: 40; }
+#qr { width: auto; }
+#members-list { height: auto; max-height: 12; }
+"""
+
+
+class KluisCommands(Provider):
+    """The command palette: the app's commands and the conversations to jump to."""
+
+    def _commands(self) -> list[tuple[str, str, Callable[[], object]]]:
+        app = self.app
+        assert isinstance(app, KluisApp)
+        commands: list[tuple[str, str, Callable[[], object]]] = [
+            ("Toggle light/dark theme", "switch the colours", app.action_toggle_dark_theme),
+            ("Help: keys", "every key binding", app.action_help),
+        ]
+        screen = self.screen  # the screen the palette was opened on
+        if isinstance(screen, MainScreen):
+            commands += [
+                ("New conversation", "start a chat by ID", screen.action_new_conversation),
+                ("New group", "name it and add members", screen.action_new_group),
+                ("Group members", "of the open group", screen.action_members),
+                ("My ID", "as text and QR code", screen.action_show_id),
+            ]
+            for row in screen.book.rows():
+                label = f"Open: {row.title}"
+                commands.append((label, row.id, partial(screen.open_conversation, row.id)))
+        return commands
+
+    async def discover(self) -> Hits:
+        for name, help_, run in self._commands():
+            yield DiscoveryHit(name, run, help=help_)
+
+    async def search(self, query: str) -> Hits:
+        matcher = self.matcher(query)
+        for name, help_, run in self._commands():
+            score = max(matcher.match(name), matcher.match(help_))
+            if score > 0:
+                yield Hit(score, matcher.highlight(name), run, help=help_)
+
+
+class KluisApp(App[None]):
+    TITLE = "Kluis"
+    CSS = CSS
+    COMMANDS = App.COMMANDS | {KluisCommands}
+    BINDINGS = [
+        Binding("question_mark", "help", "Help", key_display="?"),
+        Binding("f1", "help", "Help", show=False),
+        Binding("ctrl+t", "toggle_dark_theme", "Theme"),
+    ]
+
+    def __init__(
+        self,
+        profile: Path,
+        *,
+        backend: Backend | None = None,
+        transport_factory: TransportFactory = WebSocketTransport,
+        clock: Callable[[], datetime] | None = None,
+        tz: tzinfo | None = None,
+        cursor_blink: bool = True,
+        kdf: KdfParams | None = None,
+        default_server: str = "http://127.0.0.1:8448",
+        backoff_base: float = 0.5,
+        backoff_cap: float = 30.0,
+        theme: str = "textual-dark",
+    ) -> None:
+        super().__init__()
+        self.profile = profile
+        self.backend = backend
+        self.transport_factory = transport_factory
+        self._clock = clock or (lambda: datetime.now(UTC))
+        self.tz = tz
+        self.cursor_blink = cursor_blink
+        self.kdf = kdf
+        self.default_server = default_server
+        self.backoff_base, self.backoff_cap = backoff_base, backoff_cap
+        self.theme = theme
+
+    def now(self) -> datetime:
+        return self._clock().astimezone(self.tz)
+
+    @property
+    def backend_required(self) -> Backend:
+        if self.backend is None:
+            raise LocalProtocolError("the profile is not open")
+        return self.backend
+
+    def on_mount(self) -> None:
+        if self.backend is not None:
+            self.push_screen(MainScreen())
+        elif profile_exists(self.profile):
+            self.push_screen(UnlockScreen())
+        else:
+            self.push_screen(OnboardingScreen())
+
+    def enter_main(self, backend: Backend, *, show_id: bool = False) -> None:
+        self.backend = backend
+        self.switch_screen(MainScreen())
+        if show_id:
+            self.push_screen(IdScreen(backend.account_id))
+
+    def action_help(self) -> None:
+        if not isinstance(self.screen, HelpScreen):
+            self.push_screen(HelpScreen())
+
+    def action_toggle_dark_theme(self) -> None:
+        self.theme = "textual-light" if self.theme == "textual-dark" else "textual-dark"
+
+    async def on_unmount(self) -> None:
+        if self.backend is not None:
+            await self.backend.close()

@@ -1,0 +1,249 @@
+"""The adapter between the app and :class:`~kluis.client.client.KluisClient`.
+
+Theory of operation: the client does its cryptography and profile storage synchronously inside
+its coroutines, so it runs on an event loop of its own, in a thread (:class:`ClientThread`);
+the app's loop only awaits futures of it (from Textual workers) and so never stutters. A pump
+task there follows ``client.events()``, reconnects with back-off and jitter when the stream
+ends with ``ConnectionDown``, and hands every event to a thread-safe callback as a
+:data:`BackendEvent`. The app depends on the :class:`Backend` protocol only, so tests and
+screenshots can drive it with a fake.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import random
+import threading
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from kluis.apps.tui.model import backoff
+from kluis.client.client import KluisClient
+from kluis.client.events import (
+    ConnectionDown,
+    ConnectionUp,
+    DeviceAlarm,
+    MessageReceived,
+    Undecryptable,
+)
+from kluis.client.groups import GroupState
+from kluis.client.records import Message
+from kluis.client.store import ProfileStore
+from kluis.client.transport import TransportFactory, WebSocketTransport
+from kluis.crypto.profile_key import KdfParams
+from kluis.errors import LocalProtocolError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Online:
+    """Logged in (again)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Offline:
+    """The connection is down; the next attempt comes in ``retry_in`` seconds."""
+
+    reason: str
+    retry_in: float
+
+
+BackendEvent = Online | Offline | MessageReceived | Undecryptable | DeviceAlarm
+Post = Callable[[BackendEvent], None]
+
+
+class Backend(Protocol):
+    """What the app needs of a client (see :class:`ClientBackend`)."""
+
+    @property
+    def account_id(self) -> str: ...
+
+    async def history(self, conversation: str | None = None) -> list[Message]: ...
+
+    async def groups(self) -> list[GroupState]: ...
+
+    async def quarantined(self) -> int: ...
+
+    async def send(self, conversation: str, text: str) -> Message: ...
+
+    async def create_group(self, name: str, members: list[str]) -> GroupState: ...
+
+    def start(self, post: Post) -> None:
+        """Connect and keep connected, handing every event to ``post`` (thread-safe)."""
+
+    async def close(self) -> None: ...
+
+
+def profile_exists(profile: Path) -> bool:
+    return ProfileStore.exists(profile)
+
+
+class ClientThread:
+    """An event loop in a daemon thread; :meth:`call` runs a coroutine there and awaits it."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="kluis-client")
+        self._thread.daemon = True
+        self._thread.start()
+
+    async def call(self, make: Callable[[], Coroutine[Any, Any, T]]) -> T:
+        future = asyncio.run_coroutine_threadsafe(make(), self.loop)
+        return await asyncio.wrap_future(future)
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(5)
+        if not self._thread.is_alive() and not self.loop.is_closed():
+            self.loop.close()
+
+
+class ClientBackend:
+    """A :class:`KluisClient` living on a :class:`ClientThread`."""
+
+    def __init__(
+        self,
+        thread: ClientThread,
+        client: KluisClient,
+        *,
+        backoff_base: float = 0.5,
+        backoff_cap: float = 30.0,
+    ) -> None:
+        self._thread, self._client = thread, client
+        self._pump: concurrent.futures.Future[None] | None = None
+        self._base, self._cap = backoff_base, backoff_cap
+        self._random = random.SystemRandom().random
+
+    # ---- opening --------------------------------------------------------------------------------
+
+    @classmethod
+    async def unlock(
+        cls,
+        profile: Path,
+        passphrase: str,
+        *,
+        transport_factory: TransportFactory = WebSocketTransport,
+        **options: float,
+    ) -> ClientBackend:
+        thread = ClientThread()
+
+        async def open_() -> KluisClient:
+            return KluisClient.open(profile, passphrase, transport_factory=transport_factory)
+
+        try:
+            client = await thread.call(open_)
+        except BaseException:
+            thread.stop()
+            raise
+        return cls(thread, client, **options)
+
+    @classmethod
+    async def register(
+        cls,
+        server: str,
+        licence: str,
+        profile: Path,
+        passphrase: str,
+        *,
+        transport_factory: TransportFactory = WebSocketTransport,
+        kdf: KdfParams | None = None,
+        **options: float,
+    ) -> ClientBackend:
+        thread = ClientThread()
+
+        async def register_() -> KluisClient:
+            return await KluisClient.register(
+                server, licence, profile, passphrase, transport_factory=transport_factory, kdf=kdf
+            )
+
+        try:
+            client = await thread.call(register_)
+        except BaseException:
+            thread.stop()
+            raise
+        return cls(thread, client, **options)
+
+    # ---- the Backend protocol -------------------------------------------------------------------
+
+    @property
+    def account_id(self) -> str:
+        return self._client.account_id
+
+    async def _run(self, make: Callable[[], Awaitable[T]]) -> T:
+        async def wrapped() -> T:
+            return await make()
+
+        return await self._thread.call(wrapped)
+
+    async def history(self, conversation: str | None = None) -> list[Message]:
+        return await self._run(lambda: _value(self._client.history(conversation)))
+
+    async def groups(self) -> list[GroupState]:
+        return await self._run(lambda: _value(self._client.groups()))
+
+    async def quarantined(self) -> int:
+        return await self._run(lambda: _value(self._client.quarantined))
+
+    async def send(self, conversation: str, text: str) -> Message:
+        try:
+            return await self._run(lambda: self._client.send(conversation, text))
+        except LocalProtocolError as exc:
+            if "not connected" in str(exc):
+                raise LocalProtocolError("offline: the message was not sent") from exc
+            raise
+
+    async def create_group(self, name: str, members: list[str]) -> GroupState:
+        return await self._run(lambda: self._client.create_group(name, members))
+
+    def start(self, post: Post) -> None:
+        if self._pump is None:
+            self._pump = asyncio.run_coroutine_threadsafe(self._follow(post), self._thread.loop)
+
+    async def close(self) -> None:
+        if self._pump is not None:
+            self._pump.cancel()
+
+        async def close_() -> None:
+            await self._client.close()
+
+        try:
+            await self._thread.call(close_)
+        finally:
+            self._thread.stop()
+
+    # ---- the pump (runs on the client thread) ---------------------------------------------------
+
+    async def _follow(self, post: Post) -> None:
+        """Follow ``events()`` for ever; when it ends, wait (back-off, jitter) and go again."""
+        attempt = 0
+        while True:
+            reason = "not connected"
+            try:
+                async for event in self._client.events():
+                    match event:
+                        case ConnectionUp():
+                            attempt = 0
+                            post(Online())
+                        case ConnectionDown(reason=why):
+                            reason = why
+                        case MessageReceived() | Undecryptable() | DeviceAlarm():
+                            post(event)
+                        case _:
+                            pass  # receipts, contacts, notes, expiry: not shown by the app yet
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # refused login, DNS, ...: say why, and try again later
+                reason = str(exc) or type(exc).__name__
+            delay = backoff(attempt, self._random, base=self._base, cap=self._cap)
+            attempt += 1
+            post(Offline(reason, delay))
+            await asyncio.sleep(delay)
+
+
+async def _value(value: T) -> T:
+    return value

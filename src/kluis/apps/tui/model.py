@@ -1,0 +1,193 @@
+"""The view-model between :class:`~kluis.client.client.KluisClient` and the widgets (pure).
+
+Theory of operation: the conversation list is computed from what the client already keeps,
+the stored history and the groups, so it needs no new client API; unread counts are what
+arrived, from others, in a conversation that was not open, since the app started. Features
+that add their own data (nicknames, receipts, timers, verification) extend
+:class:`Conversation` and :meth:`ConversationBook.title`, nothing else.
+
+Also here, because they are rules rather than screens: the reconnection back-off with jitter
+and the passphrase strength heuristic.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+
+from kluis.client.groups import GroupState, is_group_id
+from kluis.client.records import Message
+from kluis.identity.chain import ACCOUNT_ID_CHARS
+
+_ACCOUNT_ALPHABET = set("abcdefghijklmnopqrstuvwxyz234567")
+UNREADABLE = "!unreadable"  # the pseudo-conversation of placeholders for unreadable envelopes
+
+
+def is_account_id(text: str) -> bool:
+    return len(text) == ACCOUNT_ID_CHARS and set(text) <= _ACCOUNT_ALPHABET
+
+
+def parse_ids(text: str) -> list[str]:
+    """Account IDs separated by spaces or commas; ValueError names the first bad one."""
+    ids = [part for part in text.replace(",", " ").split() if part]
+    for part in ids:
+        if not is_account_id(part.lower()):
+            raise ValueError(f"not an account ID: {part!r}")
+    return list(dict.fromkeys(p.lower() for p in ids))
+
+
+@dataclass(frozen=True, slots=True)
+class Conversation:
+    """One row of the conversation list."""
+
+    id: str
+    title: str  # peer-supplied for groups: render with safe_text
+    is_group: bool
+    preview: str = ""  # the last message, peer-supplied
+    last: datetime | None = None
+    unread: int = 0
+    members: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """Something the user must see that is not a message: an unreadable envelope, an alarm."""
+
+    time: datetime
+    kind: str  # "unreadable" | "alarm" | "info"
+    text: str
+
+
+@dataclass
+class ConversationBook:
+    """Conversations as the list shows them, kept current as messages arrive."""
+
+    me: str
+    _rows: dict[str, Conversation] = field(default_factory=dict)
+    open_id: str | None = None
+    notices: list[Notice] = field(default_factory=list)
+
+    def load(self, history: Iterable[Message], groups: Iterable[GroupState]) -> None:
+        for group in groups:
+            self.update_group(group)
+        for message in history:
+            self._note(message, count=False)
+
+    def update_group(self, group: GroupState) -> None:
+        row = self._rows.get(group.id) or Conversation(group.id, group.name, True)
+        self._rows[group.id] = replace(row, title=group.name, members=tuple(group.members))
+
+    def ensure(self, conversation: str) -> Conversation:
+        """The row of ``conversation``, made empty if new (a new chat by ID)."""
+        if conversation not in self._rows:
+            self._rows[conversation] = Conversation(
+                conversation, self.title(conversation), is_group_id(conversation)
+            )
+        return self._rows[conversation]
+
+    def title(self, conversation: str) -> str:
+        row = self._rows.get(conversation)
+        if row is not None:
+            return row.title
+        return "(group)" if is_group_id(conversation) else conversation
+
+    def add(self, message: Message) -> None:
+        """A message sent or received while the app runs."""
+        self._note(message, count=True)
+
+    def _note(self, message: Message, *, count: bool) -> None:
+        row = self.ensure(message.conversation)
+        unread = row.unread
+        if count and message.sender != self.me and message.conversation != self.open_id:
+            unread += 1
+        if row.last is None or message.time >= row.last:
+            preview = message.text or ("[file]" if message.attachment else "")
+            row = replace(row, preview=preview, last=message.time)
+        self._rows[message.conversation] = replace(row, unread=unread)
+
+    def open(self, conversation: str) -> None:
+        self.ensure(conversation)
+        self.open_id = conversation
+        self._rows[conversation] = replace(self._rows[conversation], unread=0)
+
+    def notice(self, notice: Notice) -> None:
+        self.notices.append(notice)
+        if notice.kind == "unreadable":
+            seen = self._rows.get(UNREADABLE)
+            unread = 0 if self.open_id == UNREADABLE else (seen.unread if seen else 0) + 1
+            self._rows[UNREADABLE] = Conversation(
+                UNREADABLE,
+                "Unreadable messages",
+                False,
+                preview=notice.text,
+                last=notice.time,
+                unread=unread,
+            )
+
+    def get(self, conversation: str) -> Conversation | None:
+        return self._rows.get(conversation)
+
+    def rows(self) -> list[Conversation]:
+        """Most recent first; conversations without messages last, by title."""
+        return sorted(
+            self._rows.values(),
+            key=lambda c: (c.last is None, -(c.last.timestamp() if c.last else 0), c.title),
+        )
+
+
+# ---- reconnection -------------------------------------------------------------------------------
+
+BACKOFF_BASE_S = 0.5
+BACKOFF_CAP_S = 30.0
+
+
+def backoff(
+    attempt: int,
+    random: Callable[[], float],
+    *,
+    base: float = BACKOFF_BASE_S,
+    cap: float = BACKOFF_CAP_S,
+) -> float:
+    """Seconds to wait before reconnection ``attempt`` (0 first): exponential, capped, with
+    "equal jitter" (half fixed, half random) so that clients a restart cut off at once do not
+    all come back in the same instant."""
+    ceiling = min(cap, base * 2 ** min(attempt, 32))
+    return float(ceiling / 2 + random() * ceiling / 2)
+
+
+# ---- passphrases --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Strength:
+    bits: int
+    label: str  # "empty" | "weak" | "fair" | "strong"
+    hint: str
+
+    @property
+    def acceptable(self) -> bool:
+        return self.label != "empty"
+
+
+def strength(passphrase: str) -> Strength:
+    """A simple estimate: length times the log of the character classes used."""
+    if not passphrase:
+        return Strength(0, "empty", "a passphrase is required")
+    pool = 0
+    if any(c.islower() for c in passphrase):
+        pool += 26
+    if any(c.isupper() for c in passphrase):
+        pool += 26
+    if any(c.isdigit() for c in passphrase):
+        pool += 10
+    if any(not c.isalnum() for c in passphrase):
+        pool += 33
+    distinct = len(set(passphrase))
+    bits = int(min(len(passphrase), distinct * 2) * math.log2(max(pool, 2)))
+    if bits < 40:
+        return Strength(bits, "weak", "weak: use a longer passphrase, several words")
+    if bits < 70:
+        return Strength(bits, "fair", "fair: a few more words make it strong")
+    return Strength(bits, "strong", "strong")

@@ -1,0 +1,1 @@
+"""The app's screens: first run and unlock, the main chat screen, and its dialogs."""

@@ -1,0 +1,175 @@
+"""Small modal screens: new conversation, new group, group members, help, device alarm."""
+
+from __future__ import annotations
+
+from rich.table import Table
+from rich.text import Text
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical, VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Input, Label, Static
+
+from kluis.apps.tui.model import Conversation, is_account_id, parse_ids
+from kluis.apps.tui.safe_text import safe_line
+
+
+class _Dialog(ModalScreen[object]):
+    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+    def on_mount(self) -> None:
+        blink = getattr(self.app, "cursor_blink", True)
+        for field in self.query(Input):
+            field.cursor_blink = blink
+        inputs = list(self.query(Input))
+        if inputs:
+            inputs[0].focus()
+
+    def fail(self, text: str) -> None:
+        self.query_one("#error", Static).update(Text(text, style="bold red"))
+
+
+class NewConversationScreen(_Dialog):
+    """Start a conversation with an account ID; dismisses with the ID."""
+
+    def __init__(self, me: str) -> None:
+        super().__init__()
+        self.me = me
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog"):
+            yield Static(Text("New conversation", style="bold"), classes="title")
+            yield Label("Their ID (16 characters)")
+            yield Input(id="peer", placeholder="abcdefgh23456789")
+            yield Static(id="error")
+            yield Static("Enter to open · Esc to cancel", classes="hint")
+
+    @on(Input.Submitted, "#peer")
+    def _submitted(self, event: Input.Submitted) -> None:
+        peer = event.value.strip().lower()
+        if not is_account_id(peer):
+            self.fail("an ID is 16 characters: a-z and 2-7")
+        elif peer == self.me:
+            self.fail("that is your own ID")
+        else:
+            self.dismiss(peer)
+
+
+class NewGroupScreen(_Dialog):
+    """A group's name and its members' IDs; dismisses with (name, [ids])."""
+
+    def __init__(self, me: str) -> None:
+        super().__init__()
+        self.me = me
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog"):
+            yield Static(Text("New group", style="bold"), classes="title")
+            yield Label("Name")
+            yield Input(id="name")
+            yield Label("Members' IDs (spaces or commas between them)")
+            yield Input(id="members")
+            yield Static(id="error")
+            yield Static("Enter to create · Esc to cancel", classes="hint")
+
+    @on(Input.Submitted, "#name")
+    def _to_members(self) -> None:
+        self.query_one("#members", Input).focus()
+
+    @on(Input.Submitted, "#members")
+    def _submitted(self) -> None:
+        name = self.query_one("#name", Input).value.strip()
+        try:
+            members = [
+                m for m in parse_ids(self.query_one("#members", Input).value) if m != self.me
+            ]
+        except ValueError as exc:
+            self.fail(str(exc))
+            return
+        if not name:
+            self.fail("a group needs a name")
+        elif not members:
+            self.fail("name at least one member besides you")
+        else:
+            self.dismiss((name, members))
+
+
+class MembersScreen(_Dialog):
+    """A group's name, ID and members (full IDs)."""
+
+    BINDINGS = [Binding("escape,enter,q", "cancel", "Close")]
+
+    def __init__(self, group: Conversation, me: str) -> None:
+        super().__init__()
+        self.group, self.me = group, me
+
+    def compose(self) -> ComposeResult:
+        table = Table.grid(padding=(0, 2))
+        table.add_column()
+        table.add_column()
+        for member in self.group.members:
+            table.add_row(member, Text("you", "green") if member == self.me else "")
+        with Vertical(classes="dialog"):
+            yield Static(safe_line(self.group.title, "bold"), classes="title")
+            yield Static(Text(f"group {self.group.id}", style="dim"))
+            yield Static(Text(f"{len(self.group.members)} members", style="bold"))
+            with VerticalScroll(id="members-list"):
+                yield Static(table)
+            yield Static("Esc to close", classes="hint")
+
+
+HELP = [
+    ("Enter", "send the message"),
+    ("Shift+Enter, Ctrl+J", "new line in the message"),
+    ("Tab, Shift+Tab", "move between the list, the chat and the compose box"),
+    ("Ctrl+N", "new conversation by ID"),
+    ("Ctrl+G", "new group"),
+    ("F2", "members of the open group"),
+    ("Ctrl+Y", "your ID and its QR code"),
+    ("Ctrl+T", "light / dark theme"),
+    ("Ctrl+P", "command palette (commands, conversations)"),
+    ("? or F1", "this help"),
+    ("Ctrl+Q", "quit"),
+]
+
+
+class HelpScreen(_Dialog):
+    BINDINGS = [Binding("escape,enter,q,question_mark", "cancel", "Close")]
+
+    def compose(self) -> ComposeResult:
+        table = Table.grid(padding=(0, 2))
+        table.add_column(style="bold cyan", no_wrap=True)
+        table.add_column()
+        for keys, what in HELP:
+            table.add_row(keys, what)
+        with Vertical(classes="dialog"):
+            yield Static(Text("Keys", style="bold"), classes="title")
+            yield Static(table)
+            yield Static(
+                "Text from others is shown as sent; control characters and direction "
+                "overrides appear escaped, highlighted, e.g. \\x1b or \\u202e.",
+                classes="hint",
+            )
+
+
+class AlarmScreen(_Dialog):
+    """A device alarm: loud, and stays until acknowledged."""
+
+    BINDINGS = [Binding("enter", "cancel", "I understand")]
+
+    def __init__(self, alarm: str) -> None:
+        super().__init__()
+        self.alarm = alarm
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog alarm"):
+            yield Static(Text("ALARM: a device you did not add", style="bold"), classes="title")
+            yield Static(safe_line(self.alarm))
+            yield Static(
+                "Your account lists a device that your identity did not certify. The server "
+                "may be hostile. Kluis does not use that device. Press Enter to acknowledge.",
+            )

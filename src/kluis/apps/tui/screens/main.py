@@ -1,0 +1,277 @@
+"""The main screen: conversation list, chat view, compose box, status line."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.message import Message as TextualMessage
+from textual.screen import Screen
+from textual.widgets import Footer, OptionList, Static
+
+from kluis.apps.tui.backend import BackendEvent, Offline, Online
+from kluis.apps.tui.model import UNREADABLE, ConversationBook, Notice
+from kluis.apps.tui.safe_text import safe_line
+from kluis.apps.tui.screens.dialogs import (
+    AlarmScreen,
+    MembersScreen,
+    NewConversationScreen,
+    NewGroupScreen,
+)
+from kluis.apps.tui.widgets import ChatLog, ComposeArea, ConversationList, StatusLine
+from kluis.client.events import DeviceAlarm, MessageReceived, Undecryptable
+from kluis.client.groups import is_group_id
+from kluis.errors import KluisError
+
+if TYPE_CHECKING:
+    from kluis.apps.tui.app import KluisApp
+
+
+class BackendMessage(TextualMessage):
+    """An event of the client thread, delivered on the app's loop."""
+
+    def __init__(self, event: BackendEvent) -> None:
+        super().__init__()
+        self.event = event
+
+
+class MainScreen(Screen[None]):
+    app: KluisApp
+
+    BINDINGS = [
+        Binding("ctrl+n", "new_conversation", "New chat"),
+        Binding("ctrl+g", "new_group", "New group"),
+        Binding("f2", "members", "Members"),
+        Binding("ctrl+y", "show_id", "My ID"),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.book = ConversationBook(self.app.backend_required.account_id)
+        self.online: bool | None = None
+        self.status_detail = ""
+        self.alarmed = False
+
+    def compose(self) -> ComposeResult:
+        with Horizontal(id="body"):
+            with Vertical(id="sidebar"):
+                yield Static(Text("Conversations", style="bold"), classes="heading")
+                yield ConversationList(id="conversations")
+            with Vertical(id="chat"):
+                yield Static(id="chat-title", classes="heading")
+                yield ChatLog(id="log")
+                yield ComposeArea(id="compose", placeholder="Write a message · Enter sends")
+        yield StatusLine(id="status")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        compose = self.query_one(ComposeArea)
+        compose.cursor_blink = self.app.cursor_blink
+        compose.focus()
+        self._show_status()
+        self._load()
+
+    # ---- loading and events ---------------------------------------------------------------------
+
+    @work(exclusive=True, group="load")
+    async def _load(self) -> None:
+        backend = self.app.backend_required
+        history = await backend.history()
+        groups = await backend.groups()
+        quarantined = await backend.quarantined()
+        self.book.load(history, groups)
+        if quarantined:
+            self.book.notice(
+                Notice(
+                    self.app.now(),
+                    "unreadable",
+                    f"{quarantined} earlier message(s) could not be read; kept encrypted "
+                    "in the profile",
+                )
+            )
+        rows = [row for row in self.book.rows() if row.id != UNREADABLE]
+        if rows and self.book.open_id is None:
+            self.open_conversation(rows[0].id)
+        else:
+            self._refresh_list()
+            self._refresh_chat()
+        backend.start(self._post_event)
+
+    def _post_event(self, event: BackendEvent) -> None:
+        """Called on the client thread: post_message is thread-safe."""
+        self.post_message(BackendMessage(event))
+
+    @on(BackendMessage)
+    def _event(self, message: BackendMessage) -> None:
+        event = message.event
+        match event:
+            case Online():
+                self.online, self.status_detail = True, ""
+                self._show_status()
+            case Offline(reason=reason, retry_in=delay):
+                self.online = False
+                self.status_detail = f"{reason} · reconnecting in {delay:.1f}s"
+                self._show_status()
+            case MessageReceived(message=m):
+                self.book.add(m)
+                if is_group_id(m.conversation):
+                    self._reload_groups()
+                if m.conversation == self.book.open_id:
+                    self.query_one(ChatLog).add_message(
+                        m, self.book.me, self.app.now(), self.app.tz
+                    )
+                self._refresh_list()
+            case Undecryptable(code=code, reason=reason):
+                notice = Notice(
+                    self.app.now(), "unreadable", f"unreadable message ({code}): {reason}"
+                )
+                self.book.notice(notice)
+                if self.book.open_id == UNREADABLE:
+                    self.query_one(ChatLog).add_notice(notice, self.app.now(), self.app.tz)
+                self.app.notify(
+                    safe_line(notice.text).plain, title="Unreadable message", severity="warning"
+                )
+                self._refresh_list()
+            case DeviceAlarm(alarm=alarm):
+                self.alarmed = True
+                self.book.notice(Notice(self.app.now(), "alarm", alarm))
+                self._show_status()
+                self.app.bell()
+                self.app.push_screen(AlarmScreen(alarm))
+
+    @work(group="groups")
+    async def _reload_groups(self) -> None:
+        for group in await self.app.backend_required.groups():
+            self.book.update_group(group)
+        self._refresh_list()
+        self._refresh_title()
+
+    # ---- showing --------------------------------------------------------------------------------
+
+    def _show_status(self) -> None:
+        self.query_one(StatusLine).set_state(
+            self.online, self.book.me, self.status_detail, self.alarmed
+        )
+
+    def _refresh_list(self) -> None:
+        self.query_one(ConversationList).show(self.book.rows(), self.book.open_id)
+
+    def _refresh_title(self) -> None:
+        title = self.query_one("#chat-title", Static)
+        conversation = self.book.open_id
+        row = self.book.get(conversation) if conversation else None
+        if row is None:
+            title.update(Text("No conversation: Ctrl+N to start one", style="dim"))
+            return
+        text = Text("# " if row.is_group else "", style="bold cyan")
+        text.append_text(safe_line(row.title, "bold"))
+        if row.is_group:
+            text.append(f"  {len(row.members)} members · F2", style="dim")
+        title.update(text)
+
+    def _refresh_chat(self) -> None:
+        self._refresh_title()
+        self._fill_chat()
+
+    @work(exclusive=True, group="chat")
+    async def _fill_chat(self) -> None:
+        log = self.query_one(ChatLog)
+        conversation = self.book.open_id
+        if conversation is None:
+            log.reset()
+            return
+        if conversation == UNREADABLE:
+            log.reset()
+            for notice in self.book.notices:
+                if notice.kind == "unreadable":
+                    log.add_notice(notice, self.app.now(), self.app.tz)
+            return
+        messages = await self.app.backend_required.history(conversation)
+        if conversation != self.book.open_id:
+            return
+        log.reset()
+        for m in messages:
+            log.add_message(m, self.book.me, self.app.now(), self.app.tz)
+
+    def open_conversation(self, conversation: str) -> None:
+        self.book.open(conversation)
+        self._refresh_list()
+        self._refresh_chat()
+
+    @on(OptionList.OptionSelected, "#conversations")
+    def _selected(self, event: OptionList.OptionSelected) -> None:
+        if event.option.id and event.option.id != self.book.open_id:
+            self.open_conversation(event.option.id)
+        self.query_one(ComposeArea).focus()
+
+    # ---- sending --------------------------------------------------------------------------------
+
+    @on(ComposeArea.Submitted)
+    def _on_compose_submitted(self, event: ComposeArea.Submitted) -> None:
+        conversation = self.book.open_id
+        if conversation is None or conversation == UNREADABLE:
+            self.app.notify("open a conversation first (Ctrl+N)", severity="warning")
+            return
+        self.query_one(ComposeArea).clear()
+        self._send(conversation, event.text)
+
+    @work(group="send")
+    async def _send(self, conversation: str, text: str) -> None:
+        try:
+            sent = await self.app.backend_required.send(conversation, text)
+        except KluisError as exc:
+            self.app.notify(safe_line(str(exc)).plain, title="Not sent", severity="error")
+            compose = self.query_one(ComposeArea)
+            if not compose.text:
+                compose.text = text  # give the text back, to send again
+            return
+        self.book.add(sent)
+        if conversation == self.book.open_id:
+            self.query_one(ChatLog).add_message(sent, self.book.me, self.app.now(), self.app.tz)
+        self._refresh_list()
+
+    # ---- actions --------------------------------------------------------------------------------
+
+    def action_new_conversation(self) -> None:
+        def opened(peer: object) -> None:
+            if isinstance(peer, str):
+                self.open_conversation(peer)
+                self.query_one(ComposeArea).focus()
+
+        self.app.push_screen(NewConversationScreen(self.book.me), opened)
+
+    def action_new_group(self) -> None:
+        def made(result: object) -> None:
+            if isinstance(result, tuple):
+                name, members = result
+                self._create_group(name, members)
+
+        self.app.push_screen(NewGroupScreen(self.book.me), made)
+
+    @work(group="groups")
+    async def _create_group(self, name: str, members: list[str]) -> None:
+        self.app.notify(f"creating group with {len(members)} member(s)…")
+        try:
+            group = await self.app.backend_required.create_group(name, members)
+        except KluisError as exc:
+            self.app.notify(safe_line(str(exc)).plain, title="No group", severity="error")
+            return
+        self.book.update_group(group)
+        self.open_conversation(group.id)
+        self.query_one(ComposeArea).focus()
+
+    def action_members(self) -> None:
+        row = self.book.get(self.book.open_id or "")
+        if row is None or not row.is_group:
+            self.app.notify("the open conversation is not a group", severity="warning")
+            return
+        self.app.push_screen(MembersScreen(row, self.book.me))
+
+    def action_show_id(self) -> None:
+        from kluis.apps.tui.screens.onboarding import IdScreen
+
+        self.app.push_screen(IdScreen(self.book.me))

@@ -1,0 +1,215 @@
+"""Widgets of the chat screens; every peer-supplied string goes through :mod:`.safe_text`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime, tzinfo
+
+import segno
+from rich.console import RenderableType
+from rich.table import Table
+from rich.text import Text
+from textual import events
+from textual.message import Message as TextualMessage
+from textual.widgets import OptionList, RichLog, Static, TextArea
+from textual.widgets.option_list import Option
+
+from kluis.apps.tui.model import UNREADABLE, Conversation, Notice
+from kluis.apps.tui.safe_text import safe_line, safe_text
+from kluis.client.records import Message
+
+
+def short_id(account: str) -> str:
+    return account[:8]
+
+
+def local(when: datetime, tz: tzinfo | None) -> datetime:
+    return when.astimezone(tz)
+
+
+def day_label(day: datetime, today: datetime) -> str:
+    if day.date() == today.date():
+        return "Today"
+    if (today.date() - day.date()).days == 1:
+        return "Yesterday"
+    return day.strftime("%a %d %b %Y")
+
+
+# ---- the chat view ------------------------------------------------------------------------------
+
+
+def _row(time: str, who: Text, body: Text) -> Table:
+    """Time, sender and text in fixed columns: a line break or a wrap in the text stays in
+    the text's column, so no text can draw what looks like another message's header."""
+    grid = Table.grid(expand=True)
+    grid.add_column(width=6, no_wrap=True, style="dim")
+    grid.add_column(width=10, no_wrap=True, overflow="crop")
+    grid.add_column(ratio=1, overflow="fold")
+    grid.add_row(time, who, body)
+    return grid
+
+
+def message_renderable(message: Message, me: str, tz: tzinfo | None) -> RenderableType:
+    when = local(message.time, tz).strftime("%H:%M")
+    mine = message.sender == me
+    who = Text("you" if mine else short_id(message.sender), style="bold green" if mine else "bold")
+    body = safe_text(message.text)
+    if message.attachment is not None:
+        ref = message.attachment
+        label = Text("[file] ", style="bold")
+        label.append_text(safe_line(ref.name or "(no name)"))
+        label.append(f" ({ref.size} bytes)")
+        body = label if not message.text else label + Text("\n") + body
+    return _row(when, who, body)
+
+
+def notice_renderable(notice: Notice, tz: tzinfo | None) -> RenderableType:
+    when = local(notice.time, tz).strftime("%H:%M")
+    style = "bold red" if notice.kind in ("unreadable", "alarm") else "italic"
+    mark = Text("!" if notice.kind != "info" else "·", style=style)
+    return _row(when, mark, safe_text(notice.text, style))
+
+
+def separator(label: str) -> Text:
+    return Text(f"── {label} ──", style="dim", justify="center")
+
+
+class ChatLog(RichLog):
+    """The open conversation: messages with time and sender, and day separators."""
+
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(
+            id=id, markup=False, highlight=False, wrap=True, auto_scroll=True, min_width=20
+        )
+        self.can_focus = True
+        self._last_day: str | None = None
+        self._entries: list[RenderableType] = []
+        self._width = 0
+
+    def reset(self) -> None:
+        self.clear()
+        self._entries.clear()
+        self._last_day = None
+
+    def _emit(self, renderable: RenderableType) -> None:
+        self._entries.append(renderable)
+        self.write(renderable, expand=True)
+
+    def on_resize(self, event: events.Resize) -> None:
+        """Lines are wrapped when written: write them again at the new width."""
+        if event.size.width != self._width:
+            self._width = event.size.width
+            self.clear()
+            for renderable in self._entries:
+                self.write(renderable, expand=True)
+
+    def _day(self, when: datetime, today: datetime) -> None:
+        label = day_label(when, today)
+        key = when.date().isoformat()
+        if key != self._last_day:
+            self._last_day = key
+            self._emit(separator(label))
+
+    def add_message(self, message: Message, me: str, today: datetime, tz: tzinfo | None) -> None:
+        self._day(local(message.time, tz), today)
+        self._emit(message_renderable(message, me, tz))
+
+    def add_notice(self, notice: Notice, today: datetime, tz: tzinfo | None) -> None:
+        self._day(local(notice.time, tz), today)
+        self._emit(notice_renderable(notice, tz))
+
+
+class ComposeArea(TextArea):
+    """Multi-line compose: Enter sends, Shift+Enter or Ctrl+J starts a new line."""
+
+    class Submitted(TextualMessage):
+        def __init__(self, text: str) -> None:
+            super().__init__()
+            self.text = text
+
+    async def _on_key(self, event: events.Key) -> None:
+        if event.key == "enter":
+            event.stop()
+            event.prevent_default()
+            if self.text.strip():
+                self.post_message(self.Submitted(self.text))
+            return
+        if event.key in ("shift+enter", "ctrl+j"):
+            event.stop()
+            event.prevent_default()
+            self.insert("\n")
+            return
+        await super()._on_key(event)
+
+
+# ---- the conversation list ----------------------------------------------------------------------
+
+
+def conversation_prompt(row: Conversation, width: int = 24) -> Text:
+    title = Text("# " if row.is_group else "", style="bold cyan")
+    title_style = "bold red" if row.id == UNREADABLE else "bold"
+    title.append_text(safe_line(row.title, title_style))
+    title.truncate(width - (5 if row.unread else 0), overflow="ellipsis")
+    if row.unread:
+        title.append(f" ({row.unread})", style="bold yellow")
+    preview = safe_line(row.preview, "dim") if row.preview else Text("no messages yet", "dim")
+    preview.truncate(width, overflow="ellipsis")
+    return Text("\n").join([title, preview])
+
+
+class ConversationList(OptionList):
+    """Peers and groups, most recent first, with unread counts and the last message."""
+
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id, markup=False)
+
+    def show(self, rows: Iterable[Conversation], selected: str | None) -> None:
+        rows = list(rows)
+        self.clear_options()
+        self.add_options([Option(conversation_prompt(r), id=r.id) for r in rows])
+        for index, row in enumerate(rows):
+            if row.id == selected:
+                self.highlighted = index
+
+
+# ---- status and identity ------------------------------------------------------------------------
+
+
+class StatusLine(Static):
+    """Online or offline, and the next reconnection."""
+
+    def set_state(
+        self, online: bool | None, me: str, detail: str = "", alarm: bool = False
+    ) -> None:
+        if online is None:
+            text = Text("◌ connecting…", style="yellow")
+        elif online:
+            text = Text("● online", style="bold green")
+        else:
+            text = Text("○ offline", style="bold red")
+        if detail:
+            text.append("  ")
+            text.append_text(safe_line(detail, "dim"))
+        if alarm:
+            text.append("  ALARM: unknown device on your account", style="bold white on red")
+        text.append(f"   you: {me}", style="dim")
+        self.update(text)
+
+
+def qr_text(data: str, border: int = 2) -> Text:
+    """``data`` as a QR code drawn with half blocks (two module rows per line), dark on light
+    whatever the theme, so that phones can scan it from the screen."""
+    code = segno.make(data, error="m")
+    rows = [list(row) for row in code.matrix]
+    size = len(rows[0])
+    blank = [0] * (size + 2 * border)
+    grid = [blank] * border + [[0] * border + r + [0] * border for r in rows] + [blank] * border
+    if len(grid) % 2:
+        grid.append(blank)
+    lines = []
+    for top, bottom in zip(grid[0::2], grid[1::2], strict=True):
+        chars = []
+        for t, b in zip(top, bottom, strict=True):
+            chars.append({(0, 0): " ", (1, 0): "▀", (0, 1): "▄", (1, 1): "█"}[(t & 1, b & 1)])
+        lines.append("".join(chars))
+    return Text("\n".join(lines), style="black on white", no_wrap=True)

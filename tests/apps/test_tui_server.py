@@ -1,0 +1,172 @@
+"""The app against a real server process on loopback: first run, two app instances writing to
+each other, a group, and the offline state with reconnection after a server restart."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from textual.pilot import Pilot
+from textual.widgets import Input
+
+from kluis.apps.tui.app import KluisApp
+from kluis.apps.tui.screens.dialogs import MembersScreen
+from kluis.apps.tui.screens.main import MainScreen
+from kluis.apps.tui.screens.onboarding import IdScreen, UnlockScreen
+from kluis.apps.tui.widgets import ChatLog, ComposeArea
+from kluis.crypto.profile_key import new_params
+from tests.kluis_testing import PASSPHRASE, ServerProcess, reconnect, register
+
+FAST_KDF = new_params(time_cost=1, memory_kib=8 * 1024)
+
+
+def make_app(profile: Path, server: ServerProcess) -> KluisApp:
+    return KluisApp(
+        profile,
+        cursor_blink=False,
+        kdf=FAST_KDF,
+        default_server=server.url,
+        backoff_base=0.2,
+        backoff_cap=1.0,
+    )
+
+
+async def until(pilot: Pilot[Any], check: Callable[[], bool], timeout: float = 15) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not check():
+        if loop.time() > deadline:
+            raise AssertionError("timed out waiting for the app")
+        await pilot.pause(0.05)
+
+
+def main(app: KluisApp) -> MainScreen:
+    screen = app.screen
+    assert isinstance(screen, MainScreen), screen
+    return screen
+
+
+def shown(app: KluisApp) -> str:
+    log = app.screen.query_one(ChatLog)
+    return " ".join("".join(s.text for s in strip).strip() for strip in log.lines)
+
+
+async def onboard(pilot: Pilot[Any], licence: str) -> None:
+    app = pilot.app
+    await pilot.pause()
+    app.screen.query_one("#licence", Input).value = licence
+    await pilot.press("tab", *"x", "enter")  # one character: weak, but accepted
+    assert "weak" in str(app.screen.query_one("#strength").render())
+    await pilot.press(*"y", "enter")  # a different second entry
+    assert "differ" in str(app.screen.query_one("#error").render())
+    app.screen.query_one("#passphrase", Input).value = ""
+    app.screen.query_one("#passphrase2", Input).value = ""
+    await pilot.press("enter")
+    assert "empty passphrase" in str(app.screen.query_one("#error").render())
+    app.screen.query_one("#passphrase", Input).value = PASSPHRASE
+    app.screen.query_one("#passphrase2", Input).value = PASSPHRASE
+    app.screen.query_one("#passphrase2", Input).focus()
+    await pilot.press("enter")
+    await until(pilot, lambda: isinstance(app.screen, IdScreen))
+
+
+async def test_first_run_then_unlock_and_chat_between_two_apps(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    bob_client = await register(server, tmp_path / "bob")
+    bob_id = bob_client.account_id
+    await bob_client.close()
+    (licence,) = server.licences(1)
+
+    alice = make_app(tmp_path / "alice", server)
+    async with alice.run_test(size=(80, 24)) as pilot:
+        await onboard(pilot, licence)
+        id_screen = alice.screen
+        assert isinstance(id_screen, IdScreen)
+        alice_id = id_screen.account
+        assert alice_id in str(id_screen.query_one("#id-text").render())
+        assert "█" in str(id_screen.query_one("#qr").render())  # the QR code
+        await pilot.press("enter")
+        await until(pilot, lambda: main(alice).online is True)
+
+    # later runs unlock; a wrong passphrase is refused
+    alice = make_app(tmp_path / "alice", server)
+    bob = make_app(tmp_path / "bob", server)
+    async with alice.run_test(size=(80, 24)) as a, bob.run_test(size=(80, 24)) as b:
+        for pilot in (a, b):
+            assert isinstance(pilot.app.screen, UnlockScreen)
+        await a.press(*"wrong", "enter")
+        await until(a, lambda: "wrong passphrase" in str(alice.screen.query_one("#error").render()))
+        for app, pilot in ((alice, a), (bob, b)):
+            app.screen.query_one("#passphrase", Input).value = PASSPHRASE
+            await pilot.press("enter")
+        await until(a, lambda: isinstance(alice.screen, MainScreen) and main(alice).online is True)
+        await until(b, lambda: isinstance(bob.screen, MainScreen) and main(bob).online is True)
+
+        # alice opens a conversation with bob by ID and writes two lines
+        await a.press("ctrl+n")
+        alice.screen.query_one("#peer", Input).value = bob_id
+        await a.press("enter")
+        await a.press(*"hello", "ctrl+j", *"bob", "enter")
+        await until(b, lambda: main(bob).book.get(alice_id) is not None)
+        row = main(bob).book.get(alice_id)
+        assert row is not None and row.unread == 1 and row.preview == "hello\nbob"
+        main(bob).open_conversation(alice_id)
+        await until(b, lambda: "hello" in shown(bob) and "bob" in shown(bob))
+        bob.screen.query_one(ComposeArea).focus()
+        await b.press(*"hi", "space", *"alice", "enter")
+        await until(a, lambda: "hi alice" in shown(alice))
+
+        # a group of the two: bob sees it and its members
+        await a.press("ctrl+g", *"Walks", "enter")
+        alice.screen.query_one("#members", Input).value = bob_id
+        await a.press("enter")
+        await until(a, lambda: main(alice).book.open_id not in (None, bob_id))
+        group = main(alice).book.open_id or ""
+        await a.press(*"to", "space", *"all", "enter")
+        await until(b, lambda: (main(bob).book.get(group) or row).title == "Walks")
+        main(bob).open_conversation(group)
+        await until(b, lambda: "to all" in shown(bob))
+        await b.press("f2")
+        assert isinstance(bob.screen, MembersScreen)
+        assert set(bob.screen.group.members) == {alice_id, bob_id}
+        picture = bob.export_screenshot()
+        assert alice_id in picture and bob_id in picture and "2&#160;members" in picture
+
+
+async def test_offline_state_and_reconnection_after_a_server_restart(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    peer = await register(server, tmp_path / "peer")
+    me = await register(server, tmp_path / "me")
+    peer_id = peer.account_id
+    await peer.close()
+    await me.close()
+    app = make_app(tmp_path / "me", server)
+    async with app.run_test(size=(80, 24)) as pilot:
+        app.screen.query_one("#passphrase", Input).value = PASSPHRASE
+        await pilot.press("enter")
+        await until(pilot, lambda: isinstance(app.screen, MainScreen) and main(app).online is True)
+
+        await asyncio.to_thread(server.kill)  # the server goes away at once
+        await until(pilot, lambda: main(app).online is False)
+        status = str(app.screen.query_one("#status").render())
+        assert "offline" in status and "reconnecting in" in status
+        # sending while offline says so and keeps the text
+        main(app).open_conversation(peer_id)
+        app.screen.query_one(ComposeArea).focus()
+        await pilot.press(*"later", "enter")
+        await until(pilot, lambda: app.screen.query_one(ComposeArea).text == "later")
+
+        await asyncio.to_thread(server.start)  # same port, same data
+        await until(pilot, lambda: main(app).online is True, timeout=20)
+        await pilot.press("enter")
+        await until(pilot, lambda: "later" in shown(app))
+
+        # and it receives again
+        peer = await reconnect(server, tmp_path / "peer")
+        await peer.send(app.backend_required.account_id, "welcome back")
+        await until(pilot, lambda: "welcome back" in shown(app))
+    await peer.close()

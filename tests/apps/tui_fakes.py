@@ -1,0 +1,94 @@
+"""A fake :class:`kluis.apps.tui.backend.Backend` with fixed contents, and fixed time, so that
+snapshots and screenshots of the app are the same on every run."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from kluis.apps.tui.app import KluisApp
+from kluis.apps.tui.backend import BackendEvent, Online, Post
+from kluis.client.groups import GroupState
+from kluis.client.records import Message
+
+ME = "mea7kzq2vt5xbn3d"
+ANNA = "annak3v7q2xw5zpe"
+BRAM = "bram4t6yq2nd7kfa"
+GROUP = "g" + "q3fz7kd2m5xv4w6nt2hb7cae"
+NOW = datetime(2025, 3, 14, 16, 30, tzinfo=UTC)
+NASTY = "ok\rannak3v7q2xw5zpe: fake\x1b[2J\x07 \u202eevil\u202c\nsecond line"
+
+
+def at(days: int, hour: int, minute: int) -> datetime:
+    return (NOW - timedelta(days=days)).replace(hour=hour, minute=minute)
+
+
+def sample_history() -> list[Message]:
+    return [
+        Message(ANNA, ANNA, at(1, 9, 12), "Morning! Did the new keys arrive?"),
+        Message(ME, ANNA, at(1, 9, 14), "Yes: safety numbers match.\nCalling you later."),
+        Message(ANNA, ANNA, at(0, 8, 2), "Great, see you at 5."),
+        Message(BRAM, GROUP, at(0, 10, 40), "Agenda for Friday is in the shared file."),
+        Message(ME, GROUP, at(0, 10, 41), "Thanks Bram"),
+        Message(BRAM, BRAM, at(2, 18, 5), "Are you coming to the meeting?"),
+    ]
+
+
+class FakeBackend:
+    def __init__(self, messages: list[Message] | None = None, quarantined: int = 0) -> None:
+        self.messages = list(sample_history() if messages is None else messages)
+        self._groups = [
+            GroupState(GROUP, "Book club", sorted([ME, ANNA, BRAM]), 1, b"x" * 16),
+        ]
+        self._quarantined = quarantined
+        self.post: Post | None = None
+        self.sent: list[tuple[str, str]] = []
+        self.closed = False
+
+    @property
+    def account_id(self) -> str:
+        return ME
+
+    async def history(self, conversation: str | None = None) -> list[Message]:
+        return [m for m in self.messages if conversation in (None, m.conversation)]
+
+    async def groups(self) -> list[GroupState]:
+        return list(self._groups)
+
+    async def quarantined(self) -> int:
+        return self._quarantined
+
+    async def send(self, conversation: str, text: str) -> Message:
+        self.sent.append((conversation, text))
+        message = Message(ME, conversation, NOW, text)
+        self.messages.append(message)
+        return message
+
+    async def create_group(self, name: str, members: list[str]) -> GroupState:
+        group = GroupState("g" + "a" * 24, name, sorted([ME, *members]), 1, b"y" * 16)
+        self._groups.append(group)
+        return group
+
+    def start(self, post: Post) -> None:
+        self.post = post
+        post(Online())
+
+    def emit(self, event: BackendEvent) -> None:
+        assert self.post is not None
+        self.post(event)
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+def fake_app(
+    tmp: Path, backend: FakeBackend | None = None, *, theme: str = "textual-dark"
+) -> KluisApp:
+    return KluisApp(
+        tmp / "profile",
+        backend=backend or FakeBackend(),
+        clock=lambda: NOW,
+        tz=UTC,
+        cursor_blink=False,
+        theme=theme,
+    )
