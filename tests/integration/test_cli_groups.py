@@ -50,7 +50,7 @@ def test_cli_group_create_send_remove_leave(server: ServerProcess, tmp_path: Pat
     kluis("send", "--profile", a, group, "-", stdin="line one\nline two")
     assert group_lines(kluis("inbox", "--profile", b).stdout) == [
         (group, alice, "[file] notes.txt (1234 bytes)"),
-        (group, alice, "line one line two"),
+        (group, alice, "line one\\nline two"),  # a line break shown escaped: one line each
     ]
     saved = kluis("fetch", "--profile", b, "--out", str(tmp_path / "files")).stdout.split()
     assert saved == [str(tmp_path / "files" / "notes.txt")]
