@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from kluis.client.client import KluisClient
-from kluis.errors import FrameTooLarge, MalformedFrame, MismatchedDevices
+from kluis.errors import FrameTooLarge, LocalProtocolError, MalformedFrame, MismatchedDevices
 from kluis.protocol import frames as f
 from kluis.server.config import Limits
 from kluis.server.inprocess import InProcessServer
@@ -141,3 +141,20 @@ async def test_a_refusal_naming_no_request_answers_the_waiting_one(tmp_path: Pat
         await alice.close()
     finally:
         await server.close()
+
+
+async def test_the_longest_text_arrives_and_a_longer_one_is_refused_before_sending(
+    inproc: InProcessServer, tmp_path: Path
+) -> None:
+    from kluis.client.client import MAX_TEXT_BYTES
+
+    alice = await register(inproc, tmp_path / "alice")
+    bob = await register(inproc, tmp_path / "bob")
+    longest = "é" * (MAX_TEXT_BYTES // 2)  # two bytes each in UTF-8: exactly the limit
+    await alice.send(bob.account_id, longest)
+    assert [m.text for m in await bob.receive(wait=5, until=1)] == [longest]
+    with pytest.raises(LocalProtocolError, match="at most 61,440 bytes"):
+        await alice.send(bob.account_id, longest + "x")
+    assert await bob.receive(wait=0.3) == []
+    for c in (alice, bob):
+        await c.close()

@@ -4,6 +4,7 @@ every message is either printed or shown by the next inbox (a real process, a re
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -69,3 +70,34 @@ async def test_ctrl_c_during_inbox_wait_loses_no_message(
     # None lost, whatever the moment of the signal (the warm-up was never printed by inbox).
     assert set(texts) - {"warm-up"} == set(sent)
     await alice.close()
+
+
+HOSTILE = "fake\r" + "a" * 16 + "\t00:00\tspoofed\x1b[2J\x07 \u202eevil\nsecond line"
+
+
+async def test_hostile_text_is_shown_escaped_and_round_trips_in_json(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    alice = await register(server, tmp_path / "alice")
+    bob = await register(server, tmp_path / "bob")
+    await alice.send(bob.account_id, HOSTILE)
+    await alice.close()
+    await bob.close()
+    profile = str(tmp_path / "bob")
+    (line,) = kluis(
+        "inbox", "--profile", profile, "--json", passphrase=PASSPHRASE
+    ).stdout.splitlines()
+    assert json.loads(line)["text"] == HOSTILE and json.loads(line)["sender"] == alice.account_id
+    (history,) = kluis(
+        "history", "--profile", profile, "--json", passphrase=PASSPHRASE
+    ).stdout.splitlines()
+    assert json.loads(history)["text"] == HOSTILE
+    plain = kluis("history", "--profile", profile, passphrase=PASSPHRASE).stdout
+    assert plain.count("\n") == 1  # one message, one line
+    for raw in ("\r", "\x1b", "\x07", "\u202e"):
+        assert raw not in plain
+    fields = plain.rstrip("\n").split("\t")
+    assert (
+        len(fields) == 3 and fields[0] == alice.account_id
+    )  # the peer's tabs and \r cannot fake another sender field
+    assert "\\u202e" in plain and "\\n" in plain

@@ -11,6 +11,7 @@ import asyncio
 import functools
 import getpass
 import io
+import json
 import logging
 import os
 import signal
@@ -241,8 +242,13 @@ async def _device_approve(args: argparse.Namespace) -> None:
 async def _device_list(args: argparse.Namespace) -> None:
     async def body(client: KluisClient) -> None:
         for record in await client.devices():
-            mark = " (this device)" if record.keys.ed25519 == client.core.device_id else ""
-            print(f"{record.keys.ed25519}\t{client.core.device_status(record)}{mark}")
+            this = record.keys.ed25519 == client.core.device_id
+            status = client.core.device_status(record)
+            if args.json:
+                line = {"device": record.keys.ed25519, "status": status, "this_device": this}
+                print(json.dumps(line))
+            else:
+                print(f"{record.keys.ed25519}\t{status}" + (" (this device)" if this else ""))
 
     await _with_client(args, body)
 
@@ -337,6 +343,30 @@ def message_line(
     return line
 
 
+def message_json(message: Message) -> str:
+    """One message as a JSON line (``--json``): every field, text exactly as sent (JSON escapes
+    what a terminal would interpret), for scripts."""
+    record: dict[str, object] = {
+        "sender": message.sender,
+        "conversation": message.conversation,
+        "time": message.time.isoformat(timespec="milliseconds"),
+        "kind": message.kind,
+        "text": message.text,
+    }
+    if message.attachment is not None:
+        record["file"] = {"name": message.attachment.name, "size": message.attachment.size}
+    if message.receipt:
+        record["receipt"] = message.receipt
+    return json.dumps(record, ensure_ascii=True)
+
+
+def _print_message(args: argparse.Namespace, message: Message, names: Mapping[str, str]) -> None:
+    if getattr(args, "json", False):
+        print(message_json(message), flush=True)
+    else:
+        print(message_line(message, names, receipt=args.command == "history"), flush=True)
+
+
 async def _send(args: argparse.Namespace) -> None:
     text = args.text
     if text == "-":
@@ -384,7 +414,7 @@ async def _inbox(args: argparse.Namespace) -> None:
             # Printed first, then marked shown: an interrupted inbox shows it again next time
             # rather than never (the server forgot it once it was acknowledged).
             for seq, message in client.core.unshown():
-                print(message_line(message, names), flush=True)
+                _print_message(args, message, names)
                 client.core.shown(seq)
                 read.add(message.conversation)
 
@@ -454,7 +484,7 @@ def cmd_history(args: argparse.Namespace) -> None:
     try:
         names = client.contacts()
         for message in client.history(args.id):
-            print(message_line(message, names, receipt=True))
+            _print_message(args, message, names)
         # Printed: read. history works offline, so its read receipts (when on) wait in the
         # profile and go with the next command that connects (inbox, send, ...).
         client.core.features.conversations.mark_read(args.id)
@@ -536,8 +566,13 @@ def cmd_conversations(args: argparse.Namespace) -> None:
     def body(client: KluisClient) -> None:
         names = client.contacts()
         for info in client.conversations():
-            name = safe_text(names.get(info.conversation, "")) or "-"
             when = info.last_activity.isoformat(timespec="milliseconds")
+            if args.json:
+                name = names.get(info.conversation, "")
+                line = {"conversation": info.conversation, "name": name, "unread": info.unread}
+                print(json.dumps({**line, "last_activity": when}))
+                continue
+            name = safe_text(names.get(info.conversation, "")) or "-"
             print(f"{info.conversation}\t{name}\t{info.unread}\t{when}")
 
     _offline(args, body)
@@ -601,6 +636,7 @@ def _add_feature_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser
         "conversations", help="ID<TAB>NAME<TAB>UNREAD<TAB>LAST-ACTIVITY, newest first"
     )
     cv.add_argument("--profile", required=True)
+    cv.add_argument("--json", action="store_true", help="JSON Lines, for scripts")
     cv.set_defaults(func=cmd_conversations)
 
     tm = sub.add_parser("timer", help="disappearing messages in ID: SECONDS (0: off)")
@@ -744,6 +780,7 @@ def build_parser() -> argparse.ArgumentParser:
     da.set_defaults(func=_async(_device_approve))
     dl = dev.add_parser("list")
     dl.add_argument("--profile", required=True)
+    dl.add_argument("--json", action="store_true", help="JSON Lines, for scripts")
     dl.set_defaults(func=_async(_device_list))
     dv = dev.add_parser("revoke")
     dv.add_argument("--profile", required=True)
@@ -764,12 +801,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     ib = sub.add_parser("inbox", help="fetch, decrypt and print incoming messages")
     ib.add_argument("--profile", required=True)
-    ib.add_argument("--wait", type=float, default=0.0)
+    ib.add_argument(
+        "--wait", type=float, default=0.0, help="seconds to listen for more (default 0)"
+    )
+    ib.add_argument("--json", action="store_true", help="JSON Lines, for scripts")
     ib.set_defaults(func=_async(_inbox))
 
     h = sub.add_parser("history", help="print stored conversations, oldest first")
     h.add_argument("--profile", required=True)
     h.add_argument("id", nargs="?")
+    h.add_argument("--json", action="store_true", help="JSON Lines, for scripts")
     h.set_defaults(func=cmd_history)
 
     sn = sub.add_parser(

@@ -64,6 +64,9 @@ def _with_rid(frame: F) -> Callable[[int], F]:
     return lambda rid: msgspec.structs.replace(frame, rid=rid)
 
 
+# The longest text message: padded to 64 KiB with its fields, sealed, it stays under the server's
+# max_envelope_bytes (96 KiB by default).
+MAX_TEXT_BYTES = 60 * 1024
 # What one Send carries at most (the server's defaults allow 2 MiB and 2,048 envelopes).
 _SEND_BYTES = 1024 * 1024
 _SEND_ENVELOPES = 1024
@@ -360,6 +363,11 @@ class KluisClient:
         """Encrypt to every device of the conversation's accounts and to our other devices, in
         one request; return once the server stored it all."""
         self.sweep()
+        if len(text.encode()) > MAX_TEXT_BYTES:
+            raise LocalProtocolError(
+                f"a message holds at most {MAX_TEXT_BYTES:,} bytes of text"
+                f" ({len(text.encode()):,} given); send a longer text as a file (--file)"
+            )
         if is_group_id(conversation):
             return await self.send_group(conversation, text)
         payload = self.core.new_text(conversation, text)
