@@ -449,15 +449,21 @@ class SqliteDatabase:
             db.execute(_SEED_SEQ)
         self.checkpoint()
 
+    def _head(self, device_id: str) -> int:
+        """How many body bytes an envelope of ``device_id`` keeps in its own row."""
+        return max(0, self._head_max - len(device_id.encode()))
+
     def _put(
         self, db: sqlite3.Connection, device_id: str, seq: int, expires: int, body: bytes
     ) -> None:
         """One envelope: its row (with the whole body, or its head) and its scattered pieces."""
-        head = max(0, self._head_max - len(device_id.encode()))
+        head = self._head(device_id)
         db.execute(
             "INSERT INTO envelopes(device_id, seq, expires_at, body, size) VALUES (?, ?, ?, ?, ?)",
             (device_id, seq, expires, body[:head], len(body)),
         )
+        if len(body) <= head:
+            return  # the usual case: the whole body is in its row
         step = self._chunk_max
         db.executemany(
             "INSERT OR REPLACE INTO envelope_chunks(key, data) VALUES (?, ?)",
@@ -509,17 +515,32 @@ class SqliteDatabase:
         with self.transaction() as db:
             last: dict[str, int] = {}
             for device_id, n in _count(d for d, _, _ in rows).items():
-                # One statement per device: a new row starts at a random origin (module doc).
+                # One statement per known device; a new row starts at a random origin (module
+                # doc), drawn only then: a random draw per device and commit was a system call.
                 row = db.execute(
-                    "INSERT INTO device_seq(device_id, last) VALUES (?, ?) ON CONFLICT(device_id) "
-                    "DO UPDATE SET last = last + ? RETURNING last",
-                    (device_id, self._seq_origin() + n, n),
+                    "UPDATE device_seq SET last = last + ? WHERE device_id = ? RETURNING last",
+                    (n, device_id),
                 ).fetchone()
+                if row is None:
+                    row = db.execute(
+                        "INSERT INTO device_seq(device_id, last) VALUES (?, ?) RETURNING last",
+                        (device_id, self._seq_origin() + n),
+                    ).fetchone()
                 last[device_id] = int(row[0]) - n
+            whole: list[tuple[str, int, int, bytes, int]] = []
             for device_id, expires_at, body in rows:
                 seq = last[device_id] = last[device_id] + 1
-                self._put(db, device_id, seq, expires_at, body)
                 ids.append(seq)
+                if len(body) <= self._head(device_id):
+                    whole.append((device_id, seq, expires_at, body, len(body)))
+                else:
+                    self._put(db, device_id, seq, expires_at, body)
+            # The usual envelopes (whole in their row) in one prepared statement.
+            db.executemany(
+                "INSERT INTO envelopes(device_id, seq, expires_at, body, size) "
+                "VALUES (?, ?, ?, ?, ?)",
+                whole,
+            )
             if rows:
                 self.needs_checkpoint = True  # the WAL now holds this commit's frames
         return ids
@@ -558,6 +579,16 @@ class SqliteDatabase:
     def delete_envelopes(self, rows: Sequence[tuple[str, int]]) -> int:
         """Delete (device, wire id) rows in one transaction; a device may delete only its own."""
         with self.transaction() as db:
+            self.needs_checkpoint = True
+            # First, in one prepared statement, the usual envelopes: whole in their row.
+            whole = db.executemany(
+                "DELETE FROM envelopes WHERE device_id = ? AND seq = ? "
+                "AND COALESCE(size, length(body)) <= length(body)",
+                rows,
+            ).rowcount
+            if whole == len(rows):
+                return whole
+            # Some were kept in pieces (or are gone): those one by one, with their pieces.
             deleted = [
                 found
                 for device_id, seq in rows
@@ -568,8 +599,7 @@ class SqliteDatabase:
                 ).fetchall()
             ]
             self._drop_bodies(deleted)
-            self.needs_checkpoint = True
-            return len(deleted)
+            return whole + len(deleted)
 
     def count_envelopes(self, device_id: str) -> int:
         row = self._db.execute(
