@@ -57,7 +57,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
+import json
 import queue
 import secrets
 import sqlite3
@@ -513,20 +515,21 @@ class SqliteDatabase:
         """
         ids: list[int] = []
         with self.transaction() as db:
+            counts = _count(d for d, _, _ in rows)
             last: dict[str, int] = {}
-            for device_id, n in _count(d for d, _, _ in rows).items():
-                # One statement per known device; a new row starts at a random origin (module
-                # doc), drawn only then: a random draw per device and commit was a system call.
-                row = db.execute(
-                    "UPDATE device_seq SET last = last + ? WHERE device_id = ? RETURNING last",
-                    (n, device_id),
-                ).fetchone()
-                if row is None:
-                    row = db.execute(
-                        "INSERT INTO device_seq(device_id, last) VALUES (?, ?) RETURNING last",
-                        (device_id, self._seq_origin() + n),
-                    ).fetchone()
-                last[device_id] = int(row[0]) - n
+            for devices in _parts(list(counts)):
+                # The counters of many devices in one row (one step, see _ROWS_PER_STATEMENT);
+                # this transaction holds the write lock from its start, so none changes before
+                # the write below.
+                (found,) = db.execute(_seq_sql(len(devices)), devices).fetchone()
+                last.update(json.loads(found))
+            for device_id in counts:
+                if device_id not in last:  # a new row starts at a random origin (module doc)
+                    last[device_id] = self._seq_origin()
+            for bumps in _parts(list(counts.items())):
+                db.execute(
+                    _seq_write_sql(len(bumps)), [v for d, n in bumps for v in (d, last[d] + n)]
+                )
             whole: list[tuple[str, int, int, bytes, int]] = []
             for device_id, expires_at, body in rows:
                 seq = last[device_id] = last[device_id] + 1
@@ -535,12 +538,9 @@ class SqliteDatabase:
                     whole.append((device_id, seq, expires_at, body, len(body)))
                 else:
                     self._put(db, device_id, seq, expires_at, body)
-            # The usual envelopes (whole in their row) in one prepared statement.
-            db.executemany(
-                "INSERT INTO envelopes(device_id, seq, expires_at, body, size) "
-                "VALUES (?, ?, ?, ?, ?)",
-                whole,
-            )
+            # The usual envelopes (whole in their row): up to _ROWS_PER_STATEMENT per statement.
+            for envelopes in _parts(whole):
+                db.execute(_insert_sql(len(envelopes)), [v for row in envelopes for v in row])
             if rows:
                 self.needs_checkpoint = True  # the WAL now holds this commit's frames
         return ids
@@ -580,12 +580,11 @@ class SqliteDatabase:
         """Delete (device, wire id) rows in one transaction; a device may delete only its own."""
         with self.transaction() as db:
             self.needs_checkpoint = True
-            # First, in one prepared statement, the usual envelopes: whole in their row.
-            whole = db.executemany(
-                "DELETE FROM envelopes WHERE device_id = ? AND seq = ? "
-                "AND COALESCE(size, length(body)) <= length(body)",
-                rows,
-            ).rowcount
+            # First the usual envelopes, whole in their row: many per statement.
+            whole = sum(
+                db.execute(_delete_sql(len(part)), [v for row in part for v in row]).rowcount
+                for part in _parts(rows)
+            )
             if whole == len(rows):
                 return whole
             # Some were kept in pieces (or are gone): those one by one, with their pieces.
@@ -652,6 +651,46 @@ class SqliteDatabase:
     def _fold(self) -> bool:
         busy = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
         return not busy
+
+
+# Rows per multi-row statement of the group commit. Each statement is one sqlite3_step, and
+# the sqlite3 module lets go of the GIL around every step: on a busy server each of those costs
+# a hand-over between the store's thread and the event loop, so the commit makes few of them.
+_ROWS_PER_STATEMENT = 64
+
+
+def _parts(rows: Sequence[_T]) -> Iterator[Sequence[_T]]:
+    for start in range(0, len(rows), _ROWS_PER_STATEMENT):
+        yield rows[start : start + _ROWS_PER_STATEMENT]
+
+
+@functools.cache
+def _seq_sql(n: int) -> str:
+    marks = ", ".join(["?"] * n)
+    return f"SELECT json_group_object(device_id, last) FROM device_seq WHERE device_id IN ({marks})"
+
+
+@functools.cache
+def _seq_write_sql(n: int) -> str:
+    values = ", ".join(["(?, ?)"] * n)
+    return (
+        f"INSERT INTO device_seq(device_id, last) VALUES {values} "
+        "ON CONFLICT(device_id) DO UPDATE SET last = excluded.last"
+    )
+
+
+@functools.cache
+def _insert_sql(n: int) -> str:
+    values = ", ".join(["(?, ?, ?, ?, ?)"] * n)
+    return f"INSERT INTO envelopes(device_id, seq, expires_at, body, size) VALUES {values}"
+
+
+@functools.cache
+def _delete_sql(n: int) -> str:
+    """Delete ``n`` (device, seq) envelopes that are whole in their row: each term is a search
+    on the primary key (SQLite's multi-index OR; a row-value IN scanned the table)."""
+    terms = " OR ".join(["(device_id = ? AND seq = ?)"] * n)
+    return f"DELETE FROM envelopes WHERE ({terms}) AND COALESCE(size, length(body)) <= length(body)"
 
 
 def _count(devices: Iterable[str]) -> dict[str, int]:
