@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from kluis.crypto.seal import SealKeyPair
 from kluis.errors import AccountExpired, BadSignature, LicenceInvalid, LinkInvalid
 from kluis.identity.chain import account_id_for, certify
 from kluis.protocol import signing
-from kluis.protocol.frames import DeviceKeys, PendingLink
+from kluis.protocol.frames import DeviceKeys, DeviceRecord, PendingLink
 from kluis.server.accounts import Accounts, licence_hash, normalise_licence
 from kluis.server.config import DAY, Limits
 from kluis.server.delivery.memory import InProcessBus
@@ -193,3 +194,37 @@ async def test_stored_envelopes_carry_no_deposit_order_across_devices(tmp_path: 
     assert await store.delete_envelopes([("recipient", 1), ("senders-other", 1)]) == 2
     assert await store.envelopes_after("recipient", 0, int(clock.now), 1) == [(2, b"r1")]
     await store.close()
+
+
+async def test_device_list_read_across_a_change_does_not_fill_the_cache(
+    world: tuple[SqliteStore, Accounts, Clock],
+) -> None:
+    """A send's device list, read while a device is added or revoked, is not cached: the next
+    send reads the list again (a stale cache could skip a new device or address a revoked one)."""
+    store, accounts, _ = world
+    (code,) = await accounts.create_licences(1, days=182)
+    acct, keys = device()
+    nonce = b"n" * 32
+    account = await register(accounts, code, acct, keys, nonce, login(acct, nonce))
+    assert await accounts.device_ids(account.id) == {keys.ed25519}
+    assert accounts.cached_device_ids(account.id) == {keys.ed25519}
+
+    gate = asyncio.Event()
+    real = store.active_devices
+
+    async def slow_active_devices(account_id: str) -> list[DeviceRecord]:
+        devices = await real(account_id)  # read before the change ...
+        await gate.wait()  # ... and returned after it
+        return devices
+
+    store.active_devices = slow_active_devices  # type: ignore[method-assign]
+    accounts._devices_changing(account.id)  # what approve_link and revoke do
+    read = asyncio.ensure_future(accounts.device_ids(account.id))
+    await asyncio.sleep(0.01)
+    accounts._devices_changing(account.id)  # the change's store call is done
+    gate.set()
+    assert await read == {keys.ed25519}
+    assert accounts.cached_device_ids(account.id) is None  # not filled from the old read
+    store.active_devices = real  # type: ignore[method-assign]
+    assert await accounts.device_ids(account.id) == {keys.ed25519}
+    assert accounts.cached_device_ids(account.id) == {keys.ed25519}

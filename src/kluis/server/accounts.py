@@ -89,7 +89,11 @@ class Accounts:
         self._max_keys = limits.max_keys_per_upload
         self._max_links = limits.max_pending_links
         self._max_devices = limits.max_devices_per_account
-        self._device_ids: dict[str, frozenset[str]] = {}  # hot path of every send
+        # The hot path of every send: each account's active device IDs, cached. An approval or
+        # a revocation drops the entry before its store call and again after it, and bumps
+        # ``_epoch``, so a read that was in flight across the change never fills the cache.
+        self._device_ids: dict[str, frozenset[str]] = {}
+        self._epoch = 0
 
     def _now(self) -> int:
         return int(self._clock())
@@ -160,13 +164,23 @@ class Accounts:
             await self._store.revocations(account_id),
         )
 
+    def cached_device_ids(self, account_id: str) -> frozenset[str] | None:
+        """The account's active device IDs if they are cached (no await on the hot path)."""
+        return self._device_ids.get(account_id)
+
     async def device_ids(self, account_id: str) -> frozenset[str]:
         ids = self._device_ids.get(account_id)
         if ids is None:
+            epoch = self._epoch
             await self._account(account_id)
             ids = frozenset(r.keys.ed25519 for r in await self._store.active_devices(account_id))
-            self._device_ids[account_id] = ids
+            if epoch == self._epoch:  # no device was added or revoked meanwhile
+                self._device_ids[account_id] = ids
         return ids
+
+    def _devices_changing(self, account_id: str) -> None:
+        self._device_ids.pop(account_id, None)
+        self._epoch += 1
 
     async def request_link(self, link: PendingLink, nonce: bytes, sig: str) -> tuple[str, int]:
         # Cheapest first: caps and counts, then one signature, then the rest.
@@ -197,9 +211,12 @@ class Accounts:
             raise LinkInvalid("the certificate is not for the pending device")
         _certified(account_id, (await self._account(account_id)).identity, record)
         await self._check_unused(record.keys)
-        if not await self._store.add_device(account_id, record, token, self._now()):
-            raise LinkInvalid("link code was used meanwhile")
-        self._device_ids.pop(account_id, None)
+        self._devices_changing(account_id)
+        try:
+            if not await self._store.add_device(account_id, record, token, self._now()):
+                raise LinkInvalid("link code was used meanwhile")
+        finally:
+            self._devices_changing(account_id)
 
     async def check_room(self, account_id: str) -> None:
         """Refuse to link another device to a full account."""
@@ -215,5 +232,8 @@ class Accounts:
             check_revocation(account_id, (await self._account(account_id)).identity, revocation)
         except MalformedFrame as exc:
             raise BadSignature("revocation is malformed") from exc
-        await self._store.revoke_device(revocation.device, revocation)
-        self._device_ids.pop(account_id, None)
+        self._devices_changing(account_id)
+        try:
+            await self._store.revoke_device(revocation.device, revocation)
+        finally:
+            self._devices_changing(account_id)

@@ -372,9 +372,11 @@ class Connection:
         # A big group send costs like the many small sends it replaces.
         if not self.server.send_buckets.get(self.device_id).take(1 + len(envelopes) // 64):
             raise RateLimited("too many sends; slow down")
+        accounts = self.server.accounts
         mismatched: list[tuple[str, list[str], list[str]]] = []
         for part in frame.to:
-            expected = set(await self.server.accounts.device_ids(part.account))
+            ids = accounts.cached_device_ids(part.account)  # the usual case: no await
+            expected = set(ids if ids is not None else await accounts.device_ids(part.account))
             if part.account == self.account_id:
                 expected.discard(self.device_id)
             addressed = {e.device for e in part.envelopes}

@@ -83,8 +83,16 @@ class Mailbox:
 
     async def deposit(self, items: list[tuple[str, bytes]]) -> list[int]:
         """Store envelopes (device, body); return their wire ids once they are committed."""
+        limits = self._limits
+        counts, sizes = self._counts, self._bytes
         for device_id, body in items:
-            if await self._full(device_id, len(body)):
+            # The usual case is decided by the bounds alone, without an await (see _full).
+            n = counts.get(device_id)
+            if (
+                n is None
+                or n >= limits.mailbox_quota
+                or sizes.get(device_id, 0) + len(body) > limits.mailbox_quota_bytes
+            ) and await self._full(device_id, len(body)):
                 raise QuotaExceeded("the recipient's mailbox is full; try again later")
         for device_id, body in items:
             self._counts[device_id] = self._counts.get(device_id, 0) + 1

@@ -57,7 +57,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
+import json
 import queue
 import secrets
 import sqlite3
@@ -449,15 +451,21 @@ class SqliteDatabase:
             db.execute(_SEED_SEQ)
         self.checkpoint()
 
+    def _head(self, device_id: str) -> int:
+        """How many body bytes an envelope of ``device_id`` keeps in its own row."""
+        return max(0, self._head_max - len(device_id.encode()))
+
     def _put(
         self, db: sqlite3.Connection, device_id: str, seq: int, expires: int, body: bytes
     ) -> None:
         """One envelope: its row (with the whole body, or its head) and its scattered pieces."""
-        head = max(0, self._head_max - len(device_id.encode()))
+        head = self._head(device_id)
         db.execute(
             "INSERT INTO envelopes(device_id, seq, expires_at, body, size) VALUES (?, ?, ?, ?, ?)",
             (device_id, seq, expires, body[:head], len(body)),
         )
+        if len(body) <= head:
+            return  # the usual case: the whole body is in its row
         step = self._chunk_max
         db.executemany(
             "INSERT OR REPLACE INTO envelope_chunks(key, data) VALUES (?, ?)",
@@ -507,19 +515,32 @@ class SqliteDatabase:
         """
         ids: list[int] = []
         with self.transaction() as db:
+            counts = _count(d for d, _, _ in rows)
             last: dict[str, int] = {}
-            for device_id, n in _count(d for d, _, _ in rows).items():
-                # One statement per device: a new row starts at a random origin (module doc).
-                row = db.execute(
-                    "INSERT INTO device_seq(device_id, last) VALUES (?, ?) ON CONFLICT(device_id) "
-                    "DO UPDATE SET last = last + ? RETURNING last",
-                    (device_id, self._seq_origin() + n, n),
-                ).fetchone()
-                last[device_id] = int(row[0]) - n
+            for devices in _parts(list(counts)):
+                # The counters of many devices in one row (one step, see _ROWS_PER_STATEMENT);
+                # this transaction holds the write lock from its start, so none changes before
+                # the write below.
+                (found,) = db.execute(_seq_sql(len(devices)), devices).fetchone()
+                last.update(json.loads(found))
+            for device_id in counts:
+                if device_id not in last:  # a new row starts at a random origin (module doc)
+                    last[device_id] = self._seq_origin()
+            for bumps in _parts(list(counts.items())):
+                db.execute(
+                    _seq_write_sql(len(bumps)), [v for d, n in bumps for v in (d, last[d] + n)]
+                )
+            whole: list[tuple[str, int, int, bytes, int]] = []
             for device_id, expires_at, body in rows:
                 seq = last[device_id] = last[device_id] + 1
-                self._put(db, device_id, seq, expires_at, body)
                 ids.append(seq)
+                if len(body) <= self._head(device_id):
+                    whole.append((device_id, seq, expires_at, body, len(body)))
+                else:
+                    self._put(db, device_id, seq, expires_at, body)
+            # The usual envelopes (whole in their row): up to _ROWS_PER_STATEMENT per statement.
+            for envelopes in _parts(whole):
+                db.execute(_insert_sql(len(envelopes)), [v for row in envelopes for v in row])
             if rows:
                 self.needs_checkpoint = True  # the WAL now holds this commit's frames
         return ids
@@ -558,6 +579,15 @@ class SqliteDatabase:
     def delete_envelopes(self, rows: Sequence[tuple[str, int]]) -> int:
         """Delete (device, wire id) rows in one transaction; a device may delete only its own."""
         with self.transaction() as db:
+            self.needs_checkpoint = True
+            # First the usual envelopes, whole in their row: many per statement.
+            whole = sum(
+                db.execute(_delete_sql(len(part)), [v for row in part for v in row]).rowcount
+                for part in _parts(rows)
+            )
+            if whole == len(rows):
+                return whole
+            # Some were kept in pieces (or are gone): those one by one, with their pieces.
             deleted = [
                 found
                 for device_id, seq in rows
@@ -568,8 +598,7 @@ class SqliteDatabase:
                 ).fetchall()
             ]
             self._drop_bodies(deleted)
-            self.needs_checkpoint = True
-            return len(deleted)
+            return whole + len(deleted)
 
     def count_envelopes(self, device_id: str) -> int:
         row = self._db.execute(
@@ -622,6 +651,46 @@ class SqliteDatabase:
     def _fold(self) -> bool:
         busy = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
         return not busy
+
+
+# Rows per multi-row statement of the group commit. Each statement is one sqlite3_step, and
+# the sqlite3 module lets go of the GIL around every step: on a busy server each of those costs
+# a hand-over between the store's thread and the event loop, so the commit makes few of them.
+_ROWS_PER_STATEMENT = 64
+
+
+def _parts(rows: Sequence[_T]) -> Iterator[Sequence[_T]]:
+    for start in range(0, len(rows), _ROWS_PER_STATEMENT):
+        yield rows[start : start + _ROWS_PER_STATEMENT]
+
+
+@functools.cache
+def _seq_sql(n: int) -> str:
+    marks = ", ".join(["?"] * n)
+    return f"SELECT json_group_object(device_id, last) FROM device_seq WHERE device_id IN ({marks})"
+
+
+@functools.cache
+def _seq_write_sql(n: int) -> str:
+    values = ", ".join(["(?, ?)"] * n)
+    return (
+        f"INSERT INTO device_seq(device_id, last) VALUES {values} "
+        "ON CONFLICT(device_id) DO UPDATE SET last = excluded.last"
+    )
+
+
+@functools.cache
+def _insert_sql(n: int) -> str:
+    values = ", ".join(["(?, ?, ?, ?, ?)"] * n)
+    return f"INSERT INTO envelopes(device_id, seq, expires_at, body, size) VALUES {values}"
+
+
+@functools.cache
+def _delete_sql(n: int) -> str:
+    """Delete ``n`` (device, seq) envelopes that are whole in their row: each term is a search
+    on the primary key (SQLite's multi-index OR; a row-value IN scanned the table)."""
+    terms = " OR ".join(["(device_id = ? AND seq = ?)"] * n)
+    return f"DELETE FROM envelopes WHERE ({terms}) AND COALESCE(size, length(body)) <= length(body)"
 
 
 def _count(devices: Iterable[str]) -> dict[str, int]:
