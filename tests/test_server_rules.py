@@ -207,7 +207,7 @@ async def test_device_list_read_across_a_change_does_not_fill_the_cache(
     nonce = b"n" * 32
     account = await register(accounts, code, acct, keys, nonce, login(acct, nonce))
     assert await accounts.device_ids(account.id) == {keys.ed25519}
-    assert accounts.cached_device_ids(account.id) == {keys.ed25519}
+    assert accounts.cached_device_ids(account.id) == frozenset({keys.ed25519})
 
     gate = asyncio.Event()
     real = store.active_devices
@@ -227,4 +227,4 @@ async def test_device_list_read_across_a_change_does_not_fill_the_cache(
     assert accounts.cached_device_ids(account.id) is None  # not filled from the old read
     store.active_devices = real  # type: ignore[method-assign]
     assert await accounts.device_ids(account.id) == {keys.ed25519}
-    assert accounts.cached_device_ids(account.id) == {keys.ed25519}
+    assert accounts.cached_device_ids(account.id) == frozenset({keys.ed25519})
