@@ -166,3 +166,29 @@ def test_group_sessions_rotate_by_count_time_and_departed_devices() -> None:
     del devices["c" * 16]  # a device we shared with is gone (revoked, or its account left)
     key, lacking = book.key_shares(state.id, devices)
     assert key.session_id != third and lacking == ["b" * 16]
+
+
+async def test_a_group_timer_and_group_receipts_come_from_members(
+    inproc: InProcessServer, tmp_path: Path
+) -> None:
+    alice = await register(inproc, tmp_path / "alice")
+    bob = await register(inproc, tmp_path / "bob")
+    g = (await alice.create_group("timed", [bob.account_id])).id
+    await bob.receive(wait=5, until=1)
+
+    await alice.set_timer(g, 30)
+    (line,) = await bob.receive(wait=5, until=1)
+    assert (line.conversation, line.kind) == (g, "timer")
+    assert bob.core.features.timers.seconds(g) == 30  # Bob's messages to the group now expire too
+    sent = await bob.send(g, "gone in 30 s")
+    assert sent.expires is not None
+    (got,) = await alice.receive(wait=5, until=1)
+    assert got.text == "gone in 30 s" and got.expires is not None
+
+    # Alice read it: her read receipt reaches Bob, filed under the group.
+    await alice.mark_read(g)
+    await bob.receive(wait=2)
+    (mine,) = [m for m in bob.history(g) if m.text == "gone in 30 s"]
+    assert mine.receipt == "read"
+    for c in (alice, bob):
+        await c.close()

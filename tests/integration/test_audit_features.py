@@ -1,5 +1,5 @@
-"""`kluis audit-storage` after a workload with groups and files: a seized disk still shows
-nothing worth taking — no group ID, name, member list or message, no file name or content, no
+"""`kluis audit-storage` after a workload with groups, files, a disappearing-message timer and
+receipts: a seized disk still shows nothing worth taking — no group ID, name, member list or message, no file name or content, no
 blob once every member device fetched it, no delivered envelope."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ FILE_NAME = "plan-MARKER-iris-3.txt"
 FILE_TEXT = "MARKER-file-content-lotus-9090"
 
 
-async def test_seized_disk_after_groups_and_files_is_clean(
+async def test_seized_disk_after_groups_files_timers_and_receipts_is_clean(
     server: ServerProcess, tmp_path: Path
 ) -> None:
     alice = await register(server, tmp_path / "alice")
@@ -37,9 +37,13 @@ async def test_seized_disk_after_groups_and_files_is_clean(
     for member in (bob, carol):
         (saved,) = await member.fetch_files(tmp_path / f"{member.account_id}-files")
         assert saved.read_text() == source.read_text()
+    await alice.set_timer(group, 3600)  # disappearing messages, set inside the group
+    await bob.mark_read(group)  # read receipts to alice, through the server
+    await carol.mark_read(group)
+    await alice.receive(wait=2)
     await alice.change_group(group, "remove", [carol.account_id])
-    await bob.receive(wait=5, until=1)
-    await carol.receive(wait=5, until=1)
+    await bob.receive(wait=5, until=2)  # the timer line and the removal
+    await carol.receive(wait=5, until=2)
     for c in (alice, bob, carol):
         assert c.errors == []
         await c.close()
