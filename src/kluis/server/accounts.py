@@ -143,6 +143,7 @@ class Accounts:
             raise UnknownAccount("account is gone")
         if account.expires_at <= self._now():
             raise AccountExpired("subscription has ended; redeem a new licence")
+        await self._store.seen(account.id, self._now() // 86_400)  # the day only (admin console)
         return account
 
     async def _account(self, account_id: str) -> Account:
