@@ -117,6 +117,7 @@ class Accounts:
         )
         if account is None:
             raise LicenceInvalid("licence code is unknown or already redeemed")
+        await self._store.seen(account.id, self._now() // 86_400)  # registering logs in
         return account
 
     async def _check_unused(self, keys: DeviceKeys) -> None:
