@@ -36,8 +36,14 @@ async def _console(tmp_path: Path, **limits: float) -> tuple[Console, SqliteStor
     clock = Clock()
     console = Console.open(AdminStore(store), tmp_path, Limits(**limits), clock)  # type: ignore[arg-type]
     uri = await create_user(
-        console.store, cred.SecretBox.open(tmp_path), "boss", "admin", "a long password", 0,
-        int(clock()), "cli",
+        console.store,
+        cred.SecretBox.open(tmp_path),
+        "boss",
+        "admin",
+        "a long password",
+        0,
+        int(clock()),
+        "cli",
     )
     secret = pyotp.parse_uri(uri).secret
     return console, store, clock, secret
@@ -63,7 +69,9 @@ async def test_totp_code_is_single_use_and_sessions_expire(tmp_path: Path) -> No
 
 async def test_login_is_throttled_globally_and_recovers_with_time(tmp_path: Path) -> None:
     console, store, clock, _ = await _console(
-        tmp_path, admin_login_burst=100, admin_login_global_burst=4,
+        tmp_path,
+        admin_login_burst=100,
+        admin_login_global_burst=4,
         admin_login_global_rate_per_s=0.5,
     )
     try:
@@ -82,7 +90,9 @@ async def test_login_is_throttled_globally_and_recovers_with_time(tmp_path: Path
 async def test_audit_log_is_append_only_and_holds_no_secret(tmp_path: Path) -> None:
     console, store, clock, secret = await _console(tmp_path)
     try:
-        user, token = await console.login("c", "boss", "a long password", pyotp.TOTP(secret).at(clock()))
+        user, token = await console.login(
+            "c", "boss", "a long password", pyotp.TOTP(secret).at(clock())
+        )
         codes = await console.create_licences(user, 2, 30)
         entries = await console.audit_log(user)
         assert [e.action for e in entries] == ["create licences", "log in", "create user"]
@@ -103,8 +113,14 @@ async def test_reseller_quota_and_the_only_link_kept(tmp_path: Path) -> None:
     console, store, clock, _ = await _console(tmp_path)
     try:
         await create_user(
-            console.store, cred.SecretBox.open(tmp_path), "shop", "reseller", "another long pw",
-            3, int(clock()), "boss",
+            console.store,
+            cred.SecretBox.open(tmp_path),
+            "shop",
+            "reseller",
+            "another long pw",
+            3,
+            int(clock()),
+            "boss",
         )
         shop = await console.store.user("shop")
         assert shop is not None

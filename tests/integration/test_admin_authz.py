@@ -18,6 +18,7 @@ from kluis.server.admin.views import ROUTES
 from tests.admin_testing import ConsoleSession, ConsoleUser, create_user
 from tests.kluis_testing import PASSPHRASE, RawConnection, ServerProcess, fast_kdf
 
+
 def codes_in(page: str) -> list[str]:
     section = page.split('id="new-codes"', 1)[1].split("</section>", 1)[0]
     return re.findall(r"<li>([^<]+)</li>", section)
@@ -25,7 +26,11 @@ def codes_in(page: str) -> list[str]:
 
 async def redeem(server: ServerProcess, code: str, profile: Path) -> KluisClient:
     return await KluisClient.register(
-        server.url, code, profile, PASSPHRASE, transport_factory=WebSocketTransport,
+        server.url,
+        code,
+        profile,
+        PASSPHRASE,
+        transport_factory=WebSocketTransport,
         kdf=fast_kdf(),
     )
 
@@ -62,7 +67,9 @@ async def test_authorisation_matrix(world: dict[str, object], tmp_path: Path) ->
         # One account from each reseller's code, one from an admin's code.
         accounts: dict[str, str] = {}
         for role in ("a", "b", "admin"):
-            page, status = await sessions[role].post("/admin/licences", {"count": "1", "days": "30"})
+            page, status = await sessions[role].post(
+                "/admin/licences", {"count": "1", "days": "30"}
+            )
             assert status == 200
             (code,) = codes_in(page)
             client = await redeem(server, code, tmp_path / f"profile-{role}")
@@ -193,9 +200,8 @@ async def test_https_public_url_makes_secure_host_cookies(tmp_path: Path) -> Non
     server = ServerProcess(tmp_path / "data", "--public-url", "https://chat.example")
     server.start()
     try:
-        async with aiohttp.ClientSession() as http:
-            async with http.get(server.url + "/admin/login") as r:
-                cookie = r.headers["Set-Cookie"]
+        async with aiohttp.ClientSession() as http, http.get(server.url + "/admin/login") as r:
+            cookie = r.headers["Set-Cookie"]
         assert cookie.startswith("__Host-kluis_admin_login=")
         assert "Secure" in cookie and "Path=/;" in cookie and "SameSite=Strict" in cookie
     finally:

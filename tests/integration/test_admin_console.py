@@ -70,8 +70,12 @@ async def test_console_in_a_browser_then_the_seizure_audit(tmp_path: Path) -> No
             assert len(csv_path.read_text().splitlines()) == 1 + 3
 
             client = await KluisClient.register(
-                server.url, codes[0], tmp_path / "profile", PASSPHRASE,
-                transport_factory=WebSocketTransport, kdf=fast_kdf(),
+                server.url,
+                codes[0],
+                tmp_path / "profile",
+                PASSPHRASE,
+                transport_factory=WebSocketTransport,
+                kdf=fast_kdf(),
             )
             await page.click("text=Accounts")
             assert page.url.endswith("/admin/accounts")
@@ -109,9 +113,17 @@ async def test_console_in_a_browser_then_the_seizure_audit(tmp_path: Path) -> No
         raw_secret = base64.b32decode(boss.totp_secret)
         audit_run = subprocess.run(
             server.cli(
-                "audit-storage", "--data", str(server.data),
-                "--marker", boss.password, "--marker", boss.totp_secret, "--marker", token,
-                "--bytes", raw_secret.hex(),
+                "audit-storage",
+                "--data",
+                str(server.data),
+                "--marker",
+                boss.password,
+                "--marker",
+                boss.totp_secret,
+                "--marker",
+                token,
+                "--bytes",
+                raw_secret.hex(),
             ),
             capture_output=True,
             text=True,
