@@ -736,6 +736,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lc.set_defaults(func=cmd_licence_create)
 
+    from kluis.server.admin.cli import add_commands as add_admin_commands
+
+    adm = sub.add_parser("admin", help="the operator's console users").add_subparsers(
+        dest="action", required=True
+    )
+    add_admin_commands(adm)
+
     au = sub.add_parser(
         "audit-storage", help="scan a server's data as a seizer would; exit 1 on any finding"
     )

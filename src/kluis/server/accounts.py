@@ -121,6 +121,7 @@ class Accounts:
         )
         if account is None:
             raise LicenceInvalid("licence code is unknown or already redeemed")
+        await self._store.seen(account.id, self._now() // 86_400)  # registering logs in
         return account
 
     async def _check_unused(self, keys: DeviceKeys) -> None:
@@ -147,6 +148,7 @@ class Accounts:
             raise UnknownAccount("account is gone")
         if account.expires_at <= self._now():
             raise AccountExpired("subscription has ended; redeem a new licence")
+        await self._store.seen(account.id, self._now() // 86_400)  # the day only (admin console)
         return account
 
     async def _account(self, account_id: str) -> Account:

@@ -2,7 +2,7 @@
 
 Routes: ``GET /v1/ws`` (the protocol, see ``protocol/frames.py``), ``GET /health``,
 ``GET /v1/openapi.json`` (``server/openapi.py``), ``PUT``/``GET /v1/blobs/{id}`` (attachments,
-``server/blob_http.py``). No access log:
+``server/blob_http.py``), ``/admin/...`` (the operator's console, ``server/admin/``). No access log:
 by default the server logs neither client addresses nor anything about messages.
 """
 
@@ -21,6 +21,7 @@ from aiohttp import web
 from kluis.errors import LocalProtocolError
 from kluis.server import blob_http, logs
 from kluis.server.accounts import Accounts
+from kluis.server.admin.views import add_console
 from kluis.server.blobs import BlobService
 from kluis.server.config import ServerConfig
 from kluis.server.connection import Services
@@ -132,6 +133,8 @@ def build_app(server: Server) -> web.Application:
     app.router.add_get("/v1/openapi.json", openapi)  # describes the routes above: keep in step
     if server.services.blobs is not None:
         blob_http.add_routes(app, server.services.blobs)
+    if isinstance(server.store, SqliteStore):  # the console keeps its tables beside the store's
+        add_console(app, server.config, server.store)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         tasks = [asyncio.create_task(_sweeper(server)), asyncio.create_task(_checkpointer(server))]

@@ -62,6 +62,13 @@ class Limits:
     # rate on average (after the idle allowance) is cut too.
     blob_idle_timeout_s: float = 30.0
     blob_min_bytes_per_s: int = 32 * 1024
+    # The admin console (server/admin/): login attempts per client address and for the whole
+    # server (brute force), and how long a console session lasts.
+    admin_login_rate_per_s: float = 0.1  # one attempt per 10 s per client, sustained
+    admin_login_burst: int = 5
+    admin_login_global_rate_per_s: float = 1.0
+    admin_login_global_burst: int = 30
+    admin_session_ttl_s: int = 8 * 3600
 
 
 def limits_with_overrides(base: Limits, overrides: list[str]) -> Limits:

@@ -51,7 +51,16 @@ class Store(Protocol):
 
     # ---- licences and accounts ----------------------------------------------------------------
 
-    async def add_licences(self, code_hashes: Sequence[bytes], days: int, now: int) -> None: ...
+    async def add_licences(
+        self, code_hashes: Sequence[bytes], days: int, now: int, reseller: str | None = None
+    ) -> None:
+        """Store unredeemed codes' hashes; ``reseller`` names the reseller that created them
+        (None: the operator). Redeeming one copies that name to the account, nothing else."""
+        ...
+
+    async def seen(self, account_id: str, day: int) -> None:
+        """Record the day (days since the epoch) the account last logged in."""
+        ...
 
     async def register(
         self, code_hash: bytes, account_id: str, identity: str, device: DeviceRecord, now: int

@@ -121,6 +121,12 @@ _ADDED_COLUMNS = (
     ("accounts", "identity", "TEXT NOT NULL DEFAULT ''"),
     ("devices", "curve", "TEXT"),
     ("devices", "revocation", "BLOB"),
+    # The admin console (server/admin/): the reseller that created an unredeemed code, copied to
+    # the account on redemption (the only tie kept: which reseller, never which code), and the
+    # day (days since the epoch) the account last logged in.
+    ("licences", "reseller", "TEXT"),
+    ("accounts", "reseller", "TEXT"),
+    ("accounts", "last_seen_day", "INTEGER"),
 )
 _INDEXES = "CREATE UNIQUE INDEX IF NOT EXISTS devices_by_curve ON devices(curve);"
 
@@ -231,11 +237,13 @@ class SqliteDatabase:
 
     # ---- licences and accounts ----------------------------------------------------------------
 
-    def add_licences(self, code_hashes: Sequence[bytes], days: int, now: int) -> None:
+    def add_licences(
+        self, code_hashes: Sequence[bytes], days: int, now: int, reseller: str | None = None
+    ) -> None:
         with self.transaction() as db:
             db.executemany(
-                "INSERT INTO licences(code_hash, days, created_at) VALUES (?, ?, ?)",
-                [(h, days, now) for h in code_hashes],
+                "INSERT INTO licences(code_hash, days, created_at, reseller) VALUES (?, ?, ?, ?)",
+                [(h, days, now, reseller) for h in code_hashes],
             )
 
     def register(
@@ -250,7 +258,7 @@ class SqliteDatabase:
             # (known to whoever sold it) to the account created in the same second. A code seen
             # again is unknown, hence refused, just as a reused one.
             row = db.execute(
-                "DELETE FROM licences WHERE code_hash = ? RETURNING days",
+                "DELETE FROM licences WHERE code_hash = ? RETURNING days, reseller",
                 (code_hash,),
             ).fetchone()
             if row is None:
@@ -258,11 +266,19 @@ class SqliteDatabase:
             self.needs_checkpoint = True
             account = Account(account_id, now, now + int(row[0]) * 86_400, identity)
             db.execute(
-                "INSERT INTO accounts(id, created_at, expires_at, identity) VALUES (?, ?, ?, ?)",
-                (account.id, account.created_at, account.expires_at, identity),
+                "INSERT INTO accounts(id, created_at, expires_at, identity, reseller) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (account.id, account.created_at, account.expires_at, identity, row[1]),
             )
             self._insert_device(account_id, device, now)
         return account
+
+    def seen(self, account_id: str, day: int) -> None:
+        """Record the day an account last logged in (one write per account and day at most)."""
+        self._db.execute(
+            "UPDATE accounts SET last_seen_day = ? WHERE id = ? AND last_seen_day IS NOT ?",
+            (day, account_id, day),
+        )
 
     def account(self, account_id: str) -> Account | None:
         row = self._db.execute(
@@ -789,8 +805,19 @@ class SqliteStore:
         self._calls.put(None)
         self._thread.join()
 
-    async def add_licences(self, code_hashes: Sequence[bytes], days: int, now: int) -> None:
-        await self._run(self.db.add_licences, code_hashes, days, now)
+    async def add_licences(
+        self, code_hashes: Sequence[bytes], days: int, now: int, reseller: str | None = None
+    ) -> None:
+        await self._run(self.db.add_licences, code_hashes, days, now, reseller)
+
+    async def seen(self, account_id: str, day: int) -> None:
+        await self._run(self.db.seen, account_id, day)
+
+    async def run_on_database(self, fn: Callable[[SqliteDatabase], _T]) -> _T:
+        """Run ``fn`` on the worker thread that owns the connection, after every call made
+        before it: how the admin console's store (``server/admin/store.py``) shares this
+        database without a second connection."""
+        return await self._run(fn, self.db)
 
     async def register(
         self, code_hash: bytes, account_id: str, identity: str, device: DeviceRecord, now: int

@@ -1,0 +1,228 @@
+"""The console's rules: who may log in, what each role may see and do, and the audit of it.
+
+Theory of operation: handlers (``views.py``) parse and render; this module decides. Roles:
+- ``admin``: every licence, account and reseller; creates licences without quota and resellers;
+  reads the whole audit log;
+- ``reseller``: creates licences within its quota; sees only the unredeemed codes it created,
+  the accounts redeemed from them (ID, expiry, device count, last-seen day: never contents or
+  contacts, which the server does not have) and its own audit entries.
+Login takes a password (argon2id) and a TOTP code (one use per time step), and is throttled per
+client address and for the whole server before any check runs. Every action, failed logins
+included, goes into the append-only audit log with no secret in it. Time is injected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from kluis.server.accounts import licence_hash, new_licence_code
+from kluis.server.admin import credentials as cred
+from kluis.server.admin.store import (
+    AccountRow,
+    AdminStore,
+    AdminUser,
+    AuditEntry,
+    LicenceCount,
+    ResellerRow,
+    Role,
+)
+from kluis.server.config import Limits
+from kluis.server.ratelimit import BucketMap, TokenBucket
+
+MAX_CODES = 10_000
+MAX_DAYS = 36_500
+NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_.")
+
+
+class ConsoleError(Exception):
+    """A refusal shown as a typed error page: a stable ``code`` and an HTTP status."""
+
+    code = "console_error"
+    status = 400
+
+
+class BadRequest(ConsoleError):
+    code, status = "bad_request", 400
+
+
+class LoginFailed(ConsoleError):
+    code, status = "login_failed", 401
+
+
+class Forbidden(ConsoleError):
+    code, status = "forbidden", 403
+
+
+class CsrfFailed(ConsoleError):
+    code, status = "csrf_failed", 403
+
+
+class QuotaExceeded(ConsoleError):
+    code, status = "quota_exceeded", 403
+
+
+class Throttled(ConsoleError):
+    code, status = "rate_limited", 429
+
+
+def check_name(name: str) -> str:
+    name = name.strip().lower()
+    if not 1 <= len(name) <= 32 or not set(name) <= NAME_CHARS:
+        raise BadRequest("a name is 1 to 32 of a-z, 0-9, '-', '_' and '.'")
+    return name
+
+
+async def create_user(
+    store: AdminStore,
+    box: cred.SecretBox,
+    name: str,
+    role: Role,
+    password: str,
+    quota: int,
+    now: int,
+    actor: str,
+) -> str:
+    """A new console user; returns the TOTP provisioning URI (shown once, never logged)."""
+    name = check_name(name)
+    if len(password) < 12:
+        raise BadRequest("a console password has at least 12 characters")
+    if role == "reseller" and not 0 <= quota <= 10_000_000:
+        raise BadRequest("a quota is 0 to 10000000 codes")
+    secret = cred.new_totp_secret()
+    ok = await store.create_user(
+        name,
+        role,
+        cred.hash_password(password),
+        box.seal(name, secret),
+        quota if role == "reseller" else 0,
+        now,
+        actor,
+    )
+    if not ok:
+        raise BadRequest(f"a console user named {name!r} exists already")
+    return cred.provisioning_uri(name, secret)
+
+
+@dataclass(frozen=True, slots=True)
+class CreatedReseller:
+    name: str
+    password: str
+    provisioning_uri: str
+
+
+class Console:
+    """The admin console's service: login, sessions, and each role's pages and actions."""
+
+    def __init__(
+        self,
+        store: AdminStore,
+        box: cred.SecretBox,
+        limits: Limits,
+        clock: Callable[[], float],
+    ) -> None:
+        self.store, self._box, self._limits, self._clock = store, box, limits, clock
+        self._per_client = BucketMap(limits.admin_login_rate_per_s, limits.admin_login_burst, clock)
+        self._global = TokenBucket(
+            limits.admin_login_global_rate_per_s, limits.admin_login_global_burst, clock
+        )
+
+    @classmethod
+    def open(
+        cls, store: AdminStore, data_dir: Path, limits: Limits, clock: Callable[[], float]
+    ) -> Console:
+        return cls(store, cred.SecretBox.open(data_dir), limits, clock)
+
+    @property
+    def session_ttl_s(self) -> int:
+        return self._limits.admin_session_ttl_s
+
+    def _now(self) -> int:
+        return int(self._clock())
+
+    # ---- login and sessions -------------------------------------------------------------------
+
+    async def login(
+        self, client: str, name: str, password: str, code: str
+    ) -> tuple[AdminUser, str]:
+        """Check a login; returns the user and a new session token (kept only hashed)."""
+        if not self._per_client.get(client).take() or not self._global.take():
+            raise Throttled("too many login attempts; wait a minute and try again")
+        name = name.strip().lower()[:64]
+        user = await self.store.user(name) if name else None
+        ok = cred.check_password(user.password_hash if user else None, password)
+        if user is None or not ok:
+            await self._failed(user)
+            raise LoginFailed("wrong name, password or code")
+        secret = self._box.open_secret(user.name, user.totp)
+        step = None if secret is None else cred.totp_step(secret, code, self._clock())
+        if step is None or not await self.store.use_totp_step(user.name, step):
+            await self._failed(user)
+            raise LoginFailed("wrong name, password or code")
+        token = cred.new_token()
+        now = self._now()
+        await self.store.start_session(
+            cred.token_hash(token), user.name, now + self._limits.admin_session_ttl_s, now
+        )
+        return user, token
+
+    async def _failed(self, user: AdminUser | None) -> None:
+        # Only a known name is recorded: a mistyped one may be someone's password.
+        actor = user.name if user else "(unknown)"
+        await self.store.audit(actor, "login failed", "", self._now())
+
+    async def session(self, token: str) -> AdminUser | None:
+        if not token or len(token) > 64:
+            return None
+        return await self.store.session_user(cred.token_hash(token), self._now())
+
+    async def logout(self, user: AdminUser, token: str) -> None:
+        await self.store.end_session(cred.token_hash(token), user.name, self._now())
+
+    # ---- licences -----------------------------------------------------------------------------
+
+    async def create_licences(self, user: AdminUser, count: int, days: int) -> list[str]:
+        """New codes (returned once, stored only hashed); a reseller's count within quota."""
+        if not 1 <= count <= MAX_CODES or not 1 <= days <= MAX_DAYS:
+            raise BadRequest(f"count must be 1..{MAX_CODES} and days 1..{MAX_DAYS}")
+        codes = [new_licence_code() for _ in range(count)]
+        reseller = user.name if user.role == "reseller" else None
+        ok = await self.store.issue_licences(
+            [licence_hash(c) for c in codes], days, self._now(), user.name, reseller
+        )
+        if not ok:
+            raise QuotaExceeded(
+                f"quota: {user.quota - user.issued} of {user.quota} codes left, {count} asked"
+            )
+        return codes
+
+    async def licence_counts(self, user: AdminUser) -> list[LicenceCount]:
+        return await self.store.licence_counts(user.name, everyone=user.role == "admin")
+
+    # ---- accounts, resellers, audit -----------------------------------------------------------
+
+    async def accounts(self, user: AdminUser) -> list[AccountRow]:
+        return await self.store.accounts(user.name, everyone=user.role == "admin")
+
+    async def resellers(self, user: AdminUser) -> list[ResellerRow]:
+        self._admin_only(user)
+        return await self.store.resellers()
+
+    async def create_reseller(self, user: AdminUser, name: str, quota: int) -> CreatedReseller:
+        """A reseller with a random password and TOTP secret, shown once to the admin, who
+        hands them over."""
+        self._admin_only(user)
+        password = cred.new_token()[:24]
+        uri = await create_user(
+            self.store, self._box, name, "reseller", password, quota, self._now(), user.name
+        )
+        return CreatedReseller(check_name(name), password, uri)
+
+    async def audit_log(self, user: AdminUser) -> list[AuditEntry]:
+        return await self.store.audit_log(None if user.role == "admin" else user.name)
+
+    @staticmethod
+    def _admin_only(user: AdminUser) -> None:
+        if user.role != "admin":
+            raise Forbidden("this page is for admins")
