@@ -54,15 +54,12 @@ class Wipes:
             raise UnknownDevice("no such device in this account")
         account = await self._store.account(order.account)
         assert account is not None  # the device row references it
-        if order.by == "owner":
-            key = account.identity
-        else:
-            if not account.operator_wipe:
-                raise LocalProtocolError("this account's policy does not let the operator wipe")
-            key = self._operator_key
+        key = account.identity if order.by == "owner" else self._operator_key
         if not key:
             raise BadSignature("no key to check the wipe order against")
         verify_signature(key, op.wipe_message(order), order.sig)
+        if order.by == "operator" and not account.operator_wipe:
+            raise LocalProtocolError("this account's policy does not let the operator wipe")
         await self._store.put_wipe(order.device, op.encode_wipe(order))
         if bus is not None:
             bus.revoke(order.device)  # closes its connection: the next login gets the order
