@@ -217,7 +217,8 @@ async def _whoami(args: argparse.Namespace) -> None:
         print(client.account_id)
         end = client.subscription_end
         if end is not None:  # as the server said at this device's last login or renewal
-            print(f"subscription ends on {_day(end)}")
+            # stderr: stdout stays the bare ID, as scripts take it (``$(kluis whoami ...)``)
+            print(f"subscription ends on {_day(end)}", file=sys.stderr)
         _notice(client)
     finally:
         await client.close()
