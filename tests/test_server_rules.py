@@ -18,6 +18,7 @@ from kluis.protocol.frames import DeviceKeys, DeviceRecord, PendingLink
 from kluis.server.accounts import Accounts, licence_hash, normalise_licence
 from kluis.server.config import DAY, Limits
 from kluis.server.delivery.memory import InProcessBus
+from kluis.server.operator.subscriptions import Subscriptions
 from kluis.server.ratelimit import TokenBucket
 from kluis.server.store.protocol import Account
 from kluis.server.store.sqlite import SqliteStore
@@ -71,8 +72,10 @@ async def test_subscription_ends_after_its_days(world: tuple[SqliteStore, Accoun
     clock.now += 181 * DAY
     await accounts.authenticate(keys.ed25519, nonce, login(acct, nonce))
     clock.now += 2 * DAY
-    with pytest.raises(AccountExpired):
-        await accounts.authenticate(keys.ed25519, nonce, login(acct, nonce))
+    # Past its end the account still logs in (it receives what was queued); sending is refused.
+    expired = await accounts.authenticate(keys.ed25519, nonce, login(acct, nonce))
+    with pytest.raises(AccountExpired, match="subscription ended on"):
+        Subscriptions(world[0], clock).check_send(expired)
 
 
 async def test_challenge_signature_is_bound_to_the_nonce(

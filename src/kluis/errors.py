@@ -13,7 +13,9 @@ remote refusal back to the class below with :func:`error_for_code`.
     │   ├── RateLimited               rate_limited
     │   ├── QuotaExceeded             quota_exceeded: recipient mailbox is full
     │   ├── LicenceInvalid            licence_invalid: unknown, expired or already redeemed
-    │   ├── AccountExpired            account_expired
+    │   ├── AccountExpired            account_expired: the subscription ended (sending refused)
+    │   ├── AccountSuspended          account_suspended: the operator suspended the account
+    │   ├── DeviceWiped               device_wiped: this device was ordered wiped and is gone
     │   ├── UnknownAccount            unknown_account
     │   ├── UnknownDevice             unknown_device
     │   ├── MismatchedDevices         mismatched_devices: a send did not address exactly the
@@ -98,6 +100,14 @@ class LicenceInvalid(RemoteProtocolError):
 
 class AccountExpired(RemoteProtocolError):
     code = "account_expired"
+
+
+class AccountSuspended(RemoteProtocolError):
+    code = "account_suspended"
+
+
+class DeviceWiped(RemoteProtocolError):
+    code = "device_wiped"
 
 
 class UnknownAccount(RemoteProtocolError):

@@ -270,3 +270,35 @@ async def test_the_footprint_names_every_file_the_store_writes(
         assert reopened.footprint() == footprint  # a property of where it is, not of a run
     finally:
         await reopened.close()
+
+
+# ---- operator: renewals, account flags, wipe orders -------------------------------------------
+
+
+async def test_a_renewal_adds_the_licence_days_to_the_later_of_now_and_the_end(
+    store: Store,
+) -> None:
+    account = await account_with(store, "a")  # ends at NOW + 30 days
+    await store.add_plan_licences([b"r1", b"r2"], 10, "10-days", NOW)
+    assert await store.renew(b"r1", account, NOW) == NOW + 40 * 86_400  # before the end: adds
+    assert await store.renew(b"r1", account, NOW) is None  # single use
+    much_later = NOW + 100 * 86_400
+    assert await store.renew(b"r2", account, much_later) == much_later + 10 * 86_400
+    await store.add_plan_licences([b"r3"], 10, "10-days", NOW)
+    assert await store.renew(b"r3", "no-such-account", NOW) is None
+    assert await store.renew(b"r3", account, NOW) is not None  # the refusal did not use it
+
+
+async def test_account_flags_and_wipe_orders(store: Store) -> None:
+    account = await account_with(store, "a", "b")
+    stored = await store.account(account)
+    assert stored is not None and not stored.suspended and stored.operator_wipe
+    assert await store.set_account_flag(account, "suspended", True)
+    assert await store.set_account_flag(account, "operator_wipe", False)
+    stored = await store.account(account)
+    assert stored is not None and stored.suspended and not stored.operator_wipe
+    assert not await store.set_account_flag("nobody", "suspended", True)
+    assert sorted(await store.all_active_devices()) == ["ed-a", "ed-b"]
+    assert await store.wipe_order("ed-b") is None
+    await store.put_wipe("ed-b", b"order")
+    assert await store.wipe_order("ed-b") == b"order"

@@ -18,7 +18,9 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import (
@@ -33,10 +35,14 @@ from rich.progress import (
 from kluis.client.client import KluisClient
 from kluis.client.groups import is_group_id
 from kluis.client.records import Message
+from kluis.client.store import ProfileStore
 from kluis.client.timers import describe as describe_timer
 from kluis.client.transport import TransportFactory, WebSocketTransport
 from kluis.client.transport.websocket import DEFAULT_TIMEOUT_S
 from kluis.client.verification import Status, Verification
+
+if TYPE_CHECKING:
+    from kluis.server.config import ServerConfig
 from kluis.errors import KeyChanged, KluisError, LocalProtocolError, VerificationBroken
 
 DEFAULT_PORT = 8448
@@ -136,10 +142,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_licence_create(args: argparse.Namespace) -> None:
-    if not 1 <= args.count <= 100_000 or not 1 <= args.days <= 36_500:
-        raise LocalProtocolError("--count must be 1..100000 and --days 1..36500")
-    from kluis.server.app import create_licences
     from kluis.server.config import ServerConfig
+    from kluis.server.operator import admin
+    from kluis.server.operator.subscriptions import plan_days
+
+    plan, days = plan_days(args.plan, args.days)
+    if not 1 <= args.count <= 100_000:
+        raise LocalProtocolError("--count must be 1..100000 and --days 1..36500")
 
     config = ServerConfig(data_dir=Path(args.data))
     if not args.init and not config.database_path.exists():
@@ -148,9 +157,11 @@ def cmd_licence_create(args: argparse.Namespace) -> None:
             f"{args.data} holds no Kluis database; check --data, or add --init to create one"
         )
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    codes = create_licences(config, args.count, args.days)
-    for code in codes:
-        print(code)
+    licences = admin.create_licences(config, args.count, plan, days)
+    if args.csv:
+        admin.write_private(Path(args.csv), admin.licences_csv(licences))
+    for lic in licences:
+        print(lic.code)
 
 
 def cmd_audit_storage(args: argparse.Namespace) -> None:
@@ -205,6 +216,11 @@ async def _whoami(args: argparse.Namespace) -> None:
         if not client.account_id:  # a linked device learns its account at first login
             await client.connect()
         print(client.account_id)
+        end = client.subscription_end
+        if end is not None:  # as the server said at this device's last login or renewal
+            # stderr: stdout stays the bare ID, as scripts take it (``$(kluis whoami ...)``)
+            print(f"subscription ends on {_day(end)}", file=sys.stderr)
+        _notice(client)
     finally:
         await client.close()
 
@@ -220,6 +236,17 @@ async def _device_request(args: argparse.Namespace) -> None:
     print(code)
 
 
+def _day(stamp: int) -> str:
+    return datetime.fromtimestamp(stamp, UTC).date().isoformat()
+
+
+def _notice(client: KluisClient) -> None:
+    """From 14 days before the subscription ends, on every command: one line on stderr."""
+    notice = client.renewal_notice()
+    if notice:
+        print(notice, file=sys.stderr)
+
+
 async def _with_client(
     args: argparse.Namespace, body: Callable[[KluisClient], Awaitable[None]]
 ) -> None:
@@ -227,6 +254,7 @@ async def _with_client(
     try:
         await client.connect()
         _alarm(client)
+        _notice(client)
         await body(client)
     finally:
         await client.close()
@@ -535,6 +563,7 @@ def _offline(args: argparse.Namespace, body: Callable[[KluisClient], None]) -> N
     client = KluisClient.open(Path(args.profile), _passphrase())
     try:
         client.sweep()
+        _notice(client)
         body(client)
     finally:
         client.core.store.close()
@@ -728,20 +757,28 @@ def build_parser() -> argparse.ArgumentParser:
     lc = lic.add_parser("create", help="print new licence codes, one per line")
     lc.add_argument("--data", required=True, help="the server's data folder")
     lc.add_argument(
-        "--days", type=int, default=182, help="subscription length per code, days (default 182)"
+        "--days", type=int, default=None, help="subscription length per code, days (default 182)"
     )
+    lc.add_argument("--plan", help="a named plan instead: month, quarter, half-year, year")
+    lc.add_argument("--csv", help="also write code,plan,days to this file (mode 0600)")
     lc.add_argument("--count", type=int, default=1, help="how many codes (default 1)")
     lc.add_argument(
         "--init", action="store_true", help="create the database if the folder has none yet"
     )
     lc.set_defaults(func=cmd_licence_create)
+    lr = lic.add_parser("renew", help="extend your account with CODE; prints the new end")
+    lr.add_argument("--profile", required=True)
+    lr.add_argument("code")
+    lr.set_defaults(func=_async(_licence_renew))
 
     from kluis.server.admin.cli import add_commands as add_admin_commands
 
-    adm = sub.add_parser("admin", help="the operator's console users").add_subparsers(
-        dest="action", required=True
-    )
+    # `admin`: the operator's console users, key, announcements, accounts and wipes (one group).
+    adm = sub.add_parser(
+        "admin", help="the operator: console users, key, announcements, accounts, wipes"
+    ).add_subparsers(dest="action", required=True)
     add_admin_commands(adm)
+    _add_operator_parsers(sub, adm)
 
     au = sub.add_parser(
         "audit-storage", help="scan a server's data as a seizer would; exit 1 on any finding"
@@ -880,6 +917,128 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--server", default=f"http://127.0.0.1:{DEFAULT_PORT}", help="first run only")
     ch.set_defaults(func=cmd_chat)
     return p
+
+
+# ---- the operator's side (issue 11): admin, renew, wipe, panic passphrase -----------------------
+
+
+async def _licence_renew(args: argparse.Namespace) -> None:
+    async def body(client: KluisClient) -> None:
+        print(f"subscription ends on {_day(await client.renew(args.code))}")
+
+    await _with_client(args, body)
+
+
+def cmd_admin_init(args: argparse.Namespace) -> None:
+    from kluis.protocol.signing import origin
+    from kluis.server.operator import keyfile
+
+    try:
+        server_origin = origin(args.public_url)
+    except ValueError as exc:
+        raise LocalProtocolError(f"--public-url: {exc}") from exc
+    data = Path(args.data)
+    info = keyfile.init(data, server_origin)
+    print(info.public_key)
+    print(
+        f"signing key: {data / keyfile.KEY_FILE} (mode 0600; move it offline and sign with"
+        " --key FILE)",
+        file=sys.stderr,
+    )
+
+
+def _config(args: argparse.Namespace) -> ServerConfig:
+    from kluis.server.config import ServerConfig
+
+    return ServerConfig(data_dir=Path(args.data))
+
+
+def cmd_admin_announce(args: argparse.Namespace) -> None:
+    from kluis.server.operator import admin
+
+    count = admin.announce(_config(args), args.text, Path(args.key) if args.key else None)
+    print(f"queued for {count} devices", file=sys.stderr)
+
+
+def cmd_admin_account(args: argparse.Namespace) -> None:
+    from kluis.server.operator import admin
+
+    admin.set_account(_config(args), args.id, args.action)
+
+
+def cmd_admin_wipe(args: argparse.Namespace) -> None:
+    from kluis.server.operator import admin
+
+    key = Path(args.key) if args.key else None
+    for device in admin.wipe(_config(args), args.id, args.device, key):
+        print(device)
+
+
+def cmd_wipe(args: argparse.Namespace) -> None:
+    from kluis.client.wipe import erase_profile
+
+    profile = Path(args.profile)
+    if not ProfileStore.exists(profile):
+        raise LocalProtocolError(f"no profile in {profile}; register or request a device first")
+    erase_profile(profile)
+
+
+def cmd_panic_passphrase(args: argparse.Namespace) -> None:
+    from kluis.client.wipe import set_panic
+
+    passphrase = _passphrase()
+    client = KluisClient.open(Path(args.profile), passphrase)  # proves the passphrase
+    client.core.store.close()
+    panic = os.environ.get("KLUIS_PANIC_PASSPHRASE")
+    if panic is None:
+        if not sys.stdin.isatty():
+            raise LocalProtocolError("no panic passphrase: set KLUIS_PANIC_PASSPHRASE or use a tty")
+        panic = getpass.getpass("Panic passphrase: ")
+        if getpass.getpass("Panic passphrase again: ") != panic:
+            raise LocalProtocolError("the passphrases differ")
+    if panic == passphrase:
+        raise LocalProtocolError("the panic passphrase must differ from the passphrase")
+    set_panic(Path(args.profile), panic)
+
+
+def _add_operator_parsers(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    ads: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
+    """The operator's subcommands of ``kluis admin`` (``ads``), and ``wipe`` and
+    ``panic-passphrase`` (``sub``)."""
+    ai = ads.add_parser("init", help="make the operator signing key; prints its public key")
+    ai.add_argument("--data", required=True)
+    ai.add_argument(
+        "--public-url",
+        default=f"http://127.0.0.1:{DEFAULT_PORT}",
+        help="the URL clients use (as kluis serve --public-url); announcements are bound to it",
+    )
+    ai.set_defaults(func=cmd_admin_init)
+    an = ads.add_parser("announce", help="sign TEXT and queue it for every device")
+    an.add_argument("--data", required=True)
+    an.add_argument("--key", help="the operator key file (default DATA/operator.key)")
+    an.add_argument("text")
+    an.set_defaults(func=cmd_admin_announce)
+    ac = ads.add_parser("account", help="suspend or reinstate an account; its wipe policy")
+    ac.add_argument("action", choices=["suspend", "reinstate", "allow-wipe", "deny-wipe"])
+    ac.add_argument("--data", required=True)
+    ac.add_argument("id")
+    ac.set_defaults(func=cmd_admin_account)
+    aw = ads.add_parser("wipe", help="order the account's devices (or one) to erase themselves")
+    aw.add_argument("--data", required=True)
+    aw.add_argument("--device")
+    aw.add_argument("--key", help="the operator key file (default DATA/operator.key)")
+    aw.add_argument("id")
+    aw.set_defaults(func=cmd_admin_wipe)
+    wp = sub.add_parser("wipe", help="erase this profile (every file overwritten, then removed)")
+    wp.add_argument("--profile", required=True)
+    wp.set_defaults(func=cmd_wipe)
+    pp = sub.add_parser(
+        "panic-passphrase", help="set a second passphrase that erases the profile at unlock"
+    )
+    pp.add_argument("--profile", required=True)
+    pp.set_defaults(func=cmd_panic_passphrase)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -433,7 +433,10 @@ def decode_secret(text: str) -> bytes:
 
 
 def profile_secrets(profile: Path, passphrase: str) -> list[tuple[str, bytes]]:
-    """The private material a client profile holds: what must never reach the server."""
+    """The private material a client profile holds: what must never reach the server. None
+    for a folder without a profile (erased: ``kluis wipe`` or the panic passphrase)."""
+    if not ProfileStore.exists(profile):
+        return []
     store = ProfileStore.open(profile, passphrase)
     try:
         raw = store.get("identity")

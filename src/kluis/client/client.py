@@ -19,11 +19,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import nullcontext
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, TypeVar
+from typing import Literal, TypeVar, cast
 
 import msgspec
 
-from kluis.client import attachments
+from kluis.client import attachments, operator, wipe
 from kluis.client.contacts import Note
 from kluis.client.conversations import ConversationInfo
 from kluis.client.core import MEGOLM, ClientCore, Message, Opened, Payload, link_fingerprint
@@ -42,6 +42,7 @@ from kluis.client.verification import State, Status, Verification
 from kluis.crypto.profile_key import KdfParams
 from kluis.errors import (
     DecryptionError,
+    DeviceWiped,
     KluisError,
     LocalProtocolError,
     MalformedFrame,
@@ -53,6 +54,7 @@ from kluis.errors import (
 from kluis.identity.chain import ChainView
 from kluis.protocol import frames as f
 from kluis.protocol.attachment import AttachmentRef
+from kluis.protocol.operator import encode_wipe, is_announcement
 from kluis.protocol.payload import File, GroupText
 from kluis.protocol.signing import origin
 
@@ -122,6 +124,7 @@ class KluisClient:
         self._transport: Transport | None = None
         self.errors: list[KluisError] = []  # why envelopes of the last receive() were unreadable
         self._synced = False  # the server has sent this connection's stored backlog
+        self.profile: Path | None = None  # the profile folder (a remote wipe erases it)
 
     # ---- opening ------------------------------------------------------------------------------
 
@@ -133,10 +136,14 @@ class KluisClient:
         *,
         transport_factory: TransportFactory = WebSocketTransport,
     ) -> KluisClient:
-        """Unlock an existing profile (no network yet)."""
+        """Unlock an existing profile (no network yet). The panic passphrase erases it and fails
+        as for a folder without a profile (``client/wipe.py``)."""
+        wipe.check_panic(profile, passphrase)
         store = ProfileStore.open(profile, passphrase)
         core = ClientCore.load(store, clock=time.time, random=secrets.token_bytes)
-        return cls(core, transport_factory=transport_factory)
+        client = cls(core, transport_factory=transport_factory)
+        client.profile = profile
+        return client
 
     @classmethod
     async def register(
@@ -175,7 +182,9 @@ class KluisClient:
             store.destroy()  # a refused licence or a dead server leaves no half-made profile
             raise
         core.set_account(welcome.account)
-        client._transport = transport
+        operator.pin_key(store, welcome.operator)  # trust on first use
+        operator.note_expiry(store, welcome.expires_at)
+        client._transport, client.profile = transport, profile
         await client._upload_keys(welcome.otk_count)
         return client
 
@@ -236,14 +245,17 @@ class KluisClient:
         transport = self._dial(self.core.server)
         nonce = await _connect(transport, self.core.server)
         try:
-            welcome = await transport.request(
+            answer = await transport.request(
                 lambda rid: f.Auth(
                     rid=rid,
                     device=self.core.device_id,
                     sig=self.core.sign_challenge(nonce, transport.server_origin),
                 ),
-                f.Welcome,
+                cast(type[f.Welcome], (f.Welcome, f.Wipe)),
             )
+            if isinstance(answer, f.Wipe):
+                await self._wipe(transport, answer.order)  # raises DeviceWiped
+            welcome = answer
             self.core.set_account(welcome.account)  # refuses a server that moved this device
         except UnknownDevice as exc:
             await transport.close()
@@ -254,6 +266,8 @@ class KluisClient:
             await transport.close()
             raise
         self._transport, self._synced = transport, False
+        operator.pin_key(self.core.store, welcome.operator)
+        operator.note_expiry(self.core.store, welcome.expires_at)
         try:
             await self._upload_keys(welcome.otk_count)
             # Every connection checks our own account's devices: one the identity did not
@@ -263,6 +277,54 @@ class KluisClient:
             self._transport = None
             await transport.close()
             raise
+
+    # ---- the operator's side: subscription, wipe (client/operator.py, client/wipe.py) --------
+
+    @property
+    def subscription_end(self) -> int | None:
+        """The account's subscription end (unix seconds) as last seen from the server."""
+        return operator.expiry(self.core.store)
+
+    def renewal_notice(self) -> str:
+        """A line to show from 14 days before the subscription ends, else ""."""
+        return operator.renewal_notice(self.core.store, time.time())
+
+    async def renew(self, licence: str) -> int:
+        """Redeem a licence code to extend our account; return the new end."""
+        renewed = await self.transport.request(
+            lambda rid: f.Renew(rid=rid, licence=licence), f.Renewed
+        )
+        operator.note_expiry(self.core.store, renewed.expires_at)
+        return renewed.expires_at
+
+    async def wipe_device(self, device: str) -> None:
+        """Order ``device`` of our account to erase its profile (from the first device: the
+        order is signed by the account identity). It erases at its next connection."""
+        order = self.core.sign_wipe(device, origin(self.core.server), int(time.time()))
+        await self.transport.request(
+            lambda rid: f.WipeDevice(rid=rid, order=encode_wipe(order)), f.Done
+        )
+
+    async def _wipe(self, transport: Transport, order: bytes) -> None:
+        """The server answered our login with a wipe order: check it, erase, confirm."""
+        store = self.core.store
+        operator.check_wipe(
+            order,
+            account=self.core.account_id,
+            device=self.core.device_id,
+            server_url=self.core.server,
+            operator_key=operator.pinned_key(store),
+            identity=self.core.identity_key,
+        )
+        revocation = self.core.revocation(self.core.device_id)
+        store.close()
+        if self.profile is not None:
+            wipe.erase_profile(self.profile)
+        try:
+            await transport.request(lambda rid: f.WipeDone(rid=rid, revocation=revocation), f.Done)
+        finally:
+            await transport.close()
+        raise DeviceWiped("this device was wiped by a signed order; its profile is erased")
 
     def alarms(self) -> list[str]:
         """Devices in our own account that its identity did not certify (a hostile server?)."""
@@ -671,6 +733,13 @@ class KluisClient:
     def _read_known(self, env: f.InEnvelope, read: list[Message]) -> Opened | None:
         """Read ``env`` into ``read``, or quarantine it; return it opened, unread, if it claims
         a device we do not know yet (that takes a request: see :meth:`_read_unknown`)."""
+        if is_announcement(env.body):
+            try:  # signed by the pinned operator key, for this server, never seen before
+                a = operator.check_announcement(self.core.store, self.core.server, env.body)
+                read.append(operator.store_announcement(self.core.store, a))
+            except Exception as exc:  # fail closed: kept aside, counted, acknowledged
+                self._quarantine(env, exc)
+            return None
         try:
             opened = self.core.open_envelope(env)
             if opened is None:

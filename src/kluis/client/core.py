@@ -76,6 +76,7 @@ from kluis.protocol.frames import (
     Revocation,
     SignedKey,
 )
+from kluis.protocol.operator import WipeOrder, wipe_message
 from kluis.protocol.payload import (
     File,
     GroupKey,
@@ -291,6 +292,21 @@ class ClientCore:
             )
         sig = self._account.sign(signing.revocation_message(self.account_id, device))
         return Revocation(device=device, sig=sig, by_self=True)
+
+    def sign_wipe(self, device: str, server: str, now: int) -> WipeOrder:
+        """An order, signed by our identity, that ``device`` of our account erase itself."""
+        order = WipeOrder(
+            account=self.account_id, device=device, server=server, issued_at=now, by="owner"
+        )
+        sig = self._need_account_key().sign(wipe_message(order))
+        return WipeOrder(
+            account=order.account,
+            device=device,
+            server=server,
+            issued_at=now,
+            by="owner",
+            sig=sig,
+        )
 
     # ---- one-time keys ------------------------------------------------------------------------
 

@@ -178,6 +178,30 @@ class Send(_Frame, frozen=True, tag="send"):
         return cls(rid=rid, to=[Addressed(account=account, envelopes=envelopes)])
 
 
+class Renew(_Frame, frozen=True, tag="renew"):
+    """Redeem a licence code to extend this device's own account (answered by ``Renewed``)."""
+
+    rid: Rid
+    licence: Annotated[str, msgspec.Meta(max_length=64)]
+
+
+MAX_WIPE_ORDER = 1024  # bytes of an encoded protocol.operator.WipeOrder
+
+
+class WipeDevice(_Frame, frozen=True, tag="wipe_device"):
+    """The owner orders a device of its account wiped (a WipeOrder signed by the identity)."""
+
+    rid: Rid
+    order: Annotated[bytes, msgspec.Meta(max_length=MAX_WIPE_ORDER)]
+
+
+class WipeDone(_Frame, frozen=True, tag="wipe_done"):
+    """A device ordered wiped has erased its profile; it ends itself with ``revocation``."""
+
+    rid: Rid
+    revocation: Revocation
+
+
 class Ack(_Frame, frozen=True, tag="ack"):
     rid: Rid
     ids: Annotated[list[WireId], msgspec.Meta(max_length=MAX_ACK_IDS)]
@@ -230,6 +254,9 @@ ClientFrame = (
     | BlobUpload
     | BlobDownload
     | BlobFetched
+    | Renew
+    | WipeDevice
+    | WipeDone
 )
 
 
@@ -247,6 +274,19 @@ class Welcome(_Frame, frozen=True, tag="welcome"):
     device: str
     otk_count: Count
     expires_at: Stamp  # account's subscription end
+    operator: Annotated[str, msgspec.Meta(max_length=64)] = ""  # the operator's public key
+
+
+class Renewed(_Frame, frozen=True, tag="renewed"):
+    rid: Rid
+    expires_at: Stamp  # the account's new subscription end
+
+
+class Wipe(_Frame, frozen=True, tag="wipe"):
+    """The answer to ``Auth`` of a device ordered wiped: erase, then send ``WipeDone``."""
+
+    rid: Rid
+    order: Annotated[bytes, msgspec.Meta(max_length=MAX_WIPE_ORDER)]
 
 
 class LinkPending(_Frame, frozen=True, tag="link_pending"):
@@ -328,6 +368,8 @@ ServerFrame = (
     | KeysLow
     | Synced
     | BlobTicket
+    | Renewed
+    | Wipe
 )
 
 # msgspec raises UnicodeDecodeError (not DecodeError) for a string that is not UTF-8: the

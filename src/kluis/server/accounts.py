@@ -16,7 +16,6 @@ from collections.abc import Callable
 
 from kluis.crypto.olm import verify_signature
 from kluis.errors import (
-    AccountExpired,
     BadSignature,
     KluisError,
     LicenceInvalid,
@@ -146,10 +145,12 @@ class Accounts:
         account = await self._store.account(stored.account_id)
         if account is None:
             raise UnknownAccount("account is gone")
-        if account.expires_at <= self._now():
-            raise AccountExpired("subscription has ended; redeem a new licence")
+        # An expired account still logs in and receives; sending is refused (Subscriptions).
         await self._store.seen(account.id, self._now() // 86_400)  # the day only (admin console)
         return account
+
+    async def account(self, account_id: str) -> Account:
+        return await self._account(account_id)
 
     async def _account(self, account_id: str) -> Account:
         account = await self._store.account(account_id)

@@ -29,6 +29,9 @@ from kluis.server.delivery.memory import InProcessBus
 from kluis.server.keys import KeyDirectory
 from kluis.server.mailbox import Mailbox
 from kluis.server.openapi import openapi
+from kluis.server.operator import keyfile
+from kluis.server.operator.subscriptions import Subscriptions
+from kluis.server.operator.wipe import Wipes
 from kluis.server.ratelimit import BucketMap, LogLimiter
 from kluis.server.store.protocol import Store
 from kluis.server.store.sqlite import SqliteStore
@@ -51,6 +54,14 @@ def build_services(
 ) -> Services:
     limits = config.limits
     bus = InProcessBus()
+    operator = keyfile.public_info(config.data_dir)
+    if operator is not None and operator.origin != config.origin:
+        log.warning(
+            "operator.json names %s, this server %s: announcements will be refused",
+            operator.origin,
+            config.origin,
+        )
+    operator_key = operator.public_key if operator else ""
     return Services(
         limits=limits,
         origin=config.origin,
@@ -63,6 +74,9 @@ def build_services(
         target_buckets=BucketMap(limits.claim_target_rate_per_s, limits.claim_target_burst, clock),
         failures=LogLimiter(log, clock),
         blobs=BlobService.open(config.data_dir / "blobs", limits, clock),
+        subscriptions=Subscriptions(store, clock),
+        wipes=Wipes(store, config.origin, operator_key),
+        operator_key=operator_key,
     )
 
 

@@ -48,7 +48,10 @@ from kluis.server.config import Limits
 from kluis.server.delivery.protocol import DeliveryBus
 from kluis.server.keys import KeyDirectory
 from kluis.server.mailbox import Mailbox
+from kluis.server.operator.subscriptions import Subscriptions
+from kluis.server.operator.wipe import Wipes
 from kluis.server.ratelimit import BucketMap, LogLimiter
+from kluis.server.store.protocol import Account
 
 log = logging.getLogger("kluis.server")
 
@@ -57,13 +60,14 @@ class State(enum.Enum):
     AWAITING_AUTH = "awaiting_auth"
     LINK_PENDING = "link_pending"
     AUTHENTICATED = "authenticated"
+    WIPING = "wiping"  # a device ordered wiped: it may only confirm (server/operator/wipe.py)
     CLOSED = "closed"
 
 
 _LOGIN: frozenset[type] = frozenset({f.Register, f.Auth, f.LinkRequest})
 _SESSION: frozenset[type] = frozenset(
     {f.Send, f.Ack, f.UploadKeys, f.ListDevices, f.ClaimKeys, f.LinkFetch, f.LinkApprove, f.Revoke}
-) | {f.BlobUpload, f.BlobDownload, f.BlobFetched}
+) | {f.BlobUpload, f.BlobDownload, f.BlobFetched, f.Renew, f.WipeDevice}
 
 # The state machine as data: the requests each state accepts. Login requests move
 # AWAITING_AUTH to AUTHENTICATED (Register, Auth) or LINK_PENDING (LinkRequest); nothing else
@@ -72,12 +76,14 @@ ACCEPTS: dict[State, frozenset[type]] = {
     State.AWAITING_AUTH: _LOGIN,
     State.LINK_PENDING: frozenset(),
     State.AUTHENTICATED: _SESSION,
+    State.WIPING: frozenset({f.WipeDone}),
     State.CLOSED: frozenset(),
 }
 REFUSALS: dict[State, str] = {
     State.AWAITING_AUTH: "sign the challenge first (auth or register)",
     State.LINK_PENDING: "this device waits for approval; reconnect once approved",
     State.AUTHENTICATED: "already logged in on this connection",
+    State.WIPING: "this device was ordered wiped: erase the profile and confirm",
     State.CLOSED: "connection closed",
 }
 
@@ -122,6 +128,9 @@ class Services:
     target_buckets: BucketMap
     failures: LogLimiter  # requests that failed inside the server
     blobs: BlobService | None = None  # attachments (server/blobs.py); None: not kept here
+    subscriptions: Subscriptions | None = None  # expiry and suspension (server/operator/)
+    wipes: Wipes | None = None  # remote wipe orders (server/operator/wipe.py)
+    operator_key: str = ""  # the operator's public key, published in Welcome
 
 
 class Connection:
@@ -149,6 +158,8 @@ class Connection:
         )
         self.close_requested = False
         self.close_reason = b"replaced or revoked"
+        self._account: Account | None = None  # as read at login or since (see _may_send)
+        self._account_read_at = 0.0
 
     # ---- delivery ---------------------------------------------------------------------------
 
@@ -279,7 +290,10 @@ class Connection:
             case f.Register() | f.Auth() | f.LinkRequest():
                 return await self._login(frame)
             case f.Send():
+                await self._may_send()
                 return await self._send(frame)
+            case f.Renew() | f.WipeDevice() | f.WipeDone():
+                return await self._operator(frame)
             case f.Ack():
                 await self.server.mailbox.acknowledge(self.device_id, frame.ids)
                 return f.Done(rid=frame.rid)
@@ -312,6 +326,8 @@ class Connection:
             case f.BlobUpload() | f.BlobDownload() | f.BlobFetched():
                 if self.server.blobs is None:
                     raise MalformedFrame("this server keeps no attachments")
+                if isinstance(frame, f.BlobUpload):
+                    await self._may_send()
                 return await self.server.blobs.answer(self.device_id, frame)
         raise MalformedFrame("unexpected frame")  # pragma: no cover - exhaustive above
 
@@ -344,7 +360,15 @@ class Connection:
         else:
             account = await accounts.authenticate(frame.device, self.nonce, frame.sig)
             device_id = frame.device
+        subscriptions = self.server.subscriptions
+        if subscriptions is not None:
+            subscriptions.check_login(account)  # suspended: no login
         self.account_id, self.device_id = account.id, device_id
+        self._account, self._account_read_at = account, asyncio.get_running_loop().time()
+        order = await self.server.wipes.pending(device_id) if self.server.wipes else None
+        if order is not None:
+            self.state = State.WIPING  # the order, and nothing else, ever again
+            return f.Wipe(rid=frame.rid, order=order)
         otk_count = await self.server.keys.count(device_id)
         self.state = State.AUTHENTICATED
         self.server.bus.subscribe(device_id, self)  # displaces an older connection
@@ -356,7 +380,40 @@ class Connection:
             device=device_id,
             otk_count=otk_count,
             expires_at=account.expires_at,
+            operator=self.server.operator_key,
         )
+
+    async def _may_send(self) -> None:
+        """Refuse a send from an expired or suspended account. The account is read again at
+        most every 30 s: a suspension or a renewal made elsewhere (the CLI, the console) takes
+        effect within that."""
+        subscriptions = self.server.subscriptions
+        if subscriptions is None:
+            return
+        now = asyncio.get_running_loop().time()
+        if self._account is None or now - self._account_read_at > 30:
+            self._account = await self.server.accounts.account(self.account_id)
+            self._account_read_at = now
+        subscriptions.check_send(self._account)
+
+    async def _operator(self, frame: f.Renew | f.WipeDevice | f.WipeDone) -> f.ServerFrame:
+        subscriptions, wipes = self.server.subscriptions, self.server.wipes
+        if subscriptions is None or wipes is None:
+            raise MalformedFrame("this server has no operator services")
+        if isinstance(frame, f.Renew):
+            expires = await subscriptions.renew(self.account_id, frame.licence)
+            self._account = await self.server.accounts.account(self.account_id)
+            return f.Renewed(rid=frame.rid, expires_at=expires)
+        if isinstance(frame, f.WipeDevice):
+            await wipes.order(frame.order, self.account_id, self.server.bus)
+            return f.Done(rid=frame.rid)
+        if frame.revocation.device != self.device_id:
+            raise MalformedFrame("a wiped device revokes itself only")
+        await self.server.accounts.revoke(self.account_id, frame.revocation)
+        self.server.mailbox.forget(self.device_id)
+        self.close_requested = True
+        self.close_reason = b"wiped"
+        return f.Done(rid=frame.rid)
 
     async def _send(self, frame: f.Send) -> f.ServerFrame:
         limits = self.server.limits

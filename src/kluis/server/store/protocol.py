@@ -27,6 +27,8 @@ class Account:
     created_at: int
     expires_at: int
     identity: str = ""
+    suspended: bool = False  # by the operator: no login (server/operator/subscriptions.py)
+    operator_wipe: bool = True  # the account's policy: the operator may order a wipe
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,3 +152,27 @@ class Store(Protocol):
         holds what a copy of the data folder must not show). Cheap when there is nothing to
         do."""
         ...
+
+    # ---- operator (server/operator/) ----------------------------------------------------------
+
+    async def add_plan_licences(
+        self, code_hashes: Sequence[bytes], days: int, plan: str, now: int
+    ) -> None: ...
+
+    async def renew(self, code_hash: bytes, account_id: str, now: int) -> int | None:
+        """Redeem the licence to extend the account: its end moves to the later of ``now`` and
+        its current end, plus the licence's days; the new end, or None (and no change) when the
+        licence or the account is unknown."""
+        ...
+
+    async def set_account_flag(self, account_id: str, flag: str, value: bool) -> bool:
+        """Set ``suspended`` or ``operator_wipe``; False when there is no such account."""
+        ...
+
+    async def all_active_devices(self) -> list[str]: ...
+
+    async def put_wipe(self, device_id: str, order: bytes) -> None:
+        """Keep a signed wipe order for the device (replacing an earlier one)."""
+        ...
+
+    async def wipe_order(self, device_id: str) -> bytes | None: ...

@@ -114,6 +114,10 @@ CREATE TABLE IF NOT EXISTS links (
     keys BLOB NOT NULL,
     expires_at INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS wipes (
+    device_id TEXT PRIMARY KEY,  -- a device ordered wiped: it gets the order, nothing else
+    wipe_order BLOB NOT NULL  -- the signed protocol.operator.WipeOrder
+);
 """
 
 # Columns added after the first release: a database made before them gains them at start-up.
@@ -127,6 +131,9 @@ _ADDED_COLUMNS = (
     ("licences", "reseller", "TEXT"),
     ("accounts", "reseller", "TEXT"),
     ("accounts", "last_seen_day", "INTEGER"),
+    ("licences", "plan", "TEXT NOT NULL DEFAULT ''"),
+    ("accounts", "suspended", "INTEGER NOT NULL DEFAULT 0"),
+    ("accounts", "operator_wipe", "INTEGER NOT NULL DEFAULT 1"),  # the operator may wipe
 )
 _INDEXES = "CREATE UNIQUE INDEX IF NOT EXISTS devices_by_curve ON devices(curve);"
 
@@ -282,9 +289,13 @@ class SqliteDatabase:
 
     def account(self, account_id: str) -> Account | None:
         row = self._db.execute(
-            "SELECT id, created_at, expires_at, identity FROM accounts WHERE id = ?", (account_id,)
+            "SELECT id, created_at, expires_at, identity, suspended, operator_wipe FROM accounts"
+            " WHERE id = ?",
+            (account_id,),
         ).fetchone()
-        return Account(*row) if row else None
+        if row is None:
+            return None
+        return Account(row[0], row[1], row[2], row[3], bool(row[4]), bool(row[5]))
 
     # ---- devices ------------------------------------------------------------------------------
 
@@ -645,6 +656,59 @@ class SqliteDatabase:
             self.needs_checkpoint = True  # the checkpointer folds the WAL within 1 s
         return len(expired), int(links)
 
+    # ---- operator (subscriptions, wipes: server/operator/) ----------------------------------
+
+    def add_plan_licences(
+        self, code_hashes: Sequence[bytes], days: int, plan: str, now: int
+    ) -> None:
+        with self.transaction() as db:
+            db.executemany(
+                "INSERT INTO licences(code_hash, days, created_at, plan) VALUES (?, ?, ?, ?)",
+                [(h, days, now, plan) for h in code_hashes],
+            )
+
+    def renew(self, code_hash: bytes, account_id: str, now: int) -> int | None:
+        with self.transaction() as db:
+            if not db.execute("SELECT 1 FROM accounts WHERE id = ?", (account_id,)).fetchone():
+                return None
+            row = db.execute(
+                "DELETE FROM licences WHERE code_hash = ? RETURNING days", (code_hash,)
+            ).fetchone()
+            if row is None:
+                return None
+            self.needs_checkpoint = True  # the code's row must not survive in the WAL
+            (expires,) = db.execute(
+                "UPDATE accounts SET expires_at = MAX(expires_at, ?) + ? WHERE id = ?"
+                " RETURNING expires_at",
+                (now, int(row[0]) * 86_400, account_id),
+            ).fetchone()
+        return int(expires)
+
+    def set_account_flag(self, account_id: str, flag: str, value: bool) -> bool:
+        if flag not in ("suspended", "operator_wipe"):
+            raise ValueError(flag)
+        with self.transaction() as db:
+            cur = db.execute(
+                f"UPDATE accounts SET {flag} = ? WHERE id = ?", (int(value), account_id)
+            )
+            return cur.rowcount > 0
+
+    def all_active_devices(self) -> list[str]:
+        return [r[0] for r in self._db.execute("SELECT id FROM devices WHERE revoked = 0")]
+
+    def put_wipe(self, device_id: str, order: bytes) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO wipes(device_id, wipe_order) VALUES (?, ?)",
+                (device_id, order),
+            )
+
+    def wipe_order(self, device_id: str) -> bytes | None:
+        row = self._db.execute(
+            "SELECT wipe_order FROM wipes WHERE device_id = ?", (device_id,)
+        ).fetchone()
+        return bytes(row[0]) if row else None
+
     def checkpoint(self) -> None:
         """Fold the WAL back into the database and truncate it, so that a copy of the data folder
         holds neither old copies of deleted rows nor the frames of recent deposits, in order.
@@ -897,6 +961,28 @@ class SqliteStore:
 
     async def sweep(self, now: int) -> tuple[int, int]:
         return await self._run(self.db.sweep, now)
+
+    # ---- operator ---------------------------------------------------------------------------
+
+    async def add_plan_licences(
+        self, code_hashes: Sequence[bytes], days: int, plan: str, now: int
+    ) -> None:
+        await self._run(self.db.add_plan_licences, code_hashes, days, plan, now)
+
+    async def renew(self, code_hash: bytes, account_id: str, now: int) -> int | None:
+        return await self._run(self.db.renew, code_hash, account_id, now)
+
+    async def set_account_flag(self, account_id: str, flag: str, value: bool) -> bool:
+        return await self._run(self.db.set_account_flag, account_id, flag, value)
+
+    async def all_active_devices(self) -> list[str]:
+        return await self._run(self.db.all_active_devices)
+
+    async def put_wipe(self, device_id: str, order: bytes) -> None:
+        await self._run(self.db.put_wipe, device_id, order)
+
+    async def wipe_order(self, device_id: str) -> bytes | None:
+        return await self._run(self.db.wipe_order, device_id)
 
     async def maintenance(self) -> None:
         if self.db.needs_checkpoint:  # read without the thread hop: a stale answer waits 1 s
