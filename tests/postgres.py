@@ -42,7 +42,7 @@ def scratch_database() -> Iterator[str]:
     name = f"kluis_test_{secrets.token_hex(8)}"
     try:
         _run(f'CREATE DATABASE "{name}"')
-    except (OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError) as exc:
         pytest.skip(f"PostgreSQL is not reachable at {ADMIN_URL}: {exc}")
     try:
         yield database_url(name)

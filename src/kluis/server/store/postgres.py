@@ -169,17 +169,25 @@ class PostgresStore:
             return self._pool
         async with self._opening:
             if self._pool is None:
-                pool = await asyncpg.create_pool(
-                    self.dsn, min_size=self._sizes[0], max_size=self._sizes[1]
-                )
-                try:
-                    async with pool.acquire() as conn:
-                        await migrate(conn)
-                except BaseException:
-                    await pool.close()
-                    raise
-                self._pool = pool
+                self._pool = await self._open_pool()
         return self._pool
+
+    async def _open_pool(self) -> Any:
+        # The one place a connection failure is translated (the URL may hold a password: it is
+        # not repeated in the message).
+        try:
+            pool = await asyncpg.create_pool(
+                self.dsn, min_size=self._sizes[0], max_size=self._sizes[1], timeout=10
+            )
+        except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+            raise ConnectionError(f"cannot reach the PostgreSQL database: {exc}") from exc
+        try:
+            async with pool.acquire() as conn:
+                await migrate(conn)
+        except BaseException:
+            await pool.close()
+            raise
+        return pool
 
     async def close(self) -> None:
         if self._pool is not None:
@@ -273,7 +281,9 @@ class PostgresStore:
     ) -> bool:
         pool = await self._connect()
         async with pool.acquire() as conn, conn.transaction():
-            keys = await conn.fetchval("DELETE FROM links WHERE token = $1 RETURNING keys", link_token)
+            keys = await conn.fetchval(
+                "DELETE FROM links WHERE token = $1 RETURNING keys", link_token
+            )
             if keys is None:
                 return False
             link = _link_dec.decode(keys)
@@ -533,4 +543,3 @@ async def _count_keys(conn: Any, device_id: str) -> int:
     return int(
         await conn.fetchval("SELECT COUNT(*) FROM one_time_keys WHERE device_id = $1", device_id)
     )
-
