@@ -130,6 +130,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         limits=limits,
         sqlite_synchronous=args.sync,
         public_url=args.public_url,
+        database_url=args.database,
     )
     try:
         config.origin  # noqa: B018 - checks --public-url before anything starts
@@ -150,7 +151,12 @@ def cmd_licence_create(args: argparse.Namespace) -> None:
     if not 1 <= args.count <= 100_000:
         raise LocalProtocolError("--count must be 1..100000 and --days 1..36500")
 
-    config = ServerConfig(data_dir=Path(args.data))
+    if args.data is None and args.database is None:
+        raise LocalProtocolError("licence create needs --data DIR or --database URL")
+    config = ServerConfig(data_dir=Path(args.data or "."), database_url=args.database)
+    if config.on_postgres:
+        print("\n".join(create_licences(config, args.count, args.days)))
+        return
     if not args.init and not config.database_path.exists():
         # A typo in --data must not silently start a second, empty server database.
         raise LocalProtocolError(
@@ -721,7 +727,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run a server node (embedded SQLite in --data)")
-    s.add_argument("--data", required=True)
+    s.add_argument("--data", required=True, help="data folder: SQLite database, attachments")
+    s.add_argument(
+        "--database",
+        default=None,
+        metavar="URL",
+        help="postgresql://USER@HOST:PORT/DB: keep the store on PostgreSQL instead of SQLite",
+    )
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument(
         "--port", type=_port, default=DEFAULT_PORT, help=f"TCP port (default {DEFAULT_PORT})"
@@ -755,7 +767,8 @@ def build_parser() -> argparse.ArgumentParser:
         dest="action", required=True
     )
     lc = lic.add_parser("create", help="print new licence codes, one per line")
-    lc.add_argument("--data", required=True, help="the server's data folder")
+    lc.add_argument("--data", help="the server's data folder (SQLite)")
+    lc.add_argument("--database", metavar="URL", help="the server's postgresql://... database")
     lc.add_argument(
         "--days", type=int, default=None, help="subscription length per code, days (default 182)"
     )

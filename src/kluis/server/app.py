@@ -33,6 +33,7 @@ from kluis.server.operator import keyfile
 from kluis.server.operator.subscriptions import Subscriptions
 from kluis.server.operator.wipe import Wipes
 from kluis.server.ratelimit import BucketMap, LogLimiter
+from kluis.server.store.postgres import PostgresStore
 from kluis.server.store.protocol import Store
 from kluis.server.store.sqlite import SqliteStore
 from kluis.server.websocket import SERVICES, websocket_handler
@@ -80,8 +81,23 @@ def build_services(
     )
 
 
+def is_database_url(url: str) -> bool:
+    """Whether ``url`` names a PostgreSQL database (the only kind ``--database`` takes)."""
+    return url.startswith(("postgresql://", "postgres://"))
+
+
+def open_store(config: ServerConfig) -> Store:
+    """The node's store: PostgreSQL at ``database_url`` when set, else SQLite in the data folder.
+    A PostgreSQL store connects (and migrates) at its first call, or at ``PostgresStore.open``."""
+    if config.database_url is not None:
+        if not is_database_url(config.database_url):
+            raise LocalProtocolError("--database takes a postgresql://... URL")
+        return PostgresStore(config.database_url)
+    return SqliteStore(config.database_path, synchronous=config.sqlite_synchronous)
+
+
 def open_server(config: ServerConfig, clock: Callable[[], float] = time.time) -> Server:
-    store = SqliteStore(config.database_path, synchronous=config.sqlite_synchronous)
+    store = open_store(config)
     return Server(config=config, store=store, services=build_services(config, store, clock))
 
 
@@ -89,7 +105,7 @@ def create_licences(config: ServerConfig, count: int, days: int) -> list[str]:
     """New licence codes in the node's store (the `kluis licence create` command)."""
 
     async def create() -> list[str]:
-        store = SqliteStore(config.database_path)
+        store = open_store(config)
         try:
             return await Accounts(store, time.time, config.limits).create_licences(count, days)
         finally:
@@ -185,6 +201,12 @@ async def _run(server: Server, config: ServerConfig) -> None:
         keepalive_timeout=config.limits.handshake_timeout_s,
         shutdown_timeout=3.0,  # open WebSockets get this long to finish; clients reconnect
     )
+    if isinstance(server.store, PostgresStore):
+        # Connect and migrate before listening: a wrong URL or a down database fails here.
+        try:
+            await server.store.open()
+        except ConnectionError as exc:
+            raise LocalProtocolError(str(exc)) from exc
     await runner.setup()
     try:
         # backlog: reconnect storms (thousands of devices after a restart) overflowed 128

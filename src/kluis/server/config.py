@@ -103,10 +103,17 @@ class ServerConfig:
     checkpoint_interval_s: float = 1.0
     # The URL clients use (behind a TLS proxy: https://chat.example); logins are bound to it.
     public_url: str | None = None
+    # postgresql://user@host:port/database: the store is on PostgreSQL (server/store/postgres.py)
+    # instead of SQLite in data_dir; attachments stay in data_dir.
+    database_url: str | None = None
 
     @property
     def origin(self) -> str:
         return origin(self.public_url or f"http://{self.host}:{self.port}")
+
+    @property
+    def on_postgres(self) -> bool:
+        return self.database_url is not None
 
     @property
     def database_path(self) -> Path:
