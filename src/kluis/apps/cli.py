@@ -154,15 +154,13 @@ def cmd_licence_create(args: argparse.Namespace) -> None:
     if args.data is None and args.database is None:
         raise LocalProtocolError("licence create needs --data DIR or --database URL")
     config = ServerConfig(data_dir=Path(args.data or "."), database_url=args.database)
-    if config.on_postgres:
-        print("\n".join(create_licences(config, args.count, args.days)))
-        return
-    if not args.init and not config.database_path.exists():
+    if not config.on_postgres and not args.init and not config.database_path.exists():
         # A typo in --data must not silently start a second, empty server database.
         raise LocalProtocolError(
             f"{args.data} holds no Kluis database; check --data, or add --init to create one"
         )
-    config.data_dir.mkdir(parents=True, exist_ok=True)
+    if not config.on_postgres:
+        config.data_dir.mkdir(parents=True, exist_ok=True)
     licences = admin.create_licences(config, args.count, plan, days)
     if args.csv:
         admin.write_private(Path(args.csv), admin.licences_csv(licences))

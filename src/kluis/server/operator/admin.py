@@ -50,8 +50,10 @@ def _with_store(config: ServerConfig, fn: Callable[[Store], Awaitable[_T]]) -> _
 def create_licences(config: ServerConfig, count: int, plan: str, days: int) -> list[Licence]:
     """New codes (the database is made when missing: ``--init`` is checked by the caller)."""
 
+    from kluis.server.app import open_store  # the app wires the operator's services too
+
     async def run() -> list[Licence]:
-        store = SqliteStore(config.database_path)
+        store = open_store(config)  # SQLite in the data folder, or PostgreSQL (--database)
         try:
             return await Subscriptions(store, time.time).create(count, plan, days)
         finally:

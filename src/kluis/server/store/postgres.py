@@ -102,6 +102,18 @@ CREATE TABLE device_seq (
 );
 """,
     ),
+    (
+        2,
+        """
+ALTER TABLE licences ADD COLUMN plan TEXT NOT NULL DEFAULT '';
+ALTER TABLE accounts ADD COLUMN suspended BOOLEAN NOT NULL DEFAULT FALSE;
+ALTER TABLE accounts ADD COLUMN operator_wipe BOOLEAN NOT NULL DEFAULT TRUE;
+CREATE TABLE wipes (
+    device_id TEXT PRIMARY KEY,
+    wipe_order BYTEA NOT NULL
+);
+""",
+    ),
 )
 
 _enc = msgspec.msgpack.Encoder()
@@ -250,11 +262,77 @@ class PostgresStore:
     async def account(self, account_id: str) -> Account | None:
         pool = await self._connect()
         row = await pool.fetchrow(
-            "SELECT id, created_at, expires_at, identity FROM accounts WHERE id = $1", account_id
+            "SELECT id, created_at, expires_at, identity, suspended, operator_wipe"
+            " FROM accounts WHERE id = $1",
+            account_id,
         )
         if row is None:
             return None
-        return Account(str(row[0]), int(row[1]), int(row[2]), str(row[3]))
+        return Account(
+            str(row[0]), int(row[1]), int(row[2]), str(row[3]), bool(row[4]), bool(row[5])
+        )
+
+    # ---- operator (subscriptions, wipes: server/operator/) ------------------------------------
+
+    async def add_plan_licences(
+        self, code_hashes: Sequence[bytes], days: int, plan: str, now: int
+    ) -> None:
+        pool = await self._connect()
+        await pool.execute(
+            "INSERT INTO licences(code_hash, days, created_at, plan) "
+            "SELECT h, $2, $3, $4 FROM unnest($1::bytea[]) AS t(h)",
+            list(code_hashes),
+            days,
+            now,
+            plan,
+        )
+
+    async def renew(self, code_hash: bytes, account_id: str, now: int) -> int | None:
+        pool = await self._connect()
+        async with pool.acquire() as conn, conn.transaction():
+            if await conn.fetchval("SELECT 1 FROM accounts WHERE id = $1", account_id) is None:
+                return None
+            days = await conn.fetchval(
+                "DELETE FROM licences WHERE code_hash = $1 RETURNING days", code_hash
+            )
+            if days is None:
+                return None
+            expires = await conn.fetchval(
+                "UPDATE accounts SET expires_at = GREATEST(expires_at, $2) + $3 WHERE id = $1"
+                " RETURNING expires_at",
+                account_id,
+                now,
+                int(days) * 86_400,
+            )
+        return int(expires)
+
+    async def set_account_flag(self, account_id: str, flag: str, value: bool) -> bool:
+        if flag not in ("suspended", "operator_wipe"):
+            raise ValueError(flag)
+        pool = await self._connect()
+        status = await pool.execute(
+            f"UPDATE accounts SET {flag} = $2 WHERE id = $1", account_id, value
+        )
+        return _rowcount(status) > 0
+
+    async def all_active_devices(self) -> list[str]:
+        pool = await self._connect()
+        rows = await pool.fetch("SELECT id FROM devices WHERE NOT revoked")
+        return [str(r[0]) for r in rows]
+
+    async def put_wipe(self, device_id: str, order: bytes) -> None:
+        pool = await self._connect()
+        await pool.execute(
+            "INSERT INTO wipes(device_id, wipe_order) VALUES ($1, $2)"
+            " ON CONFLICT (device_id) DO UPDATE SET wipe_order = EXCLUDED.wipe_order",
+            device_id,
+            order,
+        )
+
+    async def wipe_order(self, device_id: str) -> bytes | None:
+        pool = await self._connect()
+        order = await pool.fetchval("SELECT wipe_order FROM wipes WHERE device_id = $1", device_id)
+        return None if order is None else bytes(order)
 
     # ---- devices ------------------------------------------------------------------------------
 
