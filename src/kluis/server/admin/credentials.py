@@ -17,6 +17,7 @@ Theory of operation:
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import os
@@ -33,8 +34,14 @@ from kluis.errors import DecryptionError
 KEY_FILE = "admin.key"
 TOTP_ISSUER = "Kluis"
 _hasher = PasswordHasher()  # argon2id
-# Checked when the name is unknown, so that a wrong name costs as long as a wrong password.
-_DECOY_HASH = _hasher.hash(secrets.token_urlsafe(16))
+
+
+@functools.cache
+def _decoy_hash() -> str:
+    """Checked when the name is unknown, so that a wrong name costs as long as a wrong password.
+    Made at the first login, not at import: every `kluis` command imports this module, and one
+    argon2id hash takes 64 MiB and a good part of a second."""
+    return _hasher.hash(secrets.token_urlsafe(16))
 
 
 def hash_password(password: str) -> str:
@@ -44,7 +51,7 @@ def hash_password(password: str) -> str:
 def check_password(stored: str | None, password: str) -> bool:
     """Constant work whether or not the user exists (``stored`` None checks a decoy)."""
     try:
-        ok = _hasher.verify(stored or _DECOY_HASH, password)
+        ok = _hasher.verify(stored or _decoy_hash(), password)
     except (VerificationError, InvalidHashError):
         return False
     return ok and stored is not None
