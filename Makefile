@@ -8,13 +8,15 @@ PORT   ?= 8448
 
 .PHONY: lock install serve test lint typecheck pytest fuzz audit-deps clean bench bench-quick bench-compare bench-plots bench-groups
 
-$(BIN)/kluis: pyproject.toml requirements.lock
-	$(PYTHON) -m venv $(VENV)
+# The whole toolchain (tests, lint, types). A stamp of its own: `make serve` may have made the
+# venv with the server's packages only, and its `kluis` says nothing about the rest.
+$(VENV)/.dev: pyproject.toml requirements.lock
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c requirements.lock -e '.[dev]'
 	@touch $@
 
-install: $(BIN)/kluis
+install: $(VENV)/.dev
 
 # Only what the server needs (no test toolchain): the first `make serve` on a fresh machine.
 $(VENV)/.server: pyproject.toml requirements.lock
@@ -55,7 +57,7 @@ test: lint typecheck pytest audit-deps
 BENCH_PEER ?= ../shared/bench-peer
 export BENCH_PEER_DIR ?= $(or $(TMPDIR),/tmp)/kluis-bench-peer
 
-$(VENV)/.bench-installed: pyproject.toml requirements.lock $(BIN)/kluis
+$(VENV)/.bench-installed: pyproject.toml requirements.lock $(VENV)/.dev
 	$(BIN)/pip install -q -c requirements.lock -e '.[dev,bench]'
 	@touch $@
 
