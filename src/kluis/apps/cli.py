@@ -37,7 +37,14 @@ from kluis.client.timers import describe as describe_timer
 from kluis.client.transport import TransportFactory, WebSocketTransport
 from kluis.client.transport.websocket import DEFAULT_TIMEOUT_S
 from kluis.client.verification import Status, Verification
-from kluis.errors import KeyChanged, KluisError, LocalProtocolError, VerificationBroken
+from kluis.errors import (
+    KeyChanged,
+    KluisError,
+    LocalProtocolError,
+    NotSent,
+    TransportError,
+    VerificationBroken,
+)
 
 DEFAULT_PORT = 8448
 
@@ -227,9 +234,25 @@ async def _with_client(
     try:
         await client.connect()
         _alarm(client)
+        _outbox_refused(client)
         await body(client)
     finally:
         await client.close()
+
+
+NOT_SENT = "not sent yet: kept in the outbox; it goes with the next command that reaches the server"
+
+
+def _outbox_refused(client: KluisClient) -> None:
+    """Messages of the outbox the server refused when they were sent again: dropped, said."""
+    names = client.contacts()
+    for pending, err in client.outbox_errors:
+        when = pending.time.isoformat(timespec="milliseconds")
+        to = account_label(pending.conversation, names)
+        print(
+            f"warning: not sent, dropped from the outbox: to {to} at {when}: {err}", file=sys.stderr
+        )
+    client.outbox_errors.clear()
 
 
 async def _device_approve(args: argparse.Namespace) -> None:
@@ -385,7 +408,37 @@ async def _send(args: argparse.Namespace) -> None:
             await client.send(args.id, text)
         print(f"sent to {account_label(args.id, client.contacts())}")
 
-    await _with_client(args, body)
+    client = KluisClient.open(Path(args.profile), _passphrase(), transport_factory=_dial(args))
+    try:
+        try:
+            await client.connect()
+        except TransportError as exc:
+            if args.file is not None:
+                raise  # a file is not kept: its upload needs the server
+            client.keep(args.id, text)  # unreachable: straight into the outbox
+            raise SystemExit(f"{NOT_SENT} ({exc.message})") from exc
+        _alarm(client)
+        _outbox_refused(client)
+        try:
+            await body(client)
+        except NotSent as exc:
+            raise SystemExit(f"{NOT_SENT} ({exc.message})") from exc
+    finally:
+        await client.close()
+
+
+def cmd_outbox(args: argparse.Namespace) -> None:
+    """``CONVERSATION<TAB>TIME<TAB>TEXT`` per message waiting to be sent, oldest first (TEXT:
+    its first 40 characters, sanitised)."""
+
+    def body(client: KluisClient) -> None:
+        names = client.contacts()
+        for pending in client.outbox():
+            when = pending.time.isoformat(timespec="milliseconds")
+            text = safe_text(pending.text[:40]) + ("…" if len(pending.text) > 40 else "")
+            print(f"{account_label(pending.conversation, names)}\t{when}\t{text}")
+
+    _offline(args, body)
 
 
 async def _fetch(args: argparse.Namespace) -> None:
@@ -800,6 +853,12 @@ def build_parser() -> argparse.ArgumentParser:
     sd.add_argument("text", nargs="?", help="the message; - reads it from standard input")
     sd.add_argument("--file", help="send this file (encrypted, streamed); TEXT is its caption")
     sd.set_defaults(func=_async(_send))
+
+    ob = sub.add_parser(
+        "outbox", help="CONVERSATION<TAB>TIME<TAB>TEXT per message not sent yet, oldest first"
+    )
+    ob.add_argument("--profile", required=True)
+    ob.set_defaults(func=cmd_outbox)
 
     fe = sub.add_parser("fetch", help="save every received file not saved yet; prints each path")
     fe.add_argument("--profile", required=True)
