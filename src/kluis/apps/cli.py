@@ -390,13 +390,7 @@ def _print_message(args: argparse.Namespace, message: Message, names: Mapping[st
         print(message_line(message, names, receipt=args.command == "history"), flush=True)
 
 
-async def _send(args: argparse.Namespace) -> None:
-    text = args.text
-    if text == "-":
-        text = sys.stdin.read()
-    if args.file is None and text is None:
-        raise LocalProtocolError("give TEXT, - to read it from standard input, or --file PATH")
-
+async def _send_alone(args: argparse.Namespace, text: str | None) -> None:
     async def body(client: KluisClient) -> None:
         if args.file is not None:
             progress = _Transfer("upload")
@@ -405,7 +399,7 @@ async def _send(args: argparse.Namespace) -> None:
             finally:
                 progress.close()
         else:
-            await client.send(args.id, text)
+            await client.send(args.id, text or "")
         print(f"sent to {account_label(args.id, client.contacts())}")
 
     client = KluisClient.open(Path(args.profile), _passphrase(), transport_factory=_dial(args))
@@ -415,7 +409,7 @@ async def _send(args: argparse.Namespace) -> None:
         except TransportError as exc:
             if args.file is not None:
                 raise  # a file is not kept: its upload needs the server
-            client.keep(args.id, text)  # unreachable: straight into the outbox
+            client.keep(args.id, text or "")  # unreachable: straight into the outbox
             raise SystemExit(f"{NOT_SENT} ({exc.message})") from exc
         _alarm(client)
         _outbox_refused(client)
@@ -425,6 +419,54 @@ async def _send(args: argparse.Namespace) -> None:
             raise SystemExit(f"{NOT_SENT} ({exc.message})") from exc
     finally:
         await client.close()
+
+
+async def _send(args: argparse.Namespace) -> None:
+    text = args.text
+    if text == "-":
+        text = sys.stdin.read()
+    if args.file is None and text is None:
+        raise LocalProtocolError("give TEXT, - to read it from standard input, or --file PATH")
+    from kluis.apps import daemon
+
+    with daemon.daemon_or_alone(Path(args.profile), args.timeout) as rpc:
+        if rpc is None:
+            return await _send_alone(args, text)
+        params = {"to": args.id, "text": text or ""}
+        if args.file is not None:
+            params = {"to": args.id, "file": str(Path(args.file).resolve()), "caption": text or ""}
+        try:
+            answer = rpc.call("send", params, longer=600.0 if args.file else 0.0)
+        except NotSent as exc:
+            raise SystemExit(f"{NOT_SENT} ({exc.message})") from exc
+        print(f"sent to {answer['to']}")
+
+
+async def _inbox(args: argparse.Namespace) -> None:
+    from kluis.apps import daemon
+
+    with daemon.daemon_or_alone(Path(args.profile), args.timeout) as rpc:
+        if rpc is None:
+            return await _inbox_alone(args)
+        deadline = time.monotonic() + args.wait
+        while True:  # printed first, then acknowledged as shown (as when alone)
+            wait = max(0.0, deadline - time.monotonic())
+            got = rpc.call("inbox", {"wait": wait}, longer=wait)["messages"]
+            for m in got:
+                print(json.dumps(m["json"]) if args.json else m["line"], flush=True)
+            if got:
+                rpc.call("shown", {"seq": got[-1]["seq"]})
+            if time.monotonic() >= deadline:
+                return
+
+
+def cmd_daemon(args: argparse.Namespace) -> None:
+    from kluis.apps import daemon
+
+    coro = daemon.run(
+        Path(args.profile), _passphrase(), lock_after=args.lock_after, transport_factory=_dial(args)
+    )
+    asyncio.run(coro)
 
 
 def cmd_outbox(args: argparse.Namespace) -> None:
@@ -457,7 +499,7 @@ async def _fetch(args: argparse.Namespace) -> None:
     await _with_client(args, body)
 
 
-async def _inbox(args: argparse.Namespace) -> None:
+async def _inbox_alone(args: argparse.Namespace) -> None:
     async def body(client: KluisClient) -> None:
         names = client.contacts()
         read: set[str] = set()
@@ -859,6 +901,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ob.add_argument("--profile", required=True)
     ob.set_defaults(func=cmd_outbox)
+
+    dm = sub.add_parser(
+        "daemon",
+        help="keep the profile unlocked and connected; send and inbox then go through it",
+    )
+    dm.add_argument("--profile", required=True)
+    dm.add_argument(
+        "--lock-after",
+        type=float,
+        default=900.0,
+        metavar="SECONDS",
+        help="forget the key and exit after this long without a request (default 900)",
+    )
+    dm.set_defaults(func=cmd_daemon)
 
     fe = sub.add_parser("fetch", help="save every received file not saved yet; prints each path")
     fe.add_argument("--profile", required=True)

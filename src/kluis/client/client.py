@@ -299,6 +299,11 @@ class KluisClient:
         return self.core.account_id
 
     @property
+    def connected(self) -> bool:
+        """Whether a connection is open (it may still fail at the next request)."""
+        return self._transport is not None
+
+    @property
     def transport(self) -> Transport:
         if self._transport is None:
             raise LocalProtocolError("not connected; call connect() first")
