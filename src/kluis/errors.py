@@ -41,6 +41,8 @@ remote refusal back to the class below with :func:`error_for_code`.
     │   │                             fresh SAS verification
     │   └── WrongPassphrase           wrong_passphrase: the profile key does not open the store
     └── TransportError                transport: connection lost, refused or timed out
+        └── NotSent                   not_sent: a message that could not reach the server, kept
+                                      in the outbox to go with the next command that connects
 """
 
 from __future__ import annotations
@@ -191,6 +193,13 @@ class WrongPassphrase(CryptoError):
 
 class TransportError(KluisError):
     code = "transport"
+
+
+class NotSent(TransportError):
+    """The send could not reach the server; the message waits in the outbox (never on the wire:
+    a local outcome only)."""
+
+    code = "not_sent"
 
 
 def _all_subclasses(cls: type[KluisError]) -> list[type[KluisError]]:

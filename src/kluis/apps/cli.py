@@ -40,10 +40,17 @@ from kluis.client.timers import describe as describe_timer
 from kluis.client.transport import TransportFactory, WebSocketTransport
 from kluis.client.transport.websocket import DEFAULT_TIMEOUT_S
 from kluis.client.verification import Status, Verification
+from kluis.errors import (
+    KeyChanged,
+    KluisError,
+    LocalProtocolError,
+    NotSent,
+    TransportError,
+    VerificationBroken,
+)
 
 if TYPE_CHECKING:
     from kluis.server.config import ServerConfig
-from kluis.errors import KeyChanged, KluisError, LocalProtocolError, VerificationBroken
 
 DEFAULT_PORT = 8448
 
@@ -259,9 +266,25 @@ async def _with_client(
         await client.connect()
         _alarm(client)
         _notice(client)
+        _outbox_refused(client)
         await body(client)
     finally:
         await client.close()
+
+
+NOT_SENT = "not sent yet: kept in the outbox; it goes with the next command that reaches the server"
+
+
+def _outbox_refused(client: KluisClient) -> None:
+    """Messages of the outbox the server refused when they were sent again: dropped, said."""
+    names = client.contacts()
+    for pending, err in client.outbox_errors:
+        when = pending.time.isoformat(timespec="milliseconds")
+        to = account_label(pending.conversation, names)
+        print(
+            f"warning: not sent, dropped from the outbox: to {to} at {when}: {err}", file=sys.stderr
+        )
+    client.outbox_errors.clear()
 
 
 async def _device_approve(args: argparse.Namespace) -> None:
@@ -399,13 +422,7 @@ def _print_message(args: argparse.Namespace, message: Message, names: Mapping[st
         print(message_line(message, names, receipt=args.command == "history"), flush=True)
 
 
-async def _send(args: argparse.Namespace) -> None:
-    text = args.text
-    if text == "-":
-        text = sys.stdin.read()
-    if args.file is None and text is None:
-        raise LocalProtocolError("give TEXT, - to read it from standard input, or --file PATH")
-
+async def _send_alone(args: argparse.Namespace, text: str | None) -> None:
     async def body(client: KluisClient) -> None:
         if args.file is not None:
             progress = _Transfer("upload")
@@ -414,10 +431,88 @@ async def _send(args: argparse.Namespace) -> None:
             finally:
                 progress.close()
         else:
-            await client.send(args.id, text)
+            await client.send(args.id, text or "")
         print(f"sent to {account_label(args.id, client.contacts())}")
 
-    await _with_client(args, body)
+    client = KluisClient.open(Path(args.profile), _passphrase(), transport_factory=_dial(args))
+    try:
+        try:
+            await client.connect()
+        except TransportError as exc:
+            if args.file is not None:
+                raise  # a file is not kept: its upload needs the server
+            client.keep(args.id, text or "")  # unreachable: straight into the outbox
+            raise SystemExit(f"{NOT_SENT} ({exc.message})") from exc
+        _alarm(client)
+        _outbox_refused(client)
+        try:
+            await body(client)
+        except NotSent as exc:
+            raise SystemExit(f"{NOT_SENT} ({exc.message})") from exc
+    finally:
+        await client.close()
+
+
+async def _send(args: argparse.Namespace) -> None:
+    text = args.text
+    if text == "-":
+        text = sys.stdin.read()
+    if args.file is None and text is None:
+        raise LocalProtocolError("give TEXT, - to read it from standard input, or --file PATH")
+    from kluis.apps import daemon
+
+    with daemon.daemon_or_alone(Path(args.profile), args.timeout) as rpc:
+        if rpc is None:
+            return await _send_alone(args, text)
+        params = {"to": args.id, "text": text or ""}
+        if args.file is not None:
+            params = {"to": args.id, "file": str(Path(args.file).resolve()), "caption": text or ""}
+        try:
+            answer = rpc.call("send", params, longer=600.0 if args.file else 0.0)
+        except NotSent as exc:
+            raise SystemExit(f"{NOT_SENT} ({exc.message})") from exc
+        print(f"sent to {answer['to']}")
+
+
+async def _inbox(args: argparse.Namespace) -> None:
+    from kluis.apps import daemon
+
+    with daemon.daemon_or_alone(Path(args.profile), args.timeout) as rpc:
+        if rpc is None:
+            return await _inbox_alone(args)
+        deadline = time.monotonic() + args.wait
+        while True:  # printed first, then acknowledged as shown (as when alone)
+            wait = max(0.0, deadline - time.monotonic())
+            got = rpc.call("inbox", {"wait": wait}, longer=wait)["messages"]
+            for m in got:
+                print(json.dumps(m["json"]) if args.json else m["line"], flush=True)
+            if got:
+                rpc.call("shown", {"seq": got[-1]["seq"]})
+            if time.monotonic() >= deadline:
+                return
+
+
+def cmd_daemon(args: argparse.Namespace) -> None:
+    from kluis.apps import daemon
+
+    coro = daemon.run(
+        Path(args.profile), _passphrase(), lock_after=args.lock_after, transport_factory=_dial(args)
+    )
+    asyncio.run(coro)
+
+
+def cmd_outbox(args: argparse.Namespace) -> None:
+    """``CONVERSATION<TAB>TIME<TAB>TEXT`` per message waiting to be sent, oldest first (TEXT:
+    its first 40 characters, sanitised)."""
+
+    def body(client: KluisClient) -> None:
+        names = client.contacts()
+        for pending in client.outbox():
+            when = pending.time.isoformat(timespec="milliseconds")
+            text = safe_text(pending.text[:40]) + ("…" if len(pending.text) > 40 else "")
+            print(f"{account_label(pending.conversation, names)}\t{when}\t{text}")
+
+    _offline(args, body)
 
 
 async def _fetch(args: argparse.Namespace) -> None:
@@ -436,7 +531,7 @@ async def _fetch(args: argparse.Namespace) -> None:
     await _with_client(args, body)
 
 
-async def _inbox(args: argparse.Namespace) -> None:
+async def _inbox_alone(args: argparse.Namespace) -> None:
     async def body(client: KluisClient) -> None:
         names = client.contacts()
         read: set[str] = set()
@@ -848,6 +943,26 @@ def build_parser() -> argparse.ArgumentParser:
     sd.add_argument("text", nargs="?", help="the message; - reads it from standard input")
     sd.add_argument("--file", help="send this file (encrypted, streamed); TEXT is its caption")
     sd.set_defaults(func=_async(_send))
+
+    ob = sub.add_parser(
+        "outbox", help="CONVERSATION<TAB>TIME<TAB>TEXT per message not sent yet, oldest first"
+    )
+    ob.add_argument("--profile", required=True)
+    ob.set_defaults(func=cmd_outbox)
+
+    dm = sub.add_parser(
+        "daemon",
+        help="keep the profile unlocked and connected; send and inbox then go through it",
+    )
+    dm.add_argument("--profile", required=True)
+    dm.add_argument(
+        "--lock-after",
+        type=float,
+        default=900.0,
+        metavar="SECONDS",
+        help="forget the key and exit after this long without a request (default 900)",
+    )
+    dm.set_defaults(func=cmd_daemon)
 
     fe = sub.add_parser("fetch", help="save every received file not saved yet; prints each path")
     fe.add_argument("--profile", required=True)

@@ -36,6 +36,7 @@ from kluis.client.events import (
     Undecryptable,
 )
 from kluis.client.groups import GroupState, describe, is_group_id
+from kluis.client.outbox import Pending
 from kluis.client.store import ProfileStore
 from kluis.client.transport import Transport, TransportFactory, WebSocketTransport
 from kluis.client.verification import State, Status, Verification
@@ -47,6 +48,7 @@ from kluis.errors import (
     LocalProtocolError,
     MalformedFrame,
     MismatchedDevices,
+    NotSent,
     TransportError,
     UnknownDevice,
     VerificationFailed,
@@ -55,7 +57,7 @@ from kluis.identity.chain import ChainView
 from kluis.protocol import frames as f
 from kluis.protocol.attachment import AttachmentRef
 from kluis.protocol.operator import encode_wipe, is_announcement
-from kluis.protocol.payload import File, GroupText
+from kluis.protocol.payload import File, GroupText, Text
 from kluis.protocol.signing import origin
 
 _SEND_ATTEMPTS = 3
@@ -125,6 +127,9 @@ class KluisClient:
         self.errors: list[KluisError] = []  # why envelopes of the last receive() were unreadable
         self._synced = False  # the server has sent this connection's stored backlog
         self.profile: Path | None = None  # the profile folder (a remote wipe erases it)
+        # Outbox messages the server refused when sent again (dropped from the outbox), and why.
+        self.outbox_errors: list[tuple[Pending, KluisError]] = []
+        self._flushing = False
 
     # ---- opening ------------------------------------------------------------------------------
 
@@ -273,6 +278,7 @@ class KluisClient:
             # Every connection checks our own account's devices: one the identity did not
             # certify is an alarm (see alarms()), and this device must itself be certified.
             await self.refresh_devices(self.account_id)
+            await self.flush_outbox()  # what an earlier send could not deliver goes first
         except BaseException:
             self._transport = None
             await transport.close()
@@ -355,6 +361,11 @@ class KluisClient:
         return self.core.account_id
 
     @property
+    def connected(self) -> bool:
+        """Whether a connection is open (it may still fail at the next request)."""
+        return self._transport is not None
+
+    @property
     def transport(self) -> Transport:
         if self._transport is None:
             raise LocalProtocolError("not connected; call connect() first")
@@ -423,20 +434,74 @@ class KluisClient:
 
     async def send(self, conversation: str, text: str) -> Message:
         """Encrypt to every device of the conversation's accounts and to our other devices, in
-        one request; return once the server stored it all."""
+        one request; return once the server stored it all.
+
+        When the server cannot be reached (a TransportError), the message is kept in the
+        outbox and :class:`NotSent` is raised: the next connect() sends it (see ``outbox.py``).
+        What waits in the outbox goes before it."""
         self.sweep()
+        payload = self._new_message(conversation, text)
+        try:
+            await self.flush_outbox()
+            await self._deliver(payload)
+        except TransportError as exc:
+            self.core.outbox.keep(payload, int(time.time() * 1000))
+            raise NotSent(f"kept in the outbox ({exc.message})") from exc
+        sent = self.core.record_sent(payload)
+        await self.flush_receipts()  # e.g. read receipts `kluis history` left in the profile
+        return sent
+
+    def _new_message(self, conversation: str, text: str) -> Text | GroupText:
         if len(text.encode()) > MAX_TEXT_BYTES:
             raise LocalProtocolError(
                 f"a message holds at most {MAX_TEXT_BYTES:,} bytes of text"
                 f" ({len(text.encode()):,} given); send a longer text as a file (--file)"
             )
         if is_group_id(conversation):
-            return await self.send_group(conversation, text)
-        payload = self.core.new_text(conversation, text)
-        # The same payload goes to our own other devices: they file it under ``conversation``.
-        await self._send_payloads({conversation: payload, self.account_id: payload})
-        sent = self.core.record_sent(payload)
-        await self.flush_receipts()  # e.g. read receipts `kluis history` left in the profile
+            self.core.groups.current(conversation)  # refuses a group we are not in
+            return self.core.new_group_text(conversation, text)
+        return self.core.new_text(conversation, text)
+
+    async def _deliver(self, payload: Text | GroupText) -> None:
+        if isinstance(payload, GroupText):
+            await self._send_group_payload(payload.to, payload)
+        else:
+            # The same payload goes to our own other devices: they file it under ``to``.
+            await self._send_payloads({payload.to: payload, self.account_id: payload})
+
+    def keep(self, conversation: str, text: str) -> None:
+        """Put a new message straight into the outbox, offline (the server could not be
+        reached at all); the next connect() sends it."""
+        self.sweep()
+        self.core.outbox.keep(self._new_message(conversation, text), int(time.time() * 1000))
+
+    def outbox(self) -> list[Pending]:
+        """What waits to be sent, oldest first."""
+        return self.core.outbox.pending()
+
+    async def flush_outbox(self) -> list[Message]:
+        """Send what waits in the outbox, oldest first; return what went. One the server
+        refuses is dropped, with why in :attr:`outbox_errors`; a lost connection keeps the
+        rest (and raises). Not connected: nothing to do."""
+        if self._transport is None or self._flushing:
+            return []
+        sent: list[Message] = []
+        self._flushing = True
+        try:
+            for pending in self.core.outbox.pending():
+                try:
+                    await self._deliver(pending.payload)
+                except TransportError:
+                    raise
+                except KluisError as exc:
+                    self.core.outbox.done(pending.id)
+                    self.outbox_errors.append((pending, exc))
+                    continue
+                with self.core.store.transaction():
+                    sent.append(self.core.record_sent(pending.payload))
+                    self.core.outbox.done(pending.id)
+        finally:
+            self._flushing = False
         return sent
 
     async def encrypt(

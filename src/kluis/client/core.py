@@ -32,6 +32,7 @@ import msgspec
 
 from kluis.client.features import Features
 from kluis.client.groups import GroupBook, is_group_id
+from kluis.client.outbox import Outbox
 from kluis.client.records import (
     ContactSync,
     Dummy,
@@ -164,6 +165,7 @@ class ClientCore:
             now_ms=self._now_ms,
             random=random,
         )
+        self.outbox = Outbox(store)  # messages that could not reach the server yet
         self.features = Features(self)  # contacts, notes, timers, receipts, conversation list
         # SAS flows (in memory: their ephemeral keys cannot be persisted) and verified accounts.
         self.verification = Verifications(store, self, clock_ms=self._now_ms, random=random)

@@ -1,0 +1,391 @@
+"""``kluis daemon``: one unlocked profile, one connection, a JSON-RPC 2.0 socket for the CLI.
+
+Theory of operation: the daemon takes the profile's lock file (``daemon.lock``, an exclusive
+``flock``), unlocks the profile with the passphrase, and follows ``KluisClient.events()``,
+reconnecting with back-off and jitter: messages are received, stored and acknowledged as they
+come, so ``kluis inbox`` only has to show what is stored and not shown yet. It listens on
+``daemon.sock`` in the profile folder (mode 0600, in a folder that must be 0700: whoever can
+reach the socket can use the account, as with signal-cli), one JSON-RPC 2.0 request per line,
+one response per line. Methods:
+
+    whoami {}                              -> {"account": ID}
+    send {"to": ID|GROUP, "text": T}       -> {"to": LABEL}        (or "file": PATH, "caption")
+    inbox {"wait": SECONDS}                -> {"messages": [{"seq", "line", "json"}]}  not shown yet
+    shown {"seq": N}                       -> {"read": COUNT}  printed up to N: shown, read
+    history {"conversation": ID|GROUP|null} -> {"messages": [{"line", "json"}]}
+
+A Kluis error answers ``{"code": -32000, "message": ..., "data": {"code": KLUIS_CODE}}``; a
+send that cannot reach the server is kept in the outbox (``not_sent``).
+
+Each ``kluis send``/``inbox`` takes the same lock *shared* when it works alone, so the daemon
+and a command never both hold the profile: a command that finds the lock taken talks to the
+socket, and says so clearly when nothing answers there. A new message while no client is
+attached raises a notification without its content (``notify-send``, else the terminal bell on
+stderr). After ``--lock-after`` seconds without a request the daemon *locks by exiting*: it
+forgets the key, closes the profile, removes its socket and releases the lock, so the next
+command works alone (or a new ``kluis daemon`` asks for the passphrase again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from kluis.apps.cli import account_label, message_json, message_line
+from kluis.client.client import KluisClient
+from kluis.client.events import ConnectionUp, DeviceAlarm, MessageReceived, Undecryptable
+from kluis.client.transport import TransportFactory
+from kluis.errors import KluisError, LocalProtocolError, NotSent, TransportError, error_for_code
+
+SOCKET = "daemon.sock"
+LOCK = "daemon.lock"
+DEFAULT_LOCK_AFTER_S = 900.0
+_KLUIS_ERROR = -32000
+
+
+def check_folder(profile: Path) -> None:
+    """Refuse a profile folder that others than its owner can open."""
+    mode = profile.stat().st_mode
+    if stat.S_IMODE(mode) & 0o077:
+        raise LocalProtocolError(
+            f"{profile} is open to group or others (mode {stat.S_IMODE(mode):o});"
+            f" run chmod 700 {profile} first"
+        )
+
+
+def _lock(profile: Path, how: int) -> IO[str] | None:
+    """The lock file, held ``how``; None when someone else holds it the other way."""
+    fd = os.open(profile / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    handle = os.fdopen(fd, "r+")
+    try:
+        fcntl.flock(handle, how | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle
+
+
+# ---- the daemon -----------------------------------------------------------------------------
+
+
+class Daemon:
+    def __init__(self, client: KluisClient, profile: Path, lock_after: float) -> None:
+        self.client = client
+        self.profile = profile
+        self.lock_after = lock_after
+        self.attached = 0  # open socket connections (a CLI or an app)
+        self.busy = 0  # requests being answered
+        self.stop = asyncio.Event()
+        self.arrived = asyncio.Event()  # set on each new message (inbox waits on it)
+        self.reason = ""
+        self._last = 0.0
+
+    async def run(self) -> str:
+        """Serve until idle for ``lock_after`` or told to stop; return why it stopped."""
+        loop = asyncio.get_running_loop()
+        self._last = loop.time()
+        path = self.profile / SOCKET
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # a stale socket: we hold the lock, so nobody serves it
+        old = os.umask(0o177)  # the socket is born 0600: no moment where others may connect
+        try:
+            server = await asyncio.start_unix_server(self._serve, path=str(path))
+        except OSError as exc:
+            raise LocalProtocolError(f"cannot listen on {path}: {exc}") from exc
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop, "stopped")
+        follow = asyncio.create_task(self._follow())
+        idle = asyncio.create_task(self._idle())
+        print(
+            f"daemon: {self.client.account_id} listening on {path};"
+            f" locks after {self.lock_after:g} s idle",
+            file=sys.stderr,
+            flush=True,
+        )
+        try:
+            await self.stop.wait()
+        finally:
+            server.close()
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            for task in (follow, idle):
+                task.cancel()
+            await asyncio.gather(follow, idle, return_exceptions=True)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+        return self.reason
+
+    def _stop(self, reason: str) -> None:
+        self.reason = self.reason or reason
+        self.stop.set()
+
+    async def _idle(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(1.0, self.lock_after / 4))
+            if self.busy == 0 and loop.time() - self._last >= self.lock_after:
+                self._stop(f"locked after {self.lock_after:g} s idle")
+                return
+
+    async def _follow(self) -> None:
+        delay = 1.0
+        while True:
+            try:
+                async for event in self.client.events():
+                    if isinstance(event, ConnectionUp):
+                        delay = 1.0
+                    elif isinstance(event, MessageReceived):
+                        self.arrived.set()
+                        if self.attached == 0 and event.message.sender != self.client.account_id:
+                            notify()
+                    elif isinstance(event, Undecryptable):
+                        print(
+                            f"warning: a message could not be read: {event.code}",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+                    elif isinstance(event, DeviceAlarm):
+                        print(f"ALARM: {event.alarm}", file=sys.stderr, flush=True)
+            except KluisError as exc:
+                print(f"daemon: {exc}", file=sys.stderr, flush=True)
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 60.0)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.attached += 1
+        loop = asyncio.get_running_loop()
+        try:
+            while line := await reader.readline():
+                self.busy += 1
+                self._last = loop.time()
+                try:
+                    answer = await self._answer(line)
+                finally:
+                    self.busy -= 1
+                    self._last = loop.time()
+                if answer is not None:
+                    writer.write(json.dumps(answer).encode() + b"\n")
+                    await writer.drain()
+        except (ConnectionError, asyncio.LimitOverrunError, ValueError):
+            pass
+        finally:
+            self.attached -= 1
+            writer.close()
+
+    async def _answer(self, line: bytes) -> dict[str, Any] | None:
+        try:
+            request = json.loads(line)
+        except ValueError:
+            return _error(None, -32700, "parse error")
+        if not isinstance(request, dict) or request.get("jsonrpc") != "2.0":
+            return _error(None, -32600, "invalid request")
+        rid = request.get("id")
+        method, params = request.get("method"), request.get("params", {})
+        if not isinstance(method, str) or not isinstance(params, dict):
+            return _error(rid, -32600, "invalid request")
+        handler = getattr(self, f"rpc_{method}", None)
+        if handler is None:
+            return _error(rid, -32601, f"no method {method!r}")
+        try:
+            result = await handler(**params)
+        except TypeError as exc:
+            return _error(rid, -32602, f"invalid params: {exc}")
+        except KluisError as exc:
+            return _error(rid, _KLUIS_ERROR, exc.message, {"code": exc.code})
+        if "id" not in request:
+            return None  # a notification gets no answer
+        return {"jsonrpc": "2.0", "id": rid, "result": result}
+
+    # ---- methods
+
+    async def rpc_whoami(self) -> dict[str, Any]:
+        return {"account": self.client.account_id}
+
+    async def rpc_send(
+        self, to: str, text: str = "", file: str | None = None, caption: str = ""
+    ) -> dict[str, Any]:
+        if not isinstance(to, str) or not isinstance(text, str):
+            raise TypeError("to and text are strings")
+        if file is not None:
+            await self.client.send_file(to, file, caption)
+        elif not self.client.connected:
+            self.client.keep(to, text)
+            raise NotSent("kept in the outbox (the daemon is offline)")
+        else:
+            await self.client.send(to, text)
+        return {"to": account_label(to, self.client.contacts())}
+
+    async def rpc_inbox(self, wait: float = 0.0) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + float(wait)
+        while True:
+            self.arrived.clear()
+            unshown = self.client.core.unshown()
+            if unshown or loop.time() >= deadline:
+                break
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(deadline - loop.time()):
+                    await self.arrived.wait()
+        names = self.client.contacts()
+        return {
+            "messages": [
+                {"seq": seq, "line": message_line(m, names), "json": json.loads(message_json(m))}
+                for seq, m in unshown
+            ]
+        }
+
+    async def rpc_shown(self, seq: int) -> dict[str, Any]:
+        read = {m.conversation for s, m in self.client.core.unshown() if s <= int(seq)}
+        self.client.core.shown(int(seq))
+        count = 0
+        for conversation in sorted(read):
+            with contextlib.suppress(TransportError):  # offline: they go with the next send
+                count += await self.client.mark_read(conversation)
+        return {"read": count}
+
+    async def rpc_history(self, conversation: str | None = None) -> dict[str, Any]:
+        names = self.client.contacts()
+        messages = self.client.history(conversation)
+        self.client.core.features.conversations.mark_read(conversation)
+        return {
+            "messages": [
+                {"line": message_line(m, names, receipt=True), "json": json.loads(message_json(m))}
+                for m in messages
+            ]
+        }
+
+
+def _error(rid: object, code: int, message: str, data: object = None) -> dict[str, Any]:
+    error: dict[str, Any] = {"code": code, "message": message}
+    if data is not None:
+        error["data"] = data
+    return {"jsonrpc": "2.0", "id": rid, "error": error}
+
+
+def notify() -> None:
+    """A desktop notification that something arrived, never what."""
+    if shutil.which("notify-send"):
+        with contextlib.suppress(OSError):
+            subprocess.Popen(
+                ["notify-send", "Kluis", "new message"],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            return
+    sys.stderr.write("\a")
+    sys.stderr.flush()
+
+
+async def run(
+    profile: Path, passphrase: str, *, lock_after: float, transport_factory: TransportFactory
+) -> None:
+    """``kluis daemon``: hold ``profile`` until idle for ``lock_after`` seconds or stopped."""
+    if lock_after <= 0:
+        raise LocalProtocolError("--lock-after must be more than 0 seconds")
+    if not profile.is_dir():
+        raise LocalProtocolError(f"no profile at {profile}")
+    check_folder(profile)
+    lock = _lock(profile, fcntl.LOCK_EX)
+    if lock is None:
+        raise LocalProtocolError(
+            f"{profile} is in use (another kluis daemon or command holds {profile / LOCK})"
+        )
+    try:
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        client = KluisClient.open(profile, passphrase, transport_factory=transport_factory)
+        try:
+            reason = await Daemon(client, profile, lock_after).run()
+        finally:
+            await client.close()
+        print(f"daemon: {reason}; the key is forgotten", file=sys.stderr, flush=True)
+    finally:
+        lock.close()
+
+
+# ---- the CLI's side -------------------------------------------------------------------------
+
+
+class Rpc:
+    """A connection to a running daemon (blocking: the CLI does one thing at a time)."""
+
+    def __init__(self, sock: socket.socket, timeout: float) -> None:
+        self._sock = sock
+        self._file = sock.makefile("rb")
+        self._timeout = timeout
+        self._ids = 0
+
+    def call(self, method: str, params: dict[str, Any], *, longer: float = 0.0) -> Any:
+        self._ids += 1
+        request = {"jsonrpc": "2.0", "id": self._ids, "method": method, "params": params}
+        self._sock.settimeout(self._timeout + longer)
+        try:
+            self._sock.sendall(json.dumps(request).encode() + b"\n")
+            line = self._file.readline()
+        except OSError as exc:
+            raise TransportError(f"the kluis daemon did not answer: {exc}") from exc
+        if not line:
+            raise TransportError("the kluis daemon closed the connection")
+        answer = json.loads(line)
+        if "error" in answer:
+            error = answer["error"]
+            code = (error.get("data") or {}).get("code")
+            if code:
+                raise error_for_code(code, error.get("message", ""))
+            raise LocalProtocolError(f"daemon: {error.get('message')}")
+        return answer["result"]
+
+    def close(self) -> None:
+        self._file.close()
+        self._sock.close()
+
+
+@contextlib.contextmanager
+def daemon_or_alone(profile: Path, timeout: float) -> Iterator[Rpc | None]:
+    """The daemon holding ``profile``, or None with the profile's lock held shared for the
+    caller, which then works alone (the daemon cannot start meanwhile)."""
+    if not profile.is_dir():
+        yield None  # no profile: the caller says so
+        return
+    lock = _lock(profile, fcntl.LOCK_SH)
+    if lock is not None:
+        try:
+            yield None
+        finally:
+            lock.close()
+        return
+    path = profile / SOCKET
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(str(path))
+    except OSError as exc:
+        sock.close()
+        pid = (profile / LOCK).read_text().strip() or "?"
+        raise LocalProtocolError(
+            f"a kluis daemon (pid {pid}) holds {profile} but its socket {path} does not answer"
+            f" ({exc.strerror or exc}); stop it (kill {pid}) and try again"
+        ) from exc
+    rpc = Rpc(sock, timeout)
+    try:
+        yield rpc
+    finally:
+        rpc.close()

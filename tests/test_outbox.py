@@ -1,0 +1,146 @@
+"""The outbox: a send that cannot reach the server is kept and goes, once, with the next
+connection (in process: the server is "down" when the transport factory refuses)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+from kluis.client.client import KluisClient
+from kluis.client.outbox import Outbox
+from kluis.client.store.memory import MemoryStore
+from kluis.client.transport import MemoryTransport, Transport
+from kluis.errors import NotSent, TransportError, UnknownAccount
+from kluis.protocol import frames as f
+from kluis.protocol.payload import Text
+from kluis.server.inprocess import InProcessServer
+from tests.kluis_testing import PASSPHRASE, register
+
+T = TypeVar("T", bound=f.ServerFrame)
+
+
+class Network:
+    """The switch between a client and the in-process server."""
+
+    def __init__(self, server: InProcessServer) -> None:
+        self.server = server
+        self.up = True
+        self.lose_send_answers = 0  # the server stores a Send, its answer never arrives
+
+    def factory(self, url: str) -> Transport:
+        if not self.up:
+            return _Down(self.server, url)
+        return _Flaky(self, url)
+
+
+class _Down(MemoryTransport):
+    async def connect(self, timeout: float | None = None) -> bytes:
+        raise TransportError("cannot connect: the server is down")
+
+
+class _Flaky(MemoryTransport):
+    def __init__(self, net: Network, url: str) -> None:
+        super().__init__(net.server, url)
+        self._net = net
+
+    async def request(self, make: Callable[[int], f.ClientFrame], expect: type[T]) -> T:
+        if not self._net.up:
+            raise TransportError("connection lost")
+        answer = await super().request(make, expect)
+        if isinstance(make(0), f.Send) and self._net.lose_send_answers:
+            self._net.lose_send_answers -= 1
+            raise TransportError("connection lost before the answer")
+        return answer
+
+
+async def _texts(client: KluisClient) -> list[str]:
+    await client.receive()
+    return [m.text for _, m in client.core.unshown()]
+
+
+async def test_send_while_down_is_kept_and_goes_once_with_the_next_connect(
+    inproc: InProcessServer, tmp_path: Path
+) -> None:
+    net = Network(inproc)
+    await register(inproc, tmp_path / "alice")
+    bob = await register(inproc, tmp_path / "bob")
+    alice = KluisClient.open(tmp_path / "alice", PASSPHRASE, transport_factory=net.factory)
+    await alice.connect()
+    net.up = False
+    with pytest.raises(NotSent):
+        await alice.send(bob.account_id, "first, while down")
+    alice.keep(bob.account_id, "second, kept offline")
+    assert [p.text for p in alice.outbox()] == ["first, while down", "second, kept offline"]
+    assert alice.history(bob.account_id) == []  # not sent: not in history yet
+    await alice.close()
+
+    net.up = True
+    alice = KluisClient.open(tmp_path / "alice", PASSPHRASE, transport_factory=net.factory)
+    await alice.connect()  # sends what waits
+    assert alice.outbox() == []
+    assert [m.text for m in alice.history(bob.account_id)] == [
+        "first, while down",
+        "second, kept offline",
+    ]
+    assert await _texts(bob) == ["first, while down", "second, kept offline"]
+    await alice.connect()
+    await alice.send(bob.account_id, "third")
+    assert await _texts(bob) == ["first, while down", "second, kept offline", "third"]
+    await alice.close()
+    await bob.close()
+
+
+async def test_a_lost_answer_is_sent_again_and_shown_once(
+    inproc: InProcessServer, tmp_path: Path
+) -> None:
+    net = Network(inproc)
+    await register(inproc, tmp_path / "alice")
+    bob = await register(inproc, tmp_path / "bob")
+    alice = KluisClient.open(tmp_path / "alice", PASSPHRASE, transport_factory=net.factory)
+    await alice.connect()
+    net.lose_send_answers = 1  # stored by the server, but alice cannot know
+    with pytest.raises(NotSent):
+        await alice.send(bob.account_id, "maybe sent")
+    await alice.close()
+    alice = KluisClient.open(tmp_path / "alice", PASSPHRASE, transport_factory=net.factory)
+    await alice.connect()
+    assert alice.outbox() == []
+    assert await _texts(bob) == ["maybe sent"]  # the same payload ID: the copy is a duplicate
+    await alice.close()
+    await bob.close()
+
+
+async def test_a_refused_send_is_not_kept_and_a_refused_retry_is_dropped(
+    inproc: InProcessServer, tmp_path: Path
+) -> None:
+    net = Network(inproc)
+    await register(inproc, tmp_path / "alice")
+    alice = KluisClient.open(tmp_path / "alice", PASSPHRASE, transport_factory=net.factory)
+    await alice.connect()
+    nobody = "a" * 16
+    with pytest.raises(UnknownAccount):
+        await alice.send(nobody, "refused")
+    assert alice.outbox() == []
+    alice.keep(nobody, "kept offline, refused later")
+    await alice.close()
+    alice = KluisClient.open(tmp_path / "alice", PASSPHRASE, transport_factory=net.factory)
+    await alice.connect()
+    assert alice.outbox() == []
+    [(pending, err)] = alice.outbox_errors
+    assert pending.text == "kept offline, refused later" and isinstance(err, UnknownAccount)
+    await alice.close()
+
+
+def test_outbox_records_round_trip_and_replace() -> None:
+    box = Outbox(MemoryStore())
+    a = Text(id=b"\x01" * 16, ts=2000, text="later", to="x" * 16)
+    b = Text(id=b"\x02" * 16, ts=1000, text="earlier", to="y" * 16)
+    box.keep(a, 5)
+    box.keep(b, 6)
+    box.keep(a, 7)  # the same ID replaces
+    assert [p.text for p in box.pending()] == ["later", "earlier"] and len(box) == 2
+    box.done(b.id)
+    assert [p.id for p in box.pending()] == [a.id]
