@@ -97,3 +97,13 @@ class ConsoleSession:
             if cookie.key.endswith("kluis_admin"):
                 return cookie.value
         raise AssertionError("no session cookie")
+
+
+def operator_init(server: ServerProcess) -> None:
+    """``kluis admin init`` for ``server`` before it starts (the server publishes the key it
+    finds at start), bound to the URL clients use."""
+    subprocess.run(
+        server.cli("admin", "init", "--data", str(server.data), "--public-url", server.url),
+        check=True,
+        capture_output=True,
+    )

@@ -15,8 +15,11 @@ from kluis.client.client import KluisClient
 from kluis.client.transport import WebSocketTransport
 from kluis.protocol import frames as f
 from kluis.server.admin.views import ROUTES
-from tests.admin_testing import ConsoleSession, ConsoleUser, create_user
+from tests.admin_testing import ConsoleSession, ConsoleUser, create_user, operator_init
 from tests.kluis_testing import PASSPHRASE, RawConnection, ServerProcess, fast_kdf
+
+ADMIN_ONLY = ("/admin/resellers", "/admin/announcements")
+ACCOUNT_ACTION = ("POST", "/admin/accounts")  # suspend, reinstate, wipe: admins only
 
 
 def codes_in(page: str) -> list[str]:
@@ -38,6 +41,7 @@ async def redeem(server: ServerProcess, code: str, profile: Path) -> KluisClient
 @pytest.fixture
 async def world(tmp_path: Path) -> AsyncIterator[dict[str, object]]:
     server = ServerProcess(tmp_path / "data")
+    operator_init(server)  # the operator key, in DATA/operator.key
     server.start()
     try:
         server.licences(0 + 1)  # the database exists; one operator code (from the CLI)
@@ -87,13 +91,13 @@ async def test_authorisation_matrix(world: dict[str, object], tmp_path: Path) ->
         forms = {
             "/admin/licences": {"count": "1", "days": "30"},
             "/admin/resellers": {"name": "", "quota": "1"},
+            "/admin/accounts": {"account": accounts["a"], "action": "suspend"},
+            "/admin/announcements": {"text": ""},
             "/admin/logout": {},
         }
-        allowed = {
-            "admin": {r for r in ROUTES},
-            "a": {r for r in ROUTES if r[1] != "/admin/resellers"},
-            "b": {r for r in ROUTES if r[1] != "/admin/resellers"},
-        }
+        reseller_routes = {r for r in ROUTES if r[1] not in ADMIN_ONLY and r != ACCOUNT_ACTION}
+        allowed = {"admin": set(ROUTES), "a": reseller_routes, "b": reseller_routes}
+        assert ACCOUNT_ACTION in ROUTES and ("POST", "/admin/announcements") in ROUTES
         seen: dict[tuple[str, str, str], str] = {}
         for who, session in sessions.items():
             for method, path in ROUTES:
@@ -105,6 +109,8 @@ async def test_authorisation_matrix(world: dict[str, object], tmp_path: Path) ->
                     form = dict(forms[path])
                     if path == "/admin/resellers":
                         form["name"] = f"new-by-{who}"
+                    if path == "/admin/announcements":
+                        form["text"] = f"notice sent by {who}"
                     page, status = await session.post(path, form)
                 seen[(who, method, path)] = page
                 if who in ("anonymous", "device"):
@@ -138,6 +144,35 @@ async def test_authorisation_matrix(world: dict[str, object], tmp_path: Path) ->
         audit, _ = await sessions["admin"].get("/admin/audit")
         assert audit.count("create licences") == 6  # three above, three in the loop
         assert "(unknown)" not in audit
+        # The operator's actions: only the admin's suspension and announcement happened.
+        page = seen[("admin", "POST", "/admin/accounts")]
+        assert f"Account {accounts['a']} suspended." in page
+        assert "1 device(s)" not in page
+        page = seen[("admin", "POST", "/admin/announcements")]
+        assert "queued for 3 device(s)" in page and "notice sent by admin" in page
+        (notice,) = await clients[1].receive(wait=2, until=1)
+        assert (notice.sender, notice.text) == ("operator", "notice sent by admin")
+        for who in ("a", "b", "device", "anonymous"):
+            for action in ("reinstate", "wipe", "suspend"):
+                for account in accounts.values():
+                    form = {"account": account, "action": action}
+                    page, status = await sessions[who].post("/admin/accounts", form)
+                    assert status == 403, (who, action, status)
+            assert "Location" not in page
+        page, _ = await sessions["admin"].get("/admin/accounts")
+        row = page.split(accounts["a"], 1)[1].split("</tr>", 1)[0]
+        assert "<td>suspended</td>" in row
+        assert page.count("<td>suspended</td>") == 1 and page.count("<td>1</td>") >= 3
+        audit, _ = await sessions["admin"].get("/admin/audit")
+        assert audit.count("suspend account") == 1 and "order wipe" not in audit
+        assert audit.count("<td>announce</td>") == 1 and "notice sent by a" not in audit.replace(
+            "notice sent by admin", ""
+        )
+        page, status = await sessions["admin"].post(
+            "/admin/accounts", {"account": accounts["a"], "action": "reinstate"}
+        )
+        assert status == 200 and f"Account {accounts['a']} reinstated." in page
+        assert "<td>suspended</td>" not in page
         # Reseller A's quota: 5 codes, 2 issued.
         _, status = await sessions["a"].post("/admin/licences", {"count": "4", "days": "30"})
         assert status == 403
@@ -181,8 +216,20 @@ async def test_csrf_is_required_and_cookies_are_strict(world: dict[str, object])
             assert status == 403 and 'data-code="csrf_failed"' in page
             page, status = await admin.post("/admin/resellers", {"name": "z", "quota": "1"}, token)
             assert status == 403 and 'data-code="csrf_failed"' in page
+            for path, form in (
+                ("/admin/announcements", {"text": "no token"}),
+                ("/admin/accounts", {"account": "x", "action": "suspend"}),
+                ("/admin/accounts", {"account": "x", "action": "wipe"}),
+            ):
+                page, status = await admin.post(path, form, token)
+                assert status == 403 and 'data-code="csrf_failed"' in page, (path, form)
         after, _ = await admin.get("/admin/audit")
         assert after.count("create") == before.count("create")
+        table = after.split('id="audit"', 1)[1]
+        for action in ("<td>announce</td>", "suspend account", "order wipe"):
+            assert action not in table
+        sent, _ = await admin.get("/admin/announcements")
+        assert "None sent yet." in sent
         # The login form needs its pre-session cookie's token too.
         fresh = ConsoleSession(server)
         async with fresh.http.post(

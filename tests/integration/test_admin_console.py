@@ -1,6 +1,7 @@
 """The admin console in a real browser (Debian's chromium, headless, driven by Playwright)
 against a real server on loopback: log in with password and TOTP, create licences, see the
-account a client redeems, read the audit log; a screenshot of each page goes to
+account a client redeems, send an announcement the client receives from ``operator``, read
+the audit log; a screenshot of each page goes to
 docs/screenshots/admin-*.png. Then the seizure audit finds no console secret in clear."""
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pytest
 
 from kluis.client.client import KluisClient
 from kluis.client.transport import WebSocketTransport
-from tests.admin_testing import create_user
+from tests.admin_testing import create_user, operator_init
 from tests.kluis_testing import PASSPHRASE, ServerProcess, fast_kdf
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -30,6 +31,7 @@ async def test_console_in_a_browser_then_the_seizure_audit(tmp_path: Path) -> No
 
     assert CHROMIUM is not None
     server = ServerProcess(tmp_path / "data")
+    operator_init(server)  # the operator key the console signs announcements with
     server.start()
     client: KluisClient | None = None
     try:
@@ -92,9 +94,25 @@ async def test_console_in_a_browser_then_the_seizure_audit(tmp_path: Path) -> No
             assert await page.locator("#resellers", has_text="shop-a").count() == 1
             await page.screenshot(path=str(SHOTS / "admin-resellers.png"), full_page=True)
 
+            await page.click("text=Announcements")
+            assert page.url.endswith("/admin/announcements")
+            text = "Maintenance tonight from 23:00 UTC: the server is down for about ten minutes."
+            await page.fill("textarea[name=text]", text)
+            await page.click("form#announce button")
+            assert "queued for 1 device(s)" in await page.locator("#announce-sent").inner_text()
+            sent = await page.locator("#announcements tbody tr").all_inner_texts()
+            assert len(sent) == 1 and text[:80] in sent[0] and "boss" in sent[0]
+            (notice,) = await client.receive(wait=2, until=1)
+            assert (notice.sender, notice.conversation, notice.text) == (
+                "operator",
+                "operator",
+                text,
+            )
+            await page.screenshot(path=str(SHOTS / "admin-announcements.png"), full_page=True)
+
             await page.click("text=Audit log")
             audit = await page.locator("#audit tbody").inner_text()
-            for action in ("log in", "create licences", "create user"):
+            for action in ("log in", "create licences", "create user", "announce"):
                 assert action in audit
             assert "3 codes of 182 days" in audit and "reseller shop-a, quota 100" in audit
             for code in codes:

@@ -21,6 +21,7 @@ from aiohttp import web
 from kluis.errors import LocalProtocolError
 from kluis.server import blob_http, logs
 from kluis.server.accounts import Accounts
+from kluis.server.admin.console import OperatorServices
 from kluis.server.admin.views import add_console
 from kluis.server.blobs import BlobService
 from kluis.server.config import ServerConfig
@@ -164,7 +165,17 @@ def build_app(server: Server) -> web.Application:
     if server.services.blobs is not None:
         blob_http.add_routes(app, server.services.blobs)
     if isinstance(server.store, SqliteStore):  # the console keeps its tables beside the store's
-        add_console(app, server.config, server.store)
+        services, operator = server.services, None
+        if services.subscriptions is not None and services.wipes is not None:
+            operator = OperatorServices(
+                data_dir=server.config.data_dir,
+                store=server.store,
+                mailbox=services.mailbox,
+                bus=services.bus,
+                subscriptions=services.subscriptions,
+                wipes=services.wipes,
+            )
+        add_console(app, server.config, server.store, operator)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         tasks = [asyncio.create_task(_sweeper(server)), asyncio.create_task(_checkpointer(server))]

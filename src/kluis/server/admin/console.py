@@ -3,6 +3,11 @@
 Theory of operation: handlers (``views.py``) parse and render; this module decides. Roles:
 - ``admin``: every licence, account and reseller; creates licences without quota and resellers;
   reads the whole audit log;
+- ``admin`` also sends announcements signed by the operator key, suspends and reinstates
+  accounts and orders wipes where an account's policy allows it (``OperatorServices``: the live
+  server's own services, so an online device is reached at once). The key is read from
+  ``DATA/operator.key`` for each action and dropped after it; when the operator keeps it offline
+  the console says so and signs nothing: it never makes, asks for or receives a key;
 - ``reseller``: creates licences within its quota; sees only the unredeemed codes it created,
   the accounts redeemed from them (ID, expiry, device count, last-seen day: never contents or
   contacts, which the server does not have) and its own audit entries.
@@ -17,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from kluis.crypto.account_key import AccountKey
+from kluis.errors import LocalProtocolError
 from kluis.server.accounts import licence_hash, new_licence_code
 from kluis.server.admin import credentials as cred
 from kluis.server.admin.store import (
@@ -29,7 +36,13 @@ from kluis.server.admin.store import (
     Role,
 )
 from kluis.server.config import Limits
+from kluis.server.delivery.protocol import DeliveryBus
+from kluis.server.mailbox import Mailbox
+from kluis.server.operator import announcements, keyfile
+from kluis.server.operator.subscriptions import Subscriptions
+from kluis.server.operator.wipe import Wipes, operator_orders
 from kluis.server.ratelimit import BucketMap, TokenBucket
+from kluis.server.store.protocol import Store
 
 MAX_CODES = 10_000
 MAX_DAYS = 36_500
@@ -65,6 +78,17 @@ class QuotaExceeded(ConsoleError):
 
 class Throttled(ConsoleError):
     code, status = "rate_limited", 429
+
+
+class KeyMissing(ConsoleError):
+    code, status = "operator_key_missing", 409
+
+
+class WipeRefused(ConsoleError):
+    code, status = "wipe_refused", 403
+
+
+ANNOUNCE = "announce"  # the audit action of a sent announcement; its detail: the first 80 chars
 
 
 def check_name(name: str) -> str:
@@ -106,6 +130,18 @@ async def create_user(
 
 
 @dataclass(frozen=True, slots=True)
+class OperatorServices:
+    """The live server's services the operator's pages act through (``server/app.py``)."""
+
+    data_dir: Path  # where operator.json and, unless moved offline, operator.key live
+    store: Store
+    mailbox: Mailbox
+    bus: DeliveryBus
+    subscriptions: Subscriptions
+    wipes: Wipes
+
+
+@dataclass(frozen=True, slots=True)
 class CreatedReseller:
     name: str
     password: str
@@ -121,8 +157,10 @@ class Console:
         box: cred.SecretBox,
         limits: Limits,
         clock: Callable[[], float],
+        operator: OperatorServices | None = None,
     ) -> None:
         self.store, self._box, self._limits, self._clock = store, box, limits, clock
+        self._operator = operator
         self._per_client = BucketMap(limits.admin_login_rate_per_s, limits.admin_login_burst, clock)
         self._global = TokenBucket(
             limits.admin_login_global_rate_per_s, limits.admin_login_global_burst, clock
@@ -130,9 +168,14 @@ class Console:
 
     @classmethod
     def open(
-        cls, store: AdminStore, data_dir: Path, limits: Limits, clock: Callable[[], float]
+        cls,
+        store: AdminStore,
+        data_dir: Path,
+        limits: Limits,
+        clock: Callable[[], float],
+        operator: OperatorServices | None = None,
     ) -> Console:
-        return cls(store, cred.SecretBox.open(data_dir), limits, clock)
+        return cls(store, cred.SecretBox.open(data_dir), limits, clock, operator)
 
     @property
     def session_ttl_s(self) -> int:
@@ -221,6 +264,87 @@ class Console:
 
     async def audit_log(self, user: AdminUser) -> list[AuditEntry]:
         return await self.store.audit_log(None if user.role == "admin" else user.name)
+
+    # ---- the operator's actions (admin only) ---------------------------------------------------
+
+    def _services(self) -> OperatorServices:
+        if self._operator is None:
+            raise BadRequest("this console runs without the server's operator services")
+        return self._operator
+
+    def key_problem(self) -> str | None:
+        """Why nothing can be signed here now (the key is offline or was never made), or None."""
+        try:
+            self._signing_key()
+        except KeyMissing as exc:
+            return str(exc)
+        return None
+
+    def _signing_key(self) -> tuple[AccountKey, keyfile.OperatorInfo]:
+        data = self._services().data_dir
+        if keyfile.public_info(data) is None:
+            raise KeyMissing(
+                "this server has no operator key: make one on the server with kluis admin init"
+            )
+        if not (data / keyfile.KEY_FILE).exists():
+            raise KeyMissing(
+                f"the operator key is not on this server ({keyfile.KEY_FILE} is not in the data "
+                "folder: kept offline?); sign with it where it is kept: kluis admin announce "
+                "--key FILE, kluis admin wipe --key FILE"
+            )
+        try:
+            return keyfile.load_key(data)
+        except LocalProtocolError as exc:
+            raise KeyMissing(str(exc)) from None
+
+    async def announce(self, user: AdminUser, text: str) -> int:
+        """Sign ``text`` with the operator key and queue it for every active device."""
+        self._admin_only(user)
+        services = self._services()
+        text = text.replace("\r\n", "\n")
+        key, info = self._signing_key()
+        try:
+            envelope = announcements.sign_announcement(key, info.origin, text, self._now())
+        except LocalProtocolError as exc:
+            raise BadRequest(str(exc)) from None
+        queued = await announcements.queue_announcement(services.store, services.mailbox, envelope)
+        await self.store.audit(user.name, ANNOUNCE, text[:80], self._now())
+        return queued
+
+    async def announcements(self, user: AdminUser) -> list[AuditEntry]:
+        self._admin_only(user)
+        return await self.store.audit_of(ANNOUNCE)
+
+    async def set_suspended(self, user: AdminUser, account_id: str, suspended: bool) -> None:
+        self._admin_only(user)
+        try:
+            await self._services().subscriptions.set_suspended(account_id, suspended)
+        except LocalProtocolError as exc:
+            raise BadRequest(str(exc)) from None
+        action = "suspend account" if suspended else "reinstate account"
+        await self.store.audit(user.name, action, account_id, self._now())
+
+    async def wipe(self, user: AdminUser, account_id: str) -> list[str]:
+        """Order every active device of the account wiped, where its policy allows it."""
+        self._admin_only(user)
+        services = self._services()
+        account = await services.store.account(account_id)
+        if account is None:
+            raise BadRequest(f"no account {account_id!r}")
+        if not account.operator_wipe:
+            await self.store.audit(user.name, "wipe refused", account_id, self._now())
+            raise WipeRefused(
+                f"account {account_id}'s policy does not let the operator wipe its devices"
+            )
+        key, info = self._signing_key()
+        devices = [r.keys.ed25519 for r in await services.store.active_devices(account_id)]
+        orders = operator_orders(key, info.origin, account_id, devices, self._now())
+        for order in orders:
+            await services.wipes.order(order, bus=services.bus)
+        await self.store.audit(
+            user.name, "order wipe", f"{account_id}, {len(devices)} devices", self._now()
+        )
+        return devices
 
     @staticmethod
     def _admin_only(user: AdminUser) -> None:

@@ -78,6 +78,8 @@ class AccountRow:
     devices: int
     last_seen_day: int | None
     reseller: str | None
+    suspended: bool = False
+    operator_wipe: bool = True  # the account's policy lets the operator wipe its devices
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +230,19 @@ class AdminStore:
 
         return await self._call(run)
 
+    async def audit_of(self, action: str, limit: int = 200) -> list[AuditEntry]:
+        """The entries of one ``action`` (the sent announcements), newest first."""
+
+        def run(db: sqlite3.Connection) -> list[AuditEntry]:
+            rows = db.execute(
+                "SELECT at, actor, action, detail FROM admin_audit "
+                "WHERE action = ? ORDER BY seq DESC LIMIT ?",
+                (action, limit),
+            ).fetchall()
+            return [AuditEntry(int(r[0]), str(r[1]), str(r[2]), str(r[3])) for r in rows]
+
+        return await self._call(run)
+
     async def issue_licences(
         self,
         code_hashes: list[bytes],
@@ -278,13 +293,20 @@ class AdminStore:
         def run(db: sqlite3.Connection) -> list[AccountRow]:
             rows = db.execute(
                 "SELECT a.id, a.expires_at, (SELECT COUNT(*) FROM devices d "
-                "WHERE d.account_id = a.id AND d.revoked = 0), a.last_seen_day, a.reseller "
+                "WHERE d.account_id = a.id AND d.revoked = 0), a.last_seen_day, a.reseller, "
+                "a.suspended, a.operator_wipe "
                 "FROM accounts a WHERE ? OR a.reseller IS ? ORDER BY a.id LIMIT ?",
                 (everyone, reseller, limit),
             ).fetchall()
             return [
                 AccountRow(
-                    str(r[0]), int(r[1]), int(r[2]), None if r[3] is None else int(r[3]), r[4]
+                    str(r[0]),
+                    int(r[1]),
+                    int(r[2]),
+                    None if r[3] is None else int(r[3]),
+                    r[4],
+                    bool(r[5]),
+                    bool(r[6]),
                 )
                 for r in rows
             ]

@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 import jinja2
 from aiohttp import web
 
+from kluis.protocol.operator import MAX_ANNOUNCEMENT_TEXT
 from kluis.server.admin import credentials as cred
 from kluis.server.admin.console import (
     BadRequest,
@@ -34,6 +35,7 @@ from kluis.server.admin.console import (
     ConsoleError,
     CsrfFailed,
     Forbidden,
+    OperatorServices,
 )
 from kluis.server.admin.store import AdminStore, AdminUser
 from kluis.server.config import ServerConfig
@@ -238,7 +240,53 @@ async def create_licences(request: web.Request, user: AdminUser) -> web.StreamRe
 @guard("admin", "reseller")
 async def accounts(request: web.Request, user: AdminUser) -> web.StreamResponse:
     rows = await request.app[CONSOLE].accounts(user)
-    return _page("accounts.html", request, user, accounts=rows)
+    return _page("accounts.html", request, user, accounts=rows, done=None)
+
+
+@guard("admin")
+async def account_action(request: web.Request, user: AdminUser) -> web.StreamResponse:
+    """Suspend, reinstate or wipe one account (the forms on the accounts page)."""
+    form = await request.post()
+    console = request.app[CONSOLE]
+    account, action = str(form.get("account", "")), str(form.get("action", ""))
+    if action in ("suspend", "reinstate"):
+        await console.set_suspended(user, account, action == "suspend")
+        done = f"Account {account} {'suspended' if action == 'suspend' else 'reinstated'}."
+    elif action == "wipe":
+        devices = await console.wipe(user, account)
+        done = f"Wipe ordered for {len(devices)} device(s) of account {account}."
+    else:
+        raise BadRequest("action must be suspend, reinstate or wipe")
+    rows = await console.accounts(user)
+    return _page("accounts.html", request, user, accounts=rows, done=done)
+
+
+async def _announcements_page(
+    request: web.Request, user: AdminUser, sent: int | None
+) -> web.Response:
+    console = request.app[CONSOLE]
+    history = await console.announcements(user)
+    return _page(
+        "announcements.html",
+        request,
+        user,
+        key_problem=console.key_problem(),
+        history=history,
+        sent=sent,
+        max_chars=MAX_ANNOUNCEMENT_TEXT,
+    )
+
+
+@guard("admin")
+async def announcements(request: web.Request, user: AdminUser) -> web.StreamResponse:
+    return await _announcements_page(request, user, None)
+
+
+@guard("admin")
+async def announce(request: web.Request, user: AdminUser) -> web.StreamResponse:
+    form = await request.post()
+    sent = await request.app[CONSOLE].announce(user, str(form.get("text", "")))
+    return await _announcements_page(request, user, sent)
 
 
 @guard("admin")
@@ -291,11 +339,19 @@ async def _headers(request: web.Request, response: web.StreamResponse) -> None:
         response.headers.update(SECURITY_HEADERS)
 
 
-def add_console(app: web.Application, config: ServerConfig, store: SqliteStore) -> None:
-    """Serve the console under ``/admin`` of ``app`` (``server/app.py``)."""
+def add_console(
+    app: web.Application,
+    config: ServerConfig,
+    store: SqliteStore,
+    operator: OperatorServices | None = None,
+) -> None:
+    """Serve the console under ``/admin`` of ``app`` (``server/app.py``); ``operator``: the
+    server's services its announcement and account actions go through."""
     admin = web.Application(middlewares=[errors])
     admin[SETTINGS] = CookieSettings(config)
-    admin[CONSOLE] = Console.open(AdminStore(store), config.data_dir, config.limits, time.time)
+    admin[CONSOLE] = Console.open(
+        AdminStore(store), config.data_dir, config.limits, time.time, operator
+    )
     admin.router.add_get("", index)
     admin.router.add_get("/", index)
     admin.router.add_get("/login", login_form)
@@ -304,6 +360,9 @@ def add_console(app: web.Application, config: ServerConfig, store: SqliteStore) 
     admin.router.add_get("/licences", licences)
     admin.router.add_post("/licences", create_licences)
     admin.router.add_get("/accounts", accounts)
+    admin.router.add_post("/accounts", account_action)
+    admin.router.add_get("/announcements", announcements)
+    admin.router.add_post("/announcements", announce)
     admin.router.add_get("/resellers", resellers)
     admin.router.add_post("/resellers", create_reseller)
     admin.router.add_get("/audit", audit)
@@ -318,6 +377,9 @@ ROUTES: tuple[tuple[str, str], ...] = (
     ("GET", "/admin/licences"),
     ("POST", "/admin/licences"),
     ("GET", "/admin/accounts"),
+    ("POST", "/admin/accounts"),
+    ("GET", "/admin/announcements"),
+    ("POST", "/admin/announcements"),
     ("GET", "/admin/resellers"),
     ("POST", "/admin/resellers"),
     ("GET", "/admin/audit"),

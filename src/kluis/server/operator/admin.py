@@ -20,13 +20,12 @@ from pathlib import Path
 from typing import TypeVar
 
 from kluis.errors import LocalProtocolError
-from kluis.protocol import operator as op
 from kluis.server.config import ServerConfig
 from kluis.server.delivery.memory import InProcessBus
 from kluis.server.mailbox import Mailbox
 from kluis.server.operator import announcements, keyfile
 from kluis.server.operator.subscriptions import Licence, Subscriptions
-from kluis.server.operator.wipe import Wipes, sign_order
+from kluis.server.operator.wipe import Wipes, operator_orders
 from kluis.server.store.protocol import Store
 from kluis.server.store.sqlite import SqliteStore
 
@@ -121,12 +120,8 @@ def wipe(
                 raise LocalProtocolError(f"no active device {device!r} in this account")
             targets = [device]
         wipes = Wipes(store, info.origin, info.public_key)
-        now = int(time.time())
-        for target in targets:
-            order = op.WipeOrder(
-                account=account_id, device=target, server=info.origin, issued_at=now, by="operator"
-            )
-            await wipes.order(op.encode_wipe(sign_order(key, order)))
+        for order in operator_orders(key, info.origin, account_id, targets, int(time.time())):
+            await wipes.order(order)
         return targets
 
     return _with_store(config, run)

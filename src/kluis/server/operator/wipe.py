@@ -35,6 +35,24 @@ def sign_order(key: AccountKey, order: op.WipeOrder) -> op.WipeOrder:
     )
 
 
+def operator_orders(
+    key: AccountKey, origin: str, account_id: str, devices: list[str], now: int
+) -> list[bytes]:
+    """Encoded wipe orders for ``devices`` of ``account_id``, signed by the operator ``key``
+    (``kluis admin wipe`` and the console's wipe action)."""
+    return [
+        op.encode_wipe(
+            sign_order(
+                key,
+                op.WipeOrder(
+                    account=account_id, device=d, server=origin, issued_at=now, by="operator"
+                ),
+            )
+        )
+        for d in devices
+    ]
+
+
 class Wipes:
     def __init__(self, store: Store, origin: str, operator_key: str = "") -> None:
         self._store = store
