@@ -12,14 +12,18 @@ from textual.pilot import Pilot
 from textual.widgets import Input
 
 from kluis.apps.tui.app import KluisApp
-from kluis.apps.tui.screens.dialogs import MembersScreen
+from kluis.apps.tui.model import Conversation
+from kluis.apps.tui.screens.dialogs import KeyChangeScreen, MembersScreen
 from kluis.apps.tui.screens.main import MainScreen
 from kluis.apps.tui.screens.onboarding import IdScreen, UnlockScreen
 from kluis.apps.tui.widgets import ChatLog, ComposeArea
+from kluis.client.verification import Status, Verification
 from kluis.crypto.profile_key import new_params
-from tests.kluis_testing import PASSPHRASE, ServerProcess, reconnect, register
+from tests.kluis_testing import PASSPHRASE, ServerProcess, link_device, reconnect, register
+from tests.test_verification import both_verify
 
 FAST_KDF = new_params(time_cost=1, memory_kib=8 * 1024)
+row0 = Conversation("", "", False)  # stands for a row not there yet
 
 
 def make_app(profile: Path, server: ServerProcess) -> KluisApp:
@@ -170,3 +174,61 @@ async def test_offline_state_and_reconnection_after_a_server_restart(
         await peer.send(app.backend_required.account_id, "welcome back")
         await until(pilot, lambda: "welcome back" in shown(app))
     await peer.close()
+
+
+async def test_a_key_change_after_verification_is_warned_and_nothing_is_sent(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    alice_c = await register(server, tmp_path / "alice")
+    bob = await register(server, tmp_path / "bob")
+    bob2 = await link_device(bob, server, tmp_path / "bob2")
+    results, _, _ = await both_verify(alice_c, bob2)  # Alice verifies Bob's second device
+    assert all(isinstance(r, Verification) for r in results), results
+    assert alice_c.verification_status(bob.account_id) == (Status.VERIFIED, "")
+    await alice_c.send(bob.account_id, "verified hello")
+    await bob.receive(wait=5, until=1)
+    bob_id = bob.account_id
+    await bob.revoke(bob2.core.device_id)  # Bob drops the device Alice verified
+    for client in (bob2, alice_c):
+        await client.close()
+
+    alice = make_app(tmp_path / "alice", server)
+    async with alice.run_test(size=(80, 24)) as pilot:
+        alice.screen.query_one("#passphrase", Input).value = PASSPHRASE
+        await pilot.press("enter")
+        await until(
+            pilot, lambda: isinstance(alice.screen, MainScreen) and main(alice).online is True
+        )
+        screen = main(alice)
+        screen.open_conversation(bob_id)
+        await until(pilot, lambda: (screen.book.get(bob_id) or row0).verification != "")
+        screen.query_one(ComposeArea).focus()
+        await pilot.press(*"are", "space", *"you", "space", *"there", "enter")
+        await until(pilot, lambda: isinstance(alice.screen, KeyChangeScreen))
+        warning = alice.screen
+        assert isinstance(warning, KeyChangeScreen)
+        assert warning.warning.account == bob_id and warning.warning.kind == "broken"
+        assert "revoked" in warning.warning.detail
+        picture = alice.export_screenshot()
+        assert bob_id in picture and "kluis&#160;verify" in picture
+        compose = screen.query_one(ComposeArea)
+        assert compose.text == "are you there" and compose.read_only  # kept, and locked
+        assert (screen.book.get(bob_id) or row0).verification == "broken"
+        await pilot.press("escape")
+        assert alice.screen is warning  # Escape does not dismiss it
+        await pilot.press("enter")  # "I understand"
+        await until(pilot, lambda: alice.screen is screen)
+        assert not compose.read_only and compose.text == "are you there"
+        # still blocked until a fresh SAS: Enter shows the warning again, nothing goes out
+        await pilot.press("enter")
+        await until(pilot, lambda: isinstance(alice.screen, KeyChangeScreen))
+        await pilot.press("enter")
+        await until(pilot, lambda: alice.screen is screen)
+        assert compose.text == "are you there"
+        assert "are you there" not in shown(alice)
+        history = await alice.backend_required.history(bob_id)
+        assert [m.text for m in history] == ["verified hello"]
+
+    got = await bob.receive(wait=2)
+    assert "are you there" not in [m.text for m in got + bob.history(alice_c.account_id)]
+    await bob.close()

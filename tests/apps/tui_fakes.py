@@ -10,6 +10,7 @@ from kluis.apps.tui.app import KluisApp
 from kluis.apps.tui.backend import BackendEvent, Online, Post
 from kluis.client.groups import GroupState
 from kluis.client.records import Message
+from kluis.client.verification import Status
 
 ME = "mea7kzq2vt5xbn3d"
 ANNA = "annak3v7q2xw5zpe"
@@ -44,6 +45,8 @@ class FakeBackend:
         self.post: Post | None = None
         self.sent: list[tuple[str, str]] = []
         self.closed = False
+        self.statuses: dict[str, tuple[Status, str]] = {}
+        self.refuse: Exception | None = None  # raised by send, when set
 
     @property
     def account_id(self) -> str:
@@ -59,6 +62,8 @@ class FakeBackend:
         return self._quarantined
 
     async def send(self, conversation: str, text: str) -> Message:
+        if self.refuse is not None:
+            raise self.refuse
         self.sent.append((conversation, text))
         message = Message(ME, conversation, NOW, text)
         self.messages.append(message)
@@ -68,6 +73,9 @@ class FakeBackend:
         group = GroupState("g" + "a" * 24, name, sorted([ME, *members]), 1, b"y" * 16)
         self._groups.append(group)
         return group
+
+    async def verification_status(self, peer: str) -> tuple[Status, str]:
+        return self.statuses.get(peer, (Status.UNVERIFIED, ""))
 
     def start(self, post: Post) -> None:
         self.post = post

@@ -33,6 +33,7 @@ from kluis.client.groups import GroupState
 from kluis.client.records import Message
 from kluis.client.store import ProfileStore
 from kluis.client.transport import TransportFactory, WebSocketTransport
+from kluis.client.verification import Status
 from kluis.crypto.profile_key import KdfParams
 from kluis.errors import LocalProtocolError
 
@@ -71,6 +72,9 @@ class Backend(Protocol):
     async def send(self, conversation: str, text: str) -> Message: ...
 
     async def create_group(self, name: str, members: list[str]) -> GroupState: ...
+
+    async def verification_status(self, peer: str) -> tuple[Status, str]:
+        """Whether ``peer`` is verified by SAS; for a broken verification, why."""
 
     def start(self, post: Post) -> None:
         """Connect and keep connected, handing every event to ``post`` (thread-safe)."""
@@ -199,6 +203,9 @@ class ClientBackend:
 
     async def create_group(self, name: str, members: list[str]) -> GroupState:
         return await self._run(lambda: self._client.create_group(name, members))
+
+    async def verification_status(self, peer: str) -> tuple[Status, str]:
+        return await self._run(lambda: _value(self._client.verification_status(peer)))
 
     def start(self, post: Post) -> None:
         if self._pump is None:

@@ -49,6 +49,17 @@ class Conversation:
     last: datetime | None = None
     unread: int = 0
     members: tuple[str, ...] = ()
+    verification: str = ""  # "verified" | "broken" | "" (not verified), for a peer
+
+
+@dataclass(frozen=True, slots=True)
+class KeyWarning:
+    """A send refused because a contact's keys changed: shown until the user acknowledges it."""
+
+    conversation: str
+    account: str  # the contact whose keys changed (a member, for a group)
+    kind: str  # "broken" (a verified contact's keys changed) | "untrusted" (uncertified device)
+    detail: str  # what changed, as the client said it
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +136,14 @@ class ConversationBook:
                 last=notice.time,
                 unread=unread,
             )
+
+    def set_verification(self, conversation: str, verification: str) -> bool:
+        """Record a peer's verification state; True if it changed."""
+        row = self._rows.get(conversation)
+        if row is None or row.is_group or row.verification == verification:
+            return False
+        self._rows[conversation] = replace(row, verification=verification)
+        return True
 
     def get(self, conversation: str) -> Conversation | None:
         return self._rows.get(conversation)

@@ -145,11 +145,22 @@ class ComposeArea(TextArea):
 # ---- the conversation list ----------------------------------------------------------------------
 
 
+VERIFICATION_MARKS = {
+    "verified": Text(" ✓", style="bold green"),
+    "broken": Text(" ⚠", style="bold red"),
+}
+
+
 def conversation_prompt(row: Conversation, width: int = 24) -> Text:
     title = Text("# " if row.is_group else "", style="bold cyan")
     title_style = "bold red" if row.id == UNREADABLE else "bold"
     title.append_text(safe_line(row.title, title_style))
-    title.truncate(width - (5 if row.unread else 0), overflow="ellipsis")
+    mark = VERIFICATION_MARKS.get(row.verification)
+    title.truncate(
+        width - (5 if row.unread else 0) - (len(mark.plain) if mark else 0), overflow="ellipsis"
+    )
+    if mark is not None:
+        title.append_text(mark)
     if row.unread:
         title.append(f" ({row.unread})", style="bold yellow")
     preview = safe_line(row.preview, "dim") if row.preview else Text("no messages yet", "dim")

@@ -1,4 +1,5 @@
-"""Small modal screens: new conversation, new group, group members, help, device alarm."""
+"""Small modal screens: new conversation, new group, group members, help, device alarm, key
+change."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Input, Label, Static
+from textual.widgets import Button, Input, Label, Static
 
-from kluis.apps.tui.model import Conversation, is_account_id, parse_ids
+from kluis.apps.tui.model import Conversation, KeyWarning, is_account_id, parse_ids
 from kluis.apps.tui.safe_text import safe_line
 
 
@@ -173,3 +174,61 @@ class AlarmScreen(_Dialog):
                 "Your account lists a device that your identity did not certify. The server "
                 "may be hostile. Kluis does not use that device. Press Enter to acknowledge.",
             )
+
+
+class KeyChangeScreen(_Dialog):
+    """A send refused because a contact's keys changed: stays until acknowledged (Enter, or
+    the button); Escape does not dismiss it. Dismisses with True."""
+
+    BINDINGS = [Binding("enter", "acknowledge", "I understand")]
+
+    def __init__(self, warning: KeyWarning, contact: str) -> None:
+        super().__init__()
+        self.warning, self.contact = warning, contact
+        self.acknowledged = False
+
+    def compose(self) -> ComposeResult:
+        w = self.warning
+        title = Text("Key change: ", style="bold")
+        title.append_text(safe_line(self.contact, "bold"))
+        if w.kind == "broken":
+            what = (
+                "You verified this contact, but their keys changed since: "
+                "a device you verified is gone or their identity is different."
+            )
+            then = (
+                "Kluis did not send your message; it is kept in the compose box. Sending to "
+                "this contact stays blocked until you verify them again (kluis verify), side "
+                "by side or on a call. Press Enter to acknowledge."
+            )
+        else:
+            what = (
+                "This contact's device list holds a device that their identity did not "
+                "certify. The server may be hostile."
+            )
+            then = (
+                "Kluis did not send your message; it is kept in the compose box. Kluis does not "
+                "encrypt to that device. Press Enter to acknowledge."
+            )
+        with Vertical(classes="dialog alarm", id="key-change"):
+            yield Static(title, classes="title")
+            yield Static(Text(f"account {w.account}", style="bold"))
+            yield Static(what)
+            yield Static(Text.assemble(("What changed: ", "bold"), safe_line(w.detail)))
+            yield Static(then, id="key-change-then")
+            yield Button("I understand", id="acknowledge", variant="error")
+
+    def on_mount(self) -> None:
+        self.query_one("#acknowledge", Button).focus()
+
+    def action_cancel(self) -> None:
+        """Escape does not dismiss: the warning must be acknowledged."""
+
+    def action_acknowledge(self) -> None:
+        if not self.acknowledged:
+            self.acknowledged = True
+            self.dismiss(True)
+
+    @on(Button.Pressed, "#acknowledge")
+    def _pressed(self) -> None:
+        self.action_acknowledge()

@@ -14,10 +14,11 @@ from textual.screen import Screen
 from textual.widgets import Footer, OptionList, Static
 
 from kluis.apps.tui.backend import BackendEvent, Offline, Online
-from kluis.apps.tui.model import UNREADABLE, ConversationBook, Notice
+from kluis.apps.tui.model import UNREADABLE, ConversationBook, KeyWarning, Notice
 from kluis.apps.tui.safe_text import safe_line
 from kluis.apps.tui.screens.dialogs import (
     AlarmScreen,
+    KeyChangeScreen,
     MembersScreen,
     NewConversationScreen,
     NewGroupScreen,
@@ -25,10 +26,14 @@ from kluis.apps.tui.screens.dialogs import (
 from kluis.apps.tui.widgets import ChatLog, ComposeArea, ConversationList, StatusLine
 from kluis.client.events import DeviceAlarm, MessageReceived, Undecryptable
 from kluis.client.groups import is_group_id
-from kluis.errors import KluisError
+from kluis.client.verification import Status
+from kluis.errors import KluisError, UntrustedDevice, VerificationBroken
 
 if TYPE_CHECKING:
     from kluis.apps.tui.app import KluisApp
+
+
+_MARKS = {Status.VERIFIED: "verified", Status.BROKEN: "broken", Status.UNVERIFIED: ""}
 
 
 class BackendMessage(TextualMessage):
@@ -55,6 +60,9 @@ class MainScreen(Screen[None]):
         self.online: bool | None = None
         self.status_detail = ""
         self.alarmed = False
+        # conversations whose last send was refused for a key change, until acknowledged:
+        # the compose box takes no input for them meanwhile
+        self.key_warnings: dict[str, KeyWarning] = {}
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="body"):
@@ -100,6 +108,7 @@ class MainScreen(Screen[None]):
             self._refresh_list()
             self._refresh_chat()
         backend.start(self._post_event)
+        self._check_verification([row.id for row in rows if not row.is_group])
 
     def _post_event(self, event: BackendEvent) -> None:
         """Called on the client thread: post_message is thread-safe."""
@@ -143,6 +152,20 @@ class MainScreen(Screen[None]):
                 self.app.bell()
                 self.app.push_screen(AlarmScreen(alarm))
 
+    @work(group="verification")
+    async def _check_verification(self, peers: list[str]) -> None:
+        """Fetch the verification state of ``peers`` (on the client thread) for the marks."""
+        changed = False
+        for peer in peers:
+            try:
+                status, _ = await self.app.backend_required.verification_status(peer)
+            except KluisError:
+                continue
+            changed |= self.book.set_verification(peer, _MARKS[status])
+        if changed:
+            self._refresh_list()
+            self._refresh_title()
+
     @work(group="groups")
     async def _reload_groups(self) -> None:
         for group in await self.app.backend_required.groups():
@@ -171,6 +194,10 @@ class MainScreen(Screen[None]):
         text.append_text(safe_line(row.title, "bold"))
         if row.is_group:
             text.append(f"  {len(row.members)} members · F2", style="dim")
+        elif row.verification == "verified":
+            text.append("  ✓ verified", style="bold green")
+        elif row.verification == "broken":
+            text.append("  ⚠ keys changed: verify again", style="bold red")
         title.update(text)
 
     def _refresh_chat(self) -> None:
@@ -201,6 +228,16 @@ class MainScreen(Screen[None]):
         self.book.open(conversation)
         self._refresh_list()
         self._refresh_chat()
+        self._guard_compose()
+        row = self.book.get(conversation)
+        if row is not None and not row.is_group and conversation != UNREADABLE:
+            self._check_verification([conversation])
+
+    def _guard_compose(self) -> None:
+        """No input in the compose box while the open conversation has an unacknowledged
+        key-change warning."""
+        compose = self.query_one(ComposeArea)
+        compose.read_only = (self.book.open_id or "") in self.key_warnings
 
     @on(OptionList.OptionSelected, "#conversations")
     def _selected(self, event: OptionList.OptionSelected) -> None:
@@ -216,6 +253,9 @@ class MainScreen(Screen[None]):
         if conversation is None or conversation == UNREADABLE:
             self.app.notify("open a conversation first (Ctrl+N)", severity="warning")
             return
+        if conversation in self.key_warnings:
+            self._warn(self.key_warnings[conversation])
+            return
         self.query_one(ComposeArea).clear()
         self._send(conversation, event.text)
 
@@ -224,15 +264,59 @@ class MainScreen(Screen[None]):
         try:
             sent = await self.app.backend_required.send(conversation, text)
         except KluisError as exc:
-            self.app.notify(safe_line(str(exc)).plain, title="Not sent", severity="error")
             compose = self.query_one(ComposeArea)
             if not compose.text:
                 compose.text = text  # give the text back, to send again
+            elif compose.text != text:
+                compose.text = text + "\n" + compose.text  # typed meanwhile: keep both
+            if isinstance(exc, VerificationBroken | UntrustedDevice):
+                await self._key_changed(conversation, exc)
+            else:
+                self.app.notify(safe_line(str(exc)).plain, title="Not sent", severity="error")
             return
         self.book.add(sent)
         if conversation == self.book.open_id:
             self.query_one(ChatLog).add_message(sent, self.book.me, self.app.now(), self.app.tz)
         self._refresh_list()
+
+    async def _key_changed(
+        self, conversation: str, exc: VerificationBroken | UntrustedDevice
+    ) -> None:
+        """A send refused for a key change: block the compose box for ``conversation`` and
+        show the warning until it is acknowledged."""
+        account = str(exc.details.get("account") or conversation)
+        kind = "broken" if isinstance(exc, VerificationBroken) else "untrusted"
+        detail = exc.message
+        if kind == "broken":
+            try:
+                status, reason = await self.app.backend_required.verification_status(account)
+            except KluisError:
+                status, reason = Status.BROKEN, ""
+            detail = reason or detail
+            if self.book.set_verification(account, _MARKS[status]):
+                self._refresh_list()
+                self._refresh_title()
+        warning = KeyWarning(conversation, account, kind, detail)
+        self.key_warnings[conversation] = warning
+        notice = Notice(self.app.now(), "alarm", f"not sent: key change for {account}: {detail}")
+        self.book.notice(notice)
+        if conversation == self.book.open_id:
+            self.query_one(ChatLog).add_notice(notice, self.app.now(), self.app.tz)
+        self._guard_compose()
+        self.app.bell()
+        self._warn(warning)
+
+    def _warn(self, warning: KeyWarning) -> None:
+        if isinstance(self.app.screen, KeyChangeScreen):
+            return
+
+        def acknowledged(_: object) -> None:
+            self.key_warnings.pop(warning.conversation, None)
+            self._guard_compose()
+            self.query_one(ComposeArea).focus()
+
+        contact = self.book.title(warning.account)
+        self.app.push_screen(KeyChangeScreen(warning, contact), acknowledged)
 
     # ---- actions --------------------------------------------------------------------------------
 

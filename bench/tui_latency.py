@@ -1,0 +1,111 @@
+"""Enter-to-peer latency of the Textual app: two app instances on a loopback server.
+
+Run: ``python -m bench.tui_latency [N]`` (N messages, 50 by default, at most 500). Starts a
+server process on a free loopback port, registers two profiles (cheap KDF), opens both in
+:class:`~kluis.apps.tui.app.KluisApp` under Textual's pilot (headless, 80x24, one process, one
+UI event loop and one client thread per app), opens the conversation on both sides, then for
+each message: put the text in Alice's compose box, take the time, press Enter in Alice's app
+and wait until the text is in a line of Bob's chat view (polled every millisecond; 10 s bound).
+Messages go one at a time. Prints p50, p90, p99 and max in milliseconds as JSON; it writes no
+result file (nothing here feeds BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.kluis_testing import PASSPHRASE, ServerProcess, register
+from textual.widgets import Input
+
+from bench.common import latency_fields, machine
+from kluis.apps.tui.app import KluisApp
+from kluis.apps.tui.screens.main import MainScreen
+from kluis.apps.tui.widgets import ChatLog, ComposeArea
+from kluis.crypto.profile_key import new_params
+
+MAX_MESSAGES = 500
+WAIT_S = 10.0
+
+
+def _app(profile: Path, server: ServerProcess) -> KluisApp:
+    return KluisApp(
+        profile,
+        cursor_blink=False,
+        kdf=new_params(time_cost=1, memory_kib=8 * 1024),
+        default_server=server.url,
+    )
+
+
+def _main(app: KluisApp) -> MainScreen | None:
+    screen = app.screen
+    return screen if isinstance(screen, MainScreen) else None
+
+
+async def _wait(check: Any, timeout: float = WAIT_S, step: float = 0.001) -> None:
+    deadline = time.perf_counter() + timeout
+    while not check():
+        if time.perf_counter() > deadline:
+            raise TimeoutError("the app did not get there in time")
+        await asyncio.sleep(step)
+
+
+def _shows(log: ChatLog, marker: str) -> bool:
+    return any(marker in "".join(s.text for s in strip) for strip in log.lines[-6:])
+
+
+async def measure(count: int, tmp: Path) -> dict[str, Any]:
+    server = ServerProcess(tmp / "server")
+    server.start()
+    try:
+        ids = []
+        for name in ("alice", "bob"):
+            client = await register(server, tmp / name)
+            ids.append(client.account_id)
+            await client.close()
+        alice_id, bob_id = ids
+        alice, bob = _app(tmp / "alice", server), _app(tmp / "bob", server)
+        async with alice.run_test(size=(80, 24)) as a, bob.run_test(size=(80, 24)) as b:
+            for app, pilot in ((alice, a), (bob, b)):
+                await pilot.pause()
+                app.screen.query_one("#passphrase", Input).value = PASSPHRASE
+                await pilot.press("enter")
+            for app in (alice, bob):
+                await _wait(lambda app=app: (s := _main(app)) is not None and s.online is True)
+            sender, receiver = _main(alice), _main(bob)
+            assert sender is not None and receiver is not None
+            sender.open_conversation(bob_id)
+            receiver.open_conversation(alice_id)
+            compose = sender.query_one(ComposeArea)
+            compose.focus()
+            log = receiver.query_one(ChatLog)
+            await a.pause(0.2)
+            await b.pause(0.2)
+            latencies = []
+            for k in range(count):
+                marker = f"m{k:04d}-{time.monotonic_ns() % 10**6:06d}"
+                compose.text = marker
+                started = time.perf_counter()
+                await a.press("enter")
+                await _wait(lambda marker=marker: _shows(log, marker))
+                latencies.append(time.perf_counter() - started)
+        fields = {k: round(v, 2) for k, v in latency_fields(latencies).items()}
+        return {"messages": count, **fields, "machine": machine()}
+    finally:
+        server.stop()
+
+
+def main(count: int = 50) -> None:
+    count = max(1, min(count, MAX_MESSAGES))
+    with tempfile.TemporaryDirectory(prefix="kluis-tui-latency-") as tmp:
+        result = asyncio.run(measure(count, Path(tmp)))
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 50)
