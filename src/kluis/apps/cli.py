@@ -20,25 +20,12 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TransferSpeedColumn,
-)
-
-from kluis.client.client import KluisClient
 from kluis.client.groups import is_group_id
 from kluis.client.records import Message
 from kluis.client.store import ProfileStore
 from kluis.client.timers import describe as describe_timer
-from kluis.client.transport import TransportFactory, WebSocketTransport
-from kluis.client.transport.websocket import DEFAULT_TIMEOUT_S
 from kluis.client.verification import Status, Verification
 from kluis.errors import (
     KeyChanged,
@@ -50,7 +37,20 @@ from kluis.errors import (
 )
 
 if TYPE_CHECKING:
+    from kluis.client.client import KluisClient
+    from kluis.client.transport import TransportFactory
     from kluis.server.config import ServerConfig
+
+DEFAULT_TIMEOUT_S = 30.0  # WebSocketTransport's own default (client/transport/websocket.py)
+
+
+def _kluis() -> type[KluisClient]:
+    """The client class, imported when a command needs it: it brings the network stack, which
+    `--help`, a usage error or an offline command should not pay for at start-up."""
+    from kluis.client.client import KluisClient
+
+    return KluisClient
+
 
 DEFAULT_PORT = 8448
 
@@ -206,11 +206,13 @@ def cmd_audit_storage(args: argparse.Namespace) -> None:
 
 def _dial(args: argparse.Namespace) -> TransportFactory:
     """WebSocket transports whose every step ends within ``--timeout`` seconds."""
+    from kluis.client.transport.websocket import WebSocketTransport
+
     return functools.partial(WebSocketTransport, timeout=args.timeout)
 
 
 async def _register(args: argparse.Namespace) -> None:
-    client = await KluisClient.register(
+    client = await _kluis().register(
         args.server,
         args.licence,
         Path(args.profile),
@@ -222,7 +224,7 @@ async def _register(args: argparse.Namespace) -> None:
 
 
 async def _whoami(args: argparse.Namespace) -> None:
-    client = KluisClient.open(Path(args.profile), _passphrase(), transport_factory=_dial(args))
+    client = _kluis().open(Path(args.profile), _passphrase(), transport_factory=_dial(args))
     try:
         if not client.account_id:  # a linked device learns its account at first login
             await client.connect()
@@ -237,7 +239,7 @@ async def _whoami(args: argparse.Namespace) -> None:
 
 
 async def _device_request(args: argparse.Namespace) -> None:
-    code = await KluisClient.request_link(
+    code = await _kluis().request_link(
         args.server,
         Path(args.profile),
         _passphrase(confirm=True),
@@ -261,7 +263,7 @@ def _notice(client: KluisClient) -> None:
 async def _with_client(
     args: argparse.Namespace, body: Callable[[KluisClient], Awaitable[None]]
 ) -> None:
-    client = KluisClient.open(Path(args.profile), _passphrase(), transport_factory=_dial(args))
+    client = _kluis().open(Path(args.profile), _passphrase(), transport_factory=_dial(args))
     try:
         await client.connect()
         _alarm(client)
@@ -321,13 +323,22 @@ class _Transfer:
     def __init__(self, label: str) -> None:
         self._label = label
         self._start = time.monotonic()
-        self._bar: Progress | None = None
-        self._task: TaskID | None = None
+        self._bar: Any = None  # a rich Progress, made (and rich imported) only when needed
+        self._task: Any = None
 
     def __call__(self, done: int, total: int) -> None:
         if self._bar is None:
             if time.monotonic() - self._start < 1.0 or not sys.stderr.isatty():
                 return
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TransferSpeedColumn,
+            )
+
             self._bar = Progress(
                 TextColumn(self._label),
                 BarColumn(),
@@ -434,7 +445,7 @@ async def _send_alone(args: argparse.Namespace, text: str | None) -> None:
             await client.send(args.id, text or "")
         print(f"sent to {account_label(args.id, client.contacts())}")
 
-    client = KluisClient.open(Path(args.profile), _passphrase(), transport_factory=_dial(args))
+    client = _kluis().open(Path(args.profile), _passphrase(), transport_factory=_dial(args))
     try:
         try:
             await client.connect()
@@ -573,7 +584,7 @@ async def _safety_number(args: argparse.Namespace) -> None:
 
 async def _verify(args: argparse.Namespace) -> None:
     if args.status:
-        client = KluisClient.open(Path(args.profile), _passphrase())
+        client = _kluis().open(Path(args.profile), _passphrase())
         try:
             status, reason = client.verification_status(args.id)
         finally:
@@ -607,7 +618,7 @@ async def _verify(args: argparse.Namespace) -> None:
 
 
 def cmd_history(args: argparse.Namespace) -> None:
-    client = KluisClient.open(Path(args.profile), _passphrase())
+    client = _kluis().open(Path(args.profile), _passphrase())
     try:
         names = client.contacts()
         for message in client.history(args.id):
@@ -634,7 +645,7 @@ async def _group_change(args: argparse.Namespace) -> None:
 
 
 def cmd_group_members(args: argparse.Namespace) -> None:
-    client = KluisClient.open(Path(args.profile), _passphrase())
+    client = _kluis().open(Path(args.profile), _passphrase())
     try:
         state = client.group(args.group)
         print(f"{state.id}\t{state.name}" + ("" if state.member else "\t(you left)"))
@@ -659,7 +670,7 @@ def cmd_trust(args: argparse.Namespace) -> None:
 
 def _offline(args: argparse.Namespace, body: Callable[[KluisClient], None]) -> None:
     """Commands that read or change only the profile: no server needed."""
-    client = KluisClient.open(Path(args.profile), _passphrase())
+    client = _kluis().open(Path(args.profile), _passphrase())
     try:
         client.sweep()
         _notice(client)
@@ -1113,7 +1124,7 @@ def cmd_panic_passphrase(args: argparse.Namespace) -> None:
     from kluis.client.wipe import set_panic
 
     passphrase = _passphrase()
-    client = KluisClient.open(Path(args.profile), passphrase)  # proves the passphrase
+    client = _kluis().open(Path(args.profile), passphrase)  # proves the passphrase
     client.core.store.close()
     panic = os.environ.get("KLUIS_PANIC_PASSPHRASE")
     if panic is None:

@@ -42,12 +42,14 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from kluis.apps.cli import account_label, message_json, message_line
-from kluis.client.client import KluisClient
 from kluis.client.events import ConnectionUp, DeviceAlarm, MessageReceived, Undecryptable
-from kluis.client.transport import TransportFactory
+
+if TYPE_CHECKING:  # the client side of this module (Rpc) needs no network stack
+    from kluis.client.client import KluisClient
+    from kluis.client.transport import TransportFactory
 from kluis.errors import KluisError, LocalProtocolError, NotSent, TransportError, error_for_code
 
 SOCKET = "daemon.sock"
@@ -311,6 +313,8 @@ async def run(
         lock.truncate(0)
         lock.write(f"{os.getpid()}\n")
         lock.flush()
+        from kluis.client.client import KluisClient
+
         client = KluisClient.open(profile, passphrase, transport_factory=transport_factory)
         try:
             reason = await Daemon(client, profile, lock_after).run()
