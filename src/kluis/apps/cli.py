@@ -138,6 +138,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         sqlite_synchronous=args.sync,
         public_url=args.public_url,
         database_url=args.database,
+        redis_url=args.redis,
+        redis_prefix=args.redis_prefix,
     )
     try:
         config.origin  # noqa: B018 - checks --public-url before anything starts
@@ -837,6 +839,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="URL",
         help="postgresql://USER@HOST:PORT/DB: keep the store on PostgreSQL instead of SQLite",
+    )
+    s.add_argument(
+        "--redis",
+        default=None,
+        metavar="URL",
+        help="redis://HOST:PORT/DB: route delivery signals between nodes over Redis pub/sub"
+        " (default: within this process only)",
+    )
+    s.add_argument(
+        "--redis-prefix",
+        default="kluis",
+        metavar="WORD",
+        help="Redis channel prefix, the same on every node of one deployment (default kluis)",
     )
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument(

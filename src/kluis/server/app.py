@@ -27,6 +27,8 @@ from kluis.server.blobs import BlobService
 from kluis.server.config import ServerConfig
 from kluis.server.connection import Services
 from kluis.server.delivery.memory import InProcessBus
+from kluis.server.delivery.protocol import DeliveryBus
+from kluis.server.delivery.redis import RedisBus, RedisBusError
 from kluis.server.keys import KeyDirectory
 from kluis.server.mailbox import Mailbox
 from kluis.server.openapi import openapi
@@ -55,7 +57,12 @@ def build_services(
     config: ServerConfig, store: Store, clock: Callable[[], float] = time.time
 ) -> Services:
     limits = config.limits
-    bus = InProcessBus()
+    bus: DeliveryBus = InProcessBus()
+    if config.redis_url is not None:
+        try:
+            bus = RedisBus(config.redis_url, config.redis_prefix)
+        except RedisBusError as exc:
+            raise LocalProtocolError(str(exc)) from exc
     operator = keyfile.public_info(config.data_dir)
     if operator is not None and operator.origin != config.origin:
         log.warning(
@@ -178,6 +185,9 @@ def build_app(server: Server) -> web.Application:
         add_console(app, server.config, server.store, operator)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        bus = server.services.bus
+        if isinstance(bus, RedisBus):
+            await bus.start()  # already started by _run; idempotent
         tasks = [asyncio.create_task(_sweeper(server)), asyncio.create_task(_checkpointer(server))]
         tasks.append(asyncio.create_task(_blob_sweeper(server)))
         yield
@@ -185,6 +195,8 @@ def build_app(server: Server) -> web.Application:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if isinstance(bus, RedisBus):
+            await bus.close()
         await server.store.close()
 
     app.cleanup_ctx.append(lifecycle)
@@ -217,6 +229,12 @@ async def _run(server: Server, config: ServerConfig) -> None:
         try:
             await server.store.open()
         except ConnectionError as exc:
+            raise LocalProtocolError(str(exc)) from exc
+    if isinstance(server.services.bus, RedisBus):
+        # Likewise Redis: a node that cannot route to the others must not accept connections.
+        try:
+            await server.services.bus.start()
+        except RedisBusError as exc:
             raise LocalProtocolError(str(exc)) from exc
     await runner.setup()
     try:

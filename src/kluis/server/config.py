@@ -106,6 +106,11 @@ class ServerConfig:
     # postgresql://user@host:port/database: the store is on PostgreSQL (server/store/postgres.py)
     # instead of SQLite in data_dir; attachments stay in data_dir.
     database_url: str | None = None
+    # redis://host:port/db: the delivery bus runs over Redis pub/sub (server/delivery/redis.py),
+    # so several nodes on one PostgreSQL store route signals to each other's connections. All
+    # nodes of one deployment share redis_prefix; deployments sharing a Redis differ in it.
+    redis_url: str | None = None
+    redis_prefix: str = "kluis"
 
     @property
     def origin(self) -> str:
