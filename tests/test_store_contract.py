@@ -56,6 +56,11 @@ def test_history_and_seen(store: ClientStore) -> None:
     store.add_message("p1", b"m3")
     assert store.messages("p1") == [b"m1", b"m3"]
     assert store.messages() == [b"m1", b"m2", b"m3"]
+    rows = store.message_rows()
+    first = rows[0][0]
+    assert store.message_rows(after=first) == rows[1:]  # only what came after a seq
+    assert [v for _, v in store.message_rows("p1", after=first)] == [b"m3"]
+    assert store.message_rows(after=rows[-1][0]) == []
     assert not store.seen(b"t")
     store.mark_seen(b"t")
     store.mark_seen(b"t")

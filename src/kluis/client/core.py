@@ -766,13 +766,17 @@ class ClientCore:
             self.store.mark_seen(b"msg:" + payload.id)
             return self._apply(s, payload)
 
+    def _peer_time(self, payload: Payload) -> int:
+        """A peer's timestamp as we keep it: at most MAX_CLOCK_SKEW_MS ahead of our clock."""
+        return clamp_ts(min(payload.ts, self._now_ms() + MAX_CLOCK_SKEW_MS))
+
     def _apply(self, s: Sealed, payload: Payload) -> Message | None:
         """What a checked, first-seen payload changes, inside its envelope's transaction: one
         case per kind. A message for the user comes back; anything else may add to
         :attr:`notices`."""
         match payload:
             case Text() | Sync() | File() | GroupText():
-                ts = clamp_ts(min(payload.ts, self._now_ms() + MAX_CLOCK_SKEW_MS))
+                ts = self._peer_time(payload)
                 m = self._file_message(payload, s.account, ts, self.conversation_of(payload))
                 if isinstance(payload, File):
                     received = ReceivedFile(payload.attachment, m.conversation, s.account)
@@ -783,7 +787,7 @@ class ClientCore:
                 line = self.groups.apply_update(s.account, s.device, payload)
                 if line is None:
                     return None
-                ts = clamp_ts(min(payload.ts, self._now_ms() + MAX_CLOCK_SKEW_MS))
+                ts = self._peer_time(payload)
                 m = StoredMessage(payload.to, sender=s.account, ts=ts, text=line)
                 self.store.add_message(payload.to, _enc.encode(m))
                 return Message.from_stored(m)
@@ -799,7 +803,7 @@ class ClientCore:
                 self.features.notes.apply(s, payload)  # own devices only
                 return None
             case Timer():
-                ts = clamp_ts(min(payload.ts, self._now_ms() + MAX_CLOCK_SKEW_MS))
+                ts = self._peer_time(payload)
                 return self.features.timers.apply(s, payload, ts)
             case Receipt():
                 self.features.receipts.apply(s, payload)
@@ -939,9 +943,9 @@ class ClientCore:
         raw = self.store.get("inbox-cursor")
         cursor = msgspec.msgpack.decode(raw, type=int) if raw else 0
         out = []
-        for seq, value in self.store.message_rows():
-            if seq <= cursor:
-                continue
+        # Only the rows past the cursor: an inbox that waits asks after every batch, and a long
+        # history must not be read and decrypted again each time.
+        for seq, value in self.store.message_rows(after=cursor):
             m = _stored_dec.decode(value)
             shown = None if m.local else self.features.shown(m)
             if shown is not None:

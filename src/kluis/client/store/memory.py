@@ -125,9 +125,10 @@ class MemoryStore:
     def messages(self, peer: str | None = None) -> list[bytes]:
         return [v for _, v in self.message_rows(peer)]
 
-    def message_rows(self, peer: str | None = None) -> list[tuple[int, bytes]]:
+    def message_rows(self, peer: str | None = None, after: int = 0) -> list[tuple[int, bytes]]:
         self._check()
-        return [(i, v) for i, (p, v) in sorted(self._messages.items()) if peer is None or p == peer]
+        rows = sorted(self._messages.items())
+        return [(i, v) for i, (p, v) in rows if i > after and (peer is None or p == peer)]
 
     def delete_messages(self, seqs: Sequence[int]) -> None:
         with self.transaction():

@@ -71,8 +71,9 @@ class ClientStore(Protocol):
         """In the order they were added; all conversations when ``peer`` is None."""
         ...
 
-    def message_rows(self, peer: str | None = None) -> list[tuple[int, bytes]]:
-        """(seq, value) in the order they were added; seq grows with each message added."""
+    def message_rows(self, peer: str | None = None, after: int = 0) -> list[tuple[int, bytes]]:
+        """(seq, value) in the order they were added, only those with seq above ``after``; seq
+        grows with each message added."""
         ...
 
     def delete_messages(self, seqs: Sequence[int]) -> None:

@@ -304,12 +304,15 @@ class ProfileStore:
             ).fetchall()
         return [self._cipher.decrypt(v, b"message:" + str(s).encode()) for s, v in rows]
 
-    def message_rows(self, peer: str | None = None) -> list[tuple[int, bytes]]:
+    def message_rows(self, peer: str | None = None, after: int = 0) -> list[tuple[int, bytes]]:
         if peer is None:
-            rows = self._db.execute("SELECT seq, value FROM messages ORDER BY seq").fetchall()
+            rows = self._db.execute(
+                "SELECT seq, value FROM messages WHERE seq > ? ORDER BY seq", (after,)
+            ).fetchall()
         else:
             rows = self._db.execute(
-                "SELECT seq, value FROM messages WHERE peer = ? ORDER BY seq", (self.blind(peer),)
+                "SELECT seq, value FROM messages WHERE peer = ? AND seq > ? ORDER BY seq",
+                (self.blind(peer), after),
             ).fetchall()
         return [(int(s), self._cipher.decrypt(v, b"message:" + str(s).encode())) for s, v in rows]
 
