@@ -8,7 +8,7 @@ come, so ``kluis inbox`` only has to show what is stored and not shown yet. It l
 reach the socket can use the account, as with signal-cli), one JSON-RPC 2.0 request per line,
 one response per line. Methods:
 
-    whoami {}                              -> {"account": ID}
+    whoami {}                              -> {"account": ID, "ends": DAY|null, "notice": T}
     send {"to": ID|GROUP, "text": T}       -> {"to": LABEL}        (or "file": PATH, "caption")
     inbox {"wait": SECONDS}                -> {"messages": [{"seq", "line", "json"}]}  not shown yet
     shown {"seq": N}                       -> {"read": COUNT}  printed up to N: shown, read
@@ -44,7 +44,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from kluis.apps.cli import account_label, message_json, message_line
+from kluis.apps.cli import _day, account_label, message_json, message_line
 from kluis.client.events import ConnectionUp, DeviceAlarm, MessageReceived, Undecryptable
 
 if TYPE_CHECKING:  # the client side of this module (Rpc) needs no network stack
@@ -217,7 +217,12 @@ class Daemon:
     # ---- methods
 
     async def rpc_whoami(self) -> dict[str, Any]:
-        return {"account": self.client.account_id}
+        end = self.client.subscription_end
+        return {
+            "account": self.client.account_id,
+            "ends": _day(end) if end is not None else None,
+            "notice": self.client.renewal_notice(),
+        }
 
     async def rpc_send(
         self, to: str, text: str = "", file: str | None = None, caption: str = ""

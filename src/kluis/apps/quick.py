@@ -1,0 +1,244 @@
+"""The ``kluis`` command's entry point: a running daemon answers the common commands at once.
+
+Theory of operation: loading the whole CLI (the client, its crypto, aiohttp, rich) costs more
+than a hundred milliseconds before any work starts. With ``kluis daemon`` holding the profile
+unlocked and connected, ``send``, ``inbox``, ``history`` and ``whoami`` need only one JSON-RPC
+exchange over the daemon's Unix socket. So this module, which imports nothing but the standard
+library, recognises those four commands in their plain forms, checks that a daemon holds the
+profile (its lock file is held exclusively), and asks it, printing what the full CLI prints
+through the daemon. Everything else goes to the full CLI (``kluis.apps.cli.main``) unchanged:
+another command, an option this parser does not know (``--help`` included), no daemon, a socket
+that does not answer. An error the daemon reports is printed by the full CLI's own code, loaded
+only then, so its wording and hints are the same on both paths.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+# Kept equal to kluis.apps.cli.DEFAULT_TIMEOUT_S (a test checks it): importing it costs the CLI.
+DEFAULT_TIMEOUT_S = 30.0
+SOCKET, LOCK = "daemon.sock", "daemon.lock"  # as kluis.apps.daemon names them (a test checks)
+# command: (least, most positionals), the options it may take here
+_COMMANDS = {
+    "send": (2, 2, {"--profile"}),
+    "inbox": (0, 0, {"--profile", "--wait", "--json"}),
+    "history": (0, 1, {"--profile", "--json"}),
+    "whoami": (0, 0, {"--profile"}),
+}
+_FLAGS = {"--json"}
+
+
+@dataclass
+class Plain:
+    """A command line this module can answer through a daemon."""
+
+    command: str
+    profile: str
+    timeout: float = DEFAULT_TIMEOUT_S
+    wait: float = 0.0
+    json: bool = False
+    positionals: list[str] = field(default_factory=list)
+
+
+def parse(argv: Sequence[str]) -> Plain | None:
+    """``argv`` as a :class:`Plain` command, or None when the full CLI must read it."""
+    args = list(argv)
+    timeout = DEFAULT_TIMEOUT_S
+    if args and (args[0] == "--timeout" or args[0].startswith("--timeout=")):
+        value, args = _take(args, "--timeout")
+        number = _number(value)
+        if number is None or not number > 0:
+            return None  # the full CLI refuses it in its own words
+        timeout = number
+    if not args or args[0] not in _COMMANDS:
+        return None
+    command, rest = args[0], args[1:]
+    least, most, allowed = _COMMANDS[command]
+    options: dict[str, str | None] = {}
+    positionals: list[str] = []
+    while rest:
+        token = rest[0]
+        name = token.partition("=")[0]
+        if token in _FLAGS and token in allowed:
+            options[token] = None
+            rest = rest[1:]
+        elif name in allowed and name not in _FLAGS:
+            value, rest = _take(rest, name)
+            if value is None:
+                return None
+            options[name] = value
+        elif token.startswith("-") and token != "-":
+            return None  # --help, --file, an abbreviation, "--": the full CLI's business
+        else:
+            positionals.append(token)
+            rest = rest[1:]
+    profile = options.get("--profile")
+    if profile is None or not least <= len(positionals) <= most:
+        return None
+    plain = Plain(command, profile, timeout, json="--json" in options, positionals=positionals)
+    if "--wait" in options:
+        wait = _number(options["--wait"])
+        if wait is None:
+            return None
+        plain.wait = wait
+    return plain
+
+
+def _take(args: list[str], name: str) -> tuple[str | None, list[str]]:
+    """The value of option ``name`` at the head of ``args`` (``--x V`` or ``--x=V``), the rest."""
+    head = args[0]
+    if head.startswith(name + "="):
+        return head[len(name) + 1 :], args[1:]
+    if len(args) < 2:
+        return None, args[1:]
+    return args[1], args[2:]
+
+
+def _number(text: str | None) -> float | None:
+    try:
+        return float(text) if text is not None else None
+    except ValueError:
+        return None
+
+
+class DaemonError(Exception):
+    """The daemon answered with an error (``error`` is the JSON-RPC error object)."""
+
+    def __init__(self, error: dict[str, Any]) -> None:
+        super().__init__(error.get("message", ""))
+        self.error = error
+
+
+class Channel:
+    """One JSON-RPC connection to the daemon (blocking, like kluis.apps.daemon.Rpc)."""
+
+    def __init__(self, sock: socket.socket, timeout: float) -> None:
+        self._sock, self._file, self._timeout, self._ids = sock, sock.makefile("rb"), timeout, 0
+
+    def call(self, method: str, params: dict[str, Any], *, longer: float = 0.0) -> Any:
+        self._ids += 1
+        request = {"jsonrpc": "2.0", "id": self._ids, "method": method, "params": params}
+        self._sock.settimeout(self._timeout + longer)
+        self._sock.sendall(json.dumps(request).encode() + b"\n")
+        line = self._file.readline()
+        if not line:
+            raise OSError("the kluis daemon closed the connection")
+        answer = json.loads(line)
+        if "error" in answer:
+            raise DaemonError(answer["error"])
+        return answer["result"]
+
+    def close(self) -> None:
+        self._file.close()
+        self._sock.close()
+
+
+def connect(profile: str, timeout: float) -> Channel | None:
+    """The daemon holding ``profile``, or None when none does (or its socket does not answer:
+    the full CLI then says so in its own words)."""
+    try:
+        fd = os.open(os.path.join(profile, LOCK), os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pass  # held exclusively: a daemon runs
+    else:
+        return None  # nobody holds it exclusively: no daemon (the lock goes with the close)
+    finally:
+        os.close(fd)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(os.path.join(profile, SOCKET))
+    except OSError:
+        sock.close()
+        return None
+    return Channel(sock, timeout)
+
+
+def run(plain: Plain, channel: Channel) -> None:
+    """Answer ``plain`` through the daemon; print as the full CLI does."""
+    if plain.command == "send":
+        to, text = plain.positionals
+        if text == "-":
+            text = sys.stdin.read()
+        answer = channel.call("send", {"to": to, "text": text})
+        print(f"sent to {answer['to']}")
+    elif plain.command == "inbox":
+        deadline = time.monotonic() + plain.wait
+        while True:  # printed first, then acknowledged as shown (as the full CLI does)
+            wait = max(0.0, deadline - time.monotonic())
+            got = channel.call("inbox", {"wait": wait}, longer=wait)["messages"]
+            for m in got:
+                print(json.dumps(m["json"]) if plain.json else m["line"], flush=True)
+            if got:
+                channel.call("shown", {"seq": got[-1]["seq"]})
+            if time.monotonic() >= deadline:
+                return
+    elif plain.command == "history":
+        conversation = plain.positionals[0] if plain.positionals else None
+        for m in channel.call("history", {"conversation": conversation})["messages"]:
+            print(json.dumps(m["json"]) if plain.json else m["line"], flush=True)
+    else:
+        answer = channel.call("whoami", {})
+        print(answer["account"])
+        if answer.get("ends"):  # stderr: stdout stays the bare ID, as scripts take it
+            print(f"subscription ends on {answer['ends']}", file=sys.stderr)
+        if answer.get("notice"):
+            print(answer["notice"], file=sys.stderr)
+
+
+def _report(exc: DaemonError | OSError) -> int:
+    """The full CLI's wording for a failure on the fast path (loaded only now)."""
+    from kluis.apps import cli
+    from kluis.errors import LocalProtocolError, NotSent, TransportError, error_for_code
+
+    if isinstance(exc, OSError):
+        cli._report(TransportError(f"the kluis daemon did not answer: {exc}"), "error")
+        return 1
+    code = (exc.error.get("data") or {}).get("code")
+    err = error_for_code(code, str(exc)) if code else LocalProtocolError(f"daemon: {exc}")
+    if isinstance(err, NotSent):
+        print(f"{cli.NOT_SENT} ({err.message})", file=sys.stderr)
+    else:
+        cli._report(err, "error")
+    return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    plain = parse(arguments)
+    channel = connect(plain.profile, plain.timeout) if plain is not None else None
+    if plain is None or channel is None:
+        from kluis.apps.cli import main as full
+
+        return full(arguments)
+    # As the full CLI: Ctrl-C ends the command even when started with SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        run(plain, channel)
+    except (DaemonError, OSError) as exc:
+        return _report(exc)
+    except ValueError as exc:  # not JSON: not our daemon
+        return _report(OSError(f"unreadable answer ({exc})"))
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        channel.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
