@@ -224,7 +224,7 @@ async def idle_step(nodes: int, idle: int, per_child: int = 9_000) -> dict[str, 
                         subprocess.Popen(
                             [
                                 *(sys.executable, "-m", "bench.idle_child", "--url", node.url),
-                                *("--licences", str(path), "--source-ips", ips, "--hold", "900"),
+                                *("--licences", str(path), "--source-ips", ips, "--hold", "3600"),
                                 *("--concurrency", "100"),
                             ],
                             stdin=subprocess.PIPE,
@@ -233,7 +233,7 @@ async def idle_step(nodes: int, idle: int, per_child: int = 9_000) -> dict[str, 
                             cwd=ROOT,
                         )
                     )
-            reports = await asyncio.gather(*(_read_line(p, "CONNECTED ", 1200) for p in children))
+            reports = await asyncio.gather(*(_read_line(p, "CONNECTED ", 3000) for p in children))
             res["connect_s"] = time.perf_counter() - t
             res["connected"] = sum(int(r.get("ok", 0)) for r in reports)
             res["failed"] = sum(max(0, int(r.get("fail", 0))) for r in reports)
