@@ -22,8 +22,10 @@ import socket
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Any
 
 # Kept equal to kluis.apps.cli.DEFAULT_TIMEOUT_S (a test checks it): importing it costs the CLI.
 DEFAULT_TIMEOUT_S = 30.0
@@ -38,16 +40,18 @@ _COMMANDS = {
 _FLAGS = {"--json"}
 
 
-@dataclass
 class Plain:
-    """A command line this module can answer through a daemon."""
+    """A command line this module can answer through a daemon (a plain class: importing
+    dataclasses would cost more than the rest of this module)."""
 
-    command: str
-    profile: str
-    timeout: float = DEFAULT_TIMEOUT_S
-    wait: float = 0.0
-    json: bool = False
-    positionals: list[str] = field(default_factory=list)
+    __slots__ = ("command", "json", "positionals", "profile", "timeout", "wait")
+
+    def __init__(
+        self, command: str, profile: str, timeout: float, *, json: bool, positionals: list[str]
+    ) -> None:
+        self.command, self.profile, self.timeout = command, profile, timeout
+        self.json, self.positionals = json, positionals
+        self.wait = 0.0
 
 
 def parse(argv: Sequence[str]) -> Plain | None:
