@@ -300,3 +300,34 @@ async def test_console_migrations_are_versioned_apart_from_the_store(pg_url: str
         assert store_version >= 2  # the store's own list, untouched by the console's
     finally:
         await store.close()
+
+
+async def test_a_node_with_another_admin_key_refuses_logins_and_says_why(
+    pg_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()  # a new folder: a new admin.key, not a copy of A's
+    store_a, store_b = PostgresStore(pg_url), PostgresStore(pg_url)
+    clock = Clock()
+    node_a = _open_console(store_a, tmp_path / "a", clock)
+    node_b = _open_console(store_b, tmp_path / "b", clock)
+    try:
+        uri = await create_user(
+            node_a.store,
+            cred.SecretBox.open(tmp_path / "a"),
+            "boss",
+            "admin",
+            "a long password",
+            0,
+            int(clock()),
+            "cli",
+        )
+        code = pyotp.TOTP(pyotp.parse_uri(uri).secret).at(clock())
+        with caplog.at_level("WARNING", logger="kluis.server.admin"), pytest.raises(LoginFailed):
+            await node_b.login("c", "boss", "a long password", code)
+        assert "admin.key" in caplog.text
+        assert code not in caplog.text and "a long password" not in caplog.text
+        await node_a.login("c", "boss", "a long password", code)  # the step was not used on B
+    finally:
+        await store_a.close()
+        await store_b.close()
