@@ -2,7 +2,7 @@
 console user made with ``kluis admin create-user --database``, a login over HTTP with password
 and TOTP, licences listed and created; a second node (the same ``admin.key`` in its own data
 folder) serves the session the first started and refuses the TOTP code the first took; and
-``kluis admin account suspend --database`` shows on the console."""
+``kluis admin announce``, ``wipe`` and ``account suspend`` work with ``--database``."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from kluis.server.admin import credentials as cred
-from tests.admin_testing import ConsoleSession, create_user
+from tests.admin_testing import ConsoleSession, create_user, operator_init
 from tests.integration.test_postgres_server import PostgresServerProcess
 from tests.kluis_testing import register
 from tests.postgres import scratch_database
@@ -38,6 +38,7 @@ async def test_console_on_two_postgres_nodes(database: str, tmp_path: Path) -> N
     node_b = PostgresServerProcess(tmp_path / "b", database)
     browser: ConsoleSession | None = None
     try:
+        operator_init(node_a)  # DATA/operator.key, for the announcement and the wipe below
         node_a.start()  # makes DATA/admin.key
         node_a.licences(2, 30)
         boss = create_user(node_a, "boss", database=database)
@@ -70,23 +71,23 @@ async def test_console_on_two_postgres_nodes(database: str, tmp_path: Path) -> N
         finally:
             await other.close()
 
-        # An admin command with --database; the console on B sees what it did.
+        # The operator's commands with --database (keys from --data); the console on B sees
+        # what they did.
         client = await register(node_a, tmp_path / "alice")
         await client.close()
-        subprocess.run(
-            node_a.cli(
-                "admin",
-                "account",
-                "suspend",
-                "--data",
-                str(node_a.data),
-                "--database",
-                database,
-                client.account_id,
-            ),
-            check=True,
-            capture_output=True,
-        )
+
+        def admin(*args: str) -> subprocess.CompletedProcess[str]:
+            where = ["--data", str(node_a.data), "--database", database]
+            return subprocess.run(
+                node_a.cli("admin", *args[:-1], *where, args[-1]),
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+
+        assert "queued for 1 devices" in admin("announce", "maintenance tonight").stderr
+        assert admin("wipe", client.account_id).stdout.split() == [client.core.device_id]
+        admin("account", "suspend", client.account_id)
         page, status = await on_b.get("/admin/accounts")
         assert status == 200
         row = page.split(client.account_id, 1)[1].split("</tr>", 1)[0]
