@@ -29,11 +29,18 @@ class ConsoleUser:
 
 
 def create_user(
-    server: ServerProcess, name: str, role: str = "admin", quota: int | None = None
+    server: ServerProcess,
+    name: str,
+    role: str = "admin",
+    quota: int | None = None,
+    database: str | None = None,
 ) -> ConsoleUser:
-    """``kluis admin create-user``; the password comes from KLUIS_ADMIN_PASSWORD."""
+    """``kluis admin create-user`` (with ``--database`` for a node on PostgreSQL); the password
+    comes from KLUIS_ADMIN_PASSWORD."""
     password = f"pw-{name}-{os.urandom(6).hex()}"
     args = ["admin", "create-user", "--data", str(server.data), name, "--role", role]
+    if database is not None:
+        args += ["--database", database]
     if quota is not None:
         args += ["--quota", str(quota)]
     out = subprocess.run(

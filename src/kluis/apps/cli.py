@@ -1102,7 +1102,7 @@ def cmd_admin_init(args: argparse.Namespace) -> None:
 def _config(args: argparse.Namespace) -> ServerConfig:
     from kluis.server.config import ServerConfig
 
-    return ServerConfig(data_dir=Path(args.data))
+    return ServerConfig(data_dir=Path(args.data), database_url=args.database)
 
 
 def cmd_admin_announce(args: argparse.Namespace) -> None:
@@ -1153,6 +1153,9 @@ def cmd_panic_passphrase(args: argparse.Namespace) -> None:
     set_panic(Path(args.profile), panic)
 
 
+_DATABASE_HELP = "the server's postgresql://... database; --data still holds the keys"
+
+
 def _add_operator_parsers(
     sub: argparse._SubParsersAction[argparse.ArgumentParser],
     ads: argparse._SubParsersAction[argparse.ArgumentParser],
@@ -1162,6 +1165,11 @@ def _add_operator_parsers(
     ai = ads.add_parser("init", help="make the operator signing key; prints its public key")
     ai.add_argument("--data", required=True)
     ai.add_argument(
+        "--database",
+        metavar="URL",
+        help="accepted like the other admin commands: init writes only files in --data",
+    )
+    ai.add_argument(
         "--public-url",
         default=f"http://127.0.0.1:{DEFAULT_PORT}",
         help="the URL clients use (as kluis serve --public-url); announcements are bound to it",
@@ -1169,16 +1177,19 @@ def _add_operator_parsers(
     ai.set_defaults(func=cmd_admin_init)
     an = ads.add_parser("announce", help="sign TEXT and queue it for every device")
     an.add_argument("--data", required=True)
+    an.add_argument("--database", metavar="URL", help=_DATABASE_HELP)
     an.add_argument("--key", help="the operator key file (default DATA/operator.key)")
     an.add_argument("text")
     an.set_defaults(func=cmd_admin_announce)
     ac = ads.add_parser("account", help="suspend or reinstate an account; its wipe policy")
     ac.add_argument("action", choices=["suspend", "reinstate", "allow-wipe", "deny-wipe"])
     ac.add_argument("--data", required=True)
+    ac.add_argument("--database", metavar="URL", help=_DATABASE_HELP)
     ac.add_argument("id")
     ac.set_defaults(func=cmd_admin_account)
     aw = ads.add_parser("wipe", help="order the account's devices (or one) to erase themselves")
     aw.add_argument("--data", required=True)
+    aw.add_argument("--database", metavar="URL", help=_DATABASE_HELP)
     aw.add_argument("--device")
     aw.add_argument("--key", help="the operator key file (default DATA/operator.key)")
     aw.add_argument("id")

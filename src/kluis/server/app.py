@@ -22,6 +22,7 @@ from kluis.errors import LocalProtocolError
 from kluis.server import blob_http, logs
 from kluis.server.accounts import Accounts
 from kluis.server.admin.console import OperatorServices
+from kluis.server.admin.store import admin_store_for
 from kluis.server.admin.views import add_console
 from kluis.server.blobs import BlobService
 from kluis.server.config import ServerConfig
@@ -171,7 +172,8 @@ def build_app(server: Server) -> web.Application:
     app.router.add_get("/v1/openapi.json", openapi)  # describes the routes above: keep in step
     if server.services.blobs is not None:
         blob_http.add_routes(app, server.services.blobs)
-    if isinstance(server.store, SqliteStore):  # the console keeps its tables beside the store's
+    admin_store = admin_store_for(server.store)  # the console's tables, beside the store's
+    if admin_store is not None:
         services, operator = server.services, None
         if services.subscriptions is not None and services.wipes is not None:
             operator = OperatorServices(
@@ -182,7 +184,7 @@ def build_app(server: Server) -> web.Application:
                 subscriptions=services.subscriptions,
                 wipes=services.wipes,
             )
-        add_console(app, server.config, server.store, operator)
+        add_console(app, server.config, admin_store, operator)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         bus = server.services.bus

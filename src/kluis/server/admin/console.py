@@ -12,12 +12,20 @@ Theory of operation: handlers (``views.py``) parse and render; this module decid
   the accounts redeemed from them (ID, expiry, device count, last-seen day: never contents or
   contacts, which the server does not have) and its own audit entries.
 Login takes a password (argon2id) and a TOTP code (one use per time step), and is throttled per
-client address and for the whole server before any check runs. Every action, failed logins
+client address and for the whole node before any check runs. Every action, failed logins
 included, goes into the append-only audit log with no secret in it. Time is injected.
+
+Several nodes on one PostgreSQL database (``admin/postgres.py``) share users, sessions, used
+TOTP steps and the audit log, so any node serves a session another started and a code works
+once in the deployment. The login throttles are in each node's memory: N nodes behind a load
+balancer let through N times the attempts (the argon2id hash and the TOTP code still stand).
+Every node needs the same ``DATA/admin.key``: a node with another key cannot open the TOTP
+secrets, refuses every login and says so in its log.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +51,8 @@ from kluis.server.operator.subscriptions import Subscriptions
 from kluis.server.operator.wipe import Wipes, operator_orders
 from kluis.server.ratelimit import BucketMap, TokenBucket
 from kluis.server.store.protocol import Store
+
+log = logging.getLogger("kluis.server.admin")
 
 MAX_CODES = 10_000
 MAX_DAYS = 36_500
@@ -199,6 +209,11 @@ class Console:
             await self._failed(user)
             raise LoginFailed("wrong name, password or code")
         secret = self._box.open_secret(user.name, user.totp)
+        if secret is None:
+            log.warning(
+                "a console user's TOTP secret does not open with this node's admin.key: every "
+                "node needs a copy of the admin.key of the data folder create-user was given"
+            )
         step = None if secret is None else cred.totp_step(secret, code, self._clock())
         if step is None or not await self.store.use_totp_step(user.name, step):
             await self._failed(user)

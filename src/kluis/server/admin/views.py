@@ -39,7 +39,6 @@ from kluis.server.admin.console import (
 )
 from kluis.server.admin.store import AdminStore, AdminUser
 from kluis.server.config import ServerConfig
-from kluis.server.store.sqlite import SqliteStore
 
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'; form-action 'self'",
@@ -342,16 +341,15 @@ async def _headers(request: web.Request, response: web.StreamResponse) -> None:
 def add_console(
     app: web.Application,
     config: ServerConfig,
-    store: SqliteStore,
+    store: AdminStore,
     operator: OperatorServices | None = None,
 ) -> None:
-    """Serve the console under ``/admin`` of ``app`` (``server/app.py``); ``operator``: the
-    server's services its announcement and account actions go through."""
+    """Serve the console under ``/admin`` of ``app`` (``server/app.py``) on ``store``
+    (``admin_store_for`` the node's store); ``operator``: the server's services its
+    announcement and account actions go through."""
     admin = web.Application(middlewares=[errors])
     admin[SETTINGS] = CookieSettings(config)
-    admin[CONSOLE] = Console.open(
-        AdminStore(store), config.data_dir, config.limits, time.time, operator
-    )
+    admin[CONSOLE] = Console.open(store, config.data_dir, config.limits, time.time, operator)
     admin.router.add_get("", index)
     admin.router.add_get("/", index)
     admin.router.add_get("/login", login_form)

@@ -1,6 +1,7 @@
 """What the operator's commands do to a node's data folder, apart from a running server:
 licences with plans (and their CSV), suspension and the wipe policy, announcements and wipe
-orders signed with the operator key. Each call opens the store, does one thing and closes it;
+orders signed with the operator key. Each call opens the store (SQLite in the data folder, or
+the PostgreSQL database of ``config.database_url``), does one thing and closes it;
 the admin console can call the services underneath (``Subscriptions``, ``Wipes``,
 ``announcements``) on the live server's store instead.
 
@@ -27,19 +28,22 @@ from kluis.server.operator import announcements, keyfile
 from kluis.server.operator.subscriptions import Licence, Subscriptions
 from kluis.server.operator.wipe import Wipes, operator_orders
 from kluis.server.store.protocol import Store
-from kluis.server.store.sqlite import SqliteStore
 
 _T = TypeVar("_T")
 
 
 def _with_store(config: ServerConfig, fn: Callable[[Store], Awaitable[_T]]) -> _T:
-    if not config.database_path.exists():
+    """``fn`` on the node's store: SQLite in the data folder, or PostgreSQL (``--database``)."""
+    if not config.on_postgres and not config.database_path.exists():
         raise LocalProtocolError(f"{config.data_dir} holds no Kluis database; check --data")
+    from kluis.server.app import open_store  # the app wires the operator's services too
 
     async def run() -> _T:
-        store = SqliteStore(config.database_path)
+        store = open_store(config)
         try:
             return await fn(store)
+        except ConnectionError as exc:  # PostgreSQL down or the URL wrong
+            raise LocalProtocolError(str(exc)) from exc
         finally:
             await store.close()
 

@@ -176,6 +176,11 @@ class PostgresStore:
         """Connect and migrate (idempotent): every other method does it first if needed."""
         await self._connect()
 
+    async def connection_pool(self) -> Any:
+        """The store's asyncpg pool, connected and migrated: for the admin console's tables
+        (``server/admin/postgres.py``), which live in the same database."""
+        return await self._connect()
+
     async def _connect(self) -> Any:
         if self._pool is not None:
             return self._pool
