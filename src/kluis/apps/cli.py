@@ -113,8 +113,9 @@ def _alarm(client: KluisClient) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    from kluis.server import settings
     from kluis.server.app import serve
-    from kluis.server.config import DAY, Limits, ServerConfig, limits_with_overrides
+    from kluis.server.config import DAY
 
     # The shortcut flags are --limit overrides too (applied after them), checked the same way.
     overrides = list(args.limit)
@@ -126,25 +127,17 @@ def cmd_serve(args: argparse.Namespace) -> None:
         overrides.append(f"max_frame_bytes={args.max_frame_bytes}")
     if args.send_rate is not None:
         overrides += [f"send_rate_per_s={args.send_rate}", f"send_burst={int(args.send_rate * 10)}"]
-    try:
-        limits = limits_with_overrides(Limits(), overrides)
-    except ValueError as exc:
-        raise LocalProtocolError(str(exc)) from exc
-    config = ServerConfig(
-        data_dir=Path(args.data),
-        host=args.host,
-        port=args.port,
-        limits=limits,
-        sqlite_synchronous=args.sync,
-        public_url=args.public_url,
-        database_url=args.database,
-        redis_url=args.redis,
-        redis_prefix=args.redis_prefix,
+    # Command line > environment > config file > defaults (server/settings.py).
+    config_file = args.config or os.environ.get("KLUIS_CONFIG")
+    document = settings.load_file(Path(config_file)) if config_file else None
+    given = {s.name: getattr(args, s.name, None) for s in settings.SETTINGS}
+    config = settings.resolve(
+        given,
+        os.environ,
+        document,
+        source=config_file or "config file",
+        limit_overrides=overrides,
     )
-    try:
-        config.origin  # noqa: B018 - checks --public-url before anything starts
-    except ValueError as exc:
-        raise LocalProtocolError(f"--public-url: {exc}") from exc
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -832,8 +825,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("serve", help="run a server node (embedded SQLite in --data)")
-    s.add_argument("--data", required=True, help="data folder: SQLite database, attachments")
+    s = sub.add_parser(
+        "serve",
+        help="run a server node (embedded SQLite in --data)",
+        description="Each option may also come from KLUIS_<OPTION> (e.g. KLUIS_DATABASE) or"
+        " from the --config file; the command line wins over the environment, the environment"
+        " over the file (docs/kluis.example.toml).",
+    )
+    s.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML settings (default: $KLUIS_CONFIG); unknown keys are refused",
+    )
+    s.add_argument("--data", help="data folder: SQLite database, attachments (required)")
     s.add_argument(
         "--database",
         default=None,
@@ -849,14 +853,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--redis-prefix",
-        default="kluis",
         metavar="WORD",
         help="Redis channel prefix, the same on every node of one deployment (default kluis)",
     )
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument(
-        "--port", type=_port, default=DEFAULT_PORT, help=f"TCP port (default {DEFAULT_PORT})"
-    )
+    s.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=_port, help=f"TCP port (default {DEFAULT_PORT})")
     s.add_argument(
         "--public-url",
         default=None,
@@ -866,8 +867,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--sync",
         choices=["normal", "full"],
-        default="normal",
-        help="SQLite durability: normal survives a crash, full also a power cut",
+        help="SQLite durability: normal (default) survives a crash, full also a power cut",
+    )
+    s.add_argument(
+        "--metrics-port",
+        type=_port,
+        help="serve GET /metrics (Prometheus) on this port, never on --port (default: off)",
+    )
+    s.add_argument(
+        "--metrics-host",
+        help="address of the metrics port (default 127.0.0.1; any other needs"
+        " KLUIS_METRICS_TOKEN)",
     )
     s.add_argument("--envelope-ttl-days", type=float)
     s.add_argument("--mailbox-quota", type=int)
