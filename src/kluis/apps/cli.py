@@ -876,8 +876,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--metrics-host",
-        help="address of the metrics port (default 127.0.0.1; any other needs"
-        " KLUIS_METRICS_TOKEN)",
+        help="address of the metrics port (default 127.0.0.1; any other needs KLUIS_METRICS_TOKEN)",
     )
     s.add_argument("--envelope-ttl-days", type=float)
     s.add_argument("--mailbox-quota", type=int)

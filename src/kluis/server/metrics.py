@@ -57,9 +57,7 @@ class Metrics:
         self.connections = Gauge(
             "kluis_connections_open", "WebSocket connections open on this node", registry=r
         )
-        self.logins = Counter(
-            "kluis_logins", "Successful logins, by kind", ["kind"], registry=r
-        )
+        self.logins = Counter("kluis_logins", "Successful logins, by kind", ["kind"], registry=r)
         self.login = {kind: self.logins.labels(kind) for kind in LOGIN_KINDS}
         self.deposited = Counter(
             "kluis_envelopes_deposited", "Envelopes committed to the store", registry=r
@@ -166,4 +164,3 @@ def metrics_app(metrics: Metrics, token: str | None = None) -> web.Application:
 
     app.router.add_get("/metrics", scrape)
     return app
-

@@ -106,6 +106,7 @@ _BLOBS: dict[str, Any] = {
     },
 }
 
+
 def _liveness(operation: str, summary: str) -> dict[str, Any]:
     return {
         "get": {

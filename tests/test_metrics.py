@@ -1,0 +1,69 @@
+"""server/metrics.py: store calls timed by method, and the metrics application's token."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
+
+from kluis.server.metrics import Metrics, is_loopback, metrics_app, timed_store
+from kluis.server.store.sqlite import SqliteStore
+from tests.kluis_testing import free_port
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+async def test_store_calls_are_timed_under_their_method_name(tmp_path: Path) -> None:
+    metrics = Metrics(process=False)
+    raw = SqliteStore(tmp_path / "kluis.sqlite3")
+    store = timed_store(raw, metrics)
+    try:
+        assert await store.account("nobody") is None
+        assert await store.account("nobody") is None
+        assert await store.count_envelopes("nodevice") == 0
+        assert store.footprint() == raw.footprint()  # plain methods pass through untimed
+    finally:
+        await store.close()
+    seen = samples(metrics.render().decode())
+    assert seen[("kluis_store_call_seconds_count", (("call", "account"),))] == 2
+    assert seen[("kluis_store_call_seconds_count", (("call", "count_envelopes"),))] == 1
+    assert seen[("kluis_store_call_seconds_count", (("call", "close"),))] == 1
+
+
+async def test_a_metrics_token_is_required_when_set() -> None:
+    metrics = Metrics(process=False)
+    metrics.error("rate_limited")
+    runner = web.AppRunner(metrics_app(metrics, "s3cret"), access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    url = f"http://127.0.0.1:{port}/metrics"
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(url) as r:
+                assert r.status == 401
+                assert (await r.json())["code"] == "unauthenticated"
+            async with http.get(url, headers={"Authorization": "Bearer wrong"}) as r:
+                assert r.status == 401
+            async with http.get(url, headers={"Authorization": "Bearer s3cret"}) as r:
+                assert r.status == 200
+                assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+                seen = samples(await r.text())
+            async with http.get(url.replace("/metrics", "/healthz")) as r:
+                assert r.status == 404  # the metrics port serves /metrics and nothing else
+    finally:
+        await runner.cleanup()
+    assert seen[("kluis_errors_total", (("code", "rate_limited"),))] == 1
+
+
+def test_loopback_addresses() -> None:
+    assert all(is_loopback(h) for h in ("127.0.0.1", "127.0.0.2", "::1", "localhost"))
+    assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "10.0.0.1", "example.org"))
