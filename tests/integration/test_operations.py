@@ -299,9 +299,9 @@ async def test_metrics_move_with_a_real_exchange_and_name_no_account_or_device(
 
 def test_metrics_need_a_token_beyond_loopback(tmp_path: Path) -> None:
     args = ["serve", "--data", str(tmp_path), "--port", str(free_port())]
+    args += ["--metrics-host", "0.0.0.0", "--metrics-port", str(free_port())]
     out = subprocess.run(
-        [sys.executable, "-m", "kluis.apps.cli", *args]
-        + ["--metrics-host", "0.0.0.0", "--metrics-port", str(free_port())],
+        [sys.executable, "-m", "kluis.apps.cli", *args],
         capture_output=True,
         text=True,
         timeout=30,
