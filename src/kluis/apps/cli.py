@@ -938,6 +938,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     au.set_defaults(func=cmd_audit_storage)
 
+    mg = sub.add_parser(
+        "migrate", help="create or upgrade the store's schema; says which version it is at"
+    )
+    mg.add_argument("--data", help="the server's data folder (SQLite)")
+    mg.add_argument("--database", metavar="URL", help="the server's postgresql://... database")
+    mg.add_argument("--config", metavar="FILE", help="the nodes' TOML settings (kluis serve)")
+    mg.set_defaults(func=cmd_migrate)
+
     r = sub.add_parser("register", help="redeem a licence; prints the new ID")
     r.add_argument("--server", required=True)
     r.add_argument("--licence", required=True)
@@ -1109,9 +1117,28 @@ def cmd_admin_init(args: argparse.Namespace) -> None:
 
 
 def _config(args: argparse.Namespace) -> ServerConfig:
+    """The store a data command works on: PostgreSQL with --database, else SQLite in --data."""
     from kluis.server.config import ServerConfig
 
-    return ServerConfig(data_dir=Path(args.data))
+    if args.data is None and args.database is None:
+        raise LocalProtocolError("this command needs --data DIR or --database URL")
+    return ServerConfig(data_dir=Path(args.data or "."), database_url=args.database)
+
+
+def cmd_migrate(args: argparse.Namespace) -> None:
+    from kluis.server import settings
+    from kluis.server.operator import admin
+
+    if args.config:  # the nodes' own file: the same store they will open
+        config = settings.resolve(
+            {"data": args.data, "database": args.database},
+            os.environ,
+            settings.load_file(Path(args.config)),
+            source=args.config,
+        )
+    else:
+        config = _config(args)
+    print(admin.migrate(config))
 
 
 def cmd_admin_announce(args: argparse.Namespace) -> None:
@@ -1169,7 +1196,8 @@ def _add_operator_parsers(
     """The operator's subcommands of ``kluis admin`` (``ads``), and ``wipe`` and
     ``panic-passphrase`` (``sub``)."""
     ai = ads.add_parser("init", help="make the operator signing key; prints its public key")
-    ai.add_argument("--data", required=True)
+    ai.add_argument("--data", required=True, help="where the key files go")
+    ai.add_argument("--database", metavar="URL", help="accepted; not used: the key is in --data")
     ai.add_argument(
         "--public-url",
         default=f"http://127.0.0.1:{DEFAULT_PORT}",
@@ -1177,17 +1205,20 @@ def _add_operator_parsers(
     )
     ai.set_defaults(func=cmd_admin_init)
     an = ads.add_parser("announce", help="sign TEXT and queue it for every device")
-    an.add_argument("--data", required=True)
+    an.add_argument("--data", required=True, help="the server's data folder (operator.json)")
+    an.add_argument("--database", metavar="URL", help="the store on postgresql://... instead")
     an.add_argument("--key", help="the operator key file (default DATA/operator.key)")
     an.add_argument("text")
     an.set_defaults(func=cmd_admin_announce)
     ac = ads.add_parser("account", help="suspend or reinstate an account; its wipe policy")
     ac.add_argument("action", choices=["suspend", "reinstate", "allow-wipe", "deny-wipe"])
-    ac.add_argument("--data", required=True)
+    ac.add_argument("--data", help="the server's data folder (SQLite)")
+    ac.add_argument("--database", metavar="URL", help="the server's postgresql://... database")
     ac.add_argument("id")
     ac.set_defaults(func=cmd_admin_account)
     aw = ads.add_parser("wipe", help="order the account's devices (or one) to erase themselves")
-    aw.add_argument("--data", required=True)
+    aw.add_argument("--data", required=True, help="the server's data folder (operator.json)")
+    aw.add_argument("--database", metavar="URL", help="the store on postgresql://... instead")
     aw.add_argument("--device")
     aw.add_argument("--key", help="the operator key file (default DATA/operator.key)")
     aw.add_argument("id")

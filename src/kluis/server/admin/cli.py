@@ -28,6 +28,12 @@ def _password() -> str:
 
 
 def cmd_create_user(args: argparse.Namespace) -> None:
+    if args.database is not None:
+        # The console's tables (users, sessions, audit log) live beside the SQLite store only.
+        raise LocalProtocolError(
+            "admin create-user works on SQLite only: the console's tables are not on"
+            " PostgreSQL yet (run it with --data on a SQLite node)"
+        )
     config = ServerConfig(data_dir=Path(args.data))
     if not config.database_path.exists():
         raise LocalProtocolError(f"{args.data} holds no Kluis database; check --data")
@@ -65,6 +71,7 @@ def add_commands(admin: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         "create-user", help="a console user; prints the TOTP provisioning URI (once)"
     )
     cu.add_argument("--data", required=True, help="the server's data folder")
+    cu.add_argument("--database", metavar="URL", help="PostgreSQL: refused (SQLite only, yet)")
     cu.add_argument("name")
     cu.add_argument("--role", choices=["admin", "reseller"], default="admin")
     cu.add_argument("--quota", type=int, help="licence codes a reseller may create")
