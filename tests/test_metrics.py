@@ -67,3 +67,19 @@ async def test_a_metrics_token_is_required_when_set() -> None:
 def test_loopback_addresses() -> None:
     assert all(is_loopback(h) for h in ("127.0.0.1", "127.0.0.2", "::1", "localhost"))
     assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "10.0.0.1", "example.org"))
+
+
+def test_histogram_buckets_are_cumulative_and_inclusive_of_their_bound() -> None:
+    metrics = Metrics(process=False)
+    for value in (0.0005, 0.003, 20.0):  # on a bound, between two, above them all
+        metrics.send_seconds.observe(value)
+    seen = samples(metrics.render().decode())
+    bucket = {
+        labels[0][1]: value
+        for (name, labels), value in seen.items()
+        if name == "kluis_send_seconds_bucket"
+    }
+    assert (bucket["0.0005"], bucket["0.001"], bucket["0.0025"], bucket["0.005"]) == (1, 1, 1, 2)
+    assert (bucket["10.0"], bucket["+Inf"]) == (2, 3)
+    assert seen[("kluis_send_seconds_count", ())] == 3
+    assert seen[("kluis_send_seconds_sum", ())] == 20.0035

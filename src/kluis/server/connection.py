@@ -164,7 +164,7 @@ class Connection:
         self._account: Account | None = None  # as read at login or since (see _may_send)
         self._account_read_at = 0.0
         self._announced_at: float | None = None  # when the first live envelope waiting came
-        services.metrics.connections.inc()
+        services.metrics.connections += 1
 
     # ---- delivery ---------------------------------------------------------------------------
 
@@ -233,7 +233,7 @@ class Connection:
         pending, self._outgoing, self._outgoing_bytes = self._outgoing, [], 0
         if pending:
             metrics = self.server.metrics
-            metrics.delivered.inc(len(pending))
+            metrics.delivered += len(pending)
             if self._announced_at is not None:
                 metrics.push_seconds.observe(time.perf_counter() - self._announced_at)
                 self._announced_at = None
@@ -273,7 +273,7 @@ class Connection:
         if self.state is State.AUTHENTICATED:
             self.server.bus.unsubscribe(self.device_id, self)
         self.state = State.CLOSED
-        self.server.metrics.connections.dec()
+        self.server.metrics.connections -= 1
 
     # ---- requests ---------------------------------------------------------------------------
 
@@ -316,7 +316,7 @@ class Connection:
                 return await self._operator(frame)
             case f.Ack():
                 await self.server.mailbox.acknowledge(self.device_id, frame.ids)
-                self.server.metrics.acked.inc(len(frame.ids))
+                self.server.metrics.acked += len(frame.ids)
                 return f.Done(rid=frame.rid)
             case f.UploadKeys():
                 count = await self.server.keys.upload(
@@ -372,7 +372,7 @@ class Connection:
             )
             token, expires = await accounts.request_link(link, self.nonce, frame.sig)
             self.state = State.LINK_PENDING
-            self.server.metrics.login["link"].inc()
+            self.server.metrics.logins["link"] += 1
             return f.LinkPending(rid=frame.rid, token=token, expires_at=expires)
         if isinstance(frame, f.Register):
             account = await accounts.register(
@@ -393,7 +393,7 @@ class Connection:
             return f.Wipe(rid=frame.rid, order=order)
         otk_count = await self.server.keys.count(device_id)
         self.state = State.AUTHENTICATED
-        self.server.metrics.login["register" if isinstance(frame, f.Register) else "auth"].inc()
+        self.server.metrics.logins["register" if isinstance(frame, f.Register) else "auth"] += 1
         self.server.bus.subscribe(device_id, self)  # displaces an older connection
         self.backlog = self._synced_owed = True  # pages follow Welcome, then Synced
         self._wake()
@@ -470,7 +470,7 @@ class Connection:
         # All or nothing: one deposit, one commit, for every account of the conversation.
         await self.server.mailbox.deposit([(e.device, e.body) for e in envelopes])
         metrics = self.server.metrics  # one increment and one observation per send
-        metrics.deposited.inc(len(envelopes))
+        metrics.deposited += len(envelopes)
         metrics.send_seconds.observe(time.perf_counter() - accepted)
         return f.Done(rid=frame.rid)
 
