@@ -328,3 +328,56 @@ def test_the_metrics_token_from_the_environment_guards_the_scrape(
         assert status == 200 and "kluis_connections_open 0.0" in text
     finally:
         node.stop()
+
+
+# ---- configuration ---------------------------------------------------------------------------
+
+
+def test_serve_reads_file_then_environment_then_command_line(tmp_path: Path) -> None:
+    file_port, env_port, file_metrics, cli_metrics = (free_port() for _ in range(4))
+    config = tmp_path / "kluis.toml"
+    config.write_text(
+        f'data = "{tmp_path / "server"}"\nport = {file_port}\nmetrics_port = {file_metrics}\n'
+        "[limits]\nmailbox_quota = 5\n"
+    )
+    env = {**os.environ, "KLUIS_PORT": str(env_port)}  # beats the file's port
+    log = (tmp_path / "server.log").open("wb")
+    args = ["serve", "--config", str(config), "--metrics-port", str(cli_metrics)]  # beats file
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kluis.apps.cli", *args],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while get_or_none(f"http://127.0.0.1:{env_port}/healthz") != 200:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()
+            assert time.monotonic() < deadline, "the node did not start"
+            time.sleep(0.05)
+        assert get(f"http://127.0.0.1:{cli_metrics}/metrics")[0] == 200
+        assert get_or_none(f"http://127.0.0.1:{file_port}/healthz") is None
+        assert get_or_none(f"http://127.0.0.1:{file_metrics}/metrics") is None
+        assert (tmp_path / "server" / "kluis.sqlite3").exists()  # data from the file
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+
+    config.write_text(config.read_text().replace("mailbox_quota", "mailbox_qouta"))
+    out = subprocess.run(
+        [sys.executable, "-m", "kluis.apps.cli", "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 1
+    assert out.stderr.count("\n") == 1 and "unknown limit 'mailbox_qouta'" in out.stderr
+
+
+def get_or_none(url: str) -> int | None:
+    """The status, or None when nothing listens there."""
+    try:
+        return get(url)[0]
+    except OSError:
+        return None
