@@ -83,3 +83,10 @@ def test_histogram_buckets_are_cumulative_and_inclusive_of_their_bound() -> None
     assert (bucket["10.0"], bucket["+Inf"]) == (2, 3)
     assert seen[("kluis_send_seconds_count", ())] == 3
     assert seen[("kluis_send_seconds_sum", ())] == 20.0035
+
+
+def test_every_error_code_a_server_sends_is_listed_from_the_start() -> None:
+    seen = samples(Metrics(process=False).render().decode())
+    errors = {labels[0][1]: v for (name, labels), v in seen.items() if name == "kluis_errors_total"}
+    assert errors["internal"] == 0 and errors["rate_limited"] == 0 and errors["bad_frame"] == 0
+    assert set(errors.values()) == {0}

@@ -28,6 +28,7 @@ def test_the_documented_example_file_loads_with_every_value_it_shows() -> None:
     assert config.metrics_host == "127.0.0.1"
     assert config.public_url == "https://chat.example"
     assert config.limits.send_rate_per_s == 50.0 and config.limits.mailbox_quota == 10_000
+    assert config.database_pool == 10
 
 
 def test_defaults_apply_when_no_source_names_a_setting() -> None:
@@ -64,6 +65,8 @@ def test_limits_file_then_environment_then_command_line() -> None:
         ({"data": "/d", "port": True}, {}, "cfg.toml: port needs a TCP port"),
         ({"data": 3}, {}, "cfg.toml: data needs a string, not 3"),
         ({"data": "/d", "sync": "off"}, {}, "cfg.toml: sync needs 'normal' or 'full'"),
+        ({"data": "/d", "database_pool": 0}, {}, "database_pool needs a number of connections"),
+        ({"data": "/d"}, {"KLUIS_DATABASE_POOL": "x"}, "KLUIS_DATABASE_POOL needs a number"),
         ({"data": "/d", "ready_timeout_s": 0}, {}, "ready_timeout_s needs a positive number"),
         ({"data": "/d", "limits": {"nope": 1}}, {}, "cfg.toml: unknown limit 'nope'"),
         ({"data": "/d", "limits": {"send_burst": "x"}}, {}, "[limits] send_burst needs a number"),

@@ -44,6 +44,7 @@ from prometheus_client.core import (
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
+from kluis.errors import RemoteProtocolError
 from kluis.server.store.protocol import Store
 
 # Seconds. From half a millisecond (a commit on an idle SQLite store) to 10 s (a stalled one).
@@ -76,6 +77,17 @@ class Histogram:
         return out
 
 
+def _codes(base: type[RemoteProtocolError]) -> list[str]:
+    """The codes a server can answer with (a closed set): listed from the start at 0, so that a
+    rate of ``internal`` errors exists before the first one."""
+    codes, todo = set(), [base]
+    while todo:
+        cls = todo.pop()
+        codes.add(cls.code)
+        todo.extend(cls.__subclasses__())
+    return sorted(codes)
+
+
 class Metrics:
     """The node's instruments, plain numbers updated on the event loop; ``registry`` renders
     them (with the process's own: memory, CPU, open files) for ``/metrics``."""
@@ -86,7 +98,7 @@ class Metrics:
         self.deposited = 0  # envelopes committed by sends
         self.delivered = 0  # envelopes handed to a connection's transport
         self.acked = 0  # envelopes acknowledged (and so deleted)
-        self.errors: dict[str, int] = {}  # by error code
+        self.errors = dict.fromkeys(_codes(RemoteProtocolError), 0)  # by code, every one shown
         self.send_seconds = Histogram()  # its count is the number of sends
         self.push_seconds = Histogram()
         self.store_seconds: dict[str, Histogram] = {}  # by Store method

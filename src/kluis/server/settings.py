@@ -59,6 +59,17 @@ def _seconds(value: object) -> float:
     return float(value)
 
 
+def _pool(value: object) -> int:
+    if isinstance(value, str):
+        try:
+            value = int(value)
+        except ValueError:
+            raise ValueError(f"needs a number of connections (1 to 1000), not {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1000:
+        raise ValueError(f"needs a number of connections (1 to 1000), not {value!r}")
+    return value
+
+
 def _sync(value: object) -> str:
     if value not in ("normal", "full"):
         raise ValueError(f"needs 'normal' or 'full', not {value!r}")
@@ -80,6 +91,7 @@ class Setting:
 SETTINGS: tuple[Setting, ...] = (
     Setting("data", "data_dir", _text, "data folder: SQLite database, attachments, keys"),
     Setting("database", "database_url", _text, "postgresql://... : the store on PostgreSQL"),
+    Setting("database_pool", "database_pool", _pool, "PostgreSQL connections per node, at most"),
     Setting("redis", "redis_url", _text, "redis://HOST:PORT/DB: the delivery bus across nodes"),
     Setting("redis_prefix", "redis_prefix", _text, "Redis channel prefix of the deployment"),
     Setting("host", "host", _text, "address to listen on"),
