@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
+import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from kluis.errors import LocalProtocolError
+from kluis.server.app import check_metrics_address
+from kluis.server.config import ServerConfig
 from kluis.server.metrics import Metrics, is_loopback, metrics_app, timed_store
 from kluis.server.store.sqlite import SqliteStore
 from tests.kluis_testing import free_port
@@ -90,3 +95,16 @@ def test_every_error_code_a_server_sends_is_listed_from_the_start() -> None:
     errors = {labels[0][1]: v for (name, labels), v in seen.items() if name == "kluis_errors_total"}
     assert errors["internal"] == 0 and errors["rate_limited"] == 0 and errors["bad_frame"] == 0
     assert set(errors.values()) == {0}
+
+
+def test_the_metrics_address_is_checked_before_anything_listens() -> None:
+    base = ServerConfig(data_dir=Path("/d"), port=8448)
+    check_metrics_address(base)  # no metrics: nothing to check
+    check_metrics_address(replace(base, metrics_port=9448))
+    with pytest.raises(LocalProtocolError, match="must differ from the public --port"):
+        check_metrics_address(replace(base, metrics_port=8448))
+    with pytest.raises(LocalProtocolError, match=r"metrics on 10\.0\.0\.5 \(not loopback\)"):
+        check_metrics_address(replace(base, metrics_port=9448, metrics_host="10.0.0.5"))
+    check_metrics_address(
+        replace(base, metrics_port=9448, metrics_host="10.0.0.5", metrics_token="t")
+    )

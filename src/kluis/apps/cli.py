@@ -828,21 +828,30 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "serve",
         help="run a server node (embedded SQLite in --data)",
-        description="Each option may also come from KLUIS_<OPTION> (e.g. KLUIS_DATABASE) or"
-        " from the --config file; the command line wins over the environment, the environment"
-        " over the file (docs/kluis.example.toml).",
+        description="Settings may also come from KLUIS_<NAME> variables (KLUIS_DATA,"
+        " KLUIS_DATABASE, KLUIS_PORT, ...; limits: KLUIS_LIMIT_<NAME>) or from the --config"
+        " file; the command line wins over the environment, the environment over the file"
+        " (docs/kluis.example.toml).",
     )
     s.add_argument(
         "--config",
         metavar="FILE",
         help="TOML settings (default: $KLUIS_CONFIG); unknown keys are refused",
     )
-    s.add_argument("--data", help="data folder: SQLite database, attachments (required)")
+    s.add_argument(
+        "--data", help="data folder: SQLite database, attachments (here, in KLUIS_DATA or the file)"
+    )
     s.add_argument(
         "--database",
         default=None,
         metavar="URL",
         help="postgresql://USER@HOST:PORT/DB: keep the store on PostgreSQL instead of SQLite",
+    )
+    s.add_argument(
+        "--database-pool",
+        type=int,
+        metavar="N",
+        help="PostgreSQL connections this node keeps at most (default 10)",
     )
     s.add_argument(
         "--redis",
