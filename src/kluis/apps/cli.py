@@ -113,8 +113,9 @@ def _alarm(client: KluisClient) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    from kluis.server import settings
     from kluis.server.app import serve
-    from kluis.server.config import DAY, Limits, ServerConfig, limits_with_overrides
+    from kluis.server.config import DAY
 
     # The shortcut flags are --limit overrides too (applied after them), checked the same way.
     overrides = list(args.limit)
@@ -126,25 +127,17 @@ def cmd_serve(args: argparse.Namespace) -> None:
         overrides.append(f"max_frame_bytes={args.max_frame_bytes}")
     if args.send_rate is not None:
         overrides += [f"send_rate_per_s={args.send_rate}", f"send_burst={int(args.send_rate * 10)}"]
-    try:
-        limits = limits_with_overrides(Limits(), overrides)
-    except ValueError as exc:
-        raise LocalProtocolError(str(exc)) from exc
-    config = ServerConfig(
-        data_dir=Path(args.data),
-        host=args.host,
-        port=args.port,
-        limits=limits,
-        sqlite_synchronous=args.sync,
-        public_url=args.public_url,
-        database_url=args.database,
-        redis_url=args.redis,
-        redis_prefix=args.redis_prefix,
+    # Command line > environment > config file > defaults (server/settings.py).
+    config_file = args.config or os.environ.get("KLUIS_CONFIG")
+    document = settings.load_file(Path(config_file)) if config_file else None
+    given = {s.name: getattr(args, s.name, None) for s in settings.SETTINGS}
+    config = settings.resolve(
+        given,
+        os.environ,
+        document,
+        source=config_file or "config file",
+        limit_overrides=overrides,
     )
-    try:
-        config.origin  # noqa: B018 - checks --public-url before anything starts
-    except ValueError as exc:
-        raise LocalProtocolError(f"--public-url: {exc}") from exc
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -832,13 +825,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("serve", help="run a server node (embedded SQLite in --data)")
-    s.add_argument("--data", required=True, help="data folder: SQLite database, attachments")
+    s = sub.add_parser(
+        "serve",
+        help="run a server node (embedded SQLite in --data)",
+        description="Settings may also come from KLUIS_<NAME> variables (KLUIS_DATA,"
+        " KLUIS_DATABASE, KLUIS_PORT, ...; limits: KLUIS_LIMIT_<NAME>) or from the --config"
+        " file; the command line wins over the environment, the environment over the file"
+        " (docs/kluis.example.toml).",
+    )
+    s.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML settings (default: $KLUIS_CONFIG); unknown keys are refused",
+    )
+    s.add_argument(
+        "--data", help="data folder: SQLite database, attachments (here, in KLUIS_DATA or the file)"
+    )
     s.add_argument(
         "--database",
         default=None,
         metavar="URL",
         help="postgresql://USER@HOST:PORT/DB: keep the store on PostgreSQL instead of SQLite",
+    )
+    s.add_argument(
+        "--database-pool",
+        type=int,
+        metavar="N",
+        help="PostgreSQL connections this node keeps at most (default 10)",
     )
     s.add_argument(
         "--redis",
@@ -849,14 +862,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--redis-prefix",
-        default="kluis",
         metavar="WORD",
         help="Redis channel prefix, the same on every node of one deployment (default kluis)",
     )
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument(
-        "--port", type=_port, default=DEFAULT_PORT, help=f"TCP port (default {DEFAULT_PORT})"
-    )
+    s.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=_port, help=f"TCP port (default {DEFAULT_PORT})")
     s.add_argument(
         "--public-url",
         default=None,
@@ -866,8 +876,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--sync",
         choices=["normal", "full"],
-        default="normal",
-        help="SQLite durability: normal survives a crash, full also a power cut",
+        help="SQLite durability: normal (default) survives a crash, full also a power cut",
+    )
+    s.add_argument(
+        "--metrics-port",
+        type=_port,
+        help="serve GET /metrics (Prometheus) on this port, never on --port (default: off)",
+    )
+    s.add_argument(
+        "--metrics-host",
+        help="address of the metrics port (default 127.0.0.1; any other needs KLUIS_METRICS_TOKEN)",
     )
     s.add_argument("--envelope-ttl-days", type=float)
     s.add_argument("--mailbox-quota", type=int)
@@ -928,6 +946,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="every device has synced: no envelope may remain",
     )
     au.set_defaults(func=cmd_audit_storage)
+
+    mg = sub.add_parser(
+        "migrate", help="create or upgrade the store's schema; says which version it is at"
+    )
+    mg.add_argument("--data", help="the server's data folder (SQLite)")
+    mg.add_argument("--database", metavar="URL", help="the server's postgresql://... database")
+    mg.add_argument("--config", metavar="FILE", help="the nodes' TOML settings (kluis serve)")
+    mg.set_defaults(func=cmd_migrate)
 
     r = sub.add_parser("register", help="redeem a licence; prints the new ID")
     r.add_argument("--server", required=True)
@@ -1100,9 +1126,28 @@ def cmd_admin_init(args: argparse.Namespace) -> None:
 
 
 def _config(args: argparse.Namespace) -> ServerConfig:
+    """The store a data command works on: PostgreSQL with --database, else SQLite in --data."""
     from kluis.server.config import ServerConfig
 
-    return ServerConfig(data_dir=Path(args.data), database_url=args.database)
+    if args.data is None and args.database is None:
+        raise LocalProtocolError("this command needs --data DIR or --database URL")
+    return ServerConfig(data_dir=Path(args.data or "."), database_url=args.database)
+
+
+def cmd_migrate(args: argparse.Namespace) -> None:
+    from kluis.server import settings
+    from kluis.server.operator import admin
+
+    if args.config:  # the nodes' own file: the same store they will open
+        config = settings.resolve(
+            {"data": args.data, "database": args.database},
+            os.environ,
+            settings.load_file(Path(args.config)),
+            source=args.config,
+        )
+    else:
+        config = _config(args)
+    print(admin.migrate(config))
 
 
 def cmd_admin_announce(args: argparse.Namespace) -> None:
@@ -1163,7 +1208,7 @@ def _add_operator_parsers(
     """The operator's subcommands of ``kluis admin`` (``ads``), and ``wipe`` and
     ``panic-passphrase`` (``sub``)."""
     ai = ads.add_parser("init", help="make the operator signing key; prints its public key")
-    ai.add_argument("--data", required=True)
+    ai.add_argument("--data", required=True, help="where the key files go")
     ai.add_argument(
         "--database",
         metavar="URL",
@@ -1183,8 +1228,8 @@ def _add_operator_parsers(
     an.set_defaults(func=cmd_admin_announce)
     ac = ads.add_parser("account", help="suspend or reinstate an account; its wipe policy")
     ac.add_argument("action", choices=["suspend", "reinstate", "allow-wipe", "deny-wipe"])
-    ac.add_argument("--data", required=True)
-    ac.add_argument("--database", metavar="URL", help=_DATABASE_HELP)
+    ac.add_argument("--data", help="the server's data folder (SQLite)")
+    ac.add_argument("--database", metavar="URL", help="the server's postgresql://... database")
     ac.add_argument("id")
     ac.set_defaults(func=cmd_admin_account)
     aw = ads.add_parser("wipe", help="order the account's devices (or one) to erase themselves")

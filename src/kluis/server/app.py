@@ -1,9 +1,11 @@
 """Wiring: the aiohttp application that carries the Kluis protocol over one WebSocket route.
 
-Routes: ``GET /v1/ws`` (the protocol, see ``protocol/frames.py``), ``GET /health``,
-``GET /v1/openapi.json`` (``server/openapi.py``), ``PUT``/``GET /v1/blobs/{id}`` (attachments,
-``server/blob_http.py``), ``/admin/...`` (the operator's console, ``server/admin/``). No access log:
-by default the server logs neither client addresses nor anything about messages.
+Routes: ``GET /v1/ws`` (the protocol, see ``protocol/frames.py``), ``GET /healthz`` (also
+``/health``) and ``GET /readyz`` (``server/health.py``), ``GET /v1/openapi.json``
+(``server/openapi.py``), ``PUT``/``GET /v1/blobs/{id}`` (attachments, ``server/blob_http.py``),
+``/admin/...`` (the operator's console, ``server/admin/``). ``GET /metrics`` is served on the
+metrics port only (``--metrics-port``, loopback by default; ``server/metrics.py``), never here.
+No access log: by default the server logs neither client addresses nor anything about messages.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from kluis.errors import LocalProtocolError
-from kluis.server import blob_http, logs
+from kluis.server import blob_http, health, logs
 from kluis.server.accounts import Accounts
 from kluis.server.admin.console import OperatorServices
 from kluis.server.admin.store import admin_store_for
@@ -32,6 +34,7 @@ from kluis.server.delivery.protocol import DeliveryBus
 from kluis.server.delivery.redis import RedisBus, RedisBusError
 from kluis.server.keys import KeyDirectory
 from kluis.server.mailbox import Mailbox
+from kluis.server.metrics import Metrics, is_loopback, metrics_app, timed_store
 from kluis.server.openapi import openapi
 from kluis.server.operator import keyfile
 from kluis.server.operator.subscriptions import Subscriptions
@@ -72,6 +75,8 @@ def build_services(
             config.origin,
         )
     operator_key = operator.public_key if operator else ""
+    metrics = Metrics()
+    store = timed_store(store, metrics)  # the services' calls, timed by method
     return Services(
         limits=limits,
         origin=config.origin,
@@ -87,6 +92,7 @@ def build_services(
         subscriptions=Subscriptions(store, clock),
         wipes=Wipes(store, config.origin, operator_key),
         operator_key=operator_key,
+        metrics=metrics,
     )
 
 
@@ -101,7 +107,7 @@ def open_store(config: ServerConfig) -> Store:
     if config.database_url is not None:
         if not is_database_url(config.database_url):
             raise LocalProtocolError("--database takes a postgresql://... URL")
-        return PostgresStore(config.database_url)
+        return PostgresStore(config.database_url, max_connections=config.database_pool)
     return SqliteStore(config.database_path, synchronous=config.sqlite_synchronous)
 
 
@@ -123,9 +129,55 @@ def create_licences(config: ServerConfig, count: int, days: int) -> list[str]:
     return asyncio.run(create())
 
 
-async def health(request: web.Request) -> web.Response:
-    """Up or down, nothing more: how many devices are online is nobody's business."""
-    return web.json_response({"status": "ok"})
+def readiness_probe(server: Server) -> health.ReadinessProbe:
+    """The checks of ``/readyz``: a trivial store query, and a Redis PING when on Redis."""
+    store = server.store  # not the timed one: probes stay out of the store's metrics
+    checks: dict[str, health.Check] = {"store": lambda: store.account("")}
+    bus = server.services.bus
+    if isinstance(bus, RedisBus):
+        checks["redis"] = bus.ping
+    config = server.config
+    return health.ReadinessProbe(
+        checks, timeout_s=config.ready_timeout_s, cache_s=config.ready_cache_s
+    )
+
+
+def check_metrics_address(config: ServerConfig) -> None:
+    """Refuse metrics on an address beyond this machine without a token (finding 15)."""
+    if config.metrics_port is None:
+        return
+    if config.metrics_port == config.port and config.metrics_host == config.host:
+        raise LocalProtocolError("--metrics-port must differ from the public --port")
+    if not is_loopback(config.metrics_host) and not config.metrics_token:
+        raise LocalProtocolError(
+            f"metrics on {config.metrics_host} (not loopback) need a token: set KLUIS_METRICS_TOKEN"
+            " or metrics_token in the config file"
+        )
+
+
+async def _metrics_site(server: Server) -> AsyncIterator[None]:
+    """Serve ``/metrics`` on the metrics port while the application runs."""
+    config = server.config
+    if config.metrics_port is None:
+        yield
+        return
+    runner = web.AppRunner(
+        metrics_app(server.services.metrics, config.metrics_token), access_log=None
+    )
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, config.metrics_host, config.metrics_port)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise LocalProtocolError(
+                f"cannot listen on {config.metrics_host}:{config.metrics_port} for metrics:"
+                f" {exc.strerror or exc}"
+            ) from exc
+        log.info("metrics on %s:%d", config.metrics_host, config.metrics_port)
+        yield
+    finally:
+        await runner.cleanup()
 
 
 async def _sweeper(server: Server) -> None:
@@ -168,7 +220,7 @@ def build_app(server: Server) -> web.Application:
     app = web.Application(client_max_size=server.config.limits.max_frame_bytes)
     app[SERVICES] = server.services
     app.router.add_get("/v1/ws", websocket_handler)
-    app.router.add_get("/health", health)
+    health.add_routes(app, readiness_probe(server))  # /healthz, /health, /readyz
     app.router.add_get("/v1/openapi.json", openapi)  # describes the routes above: keep in step
     if server.services.blobs is not None:
         blob_http.add_routes(app, server.services.blobs)
@@ -201,6 +253,8 @@ def build_app(server: Server) -> web.Application:
             await bus.close()
         await server.store.close()
 
+    check_metrics_address(server.config)
+    app.cleanup_ctx.append(lambda app: _metrics_site(server))  # first: if its port fails, stop
     app.cleanup_ctx.append(lifecycle)
     return app
 

@@ -111,6 +111,18 @@ class ServerConfig:
     # nodes of one deployment share redis_prefix; deployments sharing a Redis differ in it.
     redis_url: str | None = None
     redis_prefix: str = "kluis"
+    # Connections each node keeps to PostgreSQL at most (its pool); the database's
+    # max_connections must cover every node's pool (docs/deploy.md).
+    database_pool: int = 10
+    # Prometheus metrics (server/metrics.py) on a port of their own, never the public one: how
+    # many devices are online is nobody's business (SECURITY.md, finding 15). None: not served.
+    # A host other than loopback needs metrics_token (Authorization: Bearer TOKEN).
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    metrics_token: str | None = None
+    # /readyz (server/health.py): each check must answer within this; a result is reused this long.
+    ready_timeout_s: float = 2.0
+    ready_cache_s: float = 1.0
 
     @property
     def origin(self) -> str:

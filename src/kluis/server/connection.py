@@ -29,8 +29,9 @@ import asyncio
 import enum
 import logging
 import secrets
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kluis.errors import (
     FrameTooLarge,
@@ -48,6 +49,7 @@ from kluis.server.config import Limits
 from kluis.server.delivery.protocol import DeliveryBus
 from kluis.server.keys import KeyDirectory
 from kluis.server.mailbox import Mailbox
+from kluis.server.metrics import Metrics
 from kluis.server.operator.subscriptions import Subscriptions
 from kluis.server.operator.wipe import Wipes
 from kluis.server.ratelimit import BucketMap, LogLimiter
@@ -131,6 +133,7 @@ class Services:
     subscriptions: Subscriptions | None = None  # expiry and suspension (server/operator/)
     wipes: Wipes | None = None  # remote wipe orders (server/operator/wipe.py)
     operator_key: str = ""  # the operator's public key, published in Welcome
+    metrics: Metrics = field(default_factory=Metrics)  # node totals (server/metrics.py)
 
 
 class Connection:
@@ -160,6 +163,8 @@ class Connection:
         self.close_reason = b"replaced or revoked"
         self._account: Account | None = None  # as read at login or since (see _may_send)
         self._account_read_at = 0.0
+        self._announced_at: float | None = None  # when the first live envelope waiting came
+        services.metrics.connections += 1
 
     # ---- delivery ---------------------------------------------------------------------------
 
@@ -180,11 +185,14 @@ class Connection:
             # and read it back in pages rather than hold it all in memory.
             self.delivered_upto = self._outgoing[0].id - 1
             self._outgoing, self._outgoing_bytes = [], 0
+            self._announced_at = None
             self._to_store()
             return
         self.delivered_upto = seq
-        if not self._outgoing and not self._notices:
-            self._wake()
+        if not self._outgoing:
+            self._announced_at = time.perf_counter()  # one reading per batch, for push latency
+            if not self._notices:
+                self._wake()
         self._outgoing.append(f.InEnvelope(id=seq, body=body))
         self._outgoing_bytes += len(body)
 
@@ -223,6 +231,12 @@ class Connection:
             self._stale = False
             self._read = asyncio.get_running_loop().create_task(self._read_page())
         pending, self._outgoing, self._outgoing_bytes = self._outgoing, [], 0
+        if pending:
+            metrics = self.server.metrics
+            metrics.delivered += len(pending)
+            if self._announced_at is not None:
+                metrics.push_seconds.observe(time.perf_counter() - self._announced_at)
+                self._announced_at = None
         out = deliver_frames(pending, self.server.limits.max_deliver_bytes, self._batch)
         out.extend(f.encode(n) for n in self._notices)
         self._notices = []
@@ -254,9 +268,12 @@ class Connection:
         self._wake()
 
     def closed(self) -> None:
+        if self.state is State.CLOSED:
+            return
         if self.state is State.AUTHENTICATED:
             self.server.bus.unsubscribe(self.device_id, self)
         self.state = State.CLOSED
+        self.server.metrics.connections -= 1
 
     # ---- requests ---------------------------------------------------------------------------
 
@@ -274,13 +291,16 @@ class Connection:
         except MismatchedDevices as exc:
             mismatched = [f.Mismatch(a, missing, extra) for a, missing, extra in exc.mismatched]
             reply = f.Error(rid=rid, code=exc.code, message=exc.message, mismatched=mismatched)
+            self.server.metrics.error(exc.code)
         except KluisError as exc:
             reply = f.Error(rid=rid, code=exc.code, message=exc.message)
+            self.server.metrics.error(exc.code)
         except Exception as exc:
             # One line, rate limited: no traceback, no frame contents, whoever sent it.
             self.server.failures.error("a request failed", exc)
             err = ServerError("the server failed; nothing was changed")
             reply = f.Error(rid=rid, code=err.code, message=err.message)
+            self.server.metrics.error(err.code)
         return f.encode(reply)
 
     async def _dispatch(self, frame: f.ClientFrame) -> f.ServerFrame:
@@ -296,6 +316,7 @@ class Connection:
                 return await self._operator(frame)
             case f.Ack():
                 await self.server.mailbox.acknowledge(self.device_id, frame.ids)
+                self.server.metrics.acked += len(frame.ids)
                 return f.Done(rid=frame.rid)
             case f.UploadKeys():
                 count = await self.server.keys.upload(
@@ -351,6 +372,7 @@ class Connection:
             )
             token, expires = await accounts.request_link(link, self.nonce, frame.sig)
             self.state = State.LINK_PENDING
+            self.server.metrics.logins["link"] += 1
             return f.LinkPending(rid=frame.rid, token=token, expires_at=expires)
         if isinstance(frame, f.Register):
             account = await accounts.register(
@@ -371,6 +393,7 @@ class Connection:
             return f.Wipe(rid=frame.rid, order=order)
         otk_count = await self.server.keys.count(device_id)
         self.state = State.AUTHENTICATED
+        self.server.metrics.logins["register" if isinstance(frame, f.Register) else "auth"] += 1
         self.server.bus.subscribe(device_id, self)  # displaces an older connection
         self.backlog = self._synced_owed = True  # pages follow Welcome, then Synced
         self._wake()
@@ -416,6 +439,7 @@ class Connection:
         return f.Done(rid=frame.rid)
 
     async def _send(self, frame: f.Send) -> f.ServerFrame:
+        accepted = time.perf_counter()
         limits = self.server.limits
         envelopes = [e for part in frame.to for e in part.envelopes]
         if not envelopes or len(envelopes) > limits.max_envelopes_per_send:
@@ -445,6 +469,9 @@ class Connection:
             raise MismatchedDevices("address exactly each account's current devices", mismatched)
         # All or nothing: one deposit, one commit, for every account of the conversation.
         await self.server.mailbox.deposit([(e.device, e.body) for e in envelopes])
+        metrics = self.server.metrics  # one increment and one observation per send
+        metrics.deposited += len(envelopes)
+        metrics.send_seconds.observe(time.perf_counter() - accepted)
         return f.Done(rid=frame.rid)
 
     async def _claim(self, frame: f.ClaimKeys) -> f.ServerFrame:

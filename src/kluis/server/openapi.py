@@ -106,40 +106,91 @@ _BLOBS: dict[str, Any] = {
     },
 }
 
+
+def _liveness(operation: str, summary: str) -> dict[str, Any]:
+    return {
+        "get": {
+            "operationId": operation,
+            "summary": summary,
+            "responses": {
+                "200": {
+                    "description": "The server is up",
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["status"],
+                                "properties": {"status": {"type": "string", "enum": ["ok"]}},
+                                "additionalProperties": False,
+                            }
+                        }
+                    },
+                }
+            },
+        }
+    }
+
+
+_READINESS: dict[str, Any] = {
+    "get": {
+        "operationId": "readyz",
+        "summary": "Readiness: the store (and Redis, when used) answer in time",
+        "responses": {
+            "200": {
+                "description": "Ready to serve",
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["status"],
+                            "properties": {"status": {"type": "string", "enum": ["ready"]}},
+                            "additionalProperties": False,
+                        }
+                    }
+                },
+            },
+            "503": {
+                "description": "A part failed its check: take the node out of rotation",
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["status", "code", "message", "failed"],
+                            "properties": {
+                                "status": {"type": "string", "enum": ["unavailable"]},
+                                "code": {"type": "string", "enum": ["not_ready"]},
+                                "message": {"type": "string"},
+                                "failed": {
+                                    "type": "object",
+                                    "additionalProperties": {
+                                        "type": "string",
+                                        "enum": ["timeout", "error"],
+                                    },
+                                },
+                            },
+                            "additionalProperties": False,
+                        }
+                    }
+                },
+            },
+        },
+    }
+}
+
 SPEC: dict[str, Any] = {
     "openapi": "3.0.3",
     "info": {
         "title": "Kluis server",
         "version": __version__,
         "description": (
-            "End-to-end encrypted messaging. Everything but the health check happens in "
+            "End-to-end encrypted messaging. Everything but the health checks happens in "
             "binary msgpack frames over the WebSocket at /v1/ws (see protocol/frames.py)."
         ),
     },
     "paths": {
-        "/health": {
-            "get": {
-                "operationId": "health",
-                "summary": "Liveness only: up, or no answer",
-                "responses": {
-                    "200": {
-                        "description": "The server is up",
-                        "content": {
-                            "application/json": {
-                                "schema": {
-                                    "type": "object",
-                                    "required": ["status"],
-                                    "properties": {
-                                        "status": {"type": "string", "enum": ["ok"]},
-                                    },
-                                    "additionalProperties": False,
-                                }
-                            }
-                        },
-                    }
-                },
-            }
-        },
+        "/health": _liveness("health", "Liveness only (the first name of /healthz)"),
+        "/healthz": _liveness("healthz", "Liveness only: up, or no answer"),
+        "/readyz": _READINESS,
         "/v1/ws": {
             "get": {
                 "operationId": "websocket",

@@ -125,6 +125,15 @@ class RedisBus:
             self._redis = None
         self._queue = None
 
+    async def ping(self) -> None:
+        """One PING on the bus's client (the readiness check, server/health.py)."""
+        if self._redis is None:
+            raise RedisBusError("the Redis bus is not started")
+        try:
+            await self._redis.ping()
+        except (RedisError, OSError) as exc:
+            raise RedisBusError(f"Redis does not answer at {self._safe_url()}") from exc
+
     # -- DeliveryBus --------------------------------------------------------------------------
 
     def subscribe(self, device_id: str, subscriber: Subscriber) -> None:

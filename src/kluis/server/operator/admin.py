@@ -1,7 +1,8 @@
 """What the operator's commands do to a node's data folder, apart from a running server:
 licences with plans (and their CSV), suspension and the wipe policy, announcements and wipe
-orders signed with the operator key. Each call opens the store (SQLite in the data folder, or
-the PostgreSQL database of ``config.database_url``), does one thing and closes it;
+orders signed with the operator key, schema migrations (``kluis migrate``). Each works on the
+SQLite store in the data folder or, with ``--database``, on PostgreSQL; the operator key stays
+in the data folder (or ``--key``) either way. Each call opens the store, does one thing and closes it;
 the admin console can call the services underneath (``Subscriptions``, ``Wipes``,
 ``announcements``) on the live server's store instead.
 
@@ -28,6 +29,7 @@ from kluis.server.operator import announcements, keyfile
 from kluis.server.operator.subscriptions import Licence, Subscriptions
 from kluis.server.operator.wipe import Wipes, operator_orders
 from kluis.server.store.protocol import Store
+from kluis.server.store.sqlite import SqliteStore
 
 _T = TypeVar("_T")
 
@@ -50,6 +52,36 @@ def _with_store(config: ServerConfig, fn: Callable[[Store], Awaitable[_T]]) -> _
     return asyncio.run(run())
 
 
+def migrate(config: ServerConfig) -> str:
+    """Create or upgrade the node's store to the current schema; one line saying where it is."""
+    if config.on_postgres:
+        from kluis.server.app import is_database_url
+        from kluis.server.store.postgres import MIGRATIONS, migrate_database
+
+        if not is_database_url(config.database_url or ""):
+            raise LocalProtocolError("--database takes a postgresql://... URL")
+
+        try:
+            before, after = asyncio.run(migrate_database(config.database_url or ""))
+        except ConnectionError as exc:
+            raise LocalProtocolError(str(exc)) from exc
+        latest = MIGRATIONS[-1][0]
+        if after > latest:  # a newer Kluis migrated it: this one must not serve it
+            return f"PostgreSQL schema at version {after}, newer than this Kluis ({latest})"
+        if before == after:
+            return f"PostgreSQL schema at version {after} (latest): nothing to do"
+        return f"PostgreSQL schema at version {after} (latest), was {before}"
+    path = config.database_path
+    existed = path.exists()
+
+    async def run() -> None:
+        await SqliteStore(path).close()  # opening creates or upgrades it, in one transaction
+
+    asyncio.run(run())
+    how = "upgraded where it lagged" if existed else "created"
+    return f"SQLite database {path} at the current schema ({how})"
+
+
 def create_licences(config: ServerConfig, count: int, plan: str, days: int) -> list[Licence]:
     """New codes (the database is made when missing: ``--init`` is checked by the caller)."""
 
@@ -59,6 +91,8 @@ def create_licences(config: ServerConfig, count: int, plan: str, days: int) -> l
         store = open_store(config)  # SQLite in the data folder, or PostgreSQL (--database)
         try:
             return await Subscriptions(store, time.time).create(count, plan, days)
+        except ConnectionError as exc:  # PostgreSQL unreachable: one line, no traceback
+            raise LocalProtocolError(str(exc)) from exc
         finally:
             await store.close()
 

@@ -149,6 +149,24 @@ async def migrate(conn: Any) -> int:
     return current
 
 
+async def migrate_database(dsn: str) -> tuple[int, int]:
+    """Bring the database at ``dsn`` to the latest schema (``kluis migrate``); its schema
+    version before and after. A database that cannot be reached is a ConnectionError."""
+    try:
+        conn = await asyncpg.connect(dsn, timeout=10)
+    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+        raise ConnectionError(f"cannot reach the PostgreSQL database: {exc}") from exc
+    try:
+        before = 0
+        if await conn.fetchval("SELECT to_regclass('schema_version') IS NOT NULL"):
+            before = int(
+                await conn.fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_version")
+            )
+        return before, await migrate(conn)
+    finally:
+        await conn.close()
+
+
 class PostgresStore:
     """The ``Store`` on PostgreSQL at ``dsn`` (``postgresql://user@host:port/database``)."""
 
