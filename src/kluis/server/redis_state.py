@@ -1,0 +1,313 @@
+"""State the nodes of a deployment share in Redis: rate-limit buckets, mailbox counters and
+device-list versions.
+
+Theory of operation: every operation is queued and the queue is flushed by one task, one
+pipeline per batch (like the mailbox's group commit): at most one Lua call for all queued
+bucket takes, one ``MGET`` for all device-list versions asked, and one Lua call for all mailbox
+counter increments. Callers get an ``asyncio.Future`` at once, so a request that needs several
+answers queues them all before its first await and pays one round trip.
+
+- **Buckets** (``<prefix>:rl:<kind>:<key>``, a hash of tokens and a timestamp): the token bucket
+  of ``ratelimit.TokenBucket``, refilled in the script from Redis's own clock (``TIME``), so
+  nodes with skewed clocks share one bucket. ``PEXPIRE`` is the time to refill: a key that
+  would be a full bucket is gone, and Redis holds only keys active lately.
+- **Mailbox counters** (``<prefix>:mq:<device>``, stored envelopes and bytes): upper bounds,
+  raised by every node's deposits and set to the store's exact count by the node that finds
+  them at the quota (``server/mailbox.py``). They expire one envelope lifetime after the last
+  deposit, when every envelope they counted has expired too.
+- **Device-list versions** (``<prefix>:dv:<account>``): a random token set after every change
+  to an account's devices. A node caches a device list with the token it read before reading
+  the list, and uses it only while the token is still current (``server/accounts.py``).
+
+Nothing here names a sender and a recipient together, holds content or holds a key.
+
+Redis unavailable: every operation answers ``None`` (the caller falls back to its per-node
+state, see the callers) and the node stops asking for a back-off period that doubles up to
+``max_backoff_s``; one log line per back-off step, naming the exception type only. A node
+thus fails open to its local limits rather than refusing service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+log = logging.getLogger("kluis.server.redis_state")
+
+# KEYS: bucket keys. ARGV: per key, cost, rate per second, burst (four per key from 1).
+# Answers 1 (taken) or 0 per key. Tokens are kept as fixed point in thousandths.
+_TAKE = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local out = {}
+for i, key in ipairs(KEYS) do
+  local cost = tonumber(ARGV[i * 3 - 2])
+  local rate = tonumber(ARGV[i * 3 - 1])
+  local burst = tonumber(ARGV[i * 3])
+  local state = redis.call('HMGET', key, 't', 's')
+  local tokens = tonumber(state[1]) or burst
+  local stamp = tonumber(state[2]) or now
+  if now > stamp then tokens = math.min(burst, tokens + (now - stamp) * rate / 1000) end
+  if tokens >= cost then
+    tokens = tokens - cost
+    out[i] = 1
+  else
+    out[i] = 0
+  end
+  redis.call('HSET', key, 't', tostring(tokens), 's', now)
+  local refill = 1000
+  if rate > 0 then refill = math.ceil((burst - tokens) * 1000 / rate) + 1000 end
+  redis.call('PEXPIRE', key, math.max(1000, refill))
+end
+return out
+"""
+
+# KEYS: counter keys. ARGV[1]: time to live (ms); then per key, bytes added. One envelope per
+# key and call. Answers count and bytes after the increment, flat.
+_COUNT = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  out[i * 2 - 1] = redis.call('HINCRBY', key, 'n', 1)
+  out[i * 2] = redis.call('HINCRBY', key, 'b', ARGV[i + 1])
+  redis.call('PEXPIRE', key, ARGV[1])
+end
+return out
+"""
+
+_Take = tuple[str, float, float, int, "asyncio.Future[bool | None]"]
+_Versions = tuple[list[str], "asyncio.Future[list[str | None] | None]"]
+_Count = tuple[list[tuple[str, int]], "asyncio.Future[list[tuple[int, int]] | None]"]
+
+
+class RedisStateError(Exception):
+    """Redis did not answer at start-up."""
+
+
+class RedisState:
+    """Shared buckets, mailbox counters and device-list versions; ``start`` before use."""
+
+    def __init__(
+        self,
+        url: str,
+        prefix: str,
+        *,
+        counter_ttl_s: float,
+        version_ttl_s: float = 86_400.0,
+        connect_timeout_s: float = 5.0,
+        op_timeout_s: float = 1.0,
+        max_backoff_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.url, self.prefix = url, prefix
+        self._counter_ttl_ms = int(counter_ttl_s * 1000)
+        self._version_ttl_ms = int(version_ttl_s * 1000)
+        self._connect_timeout_s, self._op_timeout_s = connect_timeout_s, op_timeout_s
+        self._max_backoff_s = max_backoff_s
+        self._clock = clock
+        self._redis: aioredis.Redis | None = None
+        self._take_sha = self._count_sha = ""
+        self._takes: list[_Take] = []
+        self._versions: list[_Versions] = []
+        self._counts: list[_Count] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._down_until = float("-inf")  # no Redis call before this (back-off)
+        self._backoff = 0.0
+        self.failures = 0  # batches answered None because Redis failed
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect and load the scripts; RedisStateError when Redis does not answer."""
+        if self._redis is not None:
+            return
+        client = aioredis.Redis.from_url(
+            self.url,
+            socket_connect_timeout=self._connect_timeout_s,
+            socket_timeout=self._op_timeout_s,
+            decode_responses=False,
+            client_name="kluis-state",
+        )
+        try:
+            self._take_sha = await asyncio.wait_for(
+                client.script_load(_TAKE), self._connect_timeout_s
+            )
+            self._count_sha = await client.script_load(_COUNT)
+        except (RedisError, OSError, TimeoutError) as exc:
+            await client.aclose()
+            raise RedisStateError(f"Redis does not answer: {type(exc).__name__}") from exc
+        self._redis = client
+
+    async def close(self) -> None:
+        if self._flusher is not None:
+            with contextlib.suppress(Exception):
+                await self._flusher  # answers what was queued
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
+
+    @property
+    def available(self) -> bool:
+        """Started and not backing off after a failure."""
+        return self._redis is not None and self._clock() >= self._down_until
+
+    # -- operations ---------------------------------------------------------------------------
+
+    def take(
+        self, kind: str, key: str, cost: float, rate: float, burst: int
+    ) -> asyncio.Future[bool | None]:
+        """Spend ``cost`` tokens of the shared bucket; None: Redis unavailable."""
+        fut: asyncio.Future[bool | None] = asyncio.get_running_loop().create_future()
+        if not self.available:
+            fut.set_result(None)
+        else:
+            self._takes.append((f"{self.prefix}:rl:{kind}:{key}", cost, rate, burst, fut))
+            self._schedule()
+        return fut
+
+    def versions(self, accounts: list[str]) -> asyncio.Future[list[str | None] | None]:
+        """The current device-list version of each account (None: none set); None overall:
+        Redis unavailable."""
+        fut: asyncio.Future[list[str | None] | None] = asyncio.get_running_loop().create_future()
+        if not self.available:
+            fut.set_result(None)
+        else:
+            self._versions.append((accounts, fut))
+            self._schedule()
+        return fut
+
+    async def bump_version(self, account: str) -> None:
+        """A new version for the account's device list (after the change is committed)."""
+        await self._direct(
+            "SET",
+            f"{self.prefix}:dv:{account}",
+            secrets.token_hex(8),
+            "PX",
+            self._version_ttl_ms,
+        )
+
+    def count(self, items: list[tuple[str, int]]) -> asyncio.Future[list[tuple[int, int]] | None]:
+        """Add one envelope of each (device, bytes) to the counters; their new values."""
+        fut: asyncio.Future[list[tuple[int, int]] | None] = (
+            asyncio.get_running_loop().create_future()
+        )
+        if not self.available:
+            fut.set_result(None)
+        else:
+            self._counts.append((items, fut))
+            self._schedule()
+        return fut
+
+    async def set_count(self, device: str, count: int, size: int) -> None:
+        key = f"{self.prefix}:mq:{device}"
+        await self._direct("HSET", key, "n", count, "b", size)
+        await self._direct("PEXPIRE", key, self._counter_ttl_ms)
+
+    async def forget(self, device: str) -> None:
+        await self._direct("DEL", f"{self.prefix}:mq:{device}")
+
+    # -- internals ----------------------------------------------------------------------------
+
+    async def _direct(self, *args: Any) -> None:
+        """One command now; a failure starts the back-off and is otherwise ignored."""
+        if not self.available:
+            return
+        assert self._redis is not None
+        try:
+            command = self._redis.execute_command(*args)  # type: ignore[no-untyped-call]
+            await asyncio.wait_for(command, self._op_timeout_s)
+            self._recovered()
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._failed(exc)
+
+    def _schedule(self) -> None:
+        if self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_all())
+
+    async def _flush_all(self) -> None:
+        try:
+            while self._takes or self._versions or self._counts:
+                takes, self._takes = self._takes, []
+                versions, self._versions = self._versions, []
+                counts, self._counts = self._counts, []
+                await self._flush(takes, versions, counts)
+        finally:
+            self._flusher = None
+
+    async def _flush(
+        self, takes: list[_Take], versions: list[_Versions], counts: list[_Count]
+    ) -> None:
+        client = self._redis
+        results: list[Any] | None = None
+        if client is not None and self.available:
+            try:
+                async with client.pipeline(transaction=False) as pipe:
+                    if takes:
+                        args: list[Any] = []
+                        for _, cost, rate, burst, _ in takes:
+                            args += [cost, rate, burst]
+                        pipe.evalsha(self._take_sha, len(takes), *[t[0] for t in takes], *args)
+                    if versions:
+                        pipe.mget([f"{self.prefix}:dv:{a}" for accs, _ in versions for a in accs])
+                    if counts:
+                        keys = [f"{self.prefix}:mq:{d}" for items, _ in counts for d, _ in items]
+                        sizes = [s for items, _ in counts for _, s in items]
+                        pipe.evalsha(
+                            self._count_sha, len(keys), *keys, self._counter_ttl_ms, *sizes
+                        )
+                    results = await asyncio.wait_for(pipe.execute(), self._op_timeout_s)
+                self._recovered()
+            except (RedisError, OSError, TimeoutError) as exc:
+                self._failed(exc)
+                results = None
+        if results is None:
+            self.failures += 1
+            for *_, fut in takes:
+                _answer(fut, None)
+            for _, vfut in versions:
+                _answer(vfut, None)
+            for _, cfut in counts:
+                _answer(cfut, None)
+            return
+        answers = iter(results)
+        if takes:
+            for (*_, fut), ok in zip(takes, next(answers), strict=True):
+                _answer(fut, bool(ok))
+        if versions:
+            values = iter(next(answers))
+            for accs, vfut in versions:
+                _answer(vfut, [v.decode() if v is not None else None for v in _take(values, accs)])
+        if counts:
+            flat = iter(next(answers))
+            for items, cfut in counts:
+                _answer(cfut, [(int(next(flat)), int(next(flat))) for _ in items])
+
+    def _failed(self, exc: BaseException) -> None:
+        self._backoff = min(max(self._backoff * 2, 0.5), self._max_backoff_s)
+        self._down_until = self._clock() + self._backoff
+        log.warning(
+            "redis state unavailable (%s): per-node limits for %.1fs",
+            type(exc).__name__,
+            self._backoff,
+        )
+
+    def _recovered(self) -> None:
+        if self._backoff:
+            log.info("redis state available again")
+            self._backoff = 0.0
+
+
+def _take(values: Any, accounts: list[str]) -> list[Any]:
+    return [next(values) for _ in accounts]
+
+
+def _answer(fut: asyncio.Future[Any], value: Any) -> None:
+    if not fut.done():
+        fut.set_result(value)
