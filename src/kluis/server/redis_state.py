@@ -21,6 +21,9 @@ answers queues them all before its first await and pays one round trip.
 
 Nothing here names a sender and a recipient together, holds content or holds a key.
 
+Redis restarted (empty): the scripts are loaded again at the first ``NOSCRIPT``; the buckets
+start full and the counters from zero (counters are recounted from the store at the quota).
+
 Redis unavailable: every operation answers ``None`` (the caller falls back to its per-node
 state, see the callers) and the node stops asking for a back-off period that doubles up to
 ``max_backoff_s``; one log line per back-off step, naming the exception type only. A node
@@ -38,7 +41,7 @@ from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 log = logging.getLogger("kluis.server.redis_state")
 
@@ -136,10 +139,7 @@ class RedisState:
             client_name="kluis-state",
         )
         try:
-            self._take_sha = await asyncio.wait_for(
-                client.script_load(_TAKE), self._connect_timeout_s
-            )
-            self._count_sha = await client.script_load(_COUNT)
+            await asyncio.wait_for(self._load_scripts(client), self._connect_timeout_s)
         except (RedisError, OSError, TimeoutError) as exc:
             await client.aclose()
             raise RedisStateError(f"Redis does not answer: {type(exc).__name__}") from exc
@@ -244,25 +244,14 @@ class RedisState:
     async def _flush(
         self, takes: list[_Take], versions: list[_Versions], counts: list[_Count]
     ) -> None:
-        client = self._redis
         results: list[Any] | None = None
-        if client is not None and self.available:
+        if self._redis is not None and self.available:
             try:
-                async with client.pipeline(transaction=False) as pipe:
-                    if takes:
-                        args: list[Any] = []
-                        for _, cost, rate, burst, _ in takes:
-                            args += [cost, rate, burst]
-                        pipe.evalsha(self._take_sha, len(takes), *[t[0] for t in takes], *args)
-                    if versions:
-                        pipe.mget([f"{self.prefix}:dv:{a}" for accs, _ in versions for a in accs])
-                    if counts:
-                        keys = [f"{self.prefix}:mq:{d}" for items, _ in counts for d, _ in items]
-                        sizes = [s for items, _ in counts for _, s in items]
-                        pipe.evalsha(
-                            self._count_sha, len(keys), *keys, self._counter_ttl_ms, *sizes
-                        )
-                    results = await asyncio.wait_for(pipe.execute(), self._op_timeout_s)
+                try:
+                    results = await self._execute(takes, versions, counts)
+                except NoScriptError:  # Redis restarted empty: load the scripts again
+                    await self._load_scripts(self._redis)
+                    results = await self._execute(takes, versions, counts)
                 self._recovered()
             except (RedisError, OSError, TimeoutError) as exc:
                 self._failed(exc)
@@ -288,6 +277,29 @@ class RedisState:
             flat = iter(next(answers))
             for items, cfut in counts:
                 _answer(cfut, [(int(next(flat)), int(next(flat))) for _ in items])
+
+    async def _execute(
+        self, takes: list[_Take], versions: list[_Versions], counts: list[_Count]
+    ) -> list[Any]:
+        assert self._redis is not None
+        async with self._redis.pipeline(transaction=False) as pipe:
+            if takes:
+                args: list[Any] = []
+                for _, cost, rate, burst, _ in takes:
+                    args += [cost, rate, burst]
+                pipe.evalsha(self._take_sha, len(takes), *[t[0] for t in takes], *args)
+            if versions:
+                pipe.mget([f"{self.prefix}:dv:{a}" for accs, _ in versions for a in accs])
+            if counts:
+                keys = [f"{self.prefix}:mq:{d}" for items, _ in counts for d, _ in items]
+                sizes = [s for items, _ in counts for _, s in items]
+                pipe.evalsha(self._count_sha, len(keys), *keys, self._counter_ttl_ms, *sizes)
+            return list(await asyncio.wait_for(pipe.execute(), self._op_timeout_s))
+
+    async def _load_scripts(self, client: aioredis.Redis) -> None:
+        load = client.script_load
+        self._take_sha = await asyncio.wait_for(load(_TAKE), self._op_timeout_s)
+        self._count_sha = await asyncio.wait_for(load(_COUNT), self._op_timeout_s)
 
     def _failed(self, exc: BaseException) -> None:
         self._backoff = min(max(self._backoff * 2, 0.5), self._max_backoff_s)
