@@ -235,3 +235,16 @@ async def until_value(spy: aioredis.Redis, key: str, value: str | None) -> None:
     while (current := await spy.get(key)) != value:
         assert asyncio.get_running_loop().time() < deadline, f"{key} is {current!r}"
         await asyncio.sleep(0.01)
+
+
+async def test_the_shared_limits_bench_runs_and_leaves_no_key(prefix: str) -> None:
+    from bench.shared_limits import main
+
+    result = await main(REDIS_URL, 8, 0.05)
+    for part in ("local", "redis_take", "redis_take_and_versions"):
+        assert result[part]["takes_per_s"] > 0
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        assert [k async for k in client.scan_iter(match="kluis-bench-*")] == []
+    finally:
+        await client.aclose()

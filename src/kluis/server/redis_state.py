@@ -3,8 +3,9 @@ device-list versions.
 
 Theory of operation: every operation is queued and the queue is flushed by one task, one
 pipeline per batch (like the mailbox's group commit): at most one Lua call for all queued
-bucket takes, one ``MGET`` for all device-list versions asked, and one Lua call for all mailbox
-counter increments. Callers get an ``asyncio.Future`` at once, so a request that needs several
+bucket takes, one for all device-list versions asked, and one for all mailbox counter
+increments. Arguments and answers are packed into one string each where they can be:
+one argument or answer per item cost the node more CPU than Redis spent. Callers get an ``asyncio.Future`` at once, so a request that needs several
 answers queues them all before its first await and pays one round trip.
 
 - **Buckets** (``<prefix>:rl:<kind>:<key>``, a hash of tokens and a timestamp): the token bucket
@@ -45,44 +46,55 @@ from redis.exceptions import NoScriptError, RedisError
 
 log = logging.getLogger("kluis.server.redis_state")
 
-# KEYS: bucket keys. ARGV: per key, cost, rate per second, burst (four per key from 1).
-# Answers 1 (taken) or 0 per key. Tokens are kept as fixed point in thousandths.
+# KEYS: bucket keys. ARGV[1]: per key, "cost rate burst " (rate per second). Answers a string of
+# one character per key: "1" taken, "0" not. (Arguments and answer packed in one string each:
+# one argument per key cost the node more than the Redis call.)
 _TAKE = """
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local out = {}
-for i, key in ipairs(KEYS) do
-  local cost = tonumber(ARGV[i * 3 - 2])
-  local rate = tonumber(ARGV[i * 3 - 1])
-  local burst = tonumber(ARGV[i * 3])
+local i = 0
+for cost, rate, burst in string.gmatch(ARGV[1], '(%S+) (%S+) (%S+)') do
+  i = i + 1
+  local key = KEYS[i]
+  cost, rate, burst = tonumber(cost), tonumber(rate), tonumber(burst)
   local state = redis.call('HMGET', key, 't', 's')
   local tokens = tonumber(state[1]) or burst
   local stamp = tonumber(state[2]) or now
   if now > stamp then tokens = math.min(burst, tokens + (now - stamp) * rate / 1000) end
   if tokens >= cost then
     tokens = tokens - cost
-    out[i] = 1
+    out[i] = '1'
   else
-    out[i] = 0
+    out[i] = '0'
   end
   redis.call('HSET', key, 't', tostring(tokens), 's', now)
   local refill = 1000
   if rate > 0 then refill = math.ceil((burst - tokens) * 1000 / rate) + 1000 end
   redis.call('PEXPIRE', key, math.max(1000, refill))
 end
-return out
+return table.concat(out)
 """
 
-# KEYS: counter keys. ARGV[1]: time to live (ms); then per key, bytes added. One envelope per
-# key and call. Answers count and bytes after the increment, flat.
+# KEYS: counter keys. ARGV[1]: time to live (ms); ARGV[2]: per key, the bytes added, separated
+# by spaces. One envelope per key and call. Answers "count bytes " per key after the increment.
 _COUNT = """
 local out = {}
-for i, key in ipairs(KEYS) do
-  out[i * 2 - 1] = redis.call('HINCRBY', key, 'n', 1)
-  out[i * 2] = redis.call('HINCRBY', key, 'b', ARGV[i + 1])
+local i = 0
+for size in string.gmatch(ARGV[2], '%S+') do
+  i = i + 1
+  local key = KEYS[i]
+  out[i] = redis.call('HINCRBY', key, 'n', 1) .. ' ' .. redis.call('HINCRBY', key, 'b', size)
   redis.call('PEXPIRE', key, ARGV[1])
 end
-return out
+return table.concat(out, ' ')
+"""
+
+# KEYS: device-list version keys. Answers the versions separated by spaces, "-" for none.
+_VERSIONS = """
+local out = {}
+for i, key in ipairs(KEYS) do out[i] = redis.call('GET', key) or '-' end
+return table.concat(out, ' ')
 """
 
 _Take = tuple[str, float, float, int, "asyncio.Future[bool | None]"]
@@ -116,7 +128,7 @@ class RedisState:
         self._max_backoff_s = max_backoff_s
         self._clock = clock
         self._redis: aioredis.Redis | None = None
-        self._take_sha = self._count_sha = ""
+        self._take_sha = self._count_sha = self._versions_sha = ""
         self._takes: list[_Take] = []
         self._versions: list[_Versions] = []
         self._counts: list[_Count] = []
@@ -268,13 +280,13 @@ class RedisState:
         answers = iter(results)
         if takes:
             for (*_, fut), ok in zip(takes, next(answers), strict=True):
-                _answer(fut, bool(ok))
+                _answer(fut, ok == 49)  # b"1"[0]
         if versions:
-            values = iter(next(answers))
+            values = iter(next(answers).decode().split(" "))
             for accs, vfut in versions:
-                _answer(vfut, [v.decode() if v is not None else None for v in _take(values, accs)])
+                _answer(vfut, [None if v == "-" else v for v in _take(values, accs)])
         if counts:
-            flat = iter(next(answers))
+            flat = iter(next(answers).split())
             for items, cfut in counts:
                 _answer(cfut, [(int(next(flat)), int(next(flat))) for _ in items])
 
@@ -284,22 +296,23 @@ class RedisState:
         assert self._redis is not None
         async with self._redis.pipeline(transaction=False) as pipe:
             if takes:
-                args: list[Any] = []
-                for _, cost, rate, burst, _ in takes:
-                    args += [cost, rate, burst]
-                pipe.evalsha(self._take_sha, len(takes), *[t[0] for t in takes], *args)
+                keys = [t[0] for t in takes]
+                args = "".join([f"{cost} {rate} {burst} " for _, cost, rate, burst, _ in takes])
+                pipe.evalsha(self._take_sha, len(keys), *keys, args)
             if versions:
-                pipe.mget([f"{self.prefix}:dv:{a}" for accs, _ in versions for a in accs])
+                keys = [f"{self.prefix}:dv:{a}" for accs, _ in versions for a in accs]
+                pipe.evalsha(self._versions_sha, len(keys), *keys)
             if counts:
                 keys = [f"{self.prefix}:mq:{d}" for items, _ in counts for d, _ in items]
-                sizes = [s for items, _ in counts for _, s in items]
-                pipe.evalsha(self._count_sha, len(keys), *keys, self._counter_ttl_ms, *sizes)
+                sizes = " ".join([str(s) for items, _ in counts for _, s in items])
+                pipe.evalsha(self._count_sha, len(keys), *keys, self._counter_ttl_ms, sizes)
             return list(await asyncio.wait_for(pipe.execute(), self._op_timeout_s))
 
     async def _load_scripts(self, client: aioredis.Redis) -> None:
         load = client.script_load
         self._take_sha = await asyncio.wait_for(load(_TAKE), self._op_timeout_s)
         self._count_sha = await asyncio.wait_for(load(_COUNT), self._op_timeout_s)
+        self._versions_sha = await asyncio.wait_for(load(_VERSIONS), self._op_timeout_s)
 
     def _failed(self, exc: BaseException) -> None:
         self._backoff = min(max(self._backoff * 2, 0.5), self._max_backoff_s)
