@@ -230,6 +230,27 @@ async def test_presence_names_the_node_and_only_the_owner_releases_it(
     assert await spy.hlen(f"{prefix}:nodes") == 0
 
 
+async def test_presence_displaces_a_connection_whose_key_names_another_node(
+    prefix: str, spy: aioredis.Redis
+) -> None:
+    """The ``sub`` signal of the device's newer connection was lost: the refresh finds the key
+    naming the other node and closes this node's connection all the same."""
+    bus = RedisBus(REDIS_URL, prefix, presence_ttl_s=30, presence_refresh_s=0.05)
+    await bus.start()
+    try:
+        old, kept = Sub(), Sub()
+        bus.subscribe("dev", old)
+        bus.subscribe("kept", kept)
+        await until_value(spy, f"{prefix}:on:dev", bus.node)
+        await spy.set(f"{prefix}:on:dev", "another-node", ex=30)  # no signal published
+        await until(lambda: old.events == ["displaced"])
+        await asyncio.sleep(0.2)
+        assert kept.events == [] and bus.local_devices == 1
+        assert await spy.get(f"{prefix}:on:dev") == "another-node"
+    finally:
+        await bus.close()
+
+
 async def until_value(spy: aioredis.Redis, key: str, value: str | None) -> None:
     deadline = asyncio.get_running_loop().time() + 5
     while (current := await spy.get(key)) != value:

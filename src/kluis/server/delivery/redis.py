@@ -27,7 +27,9 @@ Presence: a key ``<prefix>:on:<device>`` names the node holding the device's liv
 It is set at subscription, refreshed every ``presence_refresh_s`` (one pipeline per node, only
 while it still names this node), lives ``presence_ttl_s`` and is deleted (if it still names this
 node) when the connection ends: the devices of a node that died stop being online within the
-TTL. Each node also writes its count of live connections, with a deadline, into the hash
+TTL. Presence also backs up the newest-connection-wins rule: a refresh that finds a device's
+key naming another node (its ``sub`` signal was lost) displaces the local connection, once the
+subscription is older than one refresh period. Each node also writes its count of live connections, with a deadline, into the hash
 ``<prefix>:nodes``; ``online_devices`` sums the live entries (for metrics; never per device).
 
 Errors are bounded and typed: ``start`` raises ``RedisBusError`` when Redis does not answer
@@ -59,13 +61,20 @@ _MAX_SIGNAL_BYTES = 1024  # a device ID is far shorter; anything longer is not o
 _PRESENCE_CHUNK = 1_000  # presence keys per refresh call
 
 # KEYS: presence keys. ARGV: node, TTL (s). Refresh each key that is missing or names this node
-# (one that names another node belongs to the device's newer connection there).
+# (one that names another node belongs to the device's newer connection there). Answers one
+# character per key: "1" refreshed, "0" held by another node.
 _REFRESH = """
-for _, key in ipairs(KEYS) do
+local out = {}
+for i, key in ipairs(KEYS) do
   local owner = redis.call('GET', key)
-  if not owner or owner == ARGV[1] then redis.call('SET', key, ARGV[1], 'EX', ARGV[2]) end
+  if not owner or owner == ARGV[1] then
+    redis.call('SET', key, ARGV[1], 'EX', ARGV[2])
+    out[i] = '1'
+  else
+    out[i] = '0'
+  end
 end
-return 0
+return table.concat(out)
 """
 # KEYS: presence keys. ARGV: node. Delete each key that names this node.
 _RELEASE = """
@@ -131,6 +140,7 @@ class RedisBus:
         self.prefix = prefix
         self.node = secrets.token_hex(8)
         self._subscribers: dict[str, Subscriber] = {}
+        self._since: dict[str, float] = {}  # when each local subscription began (loop time)
         self._queue: asyncio.Queue[tuple[Any, ...]] | None = None
         # Whole seconds for SET EX; the refresh comes well before the key expires.
         self._presence_ttl_s = max(1, round(presence_ttl_s))
@@ -196,6 +206,7 @@ class RedisBus:
     def subscribe(self, device_id: str, subscriber: Subscriber) -> None:
         old = self._subscribers.get(device_id)
         self._subscribers[device_id] = subscriber
+        self._since[device_id] = asyncio.get_running_loop().time()
         if old is not None and old is not subscriber:
             old.displaced()
         self._send(SUBSCRIBED, 0, device_id)
@@ -204,6 +215,7 @@ class RedisBus:
     def unsubscribe(self, device_id: str, subscriber: Subscriber) -> None:
         if self._subscribers.get(device_id) is subscriber:
             del self._subscribers[device_id]
+            self._since.pop(device_id, None)
             self._command("EVAL", _RELEASE, 1, self._presence_key(device_id), self.node)
 
     def announce(self, device_id: str, seq: int, body: bytes | None = None) -> None:
@@ -268,14 +280,30 @@ class RedisBus:
             await asyncio.sleep(wait)
 
     async def _write_presence(self, client: aioredis.Redis) -> None:
-        keys = [self._presence_key(d) for d in self._subscribers]
+        """Refresh this node's presence keys and count; displace the connections whose key
+        names another node (the device's newer connection there, its ``sub`` signal lost)."""
+        started = asyncio.get_running_loop().time()
+        devices = list(self._subscribers.items())
+        keys = [self._presence_key(d) for d, _ in devices]
         ttl_ms = int(self._presence_ttl_s * 1000)
         async with client.pipeline(transaction=False) as pipe:
             for i in range(0, len(keys), _PRESENCE_CHUNK):
                 chunk = keys[i : i + _PRESENCE_CHUNK]
                 pipe.eval(_REFRESH, len(chunk), *chunk, self.node, self._presence_ttl_s)
             pipe.eval(_NODE, 1, f"{self.prefix}:nodes", self.node, len(keys), ttl_ms)
-            await pipe.execute()
+            answers = await pipe.execute()
+        held = b"".join(answers[:-1])
+        # A subscription younger than one refresh period may not have written its key yet.
+        settled = started - self._presence_refresh_s
+        for (device_id, subscriber), mine in zip(devices, held, strict=True):
+            if (
+                mine == 48  # b"0": held by another node
+                and self._subscribers.get(device_id) is subscriber
+                and self._since.get(device_id, started) < settled
+            ):
+                del self._subscribers[device_id]
+                self._since.pop(device_id, None)
+                subscriber.displaced()
 
     async def _release_all(self) -> None:
         client = self._redis
@@ -342,9 +370,11 @@ class RedisBus:
             subscriber.keys_low(number)
         elif kind == SUBSCRIBED:  # a newer connection on another node
             del self._subscribers[device_id]
+            self._since.pop(device_id, None)
             subscriber.displaced()
         else:
             del self._subscribers[device_id]
+            self._since.pop(device_id, None)
             subscriber.revoked()
 
     async def _listen(self) -> None:
