@@ -133,6 +133,7 @@ class RedisState:
         self._versions: list[_Versions] = []
         self._counts: list[_Count] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._down_until = float("-inf")  # no Redis call before this (back-off)
         self._backoff = 0.0
         self.failures = 0  # batches answered None because Redis failed
@@ -176,7 +177,7 @@ class RedisState:
         self, kind: str, key: str, cost: float, rate: float, burst: int
     ) -> asyncio.Future[bool | None]:
         """Spend ``cost`` tokens of the shared bucket; None: Redis unavailable."""
-        fut: asyncio.Future[bool | None] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[bool | None] = self._running_loop().create_future()
         if not self.available:
             fut.set_result(None)
         else:
@@ -187,7 +188,7 @@ class RedisState:
     def versions(self, accounts: list[str]) -> asyncio.Future[list[str | None] | None]:
         """The current device-list version of each account (None: none set); None overall:
         Redis unavailable."""
-        fut: asyncio.Future[list[str | None] | None] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[list[str | None] | None] = self._running_loop().create_future()
         if not self.available:
             fut.set_result(None)
         else:
@@ -207,9 +208,7 @@ class RedisState:
 
     def count(self, items: list[tuple[str, int]]) -> asyncio.Future[list[tuple[int, int]] | None]:
         """Add one envelope of each (device, bytes) to the counters; their new values."""
-        fut: asyncio.Future[list[tuple[int, int]] | None] = (
-            asyncio.get_running_loop().create_future()
-        )
+        fut: asyncio.Future[list[tuple[int, int]] | None] = self._running_loop().create_future()
         if not self.available:
             fut.set_result(None)
         else:
@@ -239,9 +238,16 @@ class RedisState:
         except (RedisError, OSError, TimeoutError) as exc:
             self._failed(exc)
 
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        # As in the mailbox: asyncio.get_running_loop() makes a getpid() call on every call.
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
+
     def _schedule(self) -> None:
         if self._flusher is None:
-            self._flusher = asyncio.get_running_loop().create_task(self._flush_all())
+            self._flusher = self._running_loop().create_task(self._flush_all())
 
     async def _flush_all(self) -> None:
         try:
