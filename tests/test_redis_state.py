@@ -94,16 +94,18 @@ async def test_requests_of_one_turn_share_one_round_trip(nodes: State) -> None:
     counts = state.count([("dev-1", 10), ("dev-2", 20)])
     assert all(await asyncio.gather(*asked))
     assert await versions == [None, None]
-    assert await counts == [(1, 10), (1, 20)]
+    assert await counts == [(1, 10, True), (1, 20, True)]
     assert state.failures == 0
 
 
 async def test_mailbox_counters_and_versions_are_shared(nodes: State) -> None:
     one, two = await nodes(), await nodes()
-    assert await one.count([("dev", 100)]) == [(1, 100)]
-    assert await two.count([("dev", 50), ("dev", 1)]) == [(2, 150), (3, 151)]
+    assert await one.count([("dev", 100)]) == [(1, 100, True)]  # new: the store must count
+    assert await two.count([("dev", 50), ("dev", 1)]) == [(2, 150, False), (3, 151, False)]
     await one.set_count("dev", 1, 7)  # what the store counted
-    assert await two.count([("dev", 3)]) == [(2, 10)]
+    assert await two.count([("dev", 3)]) == [(2, 10, False)]
+    await two.add_count("dev", 5, 500)
+    assert await one.count([("dev", 0)]) == [(8, 510, False)]
     await one.bump_version("acc")
     (first,) = await two.versions(["acc"]) or [None]
     await two.bump_version("acc")

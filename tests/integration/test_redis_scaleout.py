@@ -130,7 +130,7 @@ async def test_rate_limits_hold_across_nodes(cluster: tuple[Nodes, str], tmp_pat
 async def test_a_mailbox_quota_holds_across_nodes(
     cluster: tuple[Nodes, str], tmp_path: Path
 ) -> None:
-    nodes, _ = cluster
+    nodes, prefix = cluster
     two = nodes(2, "--limit", "mailbox_quota=4")
     alice = await register(two[0], tmp_path / "alice")
     bob = await register(two[1], tmp_path / "bob")
@@ -139,6 +139,11 @@ async def test_a_mailbox_quota_holds_across_nodes(
     # Each node counted alone would take 4 (after its first count in the store): 7 in all.
     results = await alternate(two, alice, bob, 9)
     assert results == ["done"] * 4 + ["quota_exceeded"] * 5
+    # Redis loses the counter (evicted, restarted): the next node to use it counts the store.
+    with redis.Redis.from_url(REDIS_URL) as client:
+        assert client.delete(f"{prefix}:mq:{bob.core.device_id}") == 1
+    await asyncio.sleep(1.1)  # past mailbox_full_recheck_s: each node asks Redis again
+    assert await alternate(two, alice, bob, 2) == ["quota_exceeded"] * 2
 
 
 async def test_a_revocation_on_one_node_refuses_the_device_on_another_at_once(

@@ -17,7 +17,8 @@ them) and made exact from the store only when they reach the quota. One node kee
 memory. Several nodes (``MailboxCounters``, Redis) keep them in Redis, raised by every node's
 deposits, so a mailbox holds its quota across nodes; the node that finds a bound at the quota
 counts in the store and writes the exact value back, and refuses a mailbox found full without
-counting again for ``mailbox_full_recheck_s``. Deposits in flight on other nodes while one
+counting again for ``mailbox_full_recheck_s``; a counter that Redis lost (expired, evicted,
+restarted) is raised by the store's count at its first use. Deposits in flight on other nodes while one
 counts are not in the store yet: the quota may be passed by what is in flight, never N times.
 While Redis does not answer, each node falls back to its own bounds.
 """
@@ -40,12 +41,17 @@ _Ack = tuple[list[tuple[str, int]], "asyncio.Future[None]"]
 class MailboxCounters(Protocol):
     """Stored envelopes and bytes per device (upper bounds), shared by the nodes."""
 
-    def count(self, items: list[tuple[str, int]]) -> Awaitable[list[tuple[int, int]] | None]:
-        """Add one envelope of each (device, bytes); the bounds after it, or None: unavailable."""
+    def count(self, items: list[tuple[str, int]]) -> Awaitable[list[tuple[int, int, bool]] | None]:
+        """Add one envelope of each (device, bytes): the bounds after it and whether the
+        counter was new (then it counts nothing before); None: unavailable."""
         ...
 
     async def set_count(self, device: str, count: int, size: int) -> None:
         """Set a device's bounds to what the store counted."""
+        ...
+
+    async def add_count(self, device: str, count: int, size: int) -> None:
+        """Raise a device's bounds (by what the store counted, for a new counter)."""
         ...
 
 
@@ -111,25 +117,38 @@ class Mailbox:
     # ---- deposit / ack with group commit --------------------------------------------------
 
     async def _check_shared(
-        self, items: list[tuple[str, bytes]], bounds: list[tuple[int, int]]
+        self, items: list[tuple[str, bytes]], bounds: list[tuple[int, int, bool]]
     ) -> None:
-        """Several nodes: ``bounds`` are the shared counters with ``items`` added."""
+        """Several nodes: ``bounds`` are the shared counters with ``items`` added.
+
+        A new counter (expired, evicted, Redis restarted) counted only this envelope: the
+        store's count is added to it, never set, so deposits counted meanwhile by other nodes
+        stay counted (twice at worst: a bound too high only brings the next exact count
+        sooner). A counter at the quota is set to the store's exact count."""
         assert self._counters is not None
         limits, now = self._limits, self._clock()
-        for (device_id, body), (n, b) in zip(items, bounds, strict=True):
-            if n <= limits.mailbox_quota and b <= limits.mailbox_quota_bytes:
+        for (device_id, body), (n, b, new) in zip(items, bounds, strict=True):
+            if not new and n <= limits.mailbox_quota and b <= limits.mailbox_quota_bytes:
                 continue
             if self._full_until.get(device_id, float("-inf")) > now:
                 raise QuotaExceeded("the recipient's mailbox is full; try again later")
-            n = await self._store.count_envelopes(device_id)
-            b = await self._store.envelope_bytes(device_id)
-            if n >= limits.mailbox_quota or b + len(body) > limits.mailbox_quota_bytes:
+            stored = await self._store.count_envelopes(device_id)
+            stored_bytes = await self._store.envelope_bytes(device_id)
+            full = (
+                stored >= limits.mailbox_quota
+                or stored_bytes + len(body) > limits.mailbox_quota_bytes
+            )
+            if new:
+                await self._counters.add_count(device_id, stored, stored_bytes)
+            if full:
                 if len(self._full_until) >= 4096:
                     self._full_until = {d: t for d, t in self._full_until.items() if t > now}
                 self._full_until[device_id] = now + limits.mailbox_full_recheck_s
-                await self._counters.set_count(device_id, n, b)
+                if not new:
+                    await self._counters.set_count(device_id, stored, stored_bytes)
                 raise QuotaExceeded("the recipient's mailbox is full; try again later")
-            await self._counters.set_count(device_id, n + 1, b + len(body))
+            if not new:
+                await self._counters.set_count(device_id, stored + 1, stored_bytes + len(body))
 
     async def deposit(self, items: list[tuple[str, bytes]]) -> list[int]:
         """Store envelopes (device, body); return their wire ids once they are committed."""

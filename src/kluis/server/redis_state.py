@@ -15,7 +15,8 @@ answers queues them all before its first await and pays one round trip.
 - **Mailbox counters** (``<prefix>:mq:<device>``, stored envelopes and bytes): upper bounds,
   raised by every node's deposits and set to the store's exact count by the node that finds
   them at the quota (``server/mailbox.py``). They expire one envelope lifetime after the last
-  deposit, when every envelope they counted has expired too.
+  deposit, when every envelope they counted has expired too; a new counter is raised by the
+  store's count at its first use.
 - **Device-list versions** (``<prefix>:dv:<account>``): a random token set after every change
   to an account's devices. A node caches a device list with the token it read before reading
   the list, and uses it only while the token is still current (``server/accounts.py``).
@@ -23,7 +24,8 @@ answers queues them all before its first await and pays one round trip.
 Nothing here names a sender and a recipient together, holds content or holds a key.
 
 Redis restarted (empty): the scripts are loaded again at the first ``NOSCRIPT``; the buckets
-start full and the counters from zero (counters are recounted from the store at the quota).
+start full; a counter that did not exist is reported as new, and the mailbox adds the store's
+count to it before trusting it (so a lost counter never lets a mailbox pass its quota).
 
 Redis unavailable: every operation answers ``None`` (the caller falls back to its per-node
 state, see the callers) and the node stops asking for a back-off period that doubles up to
@@ -77,14 +79,17 @@ return table.concat(out)
 """
 
 # KEYS: counter keys. ARGV[1]: time to live (ms); ARGV[2]: per key, the bytes added, separated
-# by spaces. One envelope per key and call. Answers "count bytes " per key after the increment.
+# by spaces. One envelope per key and call. Answers "count bytes new" per key after the
+# increment, new = 1 if the key did not exist (expired, evicted, or Redis restarted).
 _COUNT = """
 local out = {}
 local i = 0
 for size in string.gmatch(ARGV[2], '%S+') do
   i = i + 1
   local key = KEYS[i]
-  out[i] = redis.call('HINCRBY', key, 'n', 1) .. ' ' .. redis.call('HINCRBY', key, 'b', size)
+  local new = 1 - redis.call('EXISTS', key)
+  local n = redis.call('HINCRBY', key, 'n', 1)
+  out[i] = n .. ' ' .. redis.call('HINCRBY', key, 'b', size) .. ' ' .. new
   redis.call('PEXPIRE', key, ARGV[1])
 end
 return table.concat(out, ' ')
@@ -99,7 +104,8 @@ return table.concat(out, ' ')
 
 _Take = tuple[str, float, float, int, "asyncio.Future[bool | None]"]
 _Versions = tuple[list[str], "asyncio.Future[list[str | None] | None]"]
-_Count = tuple[list[tuple[str, int]], "asyncio.Future[list[tuple[int, int]] | None]"]
+Bounds = list[tuple[int, int, bool]]  # per device: envelopes, bytes, counter just created
+_Count = tuple[list[tuple[str, int]], "asyncio.Future[Bounds | None]"]
 
 
 class RedisStateError(Exception):
@@ -206,9 +212,10 @@ class RedisState:
             self._version_ttl_ms,
         )
 
-    def count(self, items: list[tuple[str, int]]) -> asyncio.Future[list[tuple[int, int]] | None]:
-        """Add one envelope of each (device, bytes) to the counters; their new values."""
-        fut: asyncio.Future[list[tuple[int, int]] | None] = self._running_loop().create_future()
+    def count(self, items: list[tuple[str, int]]) -> asyncio.Future[Bounds | None]:
+        """Add one envelope of each (device, bytes) to the counters; their new values, and
+        whether each counter was created by this call (it then counts this envelope only)."""
+        fut: asyncio.Future[Bounds | None] = self._running_loop().create_future()
         if not self.available:
             fut.set_result(None)
         else:
@@ -221,8 +228,10 @@ class RedisState:
         await self._direct("HSET", key, "n", count, "b", size)
         await self._direct("PEXPIRE", key, self._counter_ttl_ms)
 
-    async def forget(self, device: str) -> None:
-        await self._direct("DEL", f"{self.prefix}:mq:{device}")
+    async def add_count(self, device: str, count: int, size: int) -> None:
+        key = f"{self.prefix}:mq:{device}"
+        await self._direct("HINCRBY", key, "n", count)
+        await self._direct("HINCRBY", key, "b", size)
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -294,7 +303,9 @@ class RedisState:
         if counts:
             flat = iter(next(answers).split())
             for items, cfut in counts:
-                _answer(cfut, [(int(next(flat)), int(next(flat))) for _ in items])
+                _answer(
+                    cfut, [(int(next(flat)), int(next(flat)), next(flat) == b"1") for _ in items]
+                )
 
     async def _execute(
         self, takes: list[_Take], versions: list[_Versions], counts: list[_Count]
