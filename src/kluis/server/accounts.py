@@ -13,7 +13,8 @@ once it is committed and tells the other nodes to drop theirs (``changed``, a bu
 send asks the versions of its accounts (one round trip, batched) and uses a cached list only if
 it was read under the current version. So a send on node B after a revocation on node A has
 answered never accepts the revoked device, however late the signal. While Redis does not
-answer, a cached list older than ``device_cache_fallback_s`` is read again from the store.
+answer, a cached list older than ``device_cache_fallback_s`` is read again from the store; and
+one older than ``device_cache_max_age_s`` always is (a version bump lost to a Redis failure).
 """
 
 from __future__ import annotations
@@ -130,6 +131,7 @@ class Accounts:
         self._changed = changed
         self._read_under: dict[str, tuple[object, float]] = {}
         self._fallback_s = limits.device_cache_fallback_s
+        self._max_age_s = limits.device_cache_max_age_s
 
     def _now(self) -> int:
         return int(self._clock())
@@ -242,12 +244,14 @@ class Accounts:
         for i, account_id in enumerate(account_ids):
             ids = self._device_ids.get(account_id)
             read = self._read_under.get(account_id)
+            age = self._clock() - read[1] if read is not None else float("inf")
             if current is None:  # Redis unavailable: a recent list will do
-                fresh = read is not None and self._clock() - read[1] < self._fallback_s
+                fresh = age < self._fallback_s
                 version: object = _NO_VERSION
             else:
+                # A bump lost to a Redis failure on the changing node: the age bounds that too.
                 version = current[i]
-                fresh = read is not None and read[0] == version
+                fresh = read is not None and read[0] == version and age < self._max_age_s
             if ids is None or not fresh:
                 ids = await self._read_device_ids(account_id, version)
             out.append(ids)

@@ -76,6 +76,9 @@ class Limits:
     presence_refresh_s: float = 20.0
     # While Redis does not answer, a cached device list older than this is read again.
     device_cache_fallback_s: float = 5.0
+    # Several nodes: a cached device list is read again after this long in any case (a version
+    # bump lost to a Redis failure on the node that made the change).
+    device_cache_max_age_s: float = 60.0
     # A mailbox found full by an exact count is refused without counting again for this long.
     mailbox_full_recheck_s: float = 1.0
     # One Redis round trip (rate limits, counters, versions) may take this long; past it, or on
