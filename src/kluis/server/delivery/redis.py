@@ -28,8 +28,9 @@ It is set at subscription, refreshed every ``presence_refresh_s`` (one pipeline 
 while it still names this node), lives ``presence_ttl_s`` and is deleted (if it still names this
 node) when the connection ends: the devices of a node that died stop being online within the
 TTL. Presence also backs up the newest-connection-wins rule: a refresh that finds a device's
-key naming another node (its ``sub`` signal was lost) displaces the local connection, once the
-subscription is older than one refresh period. Each node also writes its count of live connections, with a deadline, into the hash
+key naming another node (its ``sub`` signal was lost) displaces the local connection. A new
+subscription's key is claimed (set whoever it names) until its own SET is seen to land, so a
+refresh never yields a newer connection's key to an older one. Each node also writes its count of live connections, with a deadline, into the hash
 ``<prefix>:nodes``; ``online_devices`` sums the live entries (for metrics; never per device).
 
 Errors are bounded and typed: ``start`` raises ``RedisBusError`` when Redis does not answer
@@ -60,14 +61,15 @@ _KINDS = frozenset((ENVELOPE, KEYS_LOW, SUBSCRIBED, REVOKED, DEVICES))
 _MAX_SIGNAL_BYTES = 1024  # a device ID is far shorter; anything longer is not ours
 _PRESENCE_CHUNK = 1_000  # presence keys per refresh call
 
-# KEYS: presence keys. ARGV: node, TTL (s). Refresh each key that is missing or names this node
-# (one that names another node belongs to the device's newer connection there). Answers one
-# character per key: "1" refreshed, "0" held by another node.
+# KEYS: presence keys. ARGV: node, TTL (s), one flag per key: "c" claim (a subscription whose
+# own SET is not known to have landed), "r" refresh. A refresh keeps a key that is missing or
+# names this node; one naming another node belongs to the device's newer connection there.
+# Answers one character per key: "1" set, "0" held by another node.
 _REFRESH = """
 local out = {}
 for i, key in ipairs(KEYS) do
   local owner = redis.call('GET', key)
-  if not owner or owner == ARGV[1] then
+  if string.sub(ARGV[3], i, i) == 'c' or not owner or owner == ARGV[1] then
     redis.call('SET', key, ARGV[1], 'EX', ARGV[2])
     out[i] = '1'
   else
@@ -138,9 +140,12 @@ class RedisBus:
         self.url = url
         self.channel = f"{prefix}:signals"
         self.prefix = prefix
+        self._on_prefix = f"{prefix}:on:"
         self.node = secrets.token_hex(8)
         self._subscribers: dict[str, Subscriber] = {}
-        self._since: dict[str, float] = {}  # when each local subscription began (loop time)
+        # Local subscriptions whose presence SET has not been seen to land: a refresh claims
+        # their keys instead of yielding them to another node.
+        self._unclaimed: set[str] = set()
         self._queue: asyncio.Queue[tuple[Any, ...]] | None = None
         # Whole seconds for SET EX; the refresh comes well before the key expires.
         self._presence_ttl_s = max(1, round(presence_ttl_s))
@@ -206,7 +211,7 @@ class RedisBus:
     def subscribe(self, device_id: str, subscriber: Subscriber) -> None:
         old = self._subscribers.get(device_id)
         self._subscribers[device_id] = subscriber
-        self._since[device_id] = asyncio.get_running_loop().time()
+        self._unclaimed.add(device_id)
         if old is not None and old is not subscriber:
             old.displaced()
         self._send(SUBSCRIBED, 0, device_id)
@@ -215,7 +220,7 @@ class RedisBus:
     def unsubscribe(self, device_id: str, subscriber: Subscriber) -> None:
         if self._subscribers.get(device_id) is subscriber:
             del self._subscribers[device_id]
-            self._since.pop(device_id, None)
+            self._unclaimed.discard(device_id)
             self._command("EVAL", _RELEASE, 1, self._presence_key(device_id), self.node)
 
     def announce(self, device_id: str, seq: int, body: bytes | None = None) -> None:
@@ -263,7 +268,7 @@ class RedisBus:
         return value.decode() if isinstance(value, bytes) else None
 
     def _presence_key(self, device_id: str) -> str:
-        return f"{self.prefix}:on:{device_id}"
+        return self._on_prefix + device_id
 
     async def _refresh_presence(self) -> None:
         client = self._redis
@@ -282,27 +287,24 @@ class RedisBus:
     async def _write_presence(self, client: aioredis.Redis) -> None:
         """Refresh this node's presence keys and count; displace the connections whose key
         names another node (the device's newer connection there, its ``sub`` signal lost)."""
-        started = asyncio.get_running_loop().time()
         devices = list(self._subscribers.items())
         keys = [self._presence_key(d) for d, _ in devices]
+        flags = "".join(["c" if d in self._unclaimed else "r" for d, _ in devices])
         ttl_ms = int(self._presence_ttl_s * 1000)
         async with client.pipeline(transaction=False) as pipe:
             for i in range(0, len(keys), _PRESENCE_CHUNK):
-                chunk = keys[i : i + _PRESENCE_CHUNK]
-                pipe.eval(_REFRESH, len(chunk), *chunk, self.node, self._presence_ttl_s)
+                chunk, chunk_flags = keys[i : i + _PRESENCE_CHUNK], flags[i : i + _PRESENCE_CHUNK]
+                pipe.eval(
+                    _REFRESH, len(chunk), *chunk, self.node, self._presence_ttl_s, chunk_flags
+                )
             pipe.eval(_NODE, 1, f"{self.prefix}:nodes", self.node, len(keys), ttl_ms)
             answers = await pipe.execute()
         held = b"".join(answers[:-1])
-        # A subscription younger than one refresh period may not have written its key yet.
-        settled = started - self._presence_refresh_s
-        for (device_id, subscriber), mine in zip(devices, held, strict=True):
-            if (
-                mine == 48  # b"0": held by another node
-                and self._subscribers.get(device_id) is subscriber
-                and self._since.get(device_id, started) < settled
-            ):
+        for (device_id, subscriber), flag, mine in zip(devices, flags, held, strict=True):
+            if flag == "c":
+                self._unclaimed.discard(device_id)
+            elif mine == 48 and self._subscribers.get(device_id) is subscriber:  # b"0"
                 del self._subscribers[device_id]
-                self._since.pop(device_id, None)
                 subscriber.displaced()
 
     async def _release_all(self) -> None:
@@ -370,11 +372,11 @@ class RedisBus:
             subscriber.keys_low(number)
         elif kind == SUBSCRIBED:  # a newer connection on another node
             del self._subscribers[device_id]
-            self._since.pop(device_id, None)
+            self._unclaimed.discard(device_id)
             subscriber.displaced()
         else:
             del self._subscribers[device_id]
-            self._since.pop(device_id, None)
+            self._unclaimed.discard(device_id)
             subscriber.revoked()
 
     async def _listen(self) -> None:
@@ -414,6 +416,9 @@ class RedisBus:
                     for command in batch:
                         pipe.execute_command(*command)
                     await pipe.execute()
+                for command in batch:
+                    if command[0] == "SET":  # a subscription's presence key landed
+                        self._unclaimed.discard(command[1].removeprefix(self._on_prefix))
                 backoff = 0.1
             except (RedisError, OSError, TimeoutError) as exc:
                 self.dropped += len(batch)
