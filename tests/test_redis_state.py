@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import shutil
-import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
@@ -20,7 +18,7 @@ import redis.asyncio as aioredis
 from kluis.server.delivery.redis import RedisBus
 from kluis.server.ratelimit import BucketMap
 from kluis.server.redis_state import RedisState, RedisStateError
-from tests.kluis_testing import free_port
+from tests.redis_testing import PrivateRedis
 from tests.test_delivery_redis import REDIS_URL, Sub, _redis_reachable, until
 
 State = Callable[..., Awaitable[RedisState]]
@@ -114,48 +112,19 @@ async def test_mailbox_counters_and_versions_are_shared(nodes: State) -> None:
 
 
 @pytest.fixture
-def private_redis() -> Iterator[Callable[[], subprocess.Popen[bytes]]]:
-    """A start function for a private redis-server on one free port (stopped afterwards)."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed")
-    port = free_port()
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def start() -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        procs.append(proc)
-        return proc
-
-    start.port = port  # type: ignore[attr-defined]
-    yield start
-    for proc in procs:
-        if proc.poll() is None:
-            proc.terminate()
-            proc.wait(10)
+def private_redis() -> Iterator[PrivateRedis]:
+    server = PrivateRedis()
+    yield server
+    server.stop()
 
 
 async def test_redis_down_fails_open_to_the_local_bucket_and_logs_once_per_backoff(
-    private_redis: Callable[[], subprocess.Popen[bytes]], caplog: pytest.LogCaptureFixture
+    private_redis: PrivateRedis, caplog: pytest.LogCaptureFixture
 ) -> None:
-    url = f"redis://127.0.0.1:{private_redis.port}/0"  # type: ignore[attr-defined]
+    url = private_redis.url
     with pytest.raises(RedisStateError):
         await RedisState(url, "p", counter_ttl_s=60, connect_timeout_s=0.5).start()
-    proc = private_redis()
+    private_redis.start()
     now = [0.0]
     state = RedisState(url, "p", counter_ttl_s=60, op_timeout_s=0.5, clock=lambda: now[0])
     for _ in range(100):
@@ -168,8 +137,7 @@ async def test_redis_down_fails_open_to_the_local_bucket_and_logs_once_per_backo
     try:
         buckets = BucketMap(0.001, 3, lambda: now[0], state, "send")
         assert await buckets.take_shared("dev-7f3a")  # shared: 2 left in Redis
-        proc.terminate()
-        proc.wait(10)
+        private_redis.stop()
         caplog.set_level(logging.WARNING, "kluis.server.redis_state")
         # Redis gone: the local bucket decides (a fresh one: 3), one warning per back-off step.
         taken = [await buckets.take_shared("dev-7f3a") for _ in range(5)]
@@ -180,7 +148,7 @@ async def test_redis_down_fails_open_to_the_local_bucket_and_logs_once_per_backo
         assert len(warnings) == 1
         assert "dev-7f3a" not in warnings[0].getMessage()  # no key, no device in the log
         # Back: after the back-off, the shared bucket (a fresh Redis: full again) decides.
-        private_redis()
+        private_redis.start()
         now[0] += 1.0
         for _ in range(100):
             if await state.count([("dev", 1)]) is not None:

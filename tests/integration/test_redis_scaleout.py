@@ -30,6 +30,7 @@ from kluis.server.store.postgres import PostgresStore
 from tests.integration.test_postgres_server import PostgresServerProcess
 from tests.kluis_testing import PASSPHRASE, RawConnection, fast_kdf, link_device
 from tests.postgres import scratch_database
+from tests.redis_testing import PrivateRedis
 from tests.test_delivery_redis import REDIS_URL, _redis_reachable
 
 Nodes = Callable[..., list[PostgresServerProcess]]
@@ -199,6 +200,56 @@ async def test_a_killed_nodes_devices_go_offline_with_their_ttl(
         await spy.aclose()
         await alice.close()
         await bob.close()
+
+
+@pytest.fixture
+def lone_node(tmp_path: Path) -> Iterator[tuple[PostgresServerProcess, PrivateRedis]]:
+    """One node on a scratch database and a private Redis (which the test may stop)."""
+    private = PrivateRedis()
+    private.start()
+    with scratch_database() as database:
+        node = PostgresServerProcess(tmp_path / "node", database)
+        node.extra_args += ["--redis", private.url, "--limit", "send_burst=3"]
+        node.extra_args += ["--limit", "send_rate_per_s=0.001"]
+        try:
+            for attempt in range(50):
+                try:
+                    node.start()
+                    break
+                except RuntimeError:  # Redis not listening yet
+                    if attempt == 49:
+                        raise
+                    time.sleep(0.1)
+            yield node, private
+        finally:
+            node.stop()
+            private.stop()
+
+
+async def test_a_node_serves_on_its_own_limits_while_redis_is_down(
+    lone_node: tuple[PostgresServerProcess, PrivateRedis], tmp_path: Path
+) -> None:
+    """Redis dies under a running node: sends go on, limited by the node's own bucket (fail
+    open), and the log says so in one line that names no device."""
+    node, private = lone_node
+    alice = await register(node, tmp_path / "alice")
+    bob = await register(node, tmp_path / "bob")
+    await alice.close()
+    await bob.close()
+    raw = await login(node, alice)
+    try:
+        to = bob.account_id, [bob.core.device_id]
+        assert [outcome(await send(raw, i, *to)) for i in (1, 2)] == ["done"] * 2
+        private.stop()
+        # The shared bucket had 1 token left; the node's own, unused, has 3.
+        results = [outcome(await send(raw, i, *to)) for i in range(3, 7)]
+        assert results == ["done"] * 3 + ["rate_limited"]
+    finally:
+        await raw.close()
+    node.stop()
+    log = node.log_path.read_text()
+    assert log.count("redis state unavailable (ConnectionError)") == 1, log
+    assert alice.core.device_id not in log and bob.core.device_id not in log
 
 
 async def online(spy: aioredis.Redis, prefix: str) -> int:
