@@ -11,10 +11,15 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
 
+from kluis.errors import RateLimited
+from kluis.protocol import frames as f
+from kluis.server.blobs import BlobService
+from kluis.server.config import Limits
 from kluis.server.delivery.redis import RedisBus
 from kluis.server.ratelimit import BucketMap
 from kluis.server.redis_state import RedisState, RedisStateError
@@ -239,3 +244,27 @@ async def test_the_shared_limits_bench_runs_and_leaves_no_key(prefix: str) -> No
         assert [k async for k in client.scan_iter(match="kluis-bench-*")] == []
     finally:
         await client.aclose()
+
+
+async def test_blob_tickets_and_key_claims_share_their_buckets_across_nodes(
+    nodes: State, tmp_path: Path
+) -> None:
+    one, two = await nodes(), await nodes()
+    limits = Limits(blob_ticket_burst=3, blob_ticket_rate_per_s=0.001)
+    services = [
+        BlobService.open(tmp_path / name / "blobs", limits, time.time, state)
+        for name, state in (("one", one), ("two", two))
+    ]
+    answers = []
+    for i in range(6):  # the device asks each node in turn
+        try:
+            await services[i % 2].answer("dev-1", f.BlobUpload(rid=i, size=10, recipients=1))
+            answers.append("ticket")
+        except RateLimited:
+            answers.append("rate_limited")
+    assert answers == ["ticket"] * 3 + ["rate_limited"] * 3
+    # One-time keys per target device: every node draws on one budget.
+    targets = [BucketMap(0.001, 2, time.monotonic, s, "target") for s in (one, two)]
+    assert await targets[0].take_many(["t1", "t2"]) == {"t1": True, "t2": True}
+    assert await targets[1].take_many(["t1"]) == {"t1": True}
+    assert await targets[0].take_many(["t1", "t2"]) == {"t1": False, "t2": True}
