@@ -5,6 +5,16 @@ Rules, checked here and nowhere else:
 - a device is its Ed25519 key; it logs in by signing the server's fresh challenge;
 - a device's published keys carry its own signature; a second device carries the signature of an
   existing device of the account over the new device's keys (the approval).
+
+Device lists across nodes: every send checks the addressed devices against the account's
+active devices, cached per node. With one node, an approval or a revocation drops the entry.
+With several (``DeviceVersions``, Redis), a change also sets a new version of the account's list
+once it is committed and tells the other nodes to drop theirs (``changed``, a bus signal); a
+send asks the versions of its accounts (one round trip, batched) and uses a cached list only if
+it was read under the current version. So a send on node B after a revocation on node A has
+answered never accepts the revoked device, however late the signal. While Redis does not
+answer, a cached list older than ``device_cache_fallback_s`` is read again from the store; and
+one older than ``device_cache_max_age_s`` always is (a version bump lost to a Redis failure).
 """
 
 from __future__ import annotations
@@ -12,7 +22,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from kluis.crypto.olm import verify_signature
 from kluis.errors import (
@@ -77,9 +88,31 @@ def _certified(account_id: str, identity: str, record: DeviceRecord) -> None:
         raise BadSignature(exc.message) from exc
 
 
+class DeviceVersions(Protocol):
+    """Versions of each account's device list, shared by the nodes (``server/redis_state.py``)."""
+
+    def versions(self, accounts: list[str]) -> Awaitable[list[str | None] | None]:
+        """Each account's current version (None: none yet); None overall: unavailable."""
+        ...
+
+    async def bump_version(self, account: str) -> None:
+        """A new version, after a committed change."""
+        ...
+
+
+_NO_VERSION = object()  # a cache entry read while the versions were unavailable
+
+
 class Accounts:
     def __init__(
-        self, store: Store, clock: Callable[[], float], limits: Limits, origin: str = ""
+        self,
+        store: Store,
+        clock: Callable[[], float],
+        limits: Limits,
+        origin: str = "",
+        *,
+        versions: DeviceVersions | None = None,
+        changed: Callable[[str], None] | None = None,
     ) -> None:
         self._store = store
         self._origin = origin  # what login signatures are bound to (signing.origin)
@@ -93,6 +126,12 @@ class Accounts:
         # ``_epoch``, so a read that was in flight across the change never fills the cache.
         self._device_ids: dict[str, frozenset[str]] = {}
         self._epoch = 0
+        # Several nodes: the version each cached list was read under, and when.
+        self.shared_versions = versions
+        self._changed = changed
+        self._read_under: dict[str, tuple[object, float]] = {}
+        self._fallback_s = limits.device_cache_fallback_s
+        self._max_age_s = limits.device_cache_max_age_s
 
     def _now(self) -> int:
         return int(self._clock())
@@ -168,22 +207,72 @@ class Accounts:
         )
 
     def cached_device_ids(self, account_id: str) -> frozenset[str] | None:
-        """The account's active device IDs if they are cached (no await on the hot path)."""
+        """The account's active device IDs if they are cached (no await on the hot path).
+        One node only: with shared versions, use ``ask_versions`` and ``current_device_ids``."""
         return self._device_ids.get(account_id)
 
     async def device_ids(self, account_id: str) -> frozenset[str]:
+        if self.shared_versions is not None:
+            versions = self.ask_versions([account_id])
+            return (await self.current_device_ids([account_id], versions))[0]
         ids = self._device_ids.get(account_id)
         if ids is None:
-            epoch = self._epoch
-            await self._account(account_id)
-            ids = frozenset(r.keys.ed25519 for r in await self._store.active_devices(account_id))
-            if epoch == self._epoch:  # no device was added or revoked meanwhile
-                self._device_ids[account_id] = ids
+            ids = await self._read_device_ids(account_id, _NO_VERSION)
         return ids
+
+    async def _read_device_ids(self, account_id: str, version: object) -> frozenset[str]:
+        epoch = self._epoch
+        await self._account(account_id)
+        ids = frozenset(r.keys.ed25519 for r in await self._store.active_devices(account_id))
+        if epoch == self._epoch:  # no device was added or revoked meanwhile
+            self._device_ids[account_id] = ids
+            if self.shared_versions is not None:
+                self._read_under[account_id] = (version, self._clock())
+        return ids
+
+    def ask_versions(self, account_ids: list[str]) -> Awaitable[list[str | None] | None]:
+        """Start reading the accounts' device-list versions (answered with other requests')."""
+        assert self.shared_versions is not None
+        return self.shared_versions.versions(account_ids)
+
+    async def current_device_ids(
+        self, account_ids: list[str], versions: Awaitable[list[str | None] | None]
+    ) -> list[frozenset[str]]:
+        """Each account's active devices, from the cache where it is current (several nodes)."""
+        current = await versions
+        out: list[frozenset[str]] = []
+        for i, account_id in enumerate(account_ids):
+            ids = self._device_ids.get(account_id)
+            read = self._read_under.get(account_id)
+            age = self._clock() - read[1] if read is not None else float("inf")
+            if current is None:  # Redis unavailable: a recent list will do
+                fresh = age < self._fallback_s
+                version: object = _NO_VERSION
+            else:
+                # A bump lost to a Redis failure on the changing node: the age bounds that too.
+                version = current[i]
+                fresh = read is not None and read[0] == version and age < self._max_age_s
+            if ids is None or not fresh:
+                ids = await self._read_device_ids(account_id, version)
+            out.append(ids)
+        return out
+
+    def invalidate(self, account_id: str) -> None:
+        """Another node changed the account's devices: drop the cached list."""
+        self._devices_changing(account_id)
 
     def _devices_changing(self, account_id: str) -> None:
         self._device_ids.pop(account_id, None)
+        self._read_under.pop(account_id, None)
         self._epoch += 1
+
+    async def _devices_changed(self, account_id: str) -> None:
+        """After the store call: the local cache, the shared version, the other nodes."""
+        self._devices_changing(account_id)
+        if self.shared_versions is not None:
+            await self.shared_versions.bump_version(account_id)
+        if self._changed is not None:
+            self._changed(account_id)
 
     async def request_link(self, link: PendingLink, nonce: bytes, sig: str) -> tuple[str, int]:
         # Cheapest first: caps and counts, then one signature, then the rest.
@@ -219,7 +308,7 @@ class Accounts:
             if not await self._store.add_device(account_id, record, token, self._now()):
                 raise LinkInvalid("link code was used meanwhile")
         finally:
-            self._devices_changing(account_id)
+            await self._devices_changed(account_id)
 
     async def check_room(self, account_id: str) -> None:
         """Refuse to link another device to a full account."""
@@ -239,4 +328,4 @@ class Accounts:
         try:
             await self._store.revoke_device(revocation.device, revocation)
         finally:
-            self._devices_changing(account_id)
+            await self._devices_changed(account_id)

@@ -40,6 +40,7 @@ from kluis.server.operator import keyfile
 from kluis.server.operator.subscriptions import Subscriptions
 from kluis.server.operator.wipe import Wipes
 from kluis.server.ratelimit import BucketMap, LogLimiter
+from kluis.server.redis_state import RedisState, RedisStateError
 from kluis.server.store.postgres import PostgresStore
 from kluis.server.store.protocol import Store
 from kluis.server.store.sqlite import SqliteStore
@@ -62,11 +63,25 @@ def build_services(
 ) -> Services:
     limits = config.limits
     bus: DeliveryBus = InProcessBus()
+    state: RedisState | None = None
     if config.redis_url is not None:
         try:
-            bus = RedisBus(config.redis_url, config.redis_prefix)
+            bus = redis_bus = RedisBus(
+                config.redis_url,
+                config.redis_prefix,
+                presence_ttl_s=limits.presence_ttl_s,
+                presence_refresh_s=limits.presence_refresh_s,
+            )
         except RedisBusError as exc:
             raise LocalProtocolError(str(exc)) from exc
+        # Rate limits, mailbox counters and device-list versions shared by the nodes.
+        state = RedisState(
+            config.redis_url,
+            config.redis_prefix,
+            counter_ttl_s=limits.envelope_ttl_s + 3600,  # past the last counted envelope's expiry
+            op_timeout_s=limits.redis_timeout_s,
+            max_backoff_s=limits.redis_max_backoff_s,
+        )
     operator = keyfile.public_info(config.data_dir)
     if operator is not None and operator.origin != config.origin:
         log.warning(
@@ -77,22 +92,30 @@ def build_services(
     operator_key = operator.public_key if operator else ""
     metrics = Metrics()
     store = timed_store(store, metrics)  # the services' calls, timed by method
+    accounts = Accounts(
+        store, clock, limits, config.origin, versions=state, changed=bus.devices_changed
+    )
+    if state is not None:
+        redis_bus.on_devices_changed = accounts.invalidate
     return Services(
         limits=limits,
         origin=config.origin,
-        accounts=Accounts(store, clock, limits, config.origin),
+        accounts=accounts,
         keys=KeyDirectory(store, limits),
-        mailbox=Mailbox(store, limits, clock, bus),
+        mailbox=Mailbox(store, limits, clock, bus, state),
         bus=bus,
-        send_buckets=BucketMap(limits.send_rate_per_s, limits.send_burst, clock),
-        claim_buckets=BucketMap(limits.claim_rate_per_s, limits.claim_burst, clock),
-        target_buckets=BucketMap(limits.claim_target_rate_per_s, limits.claim_target_burst, clock),
+        send_buckets=BucketMap(limits.send_rate_per_s, limits.send_burst, clock, state, "send"),
+        claim_buckets=BucketMap(limits.claim_rate_per_s, limits.claim_burst, clock, state, "claim"),
+        target_buckets=BucketMap(
+            limits.claim_target_rate_per_s, limits.claim_target_burst, clock, state, "target"
+        ),
         failures=LogLimiter(log, clock),
-        blobs=BlobService.open(config.data_dir / "blobs", limits, clock),
+        blobs=BlobService.open(config.data_dir / "blobs", limits, clock, state),
         subscriptions=Subscriptions(store, clock),
         wipes=Wipes(store, config.origin, operator_key),
         operator_key=operator_key,
         metrics=metrics,
+        redis_state=state,
     )
 
 
@@ -242,6 +265,9 @@ def build_app(server: Server) -> web.Application:
         bus = server.services.bus
         if isinstance(bus, RedisBus):
             await bus.start()  # already started by _run; idempotent
+        state = server.services.redis_state
+        if state is not None:
+            await state.start()  # likewise
         tasks = [asyncio.create_task(_sweeper(server)), asyncio.create_task(_checkpointer(server))]
         tasks.append(asyncio.create_task(_blob_sweeper(server)))
         yield
@@ -251,6 +277,8 @@ def build_app(server: Server) -> web.Application:
                 await task
         if isinstance(bus, RedisBus):
             await bus.close()
+        if state is not None:
+            await state.close()
         await server.store.close()
 
     check_metrics_address(server.config)
@@ -290,7 +318,9 @@ async def _run(server: Server, config: ServerConfig) -> None:
         # Likewise Redis: a node that cannot route to the others must not accept connections.
         try:
             await server.services.bus.start()
-        except RedisBusError as exc:
+            if server.services.redis_state is not None:
+                await server.services.redis_state.start()
+        except (RedisBusError, RedisStateError) as exc:
             raise LocalProtocolError(str(exc)) from exc
     await runner.setup()
     try:

@@ -41,7 +41,7 @@ from kluis.errors import (
 from kluis.protocol import frames as f
 from kluis.server.blob_files import BlobFiles, Header
 from kluis.server.config import Limits
-from kluis.server.ratelimit import BucketMap
+from kluis.server.ratelimit import BucketMap, SharedBuckets
 
 _HOUR = 3600
 _WRITE_BYTES = 1024 * 1024  # an upload is written to disk in pieces of this size
@@ -77,7 +77,13 @@ def _digest(ticket: str) -> bytes:
 class BlobService:
     """The rules over the blob folder. Time is injected; the file work runs on threads."""
 
-    def __init__(self, files: BlobFiles, limits: Limits, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        files: BlobFiles,
+        limits: Limits,
+        clock: Callable[[], float],
+        shared: SharedBuckets | None = None,
+    ) -> None:
         self.files = files
         self.limits = limits
         self._clock = clock
@@ -86,12 +92,21 @@ class BlobService:
         self._per_device: dict[str, int] = {}  # unused tickets per device
         self._usage: dict[str, int] = {}  # live and reserved bytes per uploading device
         self._stored = 0  # live and reserved bytes on this node
-        self._buckets = BucketMap(limits.blob_ticket_rate_per_s, limits.blob_ticket_burst, clock)
+        self._buckets = BucketMap(
+            limits.blob_ticket_rate_per_s, limits.blob_ticket_burst, clock, shared, "blob"
+        )
 
     @classmethod
-    def open(cls, root: Path, limits: Limits, clock: Callable[[], float]) -> BlobService:
-        """Read the blob folder (blocking; at start-up)."""
-        service = cls(BlobFiles(root), limits, clock)
+    def open(
+        cls,
+        root: Path,
+        limits: Limits,
+        clock: Callable[[], float],
+        shared: SharedBuckets | None = None,
+    ) -> BlobService:
+        """Read the blob folder (blocking; at start-up). ``shared``: the deployment's ticket
+        buckets (several nodes, server/ratelimit.py)."""
+        service = cls(BlobFiles(root), limits, clock, shared)
         for blob_id, header in service.files.scan():
             service._blobs[blob_id] = _Blob(
                 header.size, header.expires_at, header.remaining, uploader=None
@@ -111,6 +126,8 @@ class BlobService:
         if isinstance(frame, f.BlobFetched):
             await self.confirm(device, frame.id)
             return f.Done(rid=frame.rid)
+        if self._buckets.shared is not None and not await self._buckets.take_shared(device):
+            raise RateLimited("too many blob tickets; slow down")  # across the nodes
         if isinstance(frame, f.BlobUpload):
             ticket, t = self.request_upload(device, frame.size, frame.recipients)
         else:
@@ -122,7 +139,7 @@ class BlobService:
     def _admit(self, device: str) -> None:
         if self._per_device.get(device, 0) >= self.limits.max_blob_tickets:
             raise RateLimited("too many unused blob tickets; use or let them expire")
-        if not self._buckets.get(device).take():
+        if self._buckets.shared is None and not self._buckets.get(device).take():
             raise RateLimited("too many blob tickets; slow down")
 
     def _issue(self, t: Ticket) -> str:

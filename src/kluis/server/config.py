@@ -69,6 +69,22 @@ class Limits:
     admin_login_global_rate_per_s: float = 1.0
     admin_login_global_burst: int = 30
     admin_session_ttl_s: int = 8 * 3600
+    # Several nodes (``--redis``, server/redis_state.py and server/delivery/redis.py).
+    # Presence: a device's key names its node; refreshed this often, it lives this long, so the
+    # devices of a node that died are offline within presence_ttl_s.
+    presence_ttl_s: float = 60.0
+    presence_refresh_s: float = 20.0
+    # While Redis does not answer, a cached device list older than this is read again.
+    device_cache_fallback_s: float = 5.0
+    # Several nodes: a cached device list is read again after this long in any case (a version
+    # bump lost to a Redis failure on the node that made the change).
+    device_cache_max_age_s: float = 60.0
+    # A mailbox found full by an exact count is refused without counting again for this long.
+    mailbox_full_recheck_s: float = 1.0
+    # One Redis round trip (rate limits, counters, versions) may take this long; past it, or on
+    # any Redis error, the node uses its own state for a back-off that doubles up to the max.
+    redis_timeout_s: float = 1.0
+    redis_max_backoff_s: float = 30.0
 
 
 def limits_with_overrides(base: Limits, overrides: list[str]) -> Limits:

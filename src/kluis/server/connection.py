@@ -53,6 +53,7 @@ from kluis.server.metrics import Metrics
 from kluis.server.operator.subscriptions import Subscriptions
 from kluis.server.operator.wipe import Wipes
 from kluis.server.ratelimit import BucketMap, LogLimiter
+from kluis.server.redis_state import RedisState
 from kluis.server.store.protocol import Account
 
 log = logging.getLogger("kluis.server")
@@ -134,6 +135,9 @@ class Services:
     wipes: Wipes | None = None  # remote wipe orders (server/operator/wipe.py)
     operator_key: str = ""  # the operator's public key, published in Welcome
     metrics: Metrics = field(default_factory=Metrics)  # node totals (server/metrics.py)
+    # Several nodes: rate limits, mailbox counters and device-list versions in Redis (held by
+    # the buckets, the mailbox and the accounts too; here for its start and close).
+    redis_state: RedisState | None = None
 
 
 class Connection:
@@ -451,12 +455,23 @@ class Connection:
                 raise FrameTooLarge(f"envelope exceeds {limits.max_envelope_bytes} bytes")
         # Rate limits are kept per device across connections: reconnecting buys no fresh burst.
         # A big group send costs like the many small sends it replaces.
-        if not self.server.send_buckets.get(self.device_id).take(1 + len(envelopes) // 64):
-            raise RateLimited("too many sends; slow down")
-        accounts = self.server.accounts
+        cost = 1 + len(envelopes) // 64
+        buckets, accounts = self.server.send_buckets, self.server.accounts
+        current: list[frozenset[str]] | None = None
+        if buckets.shared is None and accounts.shared_versions is None:  # one node: no await
+            if not buckets.get(self.device_id).take(cost):
+                raise RateLimited("too many sends; slow down")
+        else:
+            # Several nodes: the shared bucket and the device-list versions in one round trip.
+            names = [part.account for part in frame.to]
+            versions = accounts.ask_versions(names) if accounts.shared_versions else None
+            if not await buckets.take_shared(self.device_id, cost):
+                raise RateLimited("too many sends; slow down")
+            if versions is not None:
+                current = await accounts.current_device_ids(names, versions)
         mismatched: list[tuple[str, list[str], list[str]]] = []
-        for part in frame.to:
-            ids = accounts.cached_device_ids(part.account)  # the usual case: no await
+        for i, part in enumerate(frame.to):
+            ids = current[i] if current is not None else accounts.cached_device_ids(part.account)
             expected = set(ids if ids is not None else await accounts.device_ids(part.account))
             if part.account == self.account_id:
                 expected.discard(self.device_id)
@@ -475,14 +490,19 @@ class Connection:
         return f.Done(rid=frame.rid)
 
     async def _claim(self, frame: f.ClaimKeys) -> f.ServerFrame:
-        if not self.server.claim_buckets.get(self.device_id).take(max(1, len(frame.devices))):
+        if not await self.server.claim_buckets.take_shared(
+            self.device_id, max(1, len(frame.devices))
+        ):
             raise RateLimited("too many key claims; slow down")
         targets = self.server.target_buckets
         # Past its target's budget, whoever claims, a device's bundle carries its fallback key:
         # no burst of claims, from one device or many, drains a device's one-time keys.
-        bundles, low = await self.server.keys.claim(
-            frame.account, frame.devices, lambda device_id: targets.get(device_id).take()
-        )
+        one_time_ok: Callable[[str], bool]
+        if targets.shared is None:
+            one_time_ok = lambda device_id: targets.get(device_id).take()  # noqa: E731
+        else:  # several nodes: every target's shared bucket at once, before the claim
+            one_time_ok = (await targets.take_many(frame.devices)).__getitem__
+        bundles, low = await self.server.keys.claim(frame.account, frame.devices, one_time_ok)
         for device_id, count in low:
             self.server.bus.keys_low(device_id, count)
         return f.Bundles(rid=frame.rid, bundles=bundles)

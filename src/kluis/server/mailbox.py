@@ -11,12 +11,23 @@ Acknowledged envelopes are deleted; unacknowledged ones expire after ``envelope_
 A request that fails fails alone: when a shared transaction fails, each request is committed
 again on its own, so one bad deposit or ack cannot fail the others of its batch. A device's
 backlog is read in pages (``pending``), bounded in count and bytes.
+
+Quotas: each device's stored envelopes and bytes are kept as upper bounds (acks do not lower
+them) and made exact from the store only when they reach the quota. One node keeps them in
+memory. Several nodes (``MailboxCounters``, Redis) keep them in Redis, raised by every node's
+deposits, so a mailbox holds its quota across nodes; the node that finds a bound at the quota
+counts in the store and writes the exact value back, and refuses a mailbox found full without
+counting again for ``mailbox_full_recheck_s``; a counter that Redis lost (expired, evicted,
+restarted) is raised by the store's count at its first use. Deposits in flight on other nodes while one
+counts are not in the store yet: the quota may be passed by what is in flight, never N times.
+While Redis does not answer, each node falls back to its own bounds.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from kluis.errors import QuotaExceeded
 from kluis.server.config import Limits
@@ -27,9 +38,31 @@ _Deposit = tuple[list[tuple[str, bytes]], "asyncio.Future[list[int]]"]
 _Ack = tuple[list[tuple[str, int]], "asyncio.Future[None]"]
 
 
+class MailboxCounters(Protocol):
+    """Stored envelopes and bytes per device (upper bounds), shared by the nodes."""
+
+    def count(self, items: list[tuple[str, int]]) -> Awaitable[list[tuple[int, int, bool]] | None]:
+        """Add one envelope of each (device, bytes): the bounds after it and whether the
+        counter was new (then it counts nothing before); None: unavailable."""
+        ...
+
+    async def set_count(self, device: str, count: int, size: int) -> None:
+        """Set a device's bounds to what the store counted."""
+        ...
+
+    async def add_count(self, device: str, count: int, size: int) -> None:
+        """Raise a device's bounds (by what the store counted, for a new counter)."""
+        ...
+
+
 class Mailbox:
     def __init__(
-        self, store: Store, limits: Limits, clock: Callable[[], float], bus: DeliveryBus
+        self,
+        store: Store,
+        limits: Limits,
+        clock: Callable[[], float],
+        bus: DeliveryBus,
+        counters: MailboxCounters | None = None,
     ) -> None:
         self._store = store
         self._limits = limits
@@ -42,6 +75,8 @@ class Mailbox:
         self._acks: list[_Ack] = []
         self._committer: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._counters = counters
+        self._full_until: dict[str, float] = {}  # several nodes: found full, until then
 
     # ---- quota ----------------------------------------------------------------------------
 
@@ -81,26 +116,71 @@ class Mailbox:
 
     # ---- deposit / ack with group commit --------------------------------------------------
 
+    async def _check_shared(
+        self, items: list[tuple[str, bytes]], bounds: list[tuple[int, int, bool]]
+    ) -> None:
+        """Several nodes: ``bounds`` are the shared counters with ``items`` added.
+
+        A new counter (expired, evicted, Redis restarted) counted only this envelope: the
+        store's count is added to it, never set, so deposits counted meanwhile by other nodes
+        stay counted (twice at worst: a bound too high only brings the next exact count
+        sooner). A counter at the quota is set to the store's exact count."""
+        assert self._counters is not None
+        limits, now = self._limits, self._clock()
+        for (device_id, body), (n, b, new) in zip(items, bounds, strict=True):
+            if not new and n <= limits.mailbox_quota and b <= limits.mailbox_quota_bytes:
+                continue
+            if self._full_until.get(device_id, float("-inf")) > now:
+                raise QuotaExceeded("the recipient's mailbox is full; try again later")
+            stored = await self._store.count_envelopes(device_id)
+            stored_bytes = await self._store.envelope_bytes(device_id)
+            full = (
+                stored >= limits.mailbox_quota
+                or stored_bytes + len(body) > limits.mailbox_quota_bytes
+            )
+            if new:
+                await self._counters.add_count(device_id, stored, stored_bytes)
+            if full:
+                if len(self._full_until) >= 4096:
+                    self._full_until = {d: t for d, t in self._full_until.items() if t > now}
+                self._full_until[device_id] = now + limits.mailbox_full_recheck_s
+                if not new:
+                    await self._counters.set_count(device_id, stored, stored_bytes)
+                raise QuotaExceeded("the recipient's mailbox is full; try again later")
+            if not new:
+                await self._counters.set_count(device_id, stored + 1, stored_bytes + len(body))
+
     async def deposit(self, items: list[tuple[str, bytes]]) -> list[int]:
         """Store envelopes (device, body); return their wire ids once they are committed."""
-        limits = self._limits
-        counts, sizes = self._counts, self._bytes
-        for device_id, body in items:
-            # The usual case is decided by the bounds alone, without an await (see _full).
-            n = counts.get(device_id)
-            if (
-                n is None
-                or n >= limits.mailbox_quota
-                or sizes.get(device_id, 0) + len(body) > limits.mailbox_quota_bytes
-            ) and await self._full(device_id, len(body)):
-                raise QuotaExceeded("the recipient's mailbox is full; try again later")
-        for device_id, body in items:
-            self._counts[device_id] = self._counts.get(device_id, 0) + 1
-            self._bytes[device_id] = self._bytes.get(device_id, 0) + len(body)
+        if self._counters is None or not await self._shared_admits(items):
+            limits = self._limits
+            counts, sizes = self._counts, self._bytes
+            for device_id, body in items:
+                # The usual case is decided by the bounds alone, without an await (see _full).
+                n = counts.get(device_id)
+                if (
+                    n is None
+                    or n >= limits.mailbox_quota
+                    or sizes.get(device_id, 0) + len(body) > limits.mailbox_quota_bytes
+                ) and await self._full(device_id, len(body)):
+                    raise QuotaExceeded("the recipient's mailbox is full; try again later")
+            for device_id, body in items:
+                counts[device_id] = counts.get(device_id, 0) + 1
+                sizes[device_id] = sizes.get(device_id, 0) + len(body)
         fut: asyncio.Future[list[int]] = self._running_loop().create_future()
         self._deposits.append((items, fut))
         self._schedule()
         return await fut
+
+    async def _shared_admits(self, items: list[tuple[str, bytes]]) -> bool:
+        """Several nodes: True if the shared counters admit ``items`` (QuotaExceeded if not),
+        False if they are unavailable (then this node's own bounds decide)."""
+        assert self._counters is not None
+        bounds = await self._counters.count([(d, len(b)) for d, b in items])
+        if bounds is None:
+            return False
+        await self._check_shared(items, bounds)
+        return True
 
     async def acknowledge(self, device_id: str, ids: list[int]) -> None:
         fut: asyncio.Future[None] = self._running_loop().create_future()

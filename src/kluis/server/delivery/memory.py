@@ -37,3 +37,13 @@ class InProcessBus:
         subscriber = self._subscribers.get(device_id)
         if subscriber is not None:
             subscriber.revoked()
+
+    def devices_changed(self, account_id: str) -> None:
+        """One process, one cache: nothing to tell."""
+
+    @property
+    def local_devices(self) -> int:
+        return len(self._subscribers)
+
+    async def online_devices(self) -> int:
+        return len(self._subscribers)

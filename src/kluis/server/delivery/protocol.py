@@ -55,3 +55,16 @@ class DeliveryBus(Protocol):
     def revoke(self, device_id: str) -> None:
         """The device was revoked: close its connection, wherever it is."""
         ...
+
+    def devices_changed(self, account_id: str) -> None:
+        """The account's devices changed (after the commit): other nodes drop cached lists."""
+        ...
+
+    @property
+    def local_devices(self) -> int:
+        """Devices with a live connection on this node."""
+        ...
+
+    async def online_devices(self) -> int:
+        """Devices with a live connection on any node (a dead node's lapse with their TTL)."""
+        ...

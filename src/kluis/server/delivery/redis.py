@@ -19,6 +19,20 @@ queue full) costs latency, not messages: the store is the truth, a connection re
 mailbox at login and whenever an announcement is out of step, and a device that missed its
 signal gets its envelopes with the next one or at its next login.
 
+Device lists: a change to an account's devices is published as a ``dev`` signal naming the
+account; every other node drops its cached copy (``Accounts.invalidate``). Sends do not rely on
+that signal alone: they check a version in Redis (``server/redis_state.py``).
+
+Presence: a key ``<prefix>:on:<device>`` names the node holding the device's live connection.
+It is set at subscription, refreshed every ``presence_refresh_s`` (one pipeline per node, only
+while it still names this node), lives ``presence_ttl_s`` and is deleted (if it still names this
+node) when the connection ends: the devices of a node that died stop being online within the
+TTL. Presence also backs up the newest-connection-wins rule: a refresh that finds a device's
+key naming another node (its ``sub`` signal was lost) displaces the local connection. A new
+subscription's key is claimed (set whoever it names) until its own SET is seen to land, so a
+refresh never yields a newer connection's key to an older one. Each node also writes its count of live connections, with a deadline, into the hash
+``<prefix>:nodes``; ``online_devices`` sums the live entries (for metrics; never per device).
+
 Errors are bounded and typed: ``start`` raises ``RedisBusError`` when Redis does not answer
 within ``connect_timeout_s``; every later Redis failure is logged (at most once per
 back-off step) and retried, never raised into a connection.
@@ -30,6 +44,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -39,10 +54,61 @@ from kluis.server.delivery.protocol import Subscriber
 
 log = logging.getLogger("kluis.server.delivery.redis")
 
-# Signal kinds on the channel (one word each): "<kind> <node> <number> <device>".
-ENVELOPE, KEYS_LOW, SUBSCRIBED, REVOKED = "env", "keys", "sub", "rev"
-_KINDS = frozenset((ENVELOPE, KEYS_LOW, SUBSCRIBED, REVOKED))
+# Signal kinds on the channel (one word each): "<kind> <node> <number> <device>"; a DEVICES
+# signal names an account instead of a device.
+ENVELOPE, KEYS_LOW, SUBSCRIBED, REVOKED, DEVICES = "env", "keys", "sub", "rev", "dev"
+_KINDS = frozenset((ENVELOPE, KEYS_LOW, SUBSCRIBED, REVOKED, DEVICES))
 _MAX_SIGNAL_BYTES = 1024  # a device ID is far shorter; anything longer is not ours
+_PRESENCE_CHUNK = 1_000  # presence keys per refresh call
+
+# KEYS: presence keys. ARGV: node, TTL (s), one flag per key: "c" claim (a subscription whose
+# own SET is not known to have landed), "r" refresh. A refresh keeps a key that is missing or
+# names this node; one naming another node belongs to the device's newer connection there.
+# Answers one character per key: "1" set, "0" held by another node.
+_REFRESH = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  local owner = redis.call('GET', key)
+  if string.sub(ARGV[3], i, i) == 'c' or not owner or owner == ARGV[1] then
+    redis.call('SET', key, ARGV[1], 'EX', ARGV[2])
+    out[i] = '1'
+  else
+    out[i] = '0'
+  end
+end
+return table.concat(out)
+"""
+# KEYS: presence keys. ARGV: node. Delete each key that names this node.
+_RELEASE = """
+for _, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then redis.call('DEL', key) end
+end
+return 0
+"""
+# KEYS[1]: the nodes hash. ARGV: node, count, TTL (ms). Count and deadline of this node.
+_NODE = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ' ' .. (now + tonumber(ARGV[3])))
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 0
+"""
+# KEYS[1]: the nodes hash. The sum of live nodes' counts; entries past their deadline go.
+_ONLINE = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local all = redis.call('HGETALL', KEYS[1])
+local total = 0
+for i = 1, #all, 2 do
+  local count, deadline = string.match(all[i + 1], '^(%d+) (%d+)$')
+  if count and tonumber(deadline) > now then
+    total = total + tonumber(count)
+  else
+    redis.call('HDEL', KEYS[1], all[i])
+  end
+end
+return total
+"""
 
 
 class RedisBusError(Exception):
@@ -64,6 +130,8 @@ class RedisBus:
         queue_size: int = 10_000,
         connect_timeout_s: float = 5.0,
         max_backoff_s: float = 5.0,
+        presence_ttl_s: float = 60.0,
+        presence_refresh_s: float = 20.0,
     ) -> None:
         if not is_redis_url(url):
             raise RedisBusError("--redis takes a redis://HOST:PORT/DB URL")
@@ -71,9 +139,18 @@ class RedisBus:
             raise RedisBusError("the Redis channel prefix must be a non-empty word")
         self.url = url
         self.channel = f"{prefix}:signals"
+        self.prefix = prefix
+        self._on_prefix = f"{prefix}:on:"
         self.node = secrets.token_hex(8)
         self._subscribers: dict[str, Subscriber] = {}
-        self._queue: asyncio.Queue[str] | None = None
+        # Local subscriptions whose presence SET has not been seen to land: a refresh claims
+        # their keys instead of yielding them to another node.
+        self._unclaimed: set[str] = set()
+        self._queue: asyncio.Queue[tuple[Any, ...]] | None = None
+        # Whole seconds for SET EX; the refresh comes well before the key expires.
+        self._presence_ttl_s = max(1, round(presence_ttl_s))
+        self._presence_refresh_s = max(0.05, min(presence_refresh_s, self._presence_ttl_s / 2))
+        self.on_devices_changed: Callable[[str], None] | None = None  # Accounts.invalidate
         self._queue_size = queue_size
         self._connect_timeout_s = connect_timeout_s
         self._max_backoff_s = max_backoff_s
@@ -106,6 +183,7 @@ class RedisBus:
         self._tasks = [
             asyncio.create_task(self._listen(), name="redis-bus-listen"),
             asyncio.create_task(self._publish(), name="redis-bus-publish"),
+            asyncio.create_task(self._refresh_presence(), name="redis-bus-presence"),
         ]
         try:
             await asyncio.wait_for(self._listening.wait(), self._connect_timeout_s)
@@ -114,6 +192,9 @@ class RedisBus:
             raise RedisBusError(f"cannot subscribe at {self._safe_url()}") from exc
 
     async def close(self) -> None:
+        if self._redis is not None:  # a clean stop: this node's devices go offline at once
+            with contextlib.suppress(RedisError, OSError, TimeoutError):
+                await asyncio.wait_for(self._release_all(), self._connect_timeout_s)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -139,13 +220,17 @@ class RedisBus:
     def subscribe(self, device_id: str, subscriber: Subscriber) -> None:
         old = self._subscribers.get(device_id)
         self._subscribers[device_id] = subscriber
+        self._unclaimed.add(device_id)
         if old is not None and old is not subscriber:
             old.displaced()
         self._send(SUBSCRIBED, 0, device_id)
+        self._command("SET", self._presence_key(device_id), self.node, "EX", self._presence_ttl_s)
 
     def unsubscribe(self, device_id: str, subscriber: Subscriber) -> None:
         if self._subscribers.get(device_id) is subscriber:
             del self._subscribers[device_id]
+            self._unclaimed.discard(device_id)
+            self._command("EVAL", _RELEASE, 1, self._presence_key(device_id), self.node)
 
     def announce(self, device_id: str, seq: int, body: bytes | None = None) -> None:
         subscriber = self._subscribers.get(device_id)
@@ -167,6 +252,81 @@ class RedisBus:
             subscriber.revoked()
         self._send(REVOKED, 0, device_id)
 
+    def devices_changed(self, account_id: str) -> None:
+        """The account's devices changed: the other nodes drop their cached list."""
+        self._send(DEVICES, 0, account_id)
+
+    # -- presence -----------------------------------------------------------------------------
+
+    @property
+    def local_devices(self) -> int:
+        """Devices with a live connection on this node."""
+        return len(self._subscribers)
+
+    async def online_devices(self) -> int:
+        """Devices with a live connection on any live node (a node's count lapses with it)."""
+        if self._redis is None:
+            raise RedisBusError("the bus is not started")
+        return int(await self._redis.eval(_ONLINE, 1, f"{self.prefix}:nodes"))
+
+    async def owner(self, device_id: str) -> str | None:
+        """The node that holds the device's live connection, per its presence key."""
+        if self._redis is None:
+            raise RedisBusError("the bus is not started")
+        value = await self._redis.get(self._presence_key(device_id))
+        return value.decode() if isinstance(value, bytes) else None
+
+    def _presence_key(self, device_id: str) -> str:
+        return self._on_prefix + device_id
+
+    async def _refresh_presence(self) -> None:
+        client = self._redis
+        assert client is not None
+        backoff = self._presence_refresh_s
+        while True:
+            try:
+                await self._write_presence(client)
+                wait = backoff = self._presence_refresh_s
+            except (RedisError, OSError, TimeoutError) as exc:
+                log.warning("redis bus could not refresh presence (%s)", type(exc).__name__)
+                wait = backoff
+                backoff = min(backoff * 2, self._max_backoff_s)
+            await asyncio.sleep(wait)
+
+    async def _write_presence(self, client: aioredis.Redis) -> None:
+        """Refresh this node's presence keys and count; displace the connections whose key
+        names another node (the device's newer connection there, its ``sub`` signal lost)."""
+        devices = list(self._subscribers.items())
+        keys = [self._presence_key(d) for d, _ in devices]
+        flags = "".join(["c" if d in self._unclaimed else "r" for d, _ in devices])
+        ttl_ms = int(self._presence_ttl_s * 1000)
+        async with client.pipeline(transaction=False) as pipe:
+            for i in range(0, len(keys), _PRESENCE_CHUNK):
+                chunk, chunk_flags = keys[i : i + _PRESENCE_CHUNK], flags[i : i + _PRESENCE_CHUNK]
+                pipe.eval(
+                    _REFRESH, len(chunk), *chunk, self.node, self._presence_ttl_s, chunk_flags
+                )
+            pipe.eval(_NODE, 1, f"{self.prefix}:nodes", self.node, len(keys), ttl_ms)
+            answers = await pipe.execute()
+        held = b"".join(answers[:-1])
+        for (device_id, subscriber), flag, mine in zip(devices, flags, held, strict=True):
+            if flag == "c":
+                self._unclaimed.discard(device_id)
+            elif mine == 48 and self._subscribers.get(device_id) is subscriber:  # b"0"
+                del self._subscribers[device_id]
+                subscriber.displaced()
+
+    async def _release_all(self) -> None:
+        client = self._redis
+        assert client is not None
+        keys = [self._presence_key(d) for d in self._subscribers]
+        async with client.pipeline(transaction=False) as pipe:
+            for i in range(0, len(keys), _PRESENCE_CHUNK):
+                chunk = keys[i : i + _PRESENCE_CHUNK]
+                pipe.eval(_RELEASE, len(chunk), *chunk, self.node)
+            pipe.hdel(f"{self.prefix}:nodes", self.node)
+            await pipe.execute()
+
     # -- internals ----------------------------------------------------------------------------
 
     def _client(self) -> aioredis.Redis:
@@ -185,11 +345,15 @@ class RedisBus:
         return f"{scheme}{sep}{rest.rpartition('@')[2]}"
 
     def _send(self, kind: str, number: int, device_id: str) -> None:
+        self._command("PUBLISH", self.channel, f"{kind} {self.node} {number} {device_id}")
+
+    def _command(self, *command: Any) -> None:
+        """Queue one command for the publishing task (signals, presence): never blocks."""
         if self._queue is None:
             self.dropped += 1  # not started (or closed): local delivery only
             return
         try:
-            self._queue.put_nowait(f"{kind} {self.node} {number} {device_id}")
+            self._queue.put_nowait(command)
         except asyncio.QueueFull:
             self.dropped += 1
 
@@ -204,6 +368,10 @@ class RedisBus:
             return
         if node == self.node or kind not in _KINDS:
             return
+        if kind == DEVICES:  # names an account
+            if self.on_devices_changed is not None:
+                self.on_devices_changed(device_id)
+            return
         subscriber = self._subscribers.get(device_id)
         if subscriber is None:
             return
@@ -213,9 +381,11 @@ class RedisBus:
             subscriber.keys_low(number)
         elif kind == SUBSCRIBED:  # a newer connection on another node
             del self._subscribers[device_id]
+            self._unclaimed.discard(device_id)
             subscriber.displaced()
         else:
             del self._subscribers[device_id]
+            self._unclaimed.discard(device_id)
             subscriber.revoked()
 
     async def _listen(self) -> None:
@@ -252,9 +422,12 @@ class RedisBus:
                 batch.append(queue.get_nowait())
             try:
                 async with client.pipeline(transaction=False) as pipe:
-                    for signal in batch:
-                        pipe.publish(self.channel, signal)
+                    for command in batch:
+                        pipe.execute_command(*command)
                     await pipe.execute()
+                for command in batch:
+                    if command[0] == "SET":  # a subscription's presence key landed
+                        self._unclaimed.discard(command[1].removeprefix(self._on_prefix))
                 backoff = 0.1
             except (RedisError, OSError, TimeoutError) as exc:
                 self.dropped += len(batch)
