@@ -140,6 +140,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         database_url=args.database,
         redis_url=args.redis,
         redis_prefix=args.redis_prefix,
+        storage_key_file=Path(args.storage_key_file) if args.storage_key_file else None,
     )
     try:
         config.origin  # noqa: B018 - checks --public-url before anything starts
@@ -162,7 +163,15 @@ def cmd_licence_create(args: argparse.Namespace) -> None:
 
     if args.data is None and args.database is None:
         raise LocalProtocolError("licence create needs --data DIR or --database URL")
-    config = ServerConfig(data_dir=Path(args.data or "."), database_url=args.database)
+    if args.database and not (args.data or args.storage_key_file):
+        raise LocalProtocolError(
+            "licence create --database needs --storage-key-file FILE (or --data DIR)"
+        )
+    config = ServerConfig(
+        data_dir=Path(args.data or "."),
+        database_url=args.database,
+        storage_key_file=Path(args.storage_key_file) if args.storage_key_file else None,
+    )
     if not config.on_postgres and not args.init and not config.database_path.exists():
         # A typo in --data must not silently start a second, empty server database.
         raise LocalProtocolError(
@@ -853,6 +862,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="WORD",
         help="Redis channel prefix, the same on every node of one deployment (default kluis)",
     )
+    s.add_argument(
+        "--storage-key-file",
+        default=None,
+        metavar="FILE",
+        help="with --database: the storage key file, identical on every node, mode 0600"
+        " (default DATA/storage.key; made on first start; SECURITY.md)",
+    )
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument(
         "--port", type=_port, default=DEFAULT_PORT, help=f"TCP port (default {DEFAULT_PORT})"
@@ -888,6 +904,9 @@ def build_parser() -> argparse.ArgumentParser:
     lc = lic.add_parser("create", help="print new licence codes, one per line")
     lc.add_argument("--data", help="the server's data folder (SQLite)")
     lc.add_argument("--database", metavar="URL", help="the server's postgresql://... database")
+    lc.add_argument(
+        "--storage-key-file", metavar="FILE", help="with --database: the nodes' storage key file"
+    )
     lc.add_argument(
         "--days", type=int, default=None, help="subscription length per code, days (default 182)"
     )

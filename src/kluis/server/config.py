@@ -111,6 +111,9 @@ class ServerConfig:
     # nodes of one deployment share redis_prefix; deployments sharing a Redis differ in it.
     redis_url: str | None = None
     redis_prefix: str = "kluis"
+    # On PostgreSQL: the file of key-encryption keys (server/store/sealing.py), the same on
+    # every node of a deployment; by default storage.key in data_dir.
+    storage_key_file: Path | None = None
 
     @property
     def origin(self) -> str:
@@ -123,3 +126,7 @@ class ServerConfig:
     @property
     def database_path(self) -> Path:
         return self.data_dir / "kluis.sqlite3"
+
+    @property
+    def storage_key_path(self) -> Path:
+        return self.storage_key_file or self.data_dir / "storage.key"

@@ -28,6 +28,7 @@ envelope layout work of the SQLite store (no deposit order in the file) is not r
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -39,10 +40,32 @@ import msgspec
 
 from kluis.protocol.frames import DeviceRecord, PendingLink, Revocation, SignedKey
 from kluis.server.store.protocol import Account, StoredDevice
+from kluis.server.store.sealing import (
+    DEFAULT_PERIOD_S,
+    KEY_BYTES,
+    NONCE_BYTES,
+    KeyFile,
+    KeyRing,
+    StorageKeyError,
+    check_value,
+    epoch_of,
+    matches,
+    open_body,
+    seal_body,
+)
 
 _SEQ_ORIGIN = 1 << 40
 # Any constant: serialises migrations of nodes starting together (pg_advisory_xact_lock).
 _MIGRATION_LOCK = 0x6B6C756973
+
+# Per-table autovacuum: after this many dead rows whatever the table's size (the default waits
+# for 20% of the table), and without cost-based sleeping.
+_VACUUM_SOON = (
+    "autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 50, "
+    "autovacuum_vacuum_cost_delay = 0"
+)
+# Serialises the first key set-up of nodes starting together.
+_KEY_LOCK = 0x6B6C756974
 
 MIGRATIONS: tuple[tuple[int, str], ...] = (
     (
@@ -114,6 +137,35 @@ CREATE TABLE wipes (
 );
 """,
     ),
+    (
+        3,
+        # Storage keys (sealing.py): envelope bodies sealed under per-epoch keys, wrapped under
+        # a key-encryption key kept in a file on the nodes; ``storage_check`` lets a node with
+        # another key file refuse to start. Envelopes stored before this migration keep a NULL
+        # epoch (plain body) until delivered or expired. Vacuum policy: secret tables are
+        # vacuumed after a handful of dead rows, not after a fraction of the table.
+        f"""
+CREATE TABLE storage_keys (
+    epoch BIGINT PRIMARY KEY,
+    kek_version BIGINT NOT NULL,
+    wrapped BYTEA NOT NULL
+) WITH (fillfactor = 50, {_VACUUM_SOON});
+CREATE TABLE storage_check (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    kek_version BIGINT NOT NULL,
+    sealed BYTEA NOT NULL
+);
+ALTER TABLE envelopes ADD COLUMN epoch BIGINT;
+ALTER TABLE envelopes ADD COLUMN size INTEGER;
+UPDATE envelopes SET size = octet_length(body);
+ALTER TABLE envelopes ALTER COLUMN size SET NOT NULL;
+CREATE INDEX envelopes_by_epoch ON envelopes(epoch);
+ALTER TABLE envelopes SET ({_VACUUM_SOON}, toast.autovacuum_vacuum_scale_factor = 0,
+    toast.autovacuum_vacuum_threshold = 50);
+ALTER TABLE licences SET ({_VACUUM_SOON});
+ALTER TABLE one_time_keys SET ({_VACUUM_SOON});
+""",
+    ),
 )
 
 _enc = msgspec.msgpack.Encoder()
@@ -161,6 +213,11 @@ class PostgresStore:
         seq_origin: Callable[[], int] = lambda: secrets.randbelow(_SEQ_ORIGIN),
         vacuum_interval_s: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
+        key_file: Path | None = None,
+        key_period_s: int = DEFAULT_PERIOD_S,
+        key_sweep_interval_s: float = 10.0,
+        wall_clock: Callable[[], float] = time.time,
+        random: Callable[[int], bytes] = os.urandom,
     ) -> None:
         self.dsn = dsn
         self._sizes = (min_connections, max_connections)
@@ -171,10 +228,75 @@ class PostgresStore:
         self._clock = clock
         self._deleted = False  # envelopes deleted since the last vacuum
         self._vacuumed_at = float("-inf")
+        # Storage keys (sealing.py): the key file is read at open() or at the first call
+        # that needs it; epoch keys are cached unwrapped, by their wrapped form.
+        self._key_file = key_file
+        self._key_period_s = key_period_s
+        self._key_sweep_interval_s = key_sweep_interval_s
+        self._wall = wall_clock
+        self._random = random
+        self._ring: KeyRing | None = None
+        self._ring_lock = asyncio.Lock()
+        self._epoch_keys: dict[tuple[int, int, bytes], bytes] = {}
+        self._destroy_due = False  # envelopes deleted: an epoch may have emptied
+        self._keys_swept_at = float("-inf")
+        self._keys_changed = False  # storage_keys rows deleted or re-wrapped since the vacuum
 
     async def open(self) -> None:
-        """Connect and migrate (idempotent): every other method does it first if needed."""
+        """Connect, migrate and read the storage key file (idempotent): every other method
+        does what it needs of this first."""
         await self._connect()
+        await self._keyring()
+
+    async def _keyring(self) -> KeyRing:
+        if self._ring is None:
+            async with self._ring_lock:
+                if self._ring is None:
+                    self._ring = await self._load_ring(await self._connect())
+        return self._ring
+
+    async def _load_ring(self, pool: Any) -> KeyRing:
+        """The key file, created on first use: when this database has no storage key yet.
+        Otherwise the file must be there and be this database's (a node with a wrong path or
+        another deployment's file must not seal envelopes the others cannot open)."""
+        if self._key_file is None:
+            raise StorageKeyError("the PostgreSQL store needs a storage key file")
+        keys = KeyFile(self._key_file)
+        now = self._wall()
+        async with pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _KEY_LOCK)
+            row = await conn.fetchrow("SELECT kek_version, sealed FROM storage_check")
+            if row is None:
+                ring = keys.load() if keys.exists() else keys.create(self._new_ring(now))
+                version = max(ring.version, ring.version_at(now))
+                await conn.execute(
+                    "INSERT INTO storage_check(id, kek_version, sealed) VALUES (1, $1, $2)",
+                    version,
+                    check_value(ring, version, self._random(NONCE_BYTES)),
+                )
+                # Licences created before the store had keys: keyed by their plain hash.
+                plain = [bytes(r[0]) for r in await conn.fetch("SELECT code_hash FROM licences")]
+                await conn.execute(
+                    "UPDATE licences l SET code_hash = t.tag "
+                    "FROM unnest($1::bytea[], $2::bytea[]) AS t(h, tag) WHERE l.code_hash = t.h",
+                    plain,
+                    [ring.licence_tag(h) for h in plain],
+                )
+                return ring
+            if not keys.exists():
+                raise StorageKeyError(
+                    f"this database's envelopes are sealed under a storage key file and there "
+                    f"is none at {self._key_file}: copy it from another node of this deployment"
+                )
+            ring = keys.load()
+            if not matches(ring, bytes(row[1]), int(row[0])):
+                raise StorageKeyError(
+                    f"the storage key file {self._key_file} is not this database's"
+                )
+            return ring
+
+    def _new_ring(self, now: float) -> KeyRing:
+        return KeyRing.new(now, self._key_period_s, self._random)
 
     async def _connect(self) -> Any:
         if self._pool is not None:
@@ -207,9 +329,10 @@ class PostgresStore:
             await pool.close()
 
     def footprint(self) -> list[Path]:
-        """None: the data directory belongs to the PostgreSQL server, not to this process (see
-        SECURITY.md for what a copy of it holds)."""
-        return []
+        """The storage key file only: the data directory belongs to the PostgreSQL server, not
+        to this process (``kluis audit-storage --pgdata`` reads it; SECURITY.md says what a
+        copy of it holds)."""
+        return [] if self._key_file is None else [self._key_file.absolute()]
 
     # ---- licences and accounts ----------------------------------------------------------------
 
@@ -217,10 +340,11 @@ class PostgresStore:
         self, code_hashes: Sequence[bytes], days: int, now: int, reseller: str | None = None
     ) -> None:
         pool = await self._connect()
+        ring = await self._keyring()
         await pool.execute(
             "INSERT INTO licences(code_hash, days, created_at, reseller) "
             "SELECT h, $2, $3, $4 FROM unnest($1::bytea[]) AS t(h)",
-            list(code_hashes),
+            [ring.licence_tag(h) for h in code_hashes],
             days,
             now,
             reseller,
@@ -239,10 +363,12 @@ class PostgresStore:
         self, code_hash: bytes, account_id: str, identity: str, device: DeviceRecord, now: int
     ) -> Account | None:
         pool = await self._connect()
+        tag = (await self._keyring()).licence_tag(code_hash)
         async with pool.acquire() as conn, conn.transaction():
-            # The redeemed code's row goes (see sqlite.py): nothing ties it to the account.
+            # The redeemed code's row goes (see sqlite.py); its dead version keeps only the
+            # tag, which nobody without the key file can match to a code.
             row = await conn.fetchrow(
-                "DELETE FROM licences WHERE code_hash = $1 RETURNING days, reseller", code_hash
+                "DELETE FROM licences WHERE code_hash = $1 RETURNING days, reseller", tag
             )
             if row is None:
                 return None
@@ -278,10 +404,11 @@ class PostgresStore:
         self, code_hashes: Sequence[bytes], days: int, plan: str, now: int
     ) -> None:
         pool = await self._connect()
+        ring = await self._keyring()
         await pool.execute(
             "INSERT INTO licences(code_hash, days, created_at, plan) "
             "SELECT h, $2, $3, $4 FROM unnest($1::bytea[]) AS t(h)",
-            list(code_hashes),
+            [ring.licence_tag(h) for h in code_hashes],
             days,
             now,
             plan,
@@ -289,11 +416,12 @@ class PostgresStore:
 
     async def renew(self, code_hash: bytes, account_id: str, now: int) -> int | None:
         pool = await self._connect()
+        tag = (await self._keyring()).licence_tag(code_hash)
         async with pool.acquire() as conn, conn.transaction():
             if await conn.fetchval("SELECT 1 FROM accounts WHERE id = $1", account_id) is None:
                 return None
             days = await conn.fetchval(
-                "DELETE FROM licences WHERE code_hash = $1 RETURNING days", code_hash
+                "DELETE FROM licences WHERE code_hash = $1 RETURNING days", tag
             )
             if days is None:
                 return None
@@ -400,7 +528,7 @@ class PostgresStore:
             )
             for table in ("one_time_keys", "fallback_keys", "device_seq", "envelopes"):
                 await conn.execute(f"DELETE FROM {table} WHERE device_id = $1", device_id)
-        self._deleted = True
+        self._deleted = self._destroy_due = True
 
     # ---- device links -------------------------------------------------------------------------
 
@@ -469,6 +597,8 @@ class PostgresStore:
         self, insert: Sequence[tuple[str, int, bytes]], delete: Sequence[tuple[str, int]]
     ) -> list[int]:
         pool = await self._connect()
+        if insert:
+            await self._keyring()
         ids: list[int] = []
         async with pool.acquire() as conn, conn.transaction():
             if insert:
@@ -481,7 +611,7 @@ class PostgresStore:
                     [s for _, s in delete],
                 )
         if delete:
-            self._deleted = True
+            self._deleted = self._destroy_due = True
         return ids
 
     async def _insert(self, conn: Any, rows: Sequence[tuple[str, int, bytes]]) -> list[int]:
@@ -515,28 +645,76 @@ class PostgresStore:
         for device_id, _, _ in rows:
             last[device_id] += 1
             ids.append(last[device_id])
+        epochs = [epoch_of(r[1]) for r in rows]
+        keys = await self._epoch_keys_for(conn, sorted(set(epochs)))
+        sealed = [
+            seal_body(keys[e], r[0], seq, e, r[2], self._random(NONCE_BYTES))
+            for r, seq, e in zip(rows, ids, epochs, strict=True)
+        ]
         await conn.execute(
-            "INSERT INTO envelopes(device_id, seq, expires_at, body) "
-            "SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bytea[])",
+            "INSERT INTO envelopes(device_id, seq, expires_at, body, epoch, size) "
+            "SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bytea[], "
+            "$5::bigint[], $6::integer[])",
             [r[0] for r in rows],
             ids,
             [r[1] for r in rows],
-            [r[2] for r in rows],
+            sealed,
+            epochs,
+            [len(r[2]) for r in rows],
         )
         return ids
+
+    async def _epoch_keys_for(self, conn: Any, epochs: list[int]) -> dict[int, bytes]:
+        """The keys of ``epochs``, made where missing; their rows stay locked (FOR SHARE) until
+        the transaction ends, so that no node destroys a key this commit seals under."""
+        ring = await self._keyring()
+        query = (
+            "SELECT epoch, kek_version, wrapped FROM storage_keys "
+            "WHERE epoch = ANY($1::bigint[]) ORDER BY epoch FOR SHARE"
+        )
+        rows = list(await conn.fetch(query, epochs))
+        missing = sorted(set(epochs) - {int(r[0]) for r in rows})
+        if missing:
+            version = max(ring.version, ring.version_at(self._wall()))
+            wrapped = [
+                ring.wrap(self._random(KEY_BYTES), e, version, self._random(NONCE_BYTES))
+                for e in missing
+            ]
+            # A concurrent creator (another node) is waited for and wins; its key is used.
+            await conn.execute(
+                "INSERT INTO storage_keys(epoch, kek_version, wrapped) SELECT e, $2, w "
+                "FROM unnest($1::bigint[], $3::bytea[]) AS t(e, w) ON CONFLICT DO NOTHING",
+                missing,
+                version,
+                wrapped,
+            )
+            rows += await conn.fetch(query, missing)
+        return {int(r[0]): self._epoch_key(int(r[0]), int(r[1]), bytes(r[2])) for r in rows}
+
+    def _epoch_key(self, epoch: int, version: int, wrapped: bytes) -> bytes:
+        assert self._ring is not None
+        cached = self._epoch_keys.get((epoch, version, wrapped))
+        if cached is None:
+            if len(self._epoch_keys) >= 4096:
+                self._epoch_keys.clear()
+            cached = self._ring.unwrap(wrapped, epoch, version)
+            self._epoch_keys[(epoch, version, wrapped)] = cached
+        return cached
 
     async def envelopes_after(
         self, device_id: str, after_seq: int, now: int, limit: int, max_bytes: int | None = None
     ) -> list[tuple[int, bytes]]:
         pool = await self._connect()
+        await self._keyring()
         # The running total is computed from the stored lengths: bodies past the budget are
         # never read (the first envelope always is).
         rows = await pool.fetch(
-            "SELECT seq, body FROM (SELECT seq, body, "
-            "SUM(octet_length(body)) OVER (ORDER BY seq) AS total, "
+            "SELECT seq, body, counted.epoch, k.kek_version, k.wrapped FROM ("
+            "SELECT seq, body, epoch, SUM(size) OVER (ORDER BY seq) AS total, "
             "ROW_NUMBER() OVER (ORDER BY seq) AS n FROM ("
-            "SELECT seq, body FROM envelopes WHERE device_id = $1 AND seq > $2 "
+            "SELECT seq, body, epoch, size FROM envelopes WHERE device_id = $1 AND seq > $2 "
             "AND expires_at > $3 ORDER BY seq LIMIT $4) AS page) AS counted "
+            "LEFT JOIN storage_keys k ON k.epoch = counted.epoch "
             "WHERE n = 1 OR $5::bigint IS NULL OR total <= $5::bigint ORDER BY seq",
             device_id,
             after_seq,
@@ -544,7 +722,14 @@ class PostgresStore:
             limit,
             max_bytes,
         )
-        return [(int(r[0]), bytes(r[1])) for r in rows]
+        out: list[tuple[int, bytes]] = []
+        for seq, body, epoch, version, wrapped in rows:
+            if epoch is None:  # stored before migration 3
+                out.append((int(seq), bytes(body)))
+            elif wrapped is not None:  # else its key was destroyed: nobody can open it
+                key = self._epoch_key(int(epoch), int(version), bytes(wrapped))
+                out.append((int(seq), open_body(key, device_id, int(seq), int(epoch), body)))
+        return out
 
     async def count_envelopes(self, device_id: str) -> int:
         pool = await self._connect()
@@ -556,7 +741,7 @@ class PostgresStore:
         pool = await self._connect()
         return int(
             await pool.fetchval(
-                "SELECT COALESCE(SUM(octet_length(body)), 0) FROM envelopes WHERE device_id = $1",
+                "SELECT COALESCE(SUM(size), 0) FROM envelopes WHERE device_id = $1",
                 device_id,
             )
         )
@@ -569,20 +754,109 @@ class PostgresStore:
             )
             links = _rowcount(await conn.execute("DELETE FROM links WHERE expires_at <= $1", now))
         if envelopes:
-            self._deleted = True
+            self._deleted = self._destroy_due = True
         return envelopes, links
 
     async def maintenance(self) -> None:
-        """After envelopes were deleted, and at most once per ``vacuum_interval_s``: VACUUM the
-        envelope and licence tables, so that dead row versions stop being tuples sooner than
-        autovacuum would prune them. Vacuum does not zero the space it frees, and the WAL keeps
-        what it logged: this shortens an exposure, it does not end it (SECURITY.md)."""
-        if not self._deleted or self._clock() - self._vacuumed_at < self._vacuum_interval_s:
+        """Storage keys, then vacuum.
+
+        Keys (when the store has its key file): after envelopes were deleted, and at least every
+        ``key_sweep_interval_s``, destroy the key of every epoch with no envelope left; when the
+        KEK version changed, re-wrap the live epoch keys under the new version, then move the
+        key file to the oldest version still in use (at most one behind the current one),
+        overwriting the older key. Vacuum: after envelopes were deleted, and at most once per
+        ``vacuum_interval_s``, VACUUM the envelope and licence tables (and the key table when
+        its rows changed), so that dead row versions stop being tuples sooner than autovacuum
+        would prune them. Vacuum does not zero the space it frees, and the WAL keeps what it
+        logged: what makes those copies unreadable is the keys (SECURITY.md)."""
+        if self._key_file is not None:
+            await self._keyring()
+            if self._destroy_due or self._clock() - self._keys_swept_at >= (
+                self._key_sweep_interval_s
+            ):
+                await self.destroy_empty_epoch_keys()
+            ring = await self._keyring()
+            if ring.version < ring.version_at(self._wall()) - 1:
+                await self.rotate()
+        if (not self._deleted and not self._keys_changed) or (
+            self._clock() - self._vacuumed_at < self._vacuum_interval_s
+        ):
             return
         pool = await self._connect()
-        self._deleted = False
+        tables = "envelopes, licences, one_time_keys" + (
+            ", storage_keys, storage_check" if self._keys_changed else ""
+        )
+        self._deleted = self._keys_changed = False
         self._vacuumed_at = self._clock()
-        await pool.execute("VACUUM (SKIP_LOCKED) envelopes, licences, one_time_keys")
+        await pool.execute(f"VACUUM (SKIP_LOCKED) {tables}")
+
+    async def destroy_empty_epoch_keys(self) -> int:
+        """Delete the key of every epoch with no envelope left; how many went. Keys a commit
+        is sealing under are locked (FOR SHARE) and skipped; the emptiness test runs after the
+        locks are held, so it sees every commit that sealed under them."""
+        pool = await self._connect()
+        self._destroy_due = False
+        self._keys_swept_at = self._clock()
+        async with pool.acquire() as conn, conn.transaction():
+            locked = await conn.fetch(
+                "SELECT epoch FROM storage_keys ORDER BY epoch FOR UPDATE SKIP LOCKED"
+            )
+            gone = _rowcount(
+                await conn.execute(
+                    "DELETE FROM storage_keys k WHERE k.epoch = ANY($1::bigint[]) "
+                    "AND NOT EXISTS (SELECT 1 FROM envelopes e WHERE e.epoch = k.epoch)",
+                    [int(r[0]) for r in locked],
+                )
+            )
+        if gone:
+            self._keys_changed = True
+            self._epoch_keys.clear()
+        return gone
+
+    async def rotate(self) -> int:
+        """Re-wrap the live epoch keys under the current KEK version, then advance the key
+        file to the oldest version any of them (or the check value) still uses, at most one
+        behind the current: the grace for nodes whose clocks lag. Returns the new file version."""
+        pool = await self._connect()
+        ring = await self._keyring()
+        current = max(ring.version, ring.version_at(self._wall()))
+        async with pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                "SELECT epoch, kek_version, wrapped FROM storage_keys WHERE kek_version < $1 "
+                "ORDER BY epoch FOR UPDATE SKIP LOCKED",
+                current,
+            )
+            if rows:
+                await conn.execute(
+                    "UPDATE storage_keys s SET kek_version = $1, wrapped = t.w "
+                    "FROM unnest($2::bigint[], $3::bytea[]) AS t(e, w) WHERE s.epoch = t.e",
+                    current,
+                    [int(r[0]) for r in rows],
+                    [
+                        ring.wrap(
+                            self._epoch_key(int(r[0]), int(r[1]), bytes(r[2])),
+                            int(r[0]),
+                            current,
+                            self._random(NONCE_BYTES),
+                        )
+                        for r in rows
+                    ],
+                )
+            await conn.execute(
+                "UPDATE storage_check SET kek_version = $1, sealed = $2 WHERE kek_version < $1",
+                current,
+                check_value(ring, current, self._random(NONCE_BYTES)),
+            )
+            oldest = await conn.fetchval(
+                "SELECT MIN(v) FROM (SELECT kek_version AS v FROM storage_keys "
+                "UNION ALL SELECT kek_version FROM storage_check) AS versions"
+            )
+        self._keys_changed = True
+        target = min(current - 1, int(oldest if oldest is not None else current))
+        assert self._key_file is not None
+        self._ring = KeyFile(self._key_file).advance(target).advanced(target)
+        self._epoch_keys.clear()
+        return self._ring.version
 
 
 async def _insert_device(conn: Any, account_id: str, device: DeviceRecord, now: int) -> None:
