@@ -22,9 +22,7 @@ class PostgresServerProcess(ServerProcess):
     def __init__(self, data: Path, database_url: str) -> None:
         # Nodes of one deployment share the storage key file (here: beside their data folders).
         self.key_file = data.parent / "storage.key"
-        super().__init__(
-            data, "--database", database_url, "--storage-key-file", str(self.key_file)
-        )
+        super().__init__(data, "--database", database_url, "--storage-key-file", str(self.key_file))
         self.database_url = database_url
 
     def licences(self, count: int = 1, days: int = 182) -> list[str]:

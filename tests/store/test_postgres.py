@@ -27,9 +27,7 @@ async def versions(url: str) -> list[int]:
         await conn.close()
 
 
-async def test_migrations_run_once_even_when_nodes_start_together(
-    url: str, tmp_path: Path
-) -> None:
+async def test_migrations_run_once_even_when_nodes_start_together(url: str, tmp_path: Path) -> None:
     stores = [PostgresStore(url, key_file=tmp_path / "storage.key") for _ in range(4)]
     await asyncio.gather(*(s.open() for s in stores))  # one migrates, the others wait and see
     await asyncio.gather(*(s.close() for s in stores))

@@ -124,7 +124,9 @@ class KeyRing:
     def unwrap(self, wrapped: bytes, epoch: int, version: int) -> bytes:
         aead = ChaCha20Poly1305(_mac(self.kek(version), b"kluis-kek-wrap"))
         try:
-            key = aead.decrypt(wrapped[:NONCE_BYTES], wrapped[NONCE_BYTES:], _wrap_ad(epoch, version))
+            key = aead.decrypt(
+                wrapped[:NONCE_BYTES], wrapped[NONCE_BYTES:], _wrap_ad(epoch, version)
+            )
         except InvalidTag as exc:
             raise StorageKeyError(
                 f"the storage key of epoch {epoch} does not open under this key file"
@@ -160,7 +162,9 @@ def epoch_of(expires_at: int) -> int:
     return expires_at // EPOCH_S
 
 
-def seal_body(data_key: bytes, device_id: str, seq: int, epoch: int, body: bytes, nonce: bytes) -> bytes:
+def seal_body(
+    data_key: bytes, device_id: str, seq: int, epoch: int, body: bytes, nonce: bytes
+) -> bytes:
     return nonce + ChaCha20Poly1305(data_key).encrypt(nonce, body, _body_ad(device_id, seq, epoch))
 
 
@@ -202,8 +206,7 @@ class KeyFile:
             st = self.path.stat()
             if st.st_mode & 0o077:
                 raise StorageKeyError(
-                    f"{self.path} is readable by others (mode {st.st_mode & 0o777:o}); "
-                    "chmod 600 it"
+                    f"{self.path} is readable by others (mode {st.st_mode & 0o777:o}); chmod 600 it"
                 )
             return KeyRing.decode(self.path.read_bytes())
         except FileNotFoundError as exc:
