@@ -63,6 +63,11 @@ async def test_a_copy_of_the_rows_without_the_key_file_opens_nothing(
         + [dict(r) for r in await rows(url, "SELECT * FROM licences")]
     ).encode()
     assert BODY[:20] not in everything and b"code-hash" not in everything
+    assert b"dev-b" not in everything  # envelopes and counters are kept under mailbox names
+    assert (
+        b"dev-b"
+        not in repr([dict(r) for r in await rows(url, "SELECT * FROM device_seq")]).encode()
+    )
     # The body is sealed; its stored size is the client's, not the sealed one.
     assert BODY not in bytes(dump[0]["body"]) and dump[0]["size"] == len(BODY)
 
@@ -99,7 +104,8 @@ async def test_a_destroyed_epoch_key_leaves_its_envelopes_unreadable(
     [a] = await store.write_envelopes([("dev-a", LATER, BODY)], [])
     [b] = await store.write_envelopes([("dev-b", LATER + 4 * 3600, b"other epoch")], [])
     # A seizer's copy of the delivered envelope's row and of its (live) epoch key.
-    [copy] = await rows(url, "SELECT * FROM envelopes WHERE device_id = 'dev-a'")
+    mailbox = KeyFile(tmp_path / "storage.key").load().mailbox("dev-a")
+    [copy] = await rows(url, f"SELECT * FROM envelopes WHERE device_id = '{mailbox}'")
     [wrapped] = await rows(url, f"SELECT * FROM storage_keys WHERE epoch = {epoch_of(LATER)}")
 
     # Delivered: its epoch has no envelope left, so its key goes; the other epoch's stays.

@@ -282,6 +282,18 @@ class PostgresStore:
                     plain,
                     [ring.licence_tag(h) for h in plain],
                 )
+                # Envelopes and counters kept under device IDs: renamed to their mailboxes.
+                for table in ("envelopes", "device_seq"):
+                    named = [
+                        str(r[0])
+                        for r in await conn.fetch(f"SELECT DISTINCT device_id FROM {table}")
+                    ]
+                    await conn.execute(
+                        f"UPDATE {table} x SET device_id = t.m FROM unnest($1::text[], "
+                        "$2::text[]) AS t(d, m) WHERE x.device_id = t.d",
+                        named,
+                        [ring.mailbox(d) for d in named],
+                    )
                 return ring
             if not keys.exists():
                 raise StorageKeyError(
@@ -526,8 +538,15 @@ class PostgresStore:
                 device_id,
                 _enc.encode(revocation),
             )
-            for table in ("one_time_keys", "fallback_keys", "device_seq", "envelopes"):
+            for table in ("one_time_keys", "fallback_keys"):
                 await conn.execute(f"DELETE FROM {table} WHERE device_id = $1", device_id)
+        # Its mailbox goes in a transaction of its own: one that also changed the device's row
+        # would tie the device to its mailbox name in the files (the transaction id of the
+        # dead rows). Should this one fail, the envelopes stay undeliverable until they expire.
+        mailbox = (await self._keyring()).mailbox(device_id)
+        async with pool.acquire() as conn, conn.transaction():
+            for table in ("device_seq", "envelopes"):
+                await conn.execute(f"DELETE FROM {table} WHERE device_id = $1", mailbox)
         self._deleted = self._destroy_due = True
 
     # ---- device links -------------------------------------------------------------------------
@@ -597,8 +616,7 @@ class PostgresStore:
         self, insert: Sequence[tuple[str, int, bytes]], delete: Sequence[tuple[str, int]]
     ) -> list[int]:
         pool = await self._connect()
-        if insert:
-            await self._keyring()
+        ring = await self._keyring()
         ids: list[int] = []
         async with pool.acquire() as conn, conn.transaction():
             if insert:
@@ -607,7 +625,7 @@ class PostgresStore:
                 await conn.execute(
                     "DELETE FROM envelopes e USING unnest($1::text[], $2::bigint[]) AS t(d, s) "
                     "WHERE e.device_id = t.d AND e.seq = t.s",
-                    [d for d, _ in delete],
+                    [ring.mailbox(d) for d, _ in delete],
                     [s for _, s in delete],
                 )
         if delete:
@@ -615,9 +633,12 @@ class PostgresStore:
         return ids
 
     async def _insert(self, conn: Any, rows: Sequence[tuple[str, int, bytes]]) -> list[int]:
+        # Envelopes and counters are kept under mailbox names (sealing.py), not device IDs.
+        ring = await self._keyring()
+        names = {device_id: ring.mailbox(device_id) for device_id, _, _ in rows}
         counts: dict[str, int] = {}
         for device_id, _, _ in rows:
-            counts[device_id] = counts.get(device_id, 0) + 1
+            counts[names[device_id]] = counts.get(names[device_id], 0) + 1
         devices = sorted(counts)
         # A missing counter row starts at a random origin; a concurrent creator is waited for.
         await conn.execute(
@@ -643,8 +664,8 @@ class PostgresStore:
         last = {str(r[0]): int(r[1]) - counts[str(r[0])] for r in bumped}
         ids: list[int] = []
         for device_id, _, _ in rows:
-            last[device_id] += 1
-            ids.append(last[device_id])
+            last[names[device_id]] += 1
+            ids.append(last[names[device_id]])
         epochs = [epoch_of(r[1]) for r in rows]
         keys = await self._epoch_keys_for(conn, sorted(set(epochs)))
         sealed = [
@@ -655,7 +676,7 @@ class PostgresStore:
             "INSERT INTO envelopes(device_id, seq, expires_at, body, epoch, size) "
             "SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bytea[], "
             "$5::bigint[], $6::integer[])",
-            [r[0] for r in rows],
+            [names[r[0]] for r in rows],
             ids,
             [r[1] for r in rows],
             sealed,
@@ -705,7 +726,7 @@ class PostgresStore:
         self, device_id: str, after_seq: int, now: int, limit: int, max_bytes: int | None = None
     ) -> list[tuple[int, bytes]]:
         pool = await self._connect()
-        await self._keyring()
+        mailbox = (await self._keyring()).mailbox(device_id)
         # The running total is computed from the stored lengths: bodies past the budget are
         # never read (the first envelope always is).
         rows = await pool.fetch(
@@ -716,7 +737,7 @@ class PostgresStore:
             "AND expires_at > $3 ORDER BY seq LIMIT $4) AS page) AS counted "
             "LEFT JOIN storage_keys k ON k.epoch = counted.epoch "
             "WHERE n = 1 OR $5::bigint IS NULL OR total <= $5::bigint ORDER BY seq",
-            device_id,
+            mailbox,
             after_seq,
             now,
             limit,
@@ -733,16 +754,18 @@ class PostgresStore:
 
     async def count_envelopes(self, device_id: str) -> int:
         pool = await self._connect()
+        mailbox = (await self._keyring()).mailbox(device_id)
         return int(
-            await pool.fetchval("SELECT COUNT(*) FROM envelopes WHERE device_id = $1", device_id)
+            await pool.fetchval("SELECT COUNT(*) FROM envelopes WHERE device_id = $1", mailbox)
         )
 
     async def envelope_bytes(self, device_id: str) -> int:
         pool = await self._connect()
+        mailbox = (await self._keyring()).mailbox(device_id)
         return int(
             await pool.fetchval(
                 "SELECT COALESCE(SUM(size), 0) FROM envelopes WHERE device_id = $1",
-                device_id,
+                mailbox,
             )
         )
 

@@ -25,8 +25,15 @@ The file is text of a fixed length (so that advancing overwrites the same bytes)
     kluis-storage-key v1
     period 00000000000000003600
     version 00000000000000489000
-    licence <64 hex digits>       a static key: licence rows are found by HMAC(it, code hash)
+    index <64 hex digits>         a static key: licence rows are found by HMAC(it, code hash),
+                                  envelopes and counters by HMAC(it, device ID)
     key <64 hex digits>           K[version]
+
+The **index key** keeps what PostgreSQL needs to look rows up from naming a code or a device:
+a redeemed licence's dead row holds a tag nobody can match to a code without the file, and the
+rows one commit writes (envelopes and counters of the recipient's and the sender's devices,
+which share a transaction id) name no device. It does not ratchet: re-tagging every pending
+row at each rotation would rewrite the mailbox. Whoever holds the file can compute the tags.
 
 Pure apart from :class:`KeyFile`, which reads and writes the file; time and randomness are
 passed in. Errors are :class:`StorageKeyError` (``storage_key``).
@@ -55,7 +62,7 @@ EPOCH_S = 3600
 DEFAULT_PERIOD_S = 3600
 _HEADER = "kluis-storage-key v1"
 _FORMAT = re.compile(
-    _HEADER + r"\nperiod (\d{20})\nversion (\d{20})\nlicence ([0-9a-f]{64})\nkey ([0-9a-f]{64})\n"
+    _HEADER + r"\nperiod (\d{20})\nversion (\d{20})\nindex ([0-9a-f]{64})\nkey ([0-9a-f]{64})\n"
 )
 
 
@@ -72,17 +79,17 @@ def _mac(key: bytes, label: bytes) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class KeyRing:
-    """The KEK chain from ``version`` on (earlier versions are gone), and the licence key."""
+    """The KEK chain from ``version`` on (earlier versions are gone), and the index key."""
 
     period_s: int
     version: int
     key: bytes  # K[version]
-    licence_key: bytes
+    index_key: bytes
 
     def __post_init__(self) -> None:
         if self.period_s < 1 or self.version < 0:
             raise StorageKeyError("storage key: period and version must be positive")
-        if len(self.key) != KEY_BYTES or len(self.licence_key) != KEY_BYTES:
+        if len(self.key) != KEY_BYTES or len(self.index_key) != KEY_BYTES:
             raise StorageKeyError("storage key: keys must be 32 bytes")
 
     @classmethod
@@ -109,11 +116,16 @@ class KeyRing:
         """The ring from ``version`` on (itself when it is there already)."""
         if version <= self.version:
             return self
-        return KeyRing(self.period_s, version, self.kek(version), self.licence_key)
+        return KeyRing(self.period_s, version, self.kek(version), self.index_key)
 
     def licence_tag(self, code_hash: bytes) -> bytes:
         """What the store keeps of a licence: a code's hash is not findable without this file."""
-        return hmac.new(self.licence_key, b"kluis-licence\x00" + code_hash, "sha256").digest()
+        return hmac.new(self.index_key, b"kluis-licence\x00" + code_hash, "sha256").digest()
+
+    def mailbox(self, device_id: str) -> str:
+        """The name a device's envelopes and counter are kept under (128 bits, hex)."""
+        mac = hmac.new(self.index_key, b"kluis-mailbox\x00" + device_id.encode(), "sha256")
+        return mac.hexdigest()[:32]
 
     # ---- epoch keys wrapped under a KEK -----------------------------------------------------
 
@@ -138,7 +150,7 @@ class KeyRing:
     def encode(self) -> bytes:
         return (
             f"{_HEADER}\nperiod {self.period_s:020d}\nversion {self.version:020d}\n"
-            f"licence {self.licence_key.hex()}\nkey {self.key.hex()}\n"
+            f"index {self.index_key.hex()}\nkey {self.key.hex()}\n"
         ).encode()
 
     @classmethod
