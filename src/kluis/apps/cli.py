@@ -190,7 +190,14 @@ def cmd_audit_storage(args: argparse.Namespace) -> None:
     from kluis import audit
 
     data = Path(args.data)
-    footprint = audit.store_footprint(data, args.database)
+    on_postgres = bool(args.database) and args.database.startswith(("postgres://", "postgresql://"))
+    if on_postgres and args.pgdata is None:
+        raise LocalProtocolError(
+            "auditing PostgreSQL needs --pgdata DIR, the PostgreSQL server's data directory"
+        )
+    if args.pgdata is not None and not on_postgres:
+        raise LocalProtocolError("--pgdata goes with --database postgresql://...")
+    footprint = [] if on_postgres else audit.store_footprint(data, args.database)
     secrets = [(f"secret {i + 1}", audit.decode_secret(s)) for i, s in enumerate(args.secret)]
     for profile in args.profile:
         secrets.extend(audit.profile_secrets(Path(profile), _passphrase()))
@@ -203,6 +210,19 @@ def cmd_audit_storage(args: argparse.Namespace) -> None:
         extra_paths=[Path(p) for p in args.also],
         expect_empty=args.expect_empty,
     )
+    if on_postgres:
+        from kluis.audit.postgres import audit_postgres
+
+        audit_postgres(
+            report,
+            args.database,
+            Path(args.pgdata),
+            key_file=Path(args.storage_key_file) if args.storage_key_file else None,
+            markers=args.marker,
+            raw=[(f"bytes {h[:16]}", audit.decode_secret(h)) for h in args.bytes],
+            secrets=secrets,
+            licences=args.licence,
+        )
     for note in report.notes:
         print(f"note: {note}")
     for finding in report.findings:
@@ -935,7 +955,19 @@ def build_parser() -> argparse.ArgumentParser:
         "audit-storage", help="scan a server's data as a seizer would; exit 1 on any finding"
     )
     au.add_argument("--data", required=True)
-    au.add_argument("--database", help="sqlite:///PATH (PostgreSQL: not supported yet)")
+    au.add_argument("--database", help="sqlite:///PATH, or postgresql://... with --pgdata")
+    au.add_argument(
+        "--pgdata", metavar="DIR", help="the PostgreSQL server's data directory, read raw"
+    )
+    au.add_argument(
+        "--storage-key-file",
+        metavar="FILE",
+        help="PostgreSQL: the nodes' key file; its keys and the live storage keys must not be"
+        " in the data directory (findings that need the file say so)",
+    )
+    au.add_argument(
+        "--licence", action="append", default=[], help="a redeemed licence code to look for"
+    )
     au.add_argument("--marker", action="append", default=[], help="plaintext that must not appear")
     au.add_argument("--bytes", action="append", default=[], help="raw bytes (hex/base64)")
     au.add_argument("--secret", action="append", default=[], help="private key (hex/base64)")

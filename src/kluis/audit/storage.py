@@ -53,6 +53,8 @@ _SQLITE_HEADER = b"SQLite format 3\x00"
 # keeps; vodozemac pickles are 500+ characters.
 LONG_BASE64_RUN = 200
 _B64_RUN = re.compile(rb"[A-Za-z0-9+/]{%d,}={0,2}" % LONG_BASE64_RUN)
+# A base64 run drawn from fewer distinct characters than this is no random key.
+_KEY_ALPHABET = 16
 _PEM_PRIVATE = re.compile(rb"-----BEGIN [A-Z ]*PRIVATE KEY-----")
 
 
@@ -149,6 +151,8 @@ def _looks_like_key(report: Report, blob: bytes, where: str) -> None:
     if m:
         report.findings.append(Finding("key", where, f"PEM private key at offset {m.start()}"))
     for m in _B64_RUN.finditer(blob):
+        if len(set(m.group()[:1024])) < _KEY_ALPHABET:
+            continue  # "UUUU…" (PostgreSQL's commit log, padding): no key is that regular
         report.findings.append(
             Finding(
                 "key",
@@ -405,7 +409,8 @@ def audit(
 def store_footprint(data: Path, database_url: str | None = None) -> list[Path]:
     """The files of the store that a server on ``data`` keeps, asked of the store's class:
     by default the server's own database; ``database_url`` (``sqlite:///path`` or a plain
-    path) names one kept elsewhere. Other databases are not supported yet."""
+    path) names one kept elsewhere. A PostgreSQL store keeps its rows in the PostgreSQL
+    server's data directory: ``postgres.audit_postgres`` reads that."""
     if database_url is None:
         return SqliteStore.footprint_at(ServerConfig(data_dir=data).database_path)
     if database_url.startswith("sqlite:///"):
@@ -413,7 +418,7 @@ def store_footprint(data: Path, database_url: str | None = None) -> list[Path]:
         return SqliteStore.footprint_at(Path(database_url[len("sqlite:///") :]))
     if database_url.startswith(("postgres://", "postgresql://")):
         raise LocalProtocolError(
-            "auditing PostgreSQL is not supported yet: Kluis has no PostgreSQL store"
+            "auditing PostgreSQL needs --pgdata DIR, the PostgreSQL server's data directory"
         )
     if "://" in database_url:
         raise LocalProtocolError(f"unsupported database URL {database_url.split('://')[0]}://")

@@ -32,6 +32,7 @@ import os
 import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -918,3 +919,38 @@ async def _count_keys(conn: Any, device_id: str) -> int:
     return int(
         await conn.fetchval("SELECT COUNT(*) FROM one_time_keys WHERE device_id = $1", device_id)
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Inspection:
+    """What the seizure audit (``kluis.audit.postgres``) reads of a live database: where its
+    files are, whose IDs it holds and its wrapped storage keys. Read only."""
+
+    database_oid: int
+    owner: dict[str, str]  # account and device IDs -> account
+    storage_keys: list[tuple[int, int, bytes]]  # (epoch, KEK version, wrapped)
+    licence_tags: list[bytes]  # of unredeemed licences
+
+
+async def inspect(dsn: str) -> Inspection:
+    """Read ``dsn``'s facts for the audit (one boundary for the driver: this module)."""
+    try:
+        conn = await asyncpg.connect(dsn, timeout=10)
+    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+        raise ConnectionError(f"cannot reach the PostgreSQL database: {exc}") from exc
+    try:
+        oid = int(
+            await conn.fetchval("SELECT oid FROM pg_database WHERE datname = current_database()")
+        )
+        owner = {str(r[0]): str(r[0]) for r in await conn.fetch("SELECT id FROM accounts")}
+        owner |= {
+            str(r[0]): str(r[1]) for r in await conn.fetch("SELECT id, account_id FROM devices")
+        }
+        keys = [
+            (int(r[0]), int(r[1]), bytes(r[2]))
+            for r in await conn.fetch("SELECT epoch, kek_version, wrapped FROM storage_keys")
+        ]
+        tags = [bytes(r[0]) for r in await conn.fetch("SELECT code_hash FROM licences")]
+    finally:
+        await conn.close()
+    return Inspection(oid, owner, keys, tags)
