@@ -178,7 +178,14 @@ def audit_postgres(
         needles += [(f"tag of licence {i + 1} (needs the key file)", t) for t, i in tags.items()]
     else:
         report.notes.append("no key file given: storage keys not looked for")
-    scan_files(report, paths, [*markers, *codes], needles, [*secrets, *key_secrets])
+    scan_files(
+        report,
+        paths,
+        [*markers, *codes],
+        needles,
+        [*secrets, *key_secrets],
+        no_shapes=[pgdata / "pg_xact", pgdata / "pg_subtrans"],  # transaction status bitmaps
+    )
     if folder.is_dir():
         scan_links(report, folder, names)
     else:

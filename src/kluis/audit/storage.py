@@ -53,8 +53,6 @@ _SQLITE_HEADER = b"SQLite format 3\x00"
 # keeps; vodozemac pickles are 500+ characters.
 LONG_BASE64_RUN = 200
 _B64_RUN = re.compile(rb"[A-Za-z0-9+/]{%d,}={0,2}" % LONG_BASE64_RUN)
-# A base64 run drawn from fewer distinct characters than this is no random key.
-_KEY_ALPHABET = 16
 _PEM_PRIVATE = re.compile(rb"-----BEGIN [A-Z ]*PRIVATE KEY-----")
 
 
@@ -151,8 +149,6 @@ def _looks_like_key(report: Report, blob: bytes, where: str) -> None:
     if m:
         report.findings.append(Finding("key", where, f"PEM private key at offset {m.start()}"))
     for m in _B64_RUN.finditer(blob):
-        if len(set(m.group()[:1024])) < _KEY_ALPHABET:
-            continue  # "UUUU…" (PostgreSQL's commit log, padding): no key is that regular
         report.findings.append(
             Finding(
                 "key",
@@ -169,7 +165,11 @@ def scan_files(
     markers: Sequence[str],
     raw: Sequence[tuple[str, bytes]],
     secrets: Sequence[tuple[str, bytes]],
+    no_shapes: Sequence[Path] = (),
 ) -> None:
+    """Markers, raw bytes and secrets in every file under ``paths``; and key-shaped runs,
+    except in files under ``no_shapes`` (bitmaps such as PostgreSQL's commit log, whose
+    "UUUU…" is a run of committed transactions, not a key)."""
     marker_forms = [(repr(m), encodings(m)) for m in markers if m]
     raw_forms = [(label, byte_encodings(b)) for label, b in raw if b]
     secret_forms = [(label, byte_encodings(b)) for label, b in secrets if b]
@@ -183,7 +183,8 @@ def scan_files(
             _search(report, blob, where, "marker", label, dict(forms))
         for label, forms in secret_forms:
             _search(report, blob, where, "key", label, dict(forms))
-        _looks_like_key(report, blob, where)
+        if not any(folder in path.parents for folder in no_shapes):
+            _looks_like_key(report, blob, where)
 
 
 # ---- the database -----------------------------------------------------------------------------

@@ -19,10 +19,15 @@ one-time key is free. A group commit creates missing counter rows (``ON CONFLICT
 waits for a concurrent creator), then locks and bumps them in device order, so two commits
 never deadlock and numbers have no gap and no repeat.
 
-What this does not do (SECURITY.md): PostgreSQL keeps dead row versions of acknowledged
-envelopes and redeemed licences in its heap pages until vacuum prunes them, and its WAL holds
-every change until the WAL segment is recycled; vacuum frees space without zeroing it. The
-envelope layout work of the SQLite store (no deposit order in the file) is not reproduced here.
+Seizure (SECURITY.md, "On PostgreSQL"): PostgreSQL keeps dead row versions and WAL records
+for an unbounded time, so what it must not show is never given to it in readable form
+(``sealing.py``): envelope bodies are sealed under per-epoch storage keys (``storage_keys``,
+wrapped under a key-encryption key from the nodes' key file, deleted once their epoch has no
+envelope left, re-wrapped when the KEK version changes); envelopes and counters are kept under
+mailbox names and licences under tags (HMACs under the file's index key), so no row and no
+transaction names a device beside an envelope, and no row names a code. Migration 3 sets
+aggressive per-table autovacuum on the secret tables; :meth:`maintenance` destroys keys,
+rotates and vacuums.
 """
 
 from __future__ import annotations
