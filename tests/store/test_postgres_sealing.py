@@ -10,9 +10,10 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from kluis.server.store.postgres import PostgresStore
+from kluis.server.store.postgres import MIGRATIONS, PostgresStore
 from kluis.server.store.sealing import KeyFile, KeyRing, StorageKeyError, epoch_of, open_body
 from tests.postgres import scratch_database
+from tests.store.test_contract import record
 
 NOW = 1_800_000_000
 LATER = NOW + 86_400
@@ -192,3 +193,32 @@ def test_the_key_file_is_private_well_formed_and_only_moves_forward(tmp_path: Pa
     path.write_bytes(b"kluis-storage-key v1\nnonsense\n")
     with pytest.raises(StorageKeyError, match="format"):
         KeyFile(path).load()
+
+
+async def test_a_database_from_before_the_storage_keys_is_renamed_at_first_start(
+    url: str, tmp_path: Path
+) -> None:
+    conn = await asyncpg.connect(url)
+    try:  # the schema of migrations 1 and 2, with a licence, an envelope and its counter
+        await conn.execute(
+            "CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at BIGINT NOT NULL)"
+        )
+        for version, sql in MIGRATIONS[:2]:
+            await conn.execute(sql)
+            await conn.execute("INSERT INTO schema_version VALUES ($1, 0)", version)
+        await conn.execute("INSERT INTO licences(code_hash, days, created_at) VALUES ('h', 30, 0)")
+        await conn.execute("INSERT INTO envelopes VALUES ('ed-old', 41, $1, 'old body')", LATER)
+        await conn.execute("INSERT INTO device_seq VALUES ('ed-old', 41)")
+    finally:
+        await conn.close()
+
+    store = node(url, tmp_path / "storage.key", Clock(NOW))
+    assert await store.envelopes_after("ed-old", 0, NOW, 10) == [(41, b"old body")]
+    assert await store.write_envelopes([("ed-old", LATER, b"new body")], []) == [42]
+    assert await store.envelope_bytes("ed-old") == len(b"old body") + len(b"new body")
+    assert await store.renew(b"h", "nobody", NOW) is None  # no such account, but:
+    account = await store.register(b"h", "acc", "id", record("old"), NOW)
+    assert account is not None  # the plain hash was renamed to its tag, and still redeems
+    names = repr([dict(r) for r in await rows(url, "SELECT * FROM device_seq")])
+    assert "ed-old" not in names
+    await store.close()
