@@ -27,10 +27,16 @@ import pytest
 from kluis.audit import Report
 from kluis.audit.postgres import audit_postgres
 from kluis.client.client import KluisClient
-from kluis.server.store.sealing import KeyFile
+from kluis.server.store.sealing import KeyFile, KeyRing
 from tests.integration.test_audit_storage import record_bodies
 from tests.integration.test_postgres_server import PostgresServerProcess
-from tests.kluis_testing import PASSPHRASE, fast_kdf, link_device, transport_factory
+from tests.kluis_testing import (
+    PASSPHRASE,
+    fast_kdf,
+    free_port,
+    link_device,
+    transport_factory,
+)
 from tests.postgres import ADMIN_URL, scratch_database
 
 
@@ -114,6 +120,7 @@ async def test_a_copy_of_the_postgresql_data_directory_holds_nothing_delivered(
     await _admin("CHECKPOINT")  # what is in the files now is what a thief takes
 
     args = ["--data", str(node.data), "--database", node.database_url, "--pgdata", str(pgdata)]
+    args += ["--expect-empty"]  # everything was delivered
     for m in markers:
         args += ["--marker", m]
     for b in bodies:
@@ -124,11 +131,13 @@ async def test_a_copy_of_the_postgresql_data_directory_holds_nothing_delivered(
     assert out.returncode == 0, out.stdout + out.stderr
     assert ", 0 findings" in out.stdout
     assert "heap tuples (live and dead) parsed" in out.stdout
+    # Every storage key is gone: each epoch's envelopes were all delivered.
+    assert "0 stored envelopes; 0 live storage keys" in out.stdout
 
     # With the key file too: no key-encryption key, index key or live storage key is in
     # PostgreSQL's files; what such a thief may find is flagged as needing the file.
     out = run_audit(*args, "--storage-key-file", str(node.key_file))
-    assert "live storage keys, unwrapped" in out.stdout, out.stdout + out.stderr
+    assert "the key file's keys and the live storage keys" in out.stdout, out.stdout + out.stderr
     found = [line for line in out.stdout.splitlines() if line.startswith("FOUND")]
     assert all("needs the key file" in line for line in found), found
 
@@ -159,3 +168,32 @@ async def test_a_copy_of_the_postgresql_data_directory_holds_nothing_delivered(
     assert {"marker", "deposit"} <= kinds, report.findings
     assert any("pairing them" in f.detail and "key file" not in f.detail for f in report.findings)
     assert ring.mailbox(bob.core.device_id) not in str(report.findings)  # no name is printed
+
+
+def test_a_node_without_this_databases_key_file_refuses_to_start(tmp_path: Path) -> None:
+    with scratch_database() as url:
+        first = Node(tmp_path / "one", url)
+        first.start()  # makes tmp_path/storage.key and seals the database under it
+        first.stop()
+
+        def serve(key_file: Path) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [
+                    *first.cli("serve", "--data", str(tmp_path / "two"), "--database", url),
+                    *("--port", str(free_port()), "--storage-key-file", str(key_file)),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+
+        missing = serve(tmp_path / "elsewhere" / "storage.key")
+        assert missing.returncode != 0 and "copy it from another node" in missing.stderr
+        assert not (tmp_path / "elsewhere" / "storage.key").exists()
+        KeyFile(tmp_path / "other.key").create(KeyRing.new(time.time(), 3600, os.urandom))
+        wrong = serve(tmp_path / "other.key")
+        assert wrong.returncode != 0 and "is not this database's" in wrong.stderr
+        out = subprocess.run(
+            first.cli("licence", "create", "--database", url), capture_output=True, text=True
+        )
+        assert out.returncode != 0 and "needs --storage-key-file" in out.stderr

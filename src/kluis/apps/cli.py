@@ -222,6 +222,7 @@ def cmd_audit_storage(args: argparse.Namespace) -> None:
             raw=[(f"bytes {h[:16]}", audit.decode_secret(h)) for h in args.bytes],
             secrets=secrets,
             licences=args.licence,
+            expect_empty=args.expect_empty,
         )
     for note in report.notes:
         print(f"note: {note}")

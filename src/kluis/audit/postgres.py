@@ -11,7 +11,8 @@ in the WAL (which is read too). It finds:
 1. **markers**: plaintexts and raw bytes (delivered envelopes' ciphertexts as the clients sent
    them), in every encoding ``storage`` knows, and redeemed licence codes (``--licence``): the
    code's text and its SHA-256 hash, which is what a store without the key file would keep;
-2. **keys**: with the storage key file (``--storage-key-file``), the key-encryption keys it
+2. **envelopes** kept past their expiry and, with ``expect_empty``, any envelope at all;
+   **keys**: with the storage key file (``--storage-key-file``), the key-encryption keys it
    yields (the file's version up to the next), its index key and every live epoch key
    unwrapped: none of them may appear in PostgreSQL's files;
 3. **links**: heap tuples, live and dead, parsed from the database's pages: a tuple naming IDs
@@ -140,16 +141,28 @@ def audit_postgres(
     raw: Sequence[tuple[str, bytes]] = (),
     secrets: Sequence[tuple[str, bytes]] = (),
     licences: Sequence[str] = (),
+    expect_empty: bool = False,
     now: float | None = None,
 ) -> None:
     """Add the findings of the store at ``database_url`` whose server keeps ``pgdata``."""
     if not (pgdata / "PG_VERSION").is_file():
         raise LocalProtocolError(f"{pgdata} is not a PostgreSQL data directory (no PG_VERSION)")
+    now = time.time() if now is None else now
     try:
-        seen = asyncio.run(inspect(database_url))
+        seen = asyncio.run(inspect(database_url, int(now)))
     except ConnectionError as exc:
         raise LocalProtocolError(str(exc)) from exc
-    now = time.time() if now is None else now
+    report.notes.append(
+        f"{seen.envelopes} stored envelopes; {len(seen.storage_keys)} live storage keys"
+    )
+    if seen.expired:
+        report.findings.append(
+            Finding("envelope", database_url, f"{seen.expired} expired envelopes kept")
+        )
+    if expect_empty and seen.envelopes:
+        report.findings.append(
+            Finding("envelope", database_url, f"{seen.envelopes} envelopes still stored")
+        )
     folder = pgdata / "base" / str(seen.database_oid)
     others = [p for p in (pgdata / "base").iterdir() if p != folder]
     paths = [p for p in sorted(pgdata.iterdir()) if p.name != "base"] + [folder]
@@ -166,7 +179,7 @@ def audit_postgres(
         ring = KeyFile(key_file).load()
         key_secrets, notes = _key_secrets(ring, seen, now)
         report.notes += notes
-        report.notes.append(f"{len(seen.storage_keys)} live storage keys, unwrapped to look for")
+        report.notes.append("the key file's keys and the live storage keys looked for")
         names |= {ring.mailbox(n).encode(): (a, True) for n, a in seen.owner.items()}
         tags = {ring.licence_tag(licence_hash(c)): i for i, c in enumerate(codes)}
         live = set(seen.licence_tags)

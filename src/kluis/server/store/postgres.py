@@ -935,9 +935,11 @@ class Inspection:
     owner: dict[str, str]  # account and device IDs -> account
     storage_keys: list[tuple[int, int, bytes]]  # (epoch, KEK version, wrapped)
     licence_tags: list[bytes]  # of unredeemed licences
+    envelopes: int  # stored
+    expired: int  # stored past their expiry at ``now``
 
 
-async def inspect(dsn: str) -> Inspection:
+async def inspect(dsn: str, now: int) -> Inspection:
     """Read ``dsn``'s facts for the audit (one boundary for the driver: this module)."""
     try:
         conn = await asyncpg.connect(dsn, timeout=10)
@@ -956,6 +958,9 @@ async def inspect(dsn: str) -> Inspection:
             for r in await conn.fetch("SELECT epoch, kek_version, wrapped FROM storage_keys")
         ]
         tags = [bytes(r[0]) for r in await conn.fetch("SELECT code_hash FROM licences")]
+        stored, expired = await conn.fetchrow(
+            "SELECT COUNT(*), COUNT(*) FILTER (WHERE expires_at <= $1) FROM envelopes", now
+        )
     finally:
         await conn.close()
-    return Inspection(oid, owner, keys, tags)
+    return Inspection(oid, owner, keys, tags, int(stored), int(expired))
