@@ -27,7 +27,7 @@ envelope left, re-wrapped when the KEK version changes); envelopes and counters 
 mailbox names and licences under tags (HMACs under the file's index key), so no row and no
 transaction names a device beside an envelope, and no row names a code. Migration 3 sets
 aggressive per-table autovacuum on the secret tables; :meth:`maintenance` destroys keys,
-rotates and vacuums.
+rotates (both in ``pg_keys.py``) and vacuums.
 """
 
 from __future__ import annotations
@@ -45,17 +45,14 @@ import asyncpg
 import msgspec
 
 from kluis.protocol.frames import DeviceRecord, PendingLink, Revocation, SignedKey
+from kluis.server.store.pg_keys import StorageKeys
 from kluis.server.store.protocol import Account, StoredDevice
 from kluis.server.store.sealing import (
     DEFAULT_PERIOD_S,
-    KEY_BYTES,
     NONCE_BYTES,
-    KeyFile,
     KeyRing,
     StorageKeyError,
-    check_value,
     epoch_of,
-    matches,
     open_body,
     seal_body,
 )
@@ -70,8 +67,6 @@ _VACUUM_SOON = (
     "autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 50, "
     "autovacuum_vacuum_cost_delay = 0"
 )
-# Serialises the first key set-up of nodes starting together.
-_KEY_LOCK = 0x6B6C756974
 
 MIGRATIONS: tuple[tuple[int, str], ...] = (
     (
@@ -234,16 +229,16 @@ class PostgresStore:
         self._clock = clock
         self._deleted = False  # envelopes deleted since the last vacuum
         self._vacuumed_at = float("-inf")
-        # Storage keys (sealing.py): the key file is read at open() or at the first call
-        # that needs it; epoch keys are cached unwrapped, by their wrapped form.
+        # Storage keys (pg_keys.py): the key file is read at open() or at the first call
+        # that needs it.
         self._key_file = key_file
-        self._key_period_s = key_period_s
+        self._keys = (
+            None
+            if key_file is None
+            else StorageKeys(key_file, period_s=key_period_s, wall_clock=wall_clock, random=random)
+        )
         self._key_sweep_interval_s = key_sweep_interval_s
-        self._wall = wall_clock
         self._random = random
-        self._ring: KeyRing | None = None
-        self._ring_lock = asyncio.Lock()
-        self._epoch_keys: dict[tuple[int, int, bytes], bytes] = {}
         self._destroy_due = False  # envelopes deleted: an epoch may have emptied
         self._keys_swept_at = float("-inf")
         self._keys_changed = False  # storage_keys rows deleted or re-wrapped since the vacuum
@@ -255,66 +250,9 @@ class PostgresStore:
         await self._keyring()
 
     async def _keyring(self) -> KeyRing:
-        if self._ring is None:
-            async with self._ring_lock:
-                if self._ring is None:
-                    self._ring = await self._load_ring(await self._connect())
-        return self._ring
-
-    async def _load_ring(self, pool: Any) -> KeyRing:
-        """The key file, created on first use: when this database has no storage key yet.
-        Otherwise the file must be there and be this database's (a node with a wrong path or
-        another deployment's file must not seal envelopes the others cannot open)."""
-        if self._key_file is None:
+        if self._keys is None:
             raise StorageKeyError("the PostgreSQL store needs a storage key file")
-        keys = KeyFile(self._key_file)
-        now = self._wall()
-        async with pool.acquire() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", _KEY_LOCK)
-            row = await conn.fetchrow("SELECT kek_version, sealed FROM storage_check")
-            if row is None:
-                ring = keys.load() if keys.exists() else keys.create(self._new_ring(now))
-                version = max(ring.version, ring.version_at(now))
-                await conn.execute(
-                    "INSERT INTO storage_check(id, kek_version, sealed) VALUES (1, $1, $2)",
-                    version,
-                    check_value(ring, version, self._random(NONCE_BYTES)),
-                )
-                # Licences created before the store had keys: keyed by their plain hash.
-                plain = [bytes(r[0]) for r in await conn.fetch("SELECT code_hash FROM licences")]
-                await conn.execute(
-                    "UPDATE licences l SET code_hash = t.tag "
-                    "FROM unnest($1::bytea[], $2::bytea[]) AS t(h, tag) WHERE l.code_hash = t.h",
-                    plain,
-                    [ring.licence_tag(h) for h in plain],
-                )
-                # Envelopes and counters kept under device IDs: renamed to their mailboxes.
-                for table in ("envelopes", "device_seq"):
-                    named = [
-                        str(r[0])
-                        for r in await conn.fetch(f"SELECT DISTINCT device_id FROM {table}")
-                    ]
-                    await conn.execute(
-                        f"UPDATE {table} x SET device_id = t.m FROM unnest($1::text[], "
-                        "$2::text[]) AS t(d, m) WHERE x.device_id = t.d",
-                        named,
-                        [ring.mailbox(d) for d in named],
-                    )
-                return ring
-            if not keys.exists():
-                raise StorageKeyError(
-                    f"this database's envelopes are sealed under a storage key file and there "
-                    f"is none at {self._key_file}: copy it from another node of this deployment"
-                )
-            ring = keys.load()
-            if not matches(ring, bytes(row[1]), int(row[0])):
-                raise StorageKeyError(
-                    f"the storage key file {self._key_file} is not this database's"
-                )
-            return ring
-
-    def _new_ring(self, now: float) -> KeyRing:
-        return KeyRing.new(now, self._key_period_s, self._random)
+        return await self._keys.load(await self._connect())
 
     async def _connect(self) -> Any:
         if self._pool is not None:
@@ -673,7 +611,8 @@ class PostgresStore:
             last[names[device_id]] += 1
             ids.append(last[names[device_id]])
         epochs = [epoch_of(r[1]) for r in rows]
-        keys = await self._epoch_keys_for(conn, sorted(set(epochs)))
+        assert self._keys is not None
+        keys = await self._keys.for_epochs(conn, sorted(set(epochs)))
         sealed = [
             seal_body(keys[e], r[0], seq, e, r[2], self._random(NONCE_BYTES))
             for r, seq, e in zip(rows, ids, epochs, strict=True)
@@ -690,43 +629,6 @@ class PostgresStore:
             [len(r[2]) for r in rows],
         )
         return ids
-
-    async def _epoch_keys_for(self, conn: Any, epochs: list[int]) -> dict[int, bytes]:
-        """The keys of ``epochs``, made where missing; their rows stay locked (FOR SHARE) until
-        the transaction ends, so that no node destroys a key this commit seals under."""
-        ring = await self._keyring()
-        query = (
-            "SELECT epoch, kek_version, wrapped FROM storage_keys "
-            "WHERE epoch = ANY($1::bigint[]) ORDER BY epoch FOR SHARE"
-        )
-        rows = list(await conn.fetch(query, epochs))
-        missing = sorted(set(epochs) - {int(r[0]) for r in rows})
-        if missing:
-            version = max(ring.version, ring.version_at(self._wall()))
-            wrapped = [
-                ring.wrap(self._random(KEY_BYTES), e, version, self._random(NONCE_BYTES))
-                for e in missing
-            ]
-            # A concurrent creator (another node) is waited for and wins; its key is used.
-            await conn.execute(
-                "INSERT INTO storage_keys(epoch, kek_version, wrapped) SELECT e, $2, w "
-                "FROM unnest($1::bigint[], $3::bytea[]) AS t(e, w) ON CONFLICT DO NOTHING",
-                missing,
-                version,
-                wrapped,
-            )
-            rows += await conn.fetch(query, missing)
-        return {int(r[0]): self._epoch_key(int(r[0]), int(r[1]), bytes(r[2])) for r in rows}
-
-    def _epoch_key(self, epoch: int, version: int, wrapped: bytes) -> bytes:
-        assert self._ring is not None
-        cached = self._epoch_keys.get((epoch, version, wrapped))
-        if cached is None:
-            if len(self._epoch_keys) >= 4096:
-                self._epoch_keys.clear()
-            cached = self._ring.unwrap(wrapped, epoch, version)
-            self._epoch_keys[(epoch, version, wrapped)] = cached
-        return cached
 
     async def envelopes_after(
         self, device_id: str, after_seq: int, now: int, limit: int, max_bytes: int | None = None
@@ -750,11 +652,12 @@ class PostgresStore:
             max_bytes,
         )
         out: list[tuple[int, bytes]] = []
+        assert self._keys is not None
         for seq, body, epoch, version, wrapped in rows:
             if epoch is None:  # stored before migration 3
                 out.append((int(seq), bytes(body)))
             elif wrapped is not None:  # else its key was destroyed: nobody can open it
-                key = self._epoch_key(int(epoch), int(version), bytes(wrapped))
+                key = self._keys.unwrap(int(epoch), int(version), bytes(wrapped))
                 out.append((int(seq), open_body(key, device_id, int(seq), int(epoch), body)))
         return out
 
@@ -798,14 +701,13 @@ class PostgresStore:
         its rows changed), so that dead row versions stop being tuples sooner than autovacuum
         would prune them. Vacuum does not zero the space it frees, and the WAL keeps what it
         logged: what makes those copies unreadable is the keys (SECURITY.md)."""
-        if self._key_file is not None:
+        if self._keys is not None:
             await self._keyring()
             if self._destroy_due or self._clock() - self._keys_swept_at >= (
                 self._key_sweep_interval_s
             ):
                 await self.destroy_empty_epoch_keys()
-            ring = await self._keyring()
-            if ring.version < ring.version_at(self._wall()) - 1:
+            if self._keys.rotation_due():
                 await self.rotate()
         if (not self._deleted and not self._keys_changed) or (
             self._clock() - self._vacuumed_at < self._vacuum_interval_s
@@ -820,72 +722,21 @@ class PostgresStore:
         await pool.execute(f"VACUUM (SKIP_LOCKED) {tables}")
 
     async def destroy_empty_epoch_keys(self) -> int:
-        """Delete the key of every epoch with no envelope left; how many went. Keys a commit
-        is sealing under are locked (FOR SHARE) and skipped; the emptiness test runs after the
-        locks are held, so it sees every commit that sealed under them."""
-        pool = await self._connect()
+        """Delete the key of every epoch with no envelope left (``pg_keys``); how many went."""
+        await self._keyring()
+        assert self._keys is not None
         self._destroy_due = False
         self._keys_swept_at = self._clock()
-        async with pool.acquire() as conn, conn.transaction():
-            locked = await conn.fetch(
-                "SELECT epoch FROM storage_keys ORDER BY epoch FOR UPDATE SKIP LOCKED"
-            )
-            gone = _rowcount(
-                await conn.execute(
-                    "DELETE FROM storage_keys k WHERE k.epoch = ANY($1::bigint[]) "
-                    "AND NOT EXISTS (SELECT 1 FROM envelopes e WHERE e.epoch = k.epoch)",
-                    [int(r[0]) for r in locked],
-                )
-            )
-        if gone:
-            self._keys_changed = True
-            self._epoch_keys.clear()
+        gone = await self._keys.destroy_empty(await self._connect())
+        self._keys_changed = self._keys_changed or gone > 0
         return gone
 
     async def rotate(self) -> int:
-        """Re-wrap the live epoch keys under the current KEK version, then advance the key
-        file to the oldest version any of them (or the check value) still uses, at most one
-        behind the current: the grace for nodes whose clocks lag. Returns the new file version."""
-        pool = await self._connect()
-        ring = await self._keyring()
-        current = max(ring.version, ring.version_at(self._wall()))
-        async with pool.acquire() as conn, conn.transaction():
-            rows = await conn.fetch(
-                "SELECT epoch, kek_version, wrapped FROM storage_keys WHERE kek_version < $1 "
-                "ORDER BY epoch FOR UPDATE SKIP LOCKED",
-                current,
-            )
-            if rows:
-                await conn.execute(
-                    "UPDATE storage_keys s SET kek_version = $1, wrapped = t.w "
-                    "FROM unnest($2::bigint[], $3::bytea[]) AS t(e, w) WHERE s.epoch = t.e",
-                    current,
-                    [int(r[0]) for r in rows],
-                    [
-                        ring.wrap(
-                            self._epoch_key(int(r[0]), int(r[1]), bytes(r[2])),
-                            int(r[0]),
-                            current,
-                            self._random(NONCE_BYTES),
-                        )
-                        for r in rows
-                    ],
-                )
-            await conn.execute(
-                "UPDATE storage_check SET kek_version = $1, sealed = $2 WHERE kek_version < $1",
-                current,
-                check_value(ring, current, self._random(NONCE_BYTES)),
-            )
-            oldest = await conn.fetchval(
-                "SELECT MIN(v) FROM (SELECT kek_version AS v FROM storage_keys "
-                "UNION ALL SELECT kek_version FROM storage_check) AS versions"
-            )
+        """Re-wrap the live epoch keys and advance the key file (``pg_keys``); its version."""
+        await self._keyring()
+        assert self._keys is not None
         self._keys_changed = True
-        target = min(current - 1, int(oldest if oldest is not None else current))
-        assert self._key_file is not None
-        self._ring = KeyFile(self._key_file).advance(target).advanced(target)
-        self._epoch_keys.clear()
-        return self._ring.version
+        return await self._keys.rotate(await self._connect())
 
 
 async def _insert_device(conn: Any, account_id: str, device: DeviceRecord, now: int) -> None:
