@@ -197,3 +197,5 @@ def test_a_node_without_this_databases_key_file_refuses_to_start(tmp_path: Path)
             first.cli("licence", "create", "--database", url), capture_output=True, text=True
         )
         assert out.returncode != 0 and "needs --storage-key-file" in out.stderr
+        out = run_audit("--data", str(tmp_path), "--database", url, "--pgdata", str(tmp_path))
+        assert out.returncode != 0 and "is not a PostgreSQL data directory" in out.stderr

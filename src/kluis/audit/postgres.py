@@ -145,8 +145,15 @@ def audit_postgres(
     now: float | None = None,
 ) -> None:
     """Add the findings of the store at ``database_url`` whose server keeps ``pgdata``."""
-    if not (pgdata / "PG_VERSION").is_file():
-        raise LocalProtocolError(f"{pgdata} is not a PostgreSQL data directory (no PG_VERSION)")
+    try:
+        if not (pgdata / "PG_VERSION").is_file():
+            raise LocalProtocolError(f"{pgdata} is not a PostgreSQL data directory")
+        (pgdata / "PG_VERSION").read_bytes()
+        list((pgdata / "base").iterdir())
+    except PermissionError as exc:
+        raise LocalProtocolError(
+            f"cannot read {pgdata}: run the audit as its owner (postgres) or root"
+        ) from exc
     now = time.time() if now is None else now
     try:
         seen = asyncio.run(inspect(database_url, int(now)))
