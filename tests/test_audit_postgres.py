@@ -9,7 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kluis.audit.postgres import PAGE, heap_tuples
-from kluis.server.store.sealing import KeyRing, StorageKeyError
+from kluis.errors import StorageKeyError
+from kluis.server.store.sealing import KeyRing
 from tests.test_fuzz import BUDGET
 
 

@@ -10,8 +10,9 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from kluis.errors import StorageKeyError
 from kluis.server.store.postgres import MIGRATIONS, PostgresStore
-from kluis.server.store.sealing import KeyFile, KeyRing, StorageKeyError, epoch_of, open_body
+from kluis.server.store.sealing import KeyFile, KeyRing, epoch_of, open_body
 from tests.postgres import scratch_database
 from tests.store.test_contract import record
 

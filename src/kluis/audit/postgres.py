@@ -34,10 +34,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from kluis.audit.storage import Finding, Report, scan_files
-from kluis.errors import LocalProtocolError
+from kluis.errors import LocalProtocolError, StorageKeyError
 from kluis.server.accounts import licence_hash, normalise_licence
 from kluis.server.store.postgres import Inspection, inspect
-from kluis.server.store.sealing import KeyFile, KeyRing, StorageKeyError
+from kluis.server.store.sealing import KeyFile, KeyRing
 
 PAGE = 8192
 _LINE_POINTER = struct.Struct("<I")

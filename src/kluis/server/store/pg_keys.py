@@ -24,12 +24,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from kluis.errors import StorageKeyError
 from kluis.server.store.sealing import (
     KEY_BYTES,
     NONCE_BYTES,
     KeyFile,
     KeyRing,
-    StorageKeyError,
     check_value,
     matches,
 )

@@ -44,6 +44,7 @@ from typing import Any
 import asyncpg
 import msgspec
 
+from kluis.errors import StorageKeyError
 from kluis.protocol.frames import DeviceRecord, PendingLink, Revocation, SignedKey
 from kluis.server.store.pg_keys import StorageKeys
 from kluis.server.store.protocol import Account, StoredDevice
@@ -51,7 +52,6 @@ from kluis.server.store.sealing import (
     DEFAULT_PERIOD_S,
     NONCE_BYTES,
     KeyRing,
-    StorageKeyError,
     epoch_of,
     open_body,
     seal_body,

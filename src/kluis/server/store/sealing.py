@@ -36,7 +36,7 @@ which share a transaction id) name no device. It does not ratchet: re-tagging ev
 row at each rotation would rewrite the mailbox. Whoever holds the file can compute the tags.
 
 Pure apart from :class:`KeyFile`, which reads and writes the file; time and randomness are
-passed in. Errors are :class:`StorageKeyError` (``storage_key``).
+passed in. Errors are ``kluis.errors.StorageKeyError`` (``storage_key``).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from kluis.errors import LocalProtocolError
+from kluis.errors import StorageKeyError
 
 KEY_BYTES = 32
 NONCE_BYTES = 12
@@ -64,13 +64,6 @@ _HEADER = "kluis-storage-key v1"
 _FORMAT = re.compile(
     _HEADER + r"\nperiod (\d{20})\nversion (\d{20})\nindex ([0-9a-f]{64})\nkey ([0-9a-f]{64})\n"
 )
-
-
-class StorageKeyError(LocalProtocolError):
-    """The storage key file is missing, malformed, too open, or not this database's; or a
-    sealed value does not open under it."""
-
-    code = "storage_key"
 
 
 def _mac(key: bytes, label: bytes) -> bytes:
