@@ -57,3 +57,14 @@ def test_a_key_file_of_any_bytes_is_a_key_ring_or_a_typed_error(data: bytes) -> 
         KeyRing.decode(data)
     except StorageKeyError as exc:
         assert exc.code == "storage_key"
+
+
+@BUDGET
+@given(st.binary(max_size=80), st.integers(-(2**40), 2**40))
+def test_any_wrapped_value_opens_or_is_a_typed_error(wrapped: bytes, epoch: int) -> None:
+    ring = KeyRing.new(1_800_000_000, 3600, lambda n: b"\x05" * n)
+    try:
+        ring.unwrap(wrapped, epoch, ring.version)
+    except StorageKeyError as exc:
+        assert exc.code == "storage_key"
+    assert ring.key.hex() not in repr(ring)  # a ring in a log line shows no key

@@ -47,7 +47,7 @@ import os
 import re
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -57,7 +57,6 @@ from kluis.errors import StorageKeyError
 
 KEY_BYTES = 32
 NONCE_BYTES = 12
-SEAL_OVERHEAD = NONCE_BYTES + 16
 EPOCH_S = 3600
 DEFAULT_PERIOD_S = 3600
 _HEADER = "kluis-storage-key v1"
@@ -76,8 +75,8 @@ class KeyRing:
 
     period_s: int
     version: int
-    key: bytes  # K[version]
-    index_key: bytes
+    key: bytes = field(repr=False)  # K[version]; never in a repr, hence never in a log
+    index_key: bytes = field(repr=False)
 
     def __post_init__(self) -> None:
         if self.period_s < 1 or self.version < 0:
@@ -132,7 +131,7 @@ class KeyRing:
             key = aead.decrypt(
                 wrapped[:NONCE_BYTES], wrapped[NONCE_BYTES:], _wrap_ad(epoch, version)
             )
-        except InvalidTag as exc:
+        except (InvalidTag, ValueError) as exc:  # ValueError: too short to hold a nonce
             raise StorageKeyError(
                 f"the storage key of epoch {epoch} does not open under this key file"
             ) from exc
@@ -178,7 +177,7 @@ def open_body(data_key: bytes, device_id: str, seq: int, epoch: int, sealed: byt
         return ChaCha20Poly1305(data_key).decrypt(
             sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], _body_ad(device_id, seq, epoch)
         )
-    except InvalidTag as exc:
+    except (InvalidTag, ValueError) as exc:
         raise StorageKeyError(f"an envelope of epoch {epoch} does not open") from exc
 
 
