@@ -5,6 +5,8 @@ remote refusal back to the class below with :func:`error_for_code`.
 
     KluisError
     ├── LocalProtocolError        you misused the API (our bug or the caller's)
+    │   └── StorageKeyError           storage_key: the PostgreSQL store's key file is missing,
+    │                                 malformed, readable by others or not this database's
     ├── RemoteProtocolError       the peer sent something that breaks the protocol
     │   ├── MalformedFrame            bad_frame: undecodable or schema-violating frame
     │   ├── FrameTooLarge             frame_too_large
@@ -66,6 +68,13 @@ class KluisError(Exception):
 
 class LocalProtocolError(KluisError):
     code = "local_protocol"
+
+
+class StorageKeyError(LocalProtocolError):
+    """The storage key file (``server/store/sealing.py``) is missing, malformed, readable by
+    others, or not this database's; or a sealed value does not open under it."""
+
+    code = "storage_key"
 
 
 class RemoteProtocolError(KluisError):

@@ -147,7 +147,7 @@ async def test_audit_finds_leaks_of_each_kind(server: ServerProcess, tmp_path: P
 def test_audit_refuses_postgresql_and_missing_folders(tmp_path: Path) -> None:
     out = run_audit("--data", str(tmp_path), "--database", "postgresql://localhost/kluis")
     assert out.returncode == 1
-    assert "not supported yet" in out.stderr
+    assert "needs --pgdata DIR" in out.stderr
     out = run_audit("--data", str(tmp_path / "nope"))
     assert out.returncode == 1
     assert "no data folder" in out.stderr

@@ -20,7 +20,9 @@ class PostgresServerProcess(ServerProcess):
     """`kluis serve --database URL`; licence codes from `kluis licence create --database URL`."""
 
     def __init__(self, data: Path, database_url: str) -> None:
-        super().__init__(data, "--database", database_url)
+        # Nodes of one deployment share the storage key file (here: beside their data folders).
+        self.key_file = data.parent / "storage.key"
+        super().__init__(data, "--database", database_url, "--storage-key-file", str(self.key_file))
         self.database_url = database_url
 
     def licences(self, count: int = 1, days: int = 182) -> list[str]:
@@ -30,6 +32,8 @@ class PostgresServerProcess(ServerProcess):
                 "create",
                 "--database",
                 self.database_url,
+                "--storage-key-file",
+                str(self.key_file),
                 "--count",
                 str(count),
                 "--days",

@@ -21,13 +21,13 @@ from tests.postgres import scratch_database
 IMPLEMENTATIONS = ["sqlite", "postgres"]
 
 
-def open_store(kind: str, where: Path | str) -> Store:
+def open_store(kind: str, where: Path | str, key_file: Path | None = None) -> Store:
     if kind == "sqlite":
         assert isinstance(where, Path)
         return SqliteStore(where / "kluis.sqlite3")
     if kind == "postgres":
         assert isinstance(where, str)
-        return PostgresStore(where)
+        return PostgresStore(where, key_file=key_file)
     raise AssertionError(f"unknown store {kind!r}")  # pragma: no cover
 
 
@@ -38,7 +38,7 @@ def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[
     kind = str(request.param)
     if kind == "postgres":
         with scratch_database() as url:
-            yield lambda: open_store(kind, url)
+            yield lambda: open_store(kind, url, tmp_path / "storage.key")
         return
     yield lambda: open_store(kind, tmp_path)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -26,12 +27,12 @@ async def versions(url: str) -> list[int]:
         await conn.close()
 
 
-async def test_migrations_run_once_even_when_nodes_start_together(url: str) -> None:
-    stores = [PostgresStore(url) for _ in range(4)]
+async def test_migrations_run_once_even_when_nodes_start_together(url: str, tmp_path: Path) -> None:
+    stores = [PostgresStore(url, key_file=tmp_path / "storage.key") for _ in range(4)]
     await asyncio.gather(*(s.open() for s in stores))  # one migrates, the others wait and see
     await asyncio.gather(*(s.close() for s in stores))
     assert await versions(url) == [v for v, _ in MIGRATIONS]
-    again = PostgresStore(url)
+    again = PostgresStore(url, key_file=tmp_path / "storage.key")
     await again.open()
     await again.close()
     assert await versions(url) == [v for v, _ in MIGRATIONS]
@@ -45,5 +46,7 @@ async def test_an_unreachable_database_is_a_connection_error_without_the_passwor
     await store.close()
 
 
-def test_the_store_names_no_file() -> None:
+def test_the_store_names_only_its_key_file(tmp_path: Path) -> None:
     assert PostgresStore("postgresql://127.0.0.1/x").footprint() == []
+    key_file = tmp_path / "storage.key"
+    assert PostgresStore("postgresql://127.0.0.1/x", key_file=key_file).footprint() == [key_file]

@@ -155,7 +155,15 @@ def cmd_licence_create(args: argparse.Namespace) -> None:
 
     if args.data is None and args.database is None:
         raise LocalProtocolError("licence create needs --data DIR or --database URL")
-    config = ServerConfig(data_dir=Path(args.data or "."), database_url=args.database)
+    if args.database and not (args.data or args.storage_key_file):
+        raise LocalProtocolError(
+            "licence create --database needs --storage-key-file FILE (or --data DIR)"
+        )
+    config = ServerConfig(
+        data_dir=Path(args.data or "."),
+        database_url=args.database,
+        storage_key_file=Path(args.storage_key_file) if args.storage_key_file else None,
+    )
     if not config.on_postgres and not args.init and not config.database_path.exists():
         # A typo in --data must not silently start a second, empty server database.
         raise LocalProtocolError(
@@ -174,7 +182,14 @@ def cmd_audit_storage(args: argparse.Namespace) -> None:
     from kluis import audit
 
     data = Path(args.data)
-    footprint = audit.store_footprint(data, args.database)
+    on_postgres = bool(args.database) and args.database.startswith(("postgres://", "postgresql://"))
+    if on_postgres and args.pgdata is None:
+        raise LocalProtocolError(
+            "auditing PostgreSQL needs --pgdata DIR, the PostgreSQL server's data directory"
+        )
+    if args.pgdata is not None and not on_postgres:
+        raise LocalProtocolError("--pgdata goes with --database postgresql://...")
+    footprint = [] if on_postgres else audit.store_footprint(data, args.database)
     secrets = [(f"secret {i + 1}", audit.decode_secret(s)) for i, s in enumerate(args.secret)]
     for profile in args.profile:
         secrets.extend(audit.profile_secrets(Path(profile), _passphrase()))
@@ -187,6 +202,20 @@ def cmd_audit_storage(args: argparse.Namespace) -> None:
         extra_paths=[Path(p) for p in args.also],
         expect_empty=args.expect_empty,
     )
+    if on_postgres:
+        from kluis.audit.postgres import audit_postgres
+
+        audit_postgres(
+            report,
+            args.database,
+            Path(args.pgdata),
+            key_file=Path(args.storage_key_file) if args.storage_key_file else None,
+            markers=args.marker,
+            raw=[(f"bytes {h[:16]}", audit.decode_secret(h)) for h in args.bytes],
+            secrets=secrets,
+            licences=args.licence,
+            expect_empty=args.expect_empty,
+        )
     for note in report.notes:
         print(f"note: {note}")
     for finding in report.findings:
@@ -868,6 +897,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     s.add_argument("--port", type=_port, help=f"TCP port (default {DEFAULT_PORT})")
     s.add_argument(
+        "--storage-key-file",
+        default=None,
+        metavar="FILE",
+        help="with --database: the storage key file, identical on every node, mode 0600"
+        " (default DATA/storage.key; made on first start; SECURITY.md)",
+    )
+    s.add_argument(
         "--public-url",
         default=None,
         help="the URL clients use, e.g. https://chat.example behind a TLS proxy"
@@ -907,6 +943,9 @@ def build_parser() -> argparse.ArgumentParser:
     lc.add_argument("--data", help="the server's data folder (SQLite)")
     lc.add_argument("--database", metavar="URL", help="the server's postgresql://... database")
     lc.add_argument(
+        "--storage-key-file", metavar="FILE", help="with --database: the nodes' storage key file"
+    )
+    lc.add_argument(
         "--days", type=int, default=None, help="subscription length per code, days (default 182)"
     )
     lc.add_argument("--plan", help="a named plan instead: month, quarter, half-year, year")
@@ -934,7 +973,19 @@ def build_parser() -> argparse.ArgumentParser:
         "audit-storage", help="scan a server's data as a seizer would; exit 1 on any finding"
     )
     au.add_argument("--data", required=True)
-    au.add_argument("--database", help="sqlite:///PATH (PostgreSQL: not supported yet)")
+    au.add_argument("--database", help="sqlite:///PATH, or postgresql://... with --pgdata")
+    au.add_argument(
+        "--pgdata", metavar="DIR", help="the PostgreSQL server's data directory, read raw"
+    )
+    au.add_argument(
+        "--storage-key-file",
+        metavar="FILE",
+        help="PostgreSQL: the nodes' key file; its keys and the live storage keys must not be"
+        " in the data directory (findings that need the file say so)",
+    )
+    au.add_argument(
+        "--licence", action="append", default=[], help="a redeemed licence code to look for"
+    )
     au.add_argument("--marker", action="append", default=[], help="plaintext that must not appear")
     au.add_argument("--bytes", action="append", default=[], help="raw bytes (hex/base64)")
     au.add_argument("--secret", action="append", default=[], help="private key (hex/base64)")

@@ -165,7 +165,11 @@ def scan_files(
     markers: Sequence[str],
     raw: Sequence[tuple[str, bytes]],
     secrets: Sequence[tuple[str, bytes]],
+    no_shapes: Sequence[Path] = (),
 ) -> None:
+    """Markers, raw bytes and secrets in every file under ``paths``; and key-shaped runs,
+    except in files under ``no_shapes`` (bitmaps such as PostgreSQL's commit log, whose
+    "UUUU…" is a run of committed transactions, not a key)."""
     marker_forms = [(repr(m), encodings(m)) for m in markers if m]
     raw_forms = [(label, byte_encodings(b)) for label, b in raw if b]
     secret_forms = [(label, byte_encodings(b)) for label, b in secrets if b]
@@ -179,7 +183,8 @@ def scan_files(
             _search(report, blob, where, "marker", label, dict(forms))
         for label, forms in secret_forms:
             _search(report, blob, where, "key", label, dict(forms))
-        _looks_like_key(report, blob, where)
+        if not any(folder in path.parents for folder in no_shapes):
+            _looks_like_key(report, blob, where)
 
 
 # ---- the database -----------------------------------------------------------------------------
@@ -405,7 +410,8 @@ def audit(
 def store_footprint(data: Path, database_url: str | None = None) -> list[Path]:
     """The files of the store that a server on ``data`` keeps, asked of the store's class:
     by default the server's own database; ``database_url`` (``sqlite:///path`` or a plain
-    path) names one kept elsewhere. Other databases are not supported yet."""
+    path) names one kept elsewhere. A PostgreSQL store keeps its rows in the PostgreSQL
+    server's data directory: ``postgres.audit_postgres`` reads that."""
     if database_url is None:
         return SqliteStore.footprint_at(ServerConfig(data_dir=data).database_path)
     if database_url.startswith("sqlite:///"):
@@ -413,7 +419,7 @@ def store_footprint(data: Path, database_url: str | None = None) -> list[Path]:
         return SqliteStore.footprint_at(Path(database_url[len("sqlite:///") :]))
     if database_url.startswith(("postgres://", "postgresql://")):
         raise LocalProtocolError(
-            "auditing PostgreSQL is not supported yet: Kluis has no PostgreSQL store"
+            "auditing PostgreSQL needs --pgdata DIR, the PostgreSQL server's data directory"
         )
     if "://" in database_url:
         raise LocalProtocolError(f"unsupported database URL {database_url.split('://')[0]}://")

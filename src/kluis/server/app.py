@@ -130,7 +130,11 @@ def open_store(config: ServerConfig) -> Store:
     if config.database_url is not None:
         if not is_database_url(config.database_url):
             raise LocalProtocolError("--database takes a postgresql://... URL")
-        return PostgresStore(config.database_url, max_connections=config.database_pool)
+        return PostgresStore(
+            config.database_url,
+            max_connections=config.database_pool,
+            key_file=config.storage_key_path,
+        )
     return SqliteStore(config.database_path, synchronous=config.sqlite_synchronous)
 
 

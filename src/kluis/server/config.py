@@ -139,6 +139,9 @@ class ServerConfig:
     # /readyz (server/health.py): each check must answer within this; a result is reused this long.
     ready_timeout_s: float = 2.0
     ready_cache_s: float = 1.0
+    # On PostgreSQL: the file of key-encryption keys (server/store/sealing.py), the same on
+    # every node of a deployment; by default storage.key in data_dir.
+    storage_key_file: Path | None = None
 
     @property
     def origin(self) -> str:
@@ -151,3 +154,7 @@ class ServerConfig:
     @property
     def database_path(self) -> Path:
         return self.data_dir / "kluis.sqlite3"
+
+    @property
+    def storage_key_path(self) -> Path:
+        return self.storage_key_file or self.data_dir / "storage.key"

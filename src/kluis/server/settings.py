@@ -70,6 +70,10 @@ def _pool(value: object) -> int:
     return value
 
 
+def _path(value: object) -> Path:
+    return Path(_text(value))
+
+
 def _sync(value: object) -> str:
     if value not in ("normal", "full"):
         raise ValueError(f"needs 'normal' or 'full', not {value!r}")
@@ -92,6 +96,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("data", "data_dir", _text, "data folder: SQLite database, attachments, keys"),
     Setting("database", "database_url", _text, "postgresql://... : the store on PostgreSQL"),
     Setting("database_pool", "database_pool", _pool, "PostgreSQL connections per node, at most"),
+    Setting(
+        "storage_key_file",
+        "storage_key_file",
+        _path,
+        "PostgreSQL: the storage key file, the same on every node (default DATA/storage.key)",
+    ),
     Setting("redis", "redis_url", _text, "redis://HOST:PORT/DB: the delivery bus across nodes"),
     Setting("redis_prefix", "redis_prefix", _text, "Redis channel prefix of the deployment"),
     Setting("host", "host", _text, "address to listen on"),

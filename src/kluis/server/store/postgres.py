@@ -19,30 +19,54 @@ one-time key is free. A group commit creates missing counter rows (``ON CONFLICT
 waits for a concurrent creator), then locks and bumps them in device order, so two commits
 never deadlock and numbers have no gap and no repeat.
 
-What this does not do (SECURITY.md): PostgreSQL keeps dead row versions of acknowledged
-envelopes and redeemed licences in its heap pages until vacuum prunes them, and its WAL holds
-every change until the WAL segment is recycled; vacuum frees space without zeroing it. The
-envelope layout work of the SQLite store (no deposit order in the file) is not reproduced here.
+Seizure (SECURITY.md, "On PostgreSQL"): PostgreSQL keeps dead row versions and WAL records
+for an unbounded time, so what it must not show is never given to it in readable form
+(``sealing.py``): envelope bodies are sealed under per-epoch storage keys (``storage_keys``,
+wrapped under a key-encryption key from the nodes' key file, deleted once their epoch has no
+envelope left, re-wrapped when the KEK version changes); envelopes and counters are kept under
+mailbox names and licences under tags (HMACs under the file's index key), so no row and no
+transaction names a device beside an envelope, and no row names a code. Migration 3 sets
+aggressive per-table autovacuum on the secret tables; :meth:`maintenance` destroys keys,
+rotates (both in ``pg_keys.py``) and vacuums.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import msgspec
 
+from kluis.errors import StorageKeyError
 from kluis.protocol.frames import DeviceRecord, PendingLink, Revocation, SignedKey
+from kluis.server.store.pg_keys import StorageKeys
 from kluis.server.store.protocol import Account, StoredDevice
+from kluis.server.store.sealing import (
+    DEFAULT_PERIOD_S,
+    NONCE_BYTES,
+    KeyRing,
+    epoch_of,
+    open_body,
+    seal_body,
+)
 
 _SEQ_ORIGIN = 1 << 40
 # Any constant: serialises migrations of nodes starting together (pg_advisory_xact_lock).
 _MIGRATION_LOCK = 0x6B6C756973
+
+# Per-table autovacuum: after this many dead rows whatever the table's size (the default waits
+# for 20% of the table), and without cost-based sleeping.
+_VACUUM_SOON = (
+    "autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 50, "
+    "autovacuum_vacuum_cost_delay = 0"
+)
 
 MIGRATIONS: tuple[tuple[int, str], ...] = (
     (
@@ -114,6 +138,35 @@ CREATE TABLE wipes (
 );
 """,
     ),
+    (
+        3,
+        # Storage keys (sealing.py): envelope bodies sealed under per-epoch keys, wrapped under
+        # a key-encryption key kept in a file on the nodes; ``storage_check`` lets a node with
+        # another key file refuse to start. Envelopes stored before this migration keep a NULL
+        # epoch (plain body) until delivered or expired. Vacuum policy: secret tables are
+        # vacuumed after a handful of dead rows, not after a fraction of the table.
+        f"""
+CREATE TABLE storage_keys (
+    epoch BIGINT PRIMARY KEY,
+    kek_version BIGINT NOT NULL,
+    wrapped BYTEA NOT NULL
+) WITH (fillfactor = 50, {_VACUUM_SOON});
+CREATE TABLE storage_check (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    kek_version BIGINT NOT NULL,
+    sealed BYTEA NOT NULL
+);
+ALTER TABLE envelopes ADD COLUMN epoch BIGINT;
+ALTER TABLE envelopes ADD COLUMN size INTEGER;
+UPDATE envelopes SET size = octet_length(body);
+ALTER TABLE envelopes ALTER COLUMN size SET NOT NULL;
+CREATE INDEX envelopes_by_epoch ON envelopes(epoch);
+ALTER TABLE envelopes SET ({_VACUUM_SOON}, toast.autovacuum_vacuum_scale_factor = 0,
+    toast.autovacuum_vacuum_threshold = 50);
+ALTER TABLE licences SET ({_VACUUM_SOON});
+ALTER TABLE one_time_keys SET ({_VACUUM_SOON});
+""",
+    ),
 )
 
 _enc = msgspec.msgpack.Encoder()
@@ -179,6 +232,11 @@ class PostgresStore:
         seq_origin: Callable[[], int] = lambda: secrets.randbelow(_SEQ_ORIGIN),
         vacuum_interval_s: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
+        key_file: Path | None = None,
+        key_period_s: int = DEFAULT_PERIOD_S,
+        key_sweep_interval_s: float = 10.0,
+        wall_clock: Callable[[], float] = time.time,
+        random: Callable[[int], bytes] = os.urandom,
     ) -> None:
         self.dsn = dsn
         self._sizes = (min_connections, max_connections)
@@ -189,10 +247,30 @@ class PostgresStore:
         self._clock = clock
         self._deleted = False  # envelopes deleted since the last vacuum
         self._vacuumed_at = float("-inf")
+        # Storage keys (pg_keys.py): the key file is read at open() or at the first call
+        # that needs it.
+        self._key_file = key_file
+        self._keys = (
+            None
+            if key_file is None
+            else StorageKeys(key_file, period_s=key_period_s, wall_clock=wall_clock, random=random)
+        )
+        self._key_sweep_interval_s = key_sweep_interval_s
+        self._random = random
+        self._destroy_due = False  # envelopes deleted: an epoch may have emptied
+        self._keys_swept_at = float("-inf")
+        self._keys_changed = False  # storage_keys rows deleted or re-wrapped since the vacuum
 
     async def open(self) -> None:
-        """Connect and migrate (idempotent): every other method does it first if needed."""
+        """Connect, migrate and read the storage key file (idempotent): every other method
+        does what it needs of this first."""
         await self._connect()
+        await self._keyring()
+
+    async def _keyring(self) -> KeyRing:
+        if self._keys is None:
+            raise StorageKeyError("the PostgreSQL store needs a storage key file")
+        return await self._keys.load(await self._connect())
 
     async def connection_pool(self) -> Any:
         """The store's asyncpg pool, connected and migrated: for the admin console's tables
@@ -230,9 +308,10 @@ class PostgresStore:
             await pool.close()
 
     def footprint(self) -> list[Path]:
-        """None: the data directory belongs to the PostgreSQL server, not to this process (see
-        SECURITY.md for what a copy of it holds)."""
-        return []
+        """The storage key file only: the data directory belongs to the PostgreSQL server, not
+        to this process (``kluis audit-storage --pgdata`` reads it; SECURITY.md says what a
+        copy of it holds)."""
+        return [] if self._key_file is None else [self._key_file.absolute()]
 
     # ---- licences and accounts ----------------------------------------------------------------
 
@@ -240,10 +319,11 @@ class PostgresStore:
         self, code_hashes: Sequence[bytes], days: int, now: int, reseller: str | None = None
     ) -> None:
         pool = await self._connect()
+        ring = await self._keyring()
         await pool.execute(
             "INSERT INTO licences(code_hash, days, created_at, reseller) "
             "SELECT h, $2, $3, $4 FROM unnest($1::bytea[]) AS t(h)",
-            list(code_hashes),
+            [ring.licence_tag(h) for h in code_hashes],
             days,
             now,
             reseller,
@@ -262,10 +342,12 @@ class PostgresStore:
         self, code_hash: bytes, account_id: str, identity: str, device: DeviceRecord, now: int
     ) -> Account | None:
         pool = await self._connect()
+        tag = (await self._keyring()).licence_tag(code_hash)
         async with pool.acquire() as conn, conn.transaction():
-            # The redeemed code's row goes (see sqlite.py): nothing ties it to the account.
+            # The redeemed code's row goes (see sqlite.py); its dead version keeps only the
+            # tag, which nobody without the key file can match to a code.
             row = await conn.fetchrow(
-                "DELETE FROM licences WHERE code_hash = $1 RETURNING days, reseller", code_hash
+                "DELETE FROM licences WHERE code_hash = $1 RETURNING days, reseller", tag
             )
             if row is None:
                 return None
@@ -301,10 +383,11 @@ class PostgresStore:
         self, code_hashes: Sequence[bytes], days: int, plan: str, now: int
     ) -> None:
         pool = await self._connect()
+        ring = await self._keyring()
         await pool.execute(
             "INSERT INTO licences(code_hash, days, created_at, plan) "
             "SELECT h, $2, $3, $4 FROM unnest($1::bytea[]) AS t(h)",
-            list(code_hashes),
+            [ring.licence_tag(h) for h in code_hashes],
             days,
             now,
             plan,
@@ -312,11 +395,12 @@ class PostgresStore:
 
     async def renew(self, code_hash: bytes, account_id: str, now: int) -> int | None:
         pool = await self._connect()
+        tag = (await self._keyring()).licence_tag(code_hash)
         async with pool.acquire() as conn, conn.transaction():
             if await conn.fetchval("SELECT 1 FROM accounts WHERE id = $1", account_id) is None:
                 return None
             days = await conn.fetchval(
-                "DELETE FROM licences WHERE code_hash = $1 RETURNING days", code_hash
+                "DELETE FROM licences WHERE code_hash = $1 RETURNING days", tag
             )
             if days is None:
                 return None
@@ -421,9 +505,16 @@ class PostgresStore:
                 device_id,
                 _enc.encode(revocation),
             )
-            for table in ("one_time_keys", "fallback_keys", "device_seq", "envelopes"):
+            for table in ("one_time_keys", "fallback_keys"):
                 await conn.execute(f"DELETE FROM {table} WHERE device_id = $1", device_id)
-        self._deleted = True
+        # Its mailbox goes in a transaction of its own: one that also changed the device's row
+        # would tie the device to its mailbox name in the files (the transaction id of the
+        # dead rows). Should this one fail, the envelopes stay undeliverable until they expire.
+        mailbox = (await self._keyring()).mailbox(device_id)
+        async with pool.acquire() as conn, conn.transaction():
+            for table in ("device_seq", "envelopes"):
+                await conn.execute(f"DELETE FROM {table} WHERE device_id = $1", mailbox)
+        self._deleted = self._destroy_due = True
 
     # ---- device links -------------------------------------------------------------------------
 
@@ -492,6 +583,7 @@ class PostgresStore:
         self, insert: Sequence[tuple[str, int, bytes]], delete: Sequence[tuple[str, int]]
     ) -> list[int]:
         pool = await self._connect()
+        ring = await self._keyring()
         ids: list[int] = []
         async with pool.acquire() as conn, conn.transaction():
             if insert:
@@ -500,17 +592,20 @@ class PostgresStore:
                 await conn.execute(
                     "DELETE FROM envelopes e USING unnest($1::text[], $2::bigint[]) AS t(d, s) "
                     "WHERE e.device_id = t.d AND e.seq = t.s",
-                    [d for d, _ in delete],
+                    [ring.mailbox(d) for d, _ in delete],
                     [s for _, s in delete],
                 )
         if delete:
-            self._deleted = True
+            self._deleted = self._destroy_due = True
         return ids
 
     async def _insert(self, conn: Any, rows: Sequence[tuple[str, int, bytes]]) -> list[int]:
+        # Envelopes and counters are kept under mailbox names (sealing.py), not device IDs.
+        ring = await self._keyring()
+        names = {device_id: ring.mailbox(device_id) for device_id, _, _ in rows}
         counts: dict[str, int] = {}
         for device_id, _, _ in rows:
-            counts[device_id] = counts.get(device_id, 0) + 1
+            counts[names[device_id]] = counts.get(names[device_id], 0) + 1
         devices = sorted(counts)
         # A missing counter row starts at a random origin; a concurrent creator is waited for.
         await conn.execute(
@@ -536,15 +631,25 @@ class PostgresStore:
         last = {str(r[0]): int(r[1]) - counts[str(r[0])] for r in bumped}
         ids: list[int] = []
         for device_id, _, _ in rows:
-            last[device_id] += 1
-            ids.append(last[device_id])
+            last[names[device_id]] += 1
+            ids.append(last[names[device_id]])
+        epochs = [epoch_of(r[1]) for r in rows]
+        assert self._keys is not None
+        keys = await self._keys.for_epochs(conn, sorted(set(epochs)))
+        sealed = [
+            seal_body(keys[e], r[0], seq, e, r[2], self._random(NONCE_BYTES))
+            for r, seq, e in zip(rows, ids, epochs, strict=True)
+        ]
         await conn.execute(
-            "INSERT INTO envelopes(device_id, seq, expires_at, body) "
-            "SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bytea[])",
-            [r[0] for r in rows],
+            "INSERT INTO envelopes(device_id, seq, expires_at, body, epoch, size) "
+            "SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bytea[], "
+            "$5::bigint[], $6::integer[])",
+            [names[r[0]] for r in rows],
             ids,
             [r[1] for r in rows],
-            [r[2] for r in rows],
+            sealed,
+            epochs,
+            [len(r[2]) for r in rows],
         )
         return ids
 
@@ -552,35 +657,47 @@ class PostgresStore:
         self, device_id: str, after_seq: int, now: int, limit: int, max_bytes: int | None = None
     ) -> list[tuple[int, bytes]]:
         pool = await self._connect()
+        mailbox = (await self._keyring()).mailbox(device_id)
         # The running total is computed from the stored lengths: bodies past the budget are
         # never read (the first envelope always is).
         rows = await pool.fetch(
-            "SELECT seq, body FROM (SELECT seq, body, "
-            "SUM(octet_length(body)) OVER (ORDER BY seq) AS total, "
+            "SELECT seq, body, counted.epoch, k.kek_version, k.wrapped FROM ("
+            "SELECT seq, body, epoch, SUM(size) OVER (ORDER BY seq) AS total, "
             "ROW_NUMBER() OVER (ORDER BY seq) AS n FROM ("
-            "SELECT seq, body FROM envelopes WHERE device_id = $1 AND seq > $2 "
+            "SELECT seq, body, epoch, size FROM envelopes WHERE device_id = $1 AND seq > $2 "
             "AND expires_at > $3 ORDER BY seq LIMIT $4) AS page) AS counted "
+            "LEFT JOIN storage_keys k ON k.epoch = counted.epoch "
             "WHERE n = 1 OR $5::bigint IS NULL OR total <= $5::bigint ORDER BY seq",
-            device_id,
+            mailbox,
             after_seq,
             now,
             limit,
             max_bytes,
         )
-        return [(int(r[0]), bytes(r[1])) for r in rows]
+        out: list[tuple[int, bytes]] = []
+        assert self._keys is not None
+        for seq, body, epoch, version, wrapped in rows:
+            if epoch is None:  # stored before migration 3
+                out.append((int(seq), bytes(body)))
+            elif wrapped is not None:  # else its key was destroyed: nobody can open it
+                key = self._keys.unwrap(int(epoch), int(version), bytes(wrapped))
+                out.append((int(seq), open_body(key, device_id, int(seq), int(epoch), body)))
+        return out
 
     async def count_envelopes(self, device_id: str) -> int:
         pool = await self._connect()
+        mailbox = (await self._keyring()).mailbox(device_id)
         return int(
-            await pool.fetchval("SELECT COUNT(*) FROM envelopes WHERE device_id = $1", device_id)
+            await pool.fetchval("SELECT COUNT(*) FROM envelopes WHERE device_id = $1", mailbox)
         )
 
     async def envelope_bytes(self, device_id: str) -> int:
         pool = await self._connect()
+        mailbox = (await self._keyring()).mailbox(device_id)
         return int(
             await pool.fetchval(
-                "SELECT COALESCE(SUM(octet_length(body)), 0) FROM envelopes WHERE device_id = $1",
-                device_id,
+                "SELECT COALESCE(SUM(size), 0) FROM envelopes WHERE device_id = $1",
+                mailbox,
             )
         )
 
@@ -592,20 +709,57 @@ class PostgresStore:
             )
             links = _rowcount(await conn.execute("DELETE FROM links WHERE expires_at <= $1", now))
         if envelopes:
-            self._deleted = True
+            self._deleted = self._destroy_due = True
         return envelopes, links
 
     async def maintenance(self) -> None:
-        """After envelopes were deleted, and at most once per ``vacuum_interval_s``: VACUUM the
-        envelope and licence tables, so that dead row versions stop being tuples sooner than
-        autovacuum would prune them. Vacuum does not zero the space it frees, and the WAL keeps
-        what it logged: this shortens an exposure, it does not end it (SECURITY.md)."""
-        if not self._deleted or self._clock() - self._vacuumed_at < self._vacuum_interval_s:
+        """Storage keys, then vacuum.
+
+        Keys (when the store has its key file): after envelopes were deleted, and at least every
+        ``key_sweep_interval_s``, destroy the key of every epoch with no envelope left; when the
+        KEK version changed, re-wrap the live epoch keys under the new version, then move the
+        key file to the oldest version still in use (at most one behind the current one),
+        overwriting the older key. Vacuum: after envelopes were deleted, and at most once per
+        ``vacuum_interval_s``, VACUUM the envelope and licence tables (and the key table when
+        its rows changed), so that dead row versions stop being tuples sooner than autovacuum
+        would prune them. Vacuum does not zero the space it frees, and the WAL keeps what it
+        logged: what makes those copies unreadable is the keys (SECURITY.md)."""
+        if self._keys is not None:
+            await self._keyring()
+            if self._destroy_due or self._clock() - self._keys_swept_at >= (
+                self._key_sweep_interval_s
+            ):
+                await self.destroy_empty_epoch_keys()
+            if self._keys.rotation_due():
+                await self.rotate()
+        if (not self._deleted and not self._keys_changed) or (
+            self._clock() - self._vacuumed_at < self._vacuum_interval_s
+        ):
             return
         pool = await self._connect()
-        self._deleted = False
+        tables = "envelopes, licences, one_time_keys" + (
+            ", storage_keys, storage_check" if self._keys_changed else ""
+        )
+        self._deleted = self._keys_changed = False
         self._vacuumed_at = self._clock()
-        await pool.execute("VACUUM (SKIP_LOCKED) envelopes, licences, one_time_keys")
+        await pool.execute(f"VACUUM (SKIP_LOCKED) {tables}")
+
+    async def destroy_empty_epoch_keys(self) -> int:
+        """Delete the key of every epoch with no envelope left (``pg_keys``); how many went."""
+        await self._keyring()
+        assert self._keys is not None
+        self._destroy_due = False
+        self._keys_swept_at = self._clock()
+        gone = await self._keys.destroy_empty(await self._connect())
+        self._keys_changed = self._keys_changed or gone > 0
+        return gone
+
+    async def rotate(self) -> int:
+        """Re-wrap the live epoch keys and advance the key file (``pg_keys``); its version."""
+        await self._keyring()
+        assert self._keys is not None
+        self._keys_changed = True
+        return await self._keys.rotate(await self._connect())
 
 
 async def _insert_device(conn: Any, account_id: str, device: DeviceRecord, now: int) -> None:
@@ -644,3 +798,43 @@ async def _count_keys(conn: Any, device_id: str) -> int:
     return int(
         await conn.fetchval("SELECT COUNT(*) FROM one_time_keys WHERE device_id = $1", device_id)
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Inspection:
+    """What the seizure audit (``kluis.audit.postgres``) reads of a live database: where its
+    files are, whose IDs it holds and its wrapped storage keys. Read only."""
+
+    database_oid: int
+    owner: dict[str, str]  # account and device IDs -> account
+    storage_keys: list[tuple[int, int, bytes]]  # (epoch, KEK version, wrapped)
+    licence_tags: list[bytes]  # of unredeemed licences
+    envelopes: int  # stored
+    expired: int  # stored past their expiry at ``now``
+
+
+async def inspect(dsn: str, now: int) -> Inspection:
+    """Read ``dsn``'s facts for the audit (one boundary for the driver: this module)."""
+    try:
+        conn = await asyncpg.connect(dsn, timeout=10)
+    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+        raise ConnectionError(f"cannot reach the PostgreSQL database: {exc}") from exc
+    try:
+        oid = int(
+            await conn.fetchval("SELECT oid FROM pg_database WHERE datname = current_database()")
+        )
+        owner = {str(r[0]): str(r[0]) for r in await conn.fetch("SELECT id FROM accounts")}
+        owner |= {
+            str(r[0]): str(r[1]) for r in await conn.fetch("SELECT id, account_id FROM devices")
+        }
+        keys = [
+            (int(r[0]), int(r[1]), bytes(r[2]))
+            for r in await conn.fetch("SELECT epoch, kek_version, wrapped FROM storage_keys")
+        ]
+        tags = [bytes(r[0]) for r in await conn.fetch("SELECT code_hash FROM licences")]
+        stored, expired = await conn.fetchrow(
+            "SELECT COUNT(*), COUNT(*) FILTER (WHERE expires_at <= $1) FROM envelopes", now
+        )
+    finally:
+        await conn.close()
+    return Inspection(oid, owner, keys, tags, int(stored), int(expired))
