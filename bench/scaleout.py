@@ -27,8 +27,10 @@ import asyncio
 import contextlib
 import json
 import secrets
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -79,6 +81,9 @@ class Cluster:
         self.url = ADMIN_URL.rpartition("/")[0] + "/" + self.db
         self.prefix = f"kluis-bench-{secrets.token_hex(4)}"
         self.nodes: list[Server] = []
+        # Nodes of one deployment share the storage key file (made at the database's first use).
+        self.key_dir = Path(tempfile.mkdtemp(prefix="kluis-bench-keys-"))
+        self.key_file = self.key_dir / "storage.key"
 
     async def __aenter__(self) -> Cluster:
         if not self.sqlite:
@@ -92,6 +97,8 @@ class Cluster:
                         REDIS_URL,
                         "--redis-prefix",
                         self.prefix,
+                        "--storage-key-file",
+                        str(self.key_file),
                     )
                 )
         else:
@@ -103,6 +110,7 @@ class Cluster:
             node.cleanup()
         if not self.sqlite:
             await _admin(f'DROP DATABASE IF EXISTS "{self.db}" WITH (FORCE)')
+        shutil.rmtree(self.key_dir, ignore_errors=True)
 
     def licences(self, count: int) -> list[str]:
         if self.sqlite:
@@ -114,6 +122,8 @@ class Cluster:
                 "create",
                 "--database",
                 self.url,
+                "--storage-key-file",
+                str(self.key_file),
                 "--count",
                 f"{count}",
             ],

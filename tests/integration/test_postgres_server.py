@@ -4,7 +4,10 @@ the store is PostgreSQL (nothing on SQLite), and a killed server loses nothing i
 from __future__ import annotations
 
 import asyncio
+import stat
 import subprocess
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -96,3 +99,31 @@ async def test_two_clients_talk_through_a_server_on_postgres(
     assert await count_rows(pg_server.database_url, bobs, bob.account_id) == 0
     assert await count_rows(pg_server.database_url, "envelopes") > 0
     assert not (pg_server.data / "kluis.sqlite3").exists()  # the store is not on SQLite
+
+
+def test_a_node_on_postgres_makes_its_data_folder(tmp_path: Path) -> None:
+    """`kluis serve --database URL --data NEW` makes NEW (owner only) for its own files (the
+    console's admin.key, attachments, the storage key file): a fresh node must not crash."""
+    with scratch_database() as url:
+        node = PostgresServerProcess(tmp_path / "new" / "data", url)
+        proc = subprocess.Popen(
+            node.cli(
+                *("serve", "--data", str(node.data), "--port", str(node.port)),
+                *("--database", url, "--storage-key-file", str(tmp_path / "storage.key")),
+            ),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and proc.poll() is None:
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{node.port}/healthz", timeout=1)
+                    break
+                except OSError:
+                    time.sleep(0.1)
+            assert proc.poll() is None, proc.communicate()[1]
+            assert stat.S_IMODE(node.data.stat().st_mode) == 0o700
+        finally:
+            proc.terminate()
+            proc.communicate(timeout=20)

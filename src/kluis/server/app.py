@@ -139,6 +139,9 @@ def open_store(config: ServerConfig) -> Store:
 
 
 def open_server(config: ServerConfig, clock: Callable[[], float] = time.time) -> Server:
+    # The node's own files (admin.key, attachments, the storage key file by default) live in the
+    # data folder on PostgreSQL too: made here, owner only, as the SQLite store makes its own.
+    config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     store = open_store(config)
     return Server(config=config, store=store, services=build_services(config, store, clock))
 
