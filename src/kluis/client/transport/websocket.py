@@ -41,6 +41,7 @@ class WebSocketTransport:
         self._waiting: dict[int, asyncio.Future[f.ServerFrame]] = {}
         self.pushes: asyncio.Queue[Push | None] = asyncio.Queue()  # None: connection ended
         self.server_origin = ""
+        self.close_code: int | None = None  # set when the server closed the socket
 
     async def connect(self, timeout: float | None = None) -> bytes:
         """Open the socket and return the server's challenge nonce."""
@@ -84,6 +85,7 @@ class WebSocketTransport:
                     continue
                 settle_answer(self._waiting, frame)
             if self._ws.close_code is not None:
+                self.close_code = self._ws.close_code
                 reason = f"connection closed by server ({self._ws.close_code})"
                 error = TransportError(reason, close_code=self._ws.close_code)
         except KluisError as exc:
