@@ -62,6 +62,16 @@ def _port(text: str) -> int:
     return port
 
 
+def _drain_seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from exc
+    if not 0 <= seconds <= 3600:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 3600 seconds")
+    return seconds
+
+
 def _passphrase(confirm: bool = False) -> str:
     """From KLUIS_PASSPHRASE, else typed at the terminal; a new profile (``confirm``) refuses
     an empty one."""
@@ -140,6 +150,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         database_url=args.database,
         redis_url=args.redis,
         redis_prefix=args.redis_prefix,
+        drain_timeout_s=args.drain_timeout,
     )
     try:
         config.origin  # noqa: B018 - checks --public-url before anything starts
@@ -852,6 +863,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="kluis",
         metavar="WORD",
         help="Redis channel prefix, the same on every node of one deployment (default kluis)",
+    )
+    s.add_argument(
+        "--drain-timeout",
+        type=_drain_seconds,
+        default=10.0,
+        metavar="SECONDS",
+        help="on SIGTERM: send clients elsewhere, finish requests in hand, exit within this"
+        " (default 10)",
     )
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument(

@@ -180,8 +180,11 @@ class ReconnectingSession:
             await self.wait_connected(max(0.0, deadline - loop.time()))
             try:
                 return await op(self.client)
-            except TransportError:
-                await self._drop()
+            except TransportError as exc:
+                if exc.details.get("close_code") is None:
+                    # Lost without a word (a timeout, a reset): close it so the event stream
+                    # ends now. A server's close the stream sees itself, with its code.
+                    await self._drop()
                 raise
             except LocalProtocolError as exc:
                 if self.client.connected or "not connected" not in exc.message:

@@ -111,6 +111,10 @@ class ServerConfig:
     # nodes of one deployment share redis_prefix; deployments sharing a Redis differ in it.
     redis_url: str | None = None
     redis_prefix: str = "kluis"
+    # On SIGTERM or SIGINT the node stops accepting, closes every WebSocket with 1001 (going
+    # away: clients reconnect elsewhere at once) once its request in hand is answered, and exits
+    # when they are all gone or after this many seconds (server/drain.py).
+    drain_timeout_s: float = 10.0
 
     @property
     def origin(self) -> str:

@@ -31,6 +31,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from kluis.errors import FrameTooLarge, MalformedFrame
 from kluis.protocol import frames as f
 from kluis.server.connection import Connection, Services, State
+from kluis.server.drain import DRAIN, Live
 
 SERVICES = web.AppKey("services", Services)  # set by server/app.py
 
@@ -190,11 +191,18 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     outbox = Outbox(ws, transport)
     conn = Connection(services, outbox.wake)
     outbox.attach(conn)
+    drain = request.app.get(DRAIN)
+    live = Live(ws, outbox.flush)
+    if drain is not None:
+        drain.add(live)
     try:
         await ws.send_bytes(f.encode(f.Challenge(nonce=conn.nonce, server=services.origin)))
         loop = asyncio.get_running_loop()
         auth_deadline = loop.time() + limits.auth_timeout_s  # a deadline: frames do not extend it
         while True:
+            if live.going:  # the node is draining: the last answer, then 1001 (server/drain.py)
+                await live.close()
+                break
             while outbox.congested and not transport.is_closing():
                 await asyncio.sleep(_RETRY_S)  # flow control: read no more until it drains
             timeout = None
@@ -207,7 +215,11 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
                 await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"auth timeout")
                 break
             if msg.type == WSMsgType.BINARY:
-                outbox.reply(await conn.handle(msg.data))
+                live.busy = True  # a drain lets this request finish and answer (server/drain.py)
+                try:
+                    outbox.reply(await conn.handle(msg.data))
+                finally:
+                    live.busy = False
                 if conn.state is State.AUTHENTICATED:
                     gate.open()
             elif msg.type == WSMsgType.TEXT:
@@ -226,6 +238,8 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
                 await outbox.closed()
                 break
     finally:
+        if drain is not None:
+            drain.discard(live)
         conn.closed()
         outbox.cancel()
         await outbox.closed()

@@ -102,7 +102,7 @@ class WebSocketTransport:
     async def request(self, make: Callable[[int], f.ClientFrame], expect: type[T]) -> T:
         """Send the frame ``make(rid)`` and return its answer; a server Error is raised typed."""
         if self._ws is None or self._ws.closed:
-            raise TransportError("not connected")
+            raise self._ended("not connected")
         rid = next(self._rids)
         fut: asyncio.Future[f.ServerFrame] = asyncio.get_running_loop().create_future()
         self._waiting[rid] = fut
@@ -115,8 +115,17 @@ class WebSocketTransport:
             raise TransportError(f"no answer from the server within {self.timeout:g} s") from exc
         except (aiohttp.ClientError, OSError, ConnectionError) as exc:
             self._waiting.pop(rid, None)
-            raise TransportError(f"send failed: {exc}") from exc
+            raise self._ended(f"send failed: {exc}") from exc
         return expect_answer(answer, expect)
+
+    def _ended(self, reason: str) -> TransportError:
+        """The error for a request on a socket that is gone: with the server's close code when
+        it closed it (1001: the node is draining), which our reader may not have seen yet."""
+        code = self._ws.close_code if self._ws is not None else None
+        if code is None:
+            return TransportError(reason)
+        self.close_code = code
+        return TransportError(f"connection closed by server ({code})", close_code=code)
 
     async def close(self) -> None:
         if self._ws is not None and not self._ws.closed:
