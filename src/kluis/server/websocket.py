@@ -14,6 +14,9 @@ login answers ``Welcome``, then the stored backlog, then ``Synced``. When the cl
 stops taking requests until the buffer drains, as aiohttp's own flow control would. A backlog
 is written one page per turn, the next page only when the buffer has drained.
 
+On SIGTERM the node drains (``server/drain.py``): the handler registers itself there, is
+marked busy while it handles a request, and when asked to go closes with 1001 after its answer.
+
 Before login a client may send ``max_prelogin_bytes`` in all (its one login frame): a
 :class:`PreLoginGate` in front of aiohttp's frame reader counts them, so an unauthenticated
 connection never makes the server hold a large unfinished frame.
