@@ -11,7 +11,9 @@ every client that was on it, the time from the signal to its next login on anoth
 
 Prints and writes ``bench/results/nodes-<signal>.json``: p50, p90, p99 and max in ms from the
 signal to the next login (``reconnect_ms_*``) and to the client's noticing the drop
-(``noticed_ms_*``), how many clients moved, how many attempts failed on the way. One Python process runs every client (the
+(``noticed_ms_*``), the logins alone, back-off waits left out (``login_ms_*``), how many
+clients moved, how many attempts failed on the way, and the CPU seconds the client process and
+the surviving nodes spent meanwhile. One Python process runs every client (the
 logins are signed and checked there), so the figure includes the client side's CPU as well.
 """
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import sys
 import tempfile
@@ -27,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 from tests.cluster import Cluster, cluster_of, join
 from tests.loadbalancer import Balancer
 from tests.test_delivery_redis import _redis_reachable
@@ -38,12 +42,22 @@ from kluis.client.events import ConnectionDown, ConnectionUp, Event
 from kluis.client.reconnect import ReconnectingSession
 
 
+def _cpu(proc: psutil.Process) -> float:
+    times = proc.cpu_times()
+    return float(times.user + times.system)
+
+
 class Watch:
     """One client: when it logged in, and when its connections ended (monotonic clock)."""
 
     def __init__(self) -> None:
         self.ups: list[float] = []
         self.downs: list[float] = []
+        self.slept = 0.0  # back-off waits, in seconds
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept += seconds
+        await asyncio.sleep(seconds)
 
     def on_event(self, event: Event) -> None:
         if isinstance(event, ConnectionUp):
@@ -66,7 +80,9 @@ async def measure(cluster: Cluster, root: Path, clients: int, signum: int) -> di
             print(f"registered {clients} in {time.monotonic() - t0:.1f} s", file=sys.stderr)
             for client in made:
                 watch = Watch()
-                session = ReconnectingSession(client, BackoffPolicy(), on_event=watch.on_event)
+                session = ReconnectingSession(
+                    client, BackoffPolicy(), on_event=watch.on_event, sleep=watch.sleep
+                )
                 session.start()
                 sessions.append(session)
                 watches.append(watch)
@@ -74,6 +90,9 @@ async def measure(cluster: Cluster, root: Path, clients: int, signum: int) -> di
                 await session.wait_connected(60)
             on_victim = lb.active[("127.0.0.1", victim.port)]
             assert victim.proc is not None
+            others = [psutil.Process(n.proc.pid) for n in cluster.nodes[1:] if n.proc]
+            load = os.getloadavg()[0]
+            cpu0 = time.process_time(), sum(_cpu(p) for p in others)
             killed_at = time.monotonic()
             victim.proc.send_signal(signum)
             await asyncio.to_thread(victim.proc.wait, 60)
@@ -84,8 +103,16 @@ async def measure(cluster: Cluster, root: Path, clients: int, signum: int) -> di
                 if len(moved) >= on_victim and all(sessions[i].connected for i in moved):
                     break
                 await asyncio.sleep(0.05)
+            window = time.monotonic() - killed_at
+            cpu = time.process_time() - cpu0[0], sum(_cpu(p) for p in others) - cpu0[1]
             back = [watches[i].ups[-1] - killed_at for i in moved if sessions[i].connected]
             noticed = [watches[i].downs[0] - killed_at for i in moved]
+            # From the drop to the login, less the back-off waits: the logins themselves.
+            logins = [
+                watches[i].ups[-1] - watches[i].downs[0] - watches[i].slept
+                for i in moved
+                if sessions[i].connected
+            ]
             failed = sum(len(sessions[i].downs) - 1 for i in moved)
             return {
                 "label": f"nodes-{signal.Signals(signum).name.lower()}",
@@ -99,6 +126,14 @@ async def measure(cluster: Cluster, root: Path, clients: int, signum: int) -> di
                 **{k.replace("e2e", "reconnect"): v for k, v in latency_fields(back).items()},
                 # From the signal to the client's ConnectionDown: how soon the drop is seen.
                 **{k.replace("e2e", "noticed"): v for k, v in latency_fields(noticed).items()},
+                **{k.replace("e2e", "login"): v for k, v in latency_fields(logins).items()},
+                # CPU seconds from the signal until every moved client was back (window_s):
+                # the one client process, and the surviving nodes together. A client CPU near
+                # the window means the login work of the clients, not the nodes, set the pace.
+                "window_s": window,
+                "client_cpu_s": cpu[0],
+                "nodes_cpu_s": cpu[1],
+                "load_average_1m": load,
                 "machine": machine(),
             }
         finally:
