@@ -96,6 +96,7 @@ async def measure(cluster: Cluster, root: Path, clients: int, signum: int) -> di
             killed_at = time.monotonic()
             victim.proc.send_signal(signum)
             await asyncio.to_thread(victim.proc.wait, 60)
+            exited = time.monotonic() - killed_at
             moved = [i for i, s in enumerate(sessions) if s.downs]
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
@@ -130,6 +131,7 @@ async def measure(cluster: Cluster, root: Path, clients: int, signum: int) -> di
                 # CPU seconds from the signal until every moved client was back (window_s):
                 # the one client process, and the surviving nodes together. A client CPU near
                 # the window means the login work of the clients, not the nodes, set the pace.
+                "victim_exit_s": exited,  # from the signal to the node's exit
                 "window_s": window,
                 "client_cpu_s": cpu[0],
                 "nodes_cpu_s": cpu[1],
