@@ -179,10 +179,14 @@ async def test_a_node_killed_mid_stream_its_clients_reconnect_and_nothing_is_los
                 for i in range(6)
             ]
             await until(lambda: sum(len(t.received) for t in tallies) >= 60, 15, "the stream")
+            before = [sum(map(len, t.accepted.values())) for t in tallies]
             victim.kill()  # SIGKILL, in the middle of it
             await asyncio.gather(*streams)
             moved = [s for s in sessions if s.downs]
             assert len(moved) == on_victim  # exactly the victim's clients lost their connection
+            for i, session in enumerate(sessions):  # and they went on sending from elsewhere
+                if session in moved:
+                    assert sum(map(len, tallies[i].accepted.values())) > before[i]
             await until(lambda: all(s.connected for s in sessions), 10, "reconnection")
             assert all(s.connections == 2 for s in moved)
             assert lb.active[("127.0.0.1", victim.port)] == 0
