@@ -173,21 +173,20 @@ class ReconnectingSession:
         """Run ``op(client)`` once connected (waiting at most ``timeout`` for it). A connection
         that fails under it is closed, so the session reconnects at once, and the error goes to
         the caller: ``send`` raises NotSent, its text kept in the outbox for the next login.
-        When the connection went away before anything was sent, ``op`` runs again."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            await self.wait_connected(max(0.0, deadline - loop.time()))
-            try:
-                return await op(self.client)
-            except TransportError as exc:
-                if exc.details.get("close_code") is None:
-                    # Lost without a word (a timeout, a reset): close it so the event stream
-                    # ends now. A server's close the stream sees itself, with its code.
-                    await self._drop()
+        ``op`` runs once; whether to try again is the caller's choice."""
+        await self.wait_connected(timeout)
+        try:
+            return await op(self.client)
+        except TransportError as exc:
+            if exc.details.get("close_code") is None:
+                # Lost without a word (a timeout, a reset): close it so the event stream
+                # ends now. A server's close the stream sees itself, with its code.
+                await self._drop()
+            raise
+        except LocalProtocolError as exc:
+            if self.client.connected or "not connected" not in exc.message:
                 raise
-            except LocalProtocolError as exc:
-                if self.client.connected or "not connected" not in exc.message:
-                    raise
-                # "not connected": the stream ended between the check and the first request,
-                # before anything went on the wire; wait for the next login and go again.
+            # The connection went away under the operation, between two of its requests:
+            # a transport failure too. Not run again here: a part may have gone (a send
+            # committed, then its receipts failed), and a second run would send it twice.
+            raise TransportError("the connection went away during the operation") from exc
