@@ -125,6 +125,7 @@ async def measure(cluster: Cluster, root: Path, clients: int, signum: int) -> di
                 "failed_attempts": failed,
                 "going_away_closes": sum(sessions[i].downs[0].close_code == 1001 for i in moved),
                 **{k.replace("e2e", "reconnect"): v for k, v in latency_fields(back).items()},
+                "reconnect_ms_min": min(back, default=float("nan")) * 1e3,
                 # From the signal to the client's ConnectionDown: how soon the drop is seen.
                 **{k.replace("e2e", "noticed"): v for k, v in latency_fields(noticed).items()},
                 **{k.replace("e2e", "login"): v for k, v in latency_fields(logins).items()},
