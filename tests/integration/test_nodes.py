@@ -11,6 +11,8 @@ may arrive, once, later.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -21,6 +23,7 @@ import pytest
 
 from kluis.client.client import KluisClient
 from kluis.client.reconnect import ReconnectingSession
+from kluis.client.transport import Transport, WebSocketTransport
 from kluis.errors import TransportError
 from kluis.protocol import frames as f
 from tests.cluster import (
@@ -352,3 +355,43 @@ def test_serve_refuses_a_bad_drain_timeout(tmp_path: Path) -> None:
         timeout=30,
     )
     assert out.returncode == 2 and "--drain-timeout" in out.stderr
+
+
+async def test_a_hung_node_is_left_for_another_when_its_heartbeat_goes_unanswered(
+    three: Cluster, tmp_path: Path
+) -> None:
+    """SIGSTOP: the node sends no FIN; only the client's heartbeat tells it to go elsewhere."""
+    urls = [node.url for node in three.nodes]
+    victim = three.nodes[0]
+    client = await join(three, tmp_path / "client", via=urls[0])
+    peer = await join(three, tmp_path / "peer", via=urls[1])
+    await client.disconnect()  # from now on through the session, with a heartbeat
+    tally = Tally()
+
+    def beating(url: str) -> Transport:
+        return WebSocketTransport(url, heartbeat=0.5, timeout=3)
+
+    session = ReconnectingSession(
+        client,
+        FAST,
+        endpoints=urls,
+        transport_factory=beating,
+        on_event=tally.on_event,
+        random=_fixed(0.5),  # starts at the first URL: the node about to hang
+    )
+    assert victim.proc is not None
+    pid = victim.proc.pid
+    session.start()
+    try:
+        await session.wait_connected(5)
+        os.kill(pid, signal.SIGSTOP)
+        await until(lambda: bool(session.downs), 5, "the heartbeat to notice")
+        await session.wait_connected(10)
+        assert session.url != urls[0] and session.connections == 2
+        await peer.send(client.account_id, "after the hang")
+        await until(lambda: "after the hang" in tally.texts(), 5, "delivery on the new node")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        await session.stop()
+        await client.close()
+        await peer.close()

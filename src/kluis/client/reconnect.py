@@ -37,7 +37,9 @@ class ReconnectingSession:
     """A :class:`KluisClient` kept connected (see the module's docstring).
 
     ``on_event`` gets every event of ``events()``, ``ConnectionUp`` and ``ConnectionDown``
-    included. ``outages`` collects, per reconnection, the seconds from the drop to the next
+    included. Without a ``transport_factory`` it dials WebSockets that ping every
+    ``heartbeat_s`` seconds, so that a node that hangs without closing (stopped, cut off) is left
+    within that time. ``outages`` collects, per reconnection, the seconds from the drop to the next
     login (by ``clock``)."""
 
     def __init__(
@@ -47,6 +49,7 @@ class ReconnectingSession:
         *,
         endpoints: Sequence[str] = (),
         transport_factory: TransportFactory | None = None,
+        heartbeat_s: float | None = 20.0,
         on_event: Callable[[Event], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         random: Callable[[], float] | None = None,
@@ -57,6 +60,7 @@ class ReconnectingSession:
         self.backoff = Backoff(policy or BackoffPolicy(), clock=clock, random=rand)
         self.endpoints = Endpoints(endpoints, rand) if endpoints else None
         self._factory, self._on_event = transport_factory, on_event
+        self._heartbeat = heartbeat_s
         self._clock, self._sleep = clock, sleep
         self._up = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -78,7 +82,7 @@ class ReconnectingSession:
         if self._factory is None:
             from kluis.client.transport import WebSocketTransport  # aiohttp, on first use
 
-            return WebSocketTransport(self.url)
+            return WebSocketTransport(self.url, heartbeat=self._heartbeat)
         return self._factory(self.url)
 
     # ---- running ------------------------------------------------------------------------------
