@@ -5,7 +5,8 @@ Theory of operation: :class:`ReconnectingSession` runs a :class:`KluisClient`. I
 its :class:`~kluis.client.backoff.Backoff` says and connects again, to the profile's URL (a load
 balancer) or to the next of its :class:`~kluis.client.backoff.Endpoints`; ``connect()`` then
 re-syncs (the server sends the stored backlog; the outbox goes first). A close with 1001 (the
-node is draining) brings the next attempt at once. :meth:`ReconnectingSession.call` runs an
+node is draining) brings the next attempt at once; a node that hangs without closing is
+noticed by the WebSocket heartbeat (no pong within half the interval ends the channel). :meth:`ReconnectingSession.call` runs an
 operation once connected; an operation whose connection failed closes it, so the session
 notices at once even when the server went silent.
 
