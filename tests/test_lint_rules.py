@@ -56,6 +56,7 @@ def banned_imports(path: str, source: str = PROBE) -> set[str]:
     [
         "src/kluis/client/core.py",
         "src/kluis/client/verification.py",
+        "src/kluis/client/backoff.py",
         "src/kluis/protocol/_probe.py",
         "src/kluis/crypto/_probe.py",
         "src/kluis/identity/sub/_probe.py",

@@ -62,6 +62,16 @@ def _port(text: str) -> int:
     return port
 
 
+def _drain_seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from exc
+    if not 0 <= seconds <= 3600:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 3600 seconds")
+    return seconds
+
+
 def _passphrase(confirm: bool = False) -> str:
     """From KLUIS_PASSPHRASE, else typed at the terminal; a new profile (``confirm``) refuses
     an empty one."""
@@ -896,6 +906,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     s.add_argument("--port", type=_port, help=f"TCP port (default {DEFAULT_PORT})")
+    s.add_argument(
+        "--drain-timeout",
+        type=_drain_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="on SIGTERM: send clients elsewhere, finish requests in hand, exit within this"
+        " (default 10)",
+    )
     s.add_argument(
         "--storage-key-file",
         default=None,

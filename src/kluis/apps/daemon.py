@@ -45,7 +45,14 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from kluis.apps.cli import _day, account_label, message_json, message_line
-from kluis.client.events import ConnectionUp, DeviceAlarm, MessageReceived, Undecryptable
+from kluis.client.backoff import GOING_AWAY, Backoff, BackoffPolicy
+from kluis.client.events import (
+    ConnectionDown,
+    ConnectionUp,
+    DeviceAlarm,
+    MessageReceived,
+    Undecryptable,
+)
 
 if TYPE_CHECKING:  # the client side of this module (Rpc) needs no network stack
     from kluis.client.client import KluisClient
@@ -55,6 +62,7 @@ from kluis.errors import KluisError, LocalProtocolError, NotSent, TransportError
 SOCKET = "daemon.sock"
 LOCK = "daemon.lock"
 DEFAULT_LOCK_AFTER_S = 900.0
+_BACKOFF = BackoffPolicy(base_s=1.0, cap_s=60.0, stable_after_s=10.0, jitter="equal")
 _KLUIS_ERROR = -32000
 
 
@@ -146,12 +154,18 @@ class Daemon:
                 return
 
     async def _follow(self) -> None:
-        delay = 1.0
+        # client/backoff.py: 0.5-1 s first, doubling to 30-60 s; a stable connection resets it,
+        # and a node that drains (1001) is left at once for another.
+        loop = asyncio.get_running_loop()
+        backoff = Backoff(_BACKOFF, clock=loop.time, random=random.random)
         while True:
+            going_away = False
             try:
                 async for event in self.client.events():
                     if isinstance(event, ConnectionUp):
-                        delay = 1.0
+                        backoff.up()
+                    elif isinstance(event, ConnectionDown):
+                        going_away = event.close_code == GOING_AWAY
                     elif isinstance(event, MessageReceived):
                         self.arrived.set()
                         if self.attached == 0 and event.message.sender != self.client.account_id:
@@ -166,8 +180,7 @@ class Daemon:
                         print(f"ALARM: {event.alarm}", file=sys.stderr, flush=True)
             except KluisError as exc:
                 print(f"daemon: {exc}", file=sys.stderr, flush=True)
-            await asyncio.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 60.0)
+            await asyncio.sleep(backoff.down(going_away=going_away))
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.attached += 1

@@ -117,6 +117,11 @@ async def _connect(transport: Transport, server: str) -> bytes:
     return nonce
 
 
+def _close_code(exc: TransportError) -> int | None:
+    code = exc.details.get("close_code")
+    return code if isinstance(code, int) else None
+
+
 class KluisClient:
     def __init__(
         self, core: ClientCore, *, transport_factory: TransportFactory = WebSocketTransport
@@ -346,6 +351,12 @@ class KluisClient:
             await self._transport.close()
             self._transport = None
         self.core.store.close()
+
+    async def disconnect(self) -> None:
+        """Close the connection, if any, and keep the profile open (``connect()`` goes on)."""
+        transport, self._transport = self._transport, None
+        if transport is not None:
+            await transport.close()
 
     async def __aenter__(self) -> KluisClient:
         await self.connect()
@@ -671,7 +682,8 @@ class KluisClient:
         out: list[Message] = []
         self.errors = []
         self.sweep()
-        pushes = self.transport.pushes
+        transport = self.transport
+        pushes = transport.pushes
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         try:
@@ -689,7 +701,11 @@ class KluisClient:
                 except TimeoutError:
                     break
                 if push is None:
-                    raise TransportError("connection lost while receiving")
+                    code = transport.close_code
+                    why = "connection lost while receiving"
+                    if code is not None:
+                        why = f"connection closed by server while receiving ({code})"
+                    raise TransportError(why, close_code=code)
                 if isinstance(push, f.Synced):
                     self._synced = True
                 elif isinstance(push, f.KeysLow):
@@ -723,7 +739,7 @@ class KluisClient:
         try:
             await self.connect()
         except TransportError as exc:
-            yield ConnectionDown(str(exc))
+            yield ConnectionDown(str(exc), _close_code(exc))
             return
         yield ConnectionUp()
         reported: set[str] = set()
@@ -738,7 +754,7 @@ class KluisClient:
                 transport, self._transport = self._transport, None
                 if transport is not None:
                     await transport.close()
-                yield ConnectionDown(str(exc))
+                yield ConnectionDown(str(exc), _close_code(exc))
                 return
             for error in self.errors:
                 yield Undecryptable(error.code, str(error))

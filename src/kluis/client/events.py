@@ -35,6 +35,9 @@ class ConnectionDown:
     """The connection ended (the stream ends with this event)."""
 
     reason: str
+    # The WebSocket close code the server sent, if it closed the connection: 1001 (going away)
+    # means the node is draining, and a client reconnects at once (``client/reconnect.py``).
+    close_code: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,6 +32,7 @@ from kluis.server.connection import Services
 from kluis.server.delivery.memory import InProcessBus
 from kluis.server.delivery.protocol import DeliveryBus
 from kluis.server.delivery.redis import RedisBus, RedisBusError
+from kluis.server.drain import DRAIN, Drain
 from kluis.server.keys import KeyDirectory
 from kluis.server.mailbox import Mailbox
 from kluis.server.metrics import Metrics, is_loopback, metrics_app, timed_store
@@ -249,6 +250,7 @@ async def _blob_sweeper(server: Server) -> None:
 def build_app(server: Server) -> web.Application:
     app = web.Application(client_max_size=server.config.limits.max_frame_bytes)
     app[SERVICES] = server.services
+    app[DRAIN] = Drain()
     app.router.add_get("/v1/ws", websocket_handler)
     health.add_routes(app, readiness_probe(server))  # /healthz, /health, /readyz
     app.router.add_get("/v1/openapi.json", openapi)  # describes the routes above: keep in step
@@ -347,5 +349,9 @@ async def _run(server: Server, config: ServerConfig) -> None:
             loop.add_signal_handler(signum, stop.set)
         await stop.wait()
         log.info("kluis stopping")
+        # The drain (server/drain.py): accept no more, send every client elsewhere (1001),
+        # let requests in hand commit and answer; bounded by drain_timeout_s.
+        await site.stop()
+        await runner.app[DRAIN].run(config.drain_timeout_s)
     finally:
         await runner.cleanup()

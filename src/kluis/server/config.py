@@ -142,6 +142,10 @@ class ServerConfig:
     # On PostgreSQL: the file of key-encryption keys (server/store/sealing.py), the same on
     # every node of a deployment; by default storage.key in data_dir.
     storage_key_file: Path | None = None
+    # On SIGTERM or SIGINT the node stops accepting, closes every WebSocket with 1001 (going
+    # away: clients reconnect elsewhere at once) once its request in hand is answered, and exits
+    # when they are all gone or after this many seconds (server/drain.py).
+    drain_timeout_s: float = 10.0
 
     @property
     def origin(self) -> str:

@@ -70,6 +70,17 @@ def _pool(value: object) -> int:
     return value
 
 
+def _drain(value: object) -> float:
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"needs a number of seconds (0 to 3600), not {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 3600:
+        raise ValueError(f"needs a number of seconds (0 to 3600), not {value!r}")
+    return float(value)
+
+
 def _path(value: object) -> Path:
     return Path(_text(value))
 
@@ -111,6 +122,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("metrics_host", "metrics_host", _text, "address of the metrics port"),
     Setting("metrics_port", "metrics_port", _port, "port of GET /metrics (none: off)"),
     Setting("metrics_token", "metrics_token", _text, "bearer token /metrics requires"),
+    Setting(
+        "drain_timeout", "drain_timeout_s", _drain, "on SIGTERM: exit within this many seconds"
+    ),
     Setting("ready_timeout_s", "ready_timeout_s", _seconds, "each /readyz check's deadline"),
     Setting("ready_cache_s", "ready_cache_s", _seconds, "how long a /readyz result is reused"),
 )

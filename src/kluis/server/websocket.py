@@ -14,6 +14,9 @@ login answers ``Welcome``, then the stored backlog, then ``Synced``. When the cl
 stops taking requests until the buffer drains, as aiohttp's own flow control would. A backlog
 is written one page per turn, the next page only when the buffer has drained.
 
+On SIGTERM the node drains (``server/drain.py``): the handler registers itself there, is
+marked busy while it handles a request, and when asked to go closes with 1001 after its answer.
+
 Before login a client may send ``max_prelogin_bytes`` in all (its one login frame): a
 :class:`PreLoginGate` in front of aiohttp's frame reader counts them, so an unauthenticated
 connection never makes the server hold a large unfinished frame.
@@ -31,6 +34,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from kluis.errors import FrameTooLarge, MalformedFrame
 from kluis.protocol import frames as f
 from kluis.server.connection import Connection, Services, State
+from kluis.server.drain import DRAIN, Live
 
 SERVICES = web.AppKey("services", Services)  # set by server/app.py
 
@@ -190,11 +194,18 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     outbox = Outbox(ws, transport)
     conn = Connection(services, outbox.wake)
     outbox.attach(conn)
+    drain = request.app.get(DRAIN)
+    live = Live(ws, outbox.flush)
+    if drain is not None:
+        drain.add(live)
     try:
         await ws.send_bytes(f.encode(f.Challenge(nonce=conn.nonce, server=services.origin)))
         loop = asyncio.get_running_loop()
         auth_deadline = loop.time() + limits.auth_timeout_s  # a deadline: frames do not extend it
         while True:
+            if live.going:  # the node is draining: the last answer, then 1001 (server/drain.py)
+                await live.close()
+                break
             while outbox.congested and not transport.is_closing():
                 await asyncio.sleep(_RETRY_S)  # flow control: read no more until it drains
             timeout = None
@@ -207,7 +218,11 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
                 await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"auth timeout")
                 break
             if msg.type == WSMsgType.BINARY:
-                outbox.reply(await conn.handle(msg.data))
+                live.busy = True  # a drain lets this request finish and answer (server/drain.py)
+                try:
+                    outbox.reply(await conn.handle(msg.data))
+                finally:
+                    live.busy = False
                 if conn.state is State.AUTHENTICATED:
                     gate.open()
             elif msg.type == WSMsgType.TEXT:
@@ -226,6 +241,8 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
                 await outbox.closed()
                 break
     finally:
+        if drain is not None:
+            drain.discard(live)
         conn.closed()
         outbox.cancel()
         await outbox.closed()

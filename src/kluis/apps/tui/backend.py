@@ -15,12 +15,13 @@ import asyncio
 import concurrent.futures
 import random
 import threading
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from kluis.apps.tui.model import backoff
+from kluis.client.backoff import GOING_AWAY, Backoff, BackoffPolicy
 from kluis.client.client import KluisClient
 from kluis.client.events import (
     ConnectionDown,
@@ -226,18 +227,23 @@ class ClientBackend:
     # ---- the pump (runs on the client thread) ---------------------------------------------------
 
     async def _follow(self, post: Post) -> None:
-        """Follow ``events()`` for ever; when it ends, wait (back-off, jitter) and go again."""
-        attempt = 0
+        """Follow ``events()`` for ever; when it ends, wait (back-off, jitter) and go again:
+        ``client/backoff.py``, equal jitter, reset after a stable connection, and at once when
+        the node said it is going away (1001: it drains; the next login lands elsewhere)."""
+        policy = BackoffPolicy(base_s=self._base, cap_s=self._cap, jitter="equal")
+        backoff = Backoff(policy, clock=time.monotonic, random=self._random)
         while True:
             reason = "not connected"
+            going_away = False
             try:
                 async for event in self._client.events():
                     match event:
                         case ConnectionUp():
-                            attempt = 0
+                            backoff.up()
                             post(Online())
-                        case ConnectionDown(reason=why):
+                        case ConnectionDown(reason=why, close_code=code):
                             reason = why
+                            going_away = code == GOING_AWAY
                         case MessageReceived() | Undecryptable() | DeviceAlarm():
                             post(event)
                         case _:
@@ -246,8 +252,7 @@ class ClientBackend:
                 raise
             except Exception as exc:  # refused login, DNS, ...: say why, and try again later
                 reason = str(exc) or type(exc).__name__
-            delay = backoff(attempt, self._random, base=self._base, cap=self._cap)
-            attempt += 1
+            delay = backoff.down(going_away=going_away)
             post(Offline(reason, delay))
             await asyncio.sleep(delay)
 

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
+from kluis.client import backoff as _backoff
 from kluis.client.groups import GroupState, is_group_id
 from kluis.client.records import Message
 from kluis.identity.chain import ACCOUNT_ID_CHARS
@@ -171,9 +172,9 @@ def backoff(
 ) -> float:
     """Seconds to wait before reconnection ``attempt`` (0 first): exponential, capped, with
     "equal jitter" (half fixed, half random) so that clients a restart cut off at once do not
-    all come back in the same instant."""
-    ceiling = min(cap, base * 2 ** min(attempt, 32))
-    return float(ceiling / 2 + random() * ceiling / 2)
+    all come back in the same instant. The one formula of ``client/backoff.py``: the app
+    keeps equal jitter so that its status line never says "reconnecting in 0.0s"."""
+    return _backoff.delay(attempt, random, base, cap, "equal")
 
 
 # ---- passphrases --------------------------------------------------------------------------------

@@ -89,6 +89,7 @@ class MemoryTransport:
         self._ended = False
         self.pushes: asyncio.Queue[Push | None] = asyncio.Queue()  # None: connection ended
         self.server_origin = ""
+        self.close_code: int | None = None  # set when the server closed the channel
 
     async def connect(self, timeout: float | None = None) -> bytes:
         """Join the server and return its challenge nonce."""
@@ -177,6 +178,8 @@ class MemoryTransport:
         if self._ended:
             return
         self._ended = True
+        code = error.details.get("close_code")
+        self.close_code = code if isinstance(code, int) else None
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None

@@ -38,6 +38,12 @@ class Transport(Protocol):
         """Frames the server sent unasked, in order; ``None`` once the channel has ended."""
         ...
 
+    @property
+    def close_code(self) -> int | None:
+        """Why the channel ended: the WebSocket close code the server sent (1001: the node is
+        going away, reconnect at once), else None (still open, or lost without a word)."""
+        ...
+
     async def connect(self, timeout: float | None = None) -> bytes:
         """Open the channel; return the server's challenge nonce."""
         ...

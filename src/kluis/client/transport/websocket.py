@@ -28,12 +28,17 @@ class WebSocketTransport:
         *,
         max_frame_bytes: int = 4 * 1024 * 1024,
         timeout: float = DEFAULT_TIMEOUT_S,
+        heartbeat: float | None = None,
     ) -> None:
         self.url = url.rstrip("/") + "/v1/ws" if not url.rstrip("/").endswith("/v1/ws") else url
         self._max_frame = max_frame_bytes
         # A server that accepts TCP and then says nothing (stopped, overloaded) must not hold a
         # command forever: every step ends within this many seconds with a TransportError.
         self.timeout = timeout
+        # With a heartbeat, a ping every this many seconds; no pong within half of it ends the
+        # channel (1006). A node that hangs (stopped, partitioned) sends no FIN: without this,
+        # only TCP's own keep-alive, after minutes, would tell a client to go elsewhere.
+        self.heartbeat = heartbeat
         self._session: aiohttp.ClientSession | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -41,6 +46,7 @@ class WebSocketTransport:
         self._waiting: dict[int, asyncio.Future[f.ServerFrame]] = {}
         self.pushes: asyncio.Queue[Push | None] = asyncio.Queue()  # None: connection ended
         self.server_origin = ""
+        self.close_code: int | None = None  # set when the server closed the socket
 
     async def connect(self, timeout: float | None = None) -> bytes:
         """Open the socket and return the server's challenge nonce."""
@@ -52,6 +58,7 @@ class WebSocketTransport:
                     self.url,
                     max_msg_size=self._max_frame,
                     timeout=aiohttp.ClientWSTimeout(ws_close=2),
+                    heartbeat=self.heartbeat,
                 )
                 first = await self._ws.receive()
         except TimeoutError as exc:
@@ -75,15 +82,21 @@ class WebSocketTransport:
         assert self._ws is not None
         error: KluisError = TransportError("connection closed")
         try:
+            lost: object = None
             async for msg in self._ws:
                 if msg.type != aiohttp.WSMsgType.BINARY:
+                    if msg.type == aiohttp.WSMsgType.ERROR:  # e.g. no pong to a heartbeat
+                        lost = msg.data or "error"
                     break
                 frame = f.decode_server_frame(msg.data)
                 if isinstance(frame, f.Deliver | f.KeysLow | f.Synced):
                     self.pushes.put_nowait(frame)
                     continue
                 settle_answer(self._waiting, frame)
-            if self._ws.close_code is not None:
+            if lost is not None:
+                error = TransportError(f"connection lost: {type(lost).__name__}")
+            elif self._ws.close_code is not None:
+                self.close_code = self._ws.close_code
                 reason = f"connection closed by server ({self._ws.close_code})"
                 error = TransportError(reason, close_code=self._ws.close_code)
         except KluisError as exc:
@@ -100,7 +113,7 @@ class WebSocketTransport:
     async def request(self, make: Callable[[int], f.ClientFrame], expect: type[T]) -> T:
         """Send the frame ``make(rid)`` and return its answer; a server Error is raised typed."""
         if self._ws is None or self._ws.closed:
-            raise TransportError("not connected")
+            raise self._ended("not connected")
         rid = next(self._rids)
         fut: asyncio.Future[f.ServerFrame] = asyncio.get_running_loop().create_future()
         self._waiting[rid] = fut
@@ -113,8 +126,17 @@ class WebSocketTransport:
             raise TransportError(f"no answer from the server within {self.timeout:g} s") from exc
         except (aiohttp.ClientError, OSError, ConnectionError) as exc:
             self._waiting.pop(rid, None)
-            raise TransportError(f"send failed: {exc}") from exc
+            raise self._ended(f"send failed: {exc}") from exc
         return expect_answer(answer, expect)
+
+    def _ended(self, reason: str) -> TransportError:
+        """The error for a request on a socket that is gone: with the server's close code when
+        it closed it (1001: the node is draining), which our reader may not have seen yet."""
+        code = self._ws.close_code if self._ws is not None else None
+        if code is None or code == aiohttp.WSCloseCode.ABNORMAL_CLOSURE:  # 1006: never sent
+            return TransportError(reason)
+        self.close_code = code
+        return TransportError(f"connection closed by server ({code})", close_code=code)
 
     async def close(self) -> None:
         if self._ws is not None and not self._ws.closed:
