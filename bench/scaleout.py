@@ -37,6 +37,7 @@ from typing import Any
 
 import asyncpg
 import psutil
+import redis.asyncio as aioredis
 
 from bench.common import MB, RESULTS, ROOT, Sampler, Server, machine, write_result
 from bench.workloads import _read_line, register_all, run_pairs
@@ -79,7 +80,7 @@ class Cluster:
         self.sqlite = sqlite
         self.db = f"kluis_bench_{secrets.token_hex(6)}"
         self.url = ADMIN_URL.rpartition("/")[0] + "/" + self.db
-        self.prefix = f"kluis-bench-{secrets.token_hex(4)}"
+        self.prefix = f"kluis-scaleout-{secrets.token_hex(4)}"
         self.nodes: list[Server] = []
         # Nodes of one deployment share the storage key file (made at the database's first use).
         self.key_dir = Path(tempfile.mkdtemp(prefix="kluis-bench-keys-"))
@@ -111,6 +112,14 @@ class Cluster:
         if not self.sqlite:
             await _admin(f'DROP DATABASE IF EXISTS "{self.db}" WITH (FORCE)')
         shutil.rmtree(self.key_dir, ignore_errors=True)
+        if not self.sqlite:  # the nodes' shared counters and presence keys (some outlive them)
+            client = aioredis.Redis.from_url(REDIS_URL)
+            try:
+                keys = [k async for k in client.scan_iter(match=f"{self.prefix}:*")]
+                if keys:
+                    await client.delete(*keys)
+            finally:
+                await client.aclose()
 
     def licences(self, count: int) -> list[str]:
         if self.sqlite:

@@ -35,6 +35,7 @@ from kluis.errors import TransportError
 from tests.integration.test_postgres_server import PostgresServerProcess
 from tests.kluis_testing import PASSPHRASE, fast_kdf, free_port
 from tests.postgres import scratch_database
+from tests.redis_testing import drop_prefix
 from tests.test_delivery_redis import REDIS_URL, _redis_reachable
 
 # Quick to come back in tests: the first retry within 0.2 s, never more than 2 s apart.
@@ -126,6 +127,7 @@ def cluster_of(
         finally:
             for node in nodes:
                 node.kill()
+            drop_prefix(redis_url, prefix)
 
 
 class RedisServer:

@@ -78,6 +78,7 @@ async def test_console_on_two_postgres_nodes(database: str, tmp_path: Path) -> N
 
         def admin(*args: str) -> subprocess.CompletedProcess[str]:
             where = ["--data", str(node_a.data), "--database", database]
+            where += ["--storage-key-file", str(node_a.key_file)]
             return subprocess.run(
                 node_a.cli("admin", *args[:-1], *where, args[-1]),
                 check=True,

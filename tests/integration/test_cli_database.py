@@ -96,11 +96,12 @@ async def test_operator_commands_work_on_postgres_with_database(
     pg_node: PostgresServerProcess, tmp_path: Path
 ) -> None:
     node, url, data = pg_node, pg_node.database_url, str(pg_node.data)
+    key = ["--storage-key-file", str(node.key_file)]  # the nodes' (sealing announcements)
     alice = await register(node, tmp_path / "alice")  # its licence: licence create --database
     account = alice.account_id
     await alice.close()
     announced = await asyncio.to_thread(
-        kluis, "admin", "announce", "--data", data, "--database", url, "maintenance at 6"
+        kluis, "admin", "announce", "--data", data, "--database", url, *key, "maintenance at 6"
     )
     assert announced.stderr == "queued for 1 devices\n"
     assert await count_rows(url, "envelopes") >= 1  # in PostgreSQL, not in a SQLite file
@@ -123,7 +124,7 @@ async def test_operator_commands_work_on_postgres_with_database(
         await again.close()
 
     wiped = await asyncio.to_thread(
-        kluis, "admin", "wipe", "--data", data, "--database", url, account
+        kluis, "admin", "wipe", "--data", data, "--database", url, *key, account
     )
     assert wiped.stdout.strip() == again.core.device_id
     assert await count_rows(url, "wipes") == 1
@@ -147,7 +148,7 @@ async def test_operator_commands_work_on_postgres_with_database(
 def test_an_unreachable_database_is_one_line_on_data_commands(tmp_path: Path) -> None:
     url = "postgresql://kluis@127.0.0.1:1/kluis"
     for args in (
-        ("licence", "create", "--database", url),
+        ("licence", "create", "--database", url, "--storage-key-file", str(tmp_path / "k")),
         ("admin", "account", "suspend", "--database", url, "someone"),
     ):
         one_line_error(kluis(*args, check=False), "cannot reach the PostgreSQL database")

@@ -140,7 +140,10 @@ def test_daemon_answers_json_rpc_and_locks_after_idle_time(
     try:
         daemon.wait_ready()
         whoami = rpc(Path(a), b'{"jsonrpc": "2.0", "id": 7, "method": "whoami"}')
-        assert whoami == {"jsonrpc": "2.0", "id": 7, "result": {"account": alice}}
+        assert whoami["id"] == 7 and isinstance(whoami["result"], dict)
+        assert whoami["result"]["account"] == alice
+        assert whoami["result"]["notice"] == ""  # 182 days left: no renewal notice yet
+        assert str(whoami["result"]["ends"]) > time.strftime("%Y-%m-%d")
         nope = rpc(Path(a), b'{"jsonrpc": "2.0", "id": 8, "method": "nope", "params": {}}')
         assert nope["error"] == {"code": -32601, "message": "no method 'nope'"}
         assert rpc(Path(a), b"{not json")["error"] == {"code": -32700, "message": "parse error"}

@@ -14,6 +14,7 @@ import pytest
 from tests.integration.test_postgres_server import PostgresServerProcess
 from tests.kluis_testing import register
 from tests.postgres import scratch_database
+from tests.redis_testing import drop_prefix
 from tests.test_delivery_redis import REDIS_URL, _redis_reachable
 
 
@@ -34,6 +35,7 @@ def two_nodes(tmp_path: Path) -> Iterator[tuple[PostgresServerProcess, PostgresS
         finally:
             for node in nodes:
                 node.stop()
+            drop_prefix(REDIS_URL, prefix)
 
 
 async def test_a_message_sent_on_one_node_reaches_a_client_on_another_at_once(

@@ -69,7 +69,7 @@ def cluster(tmp_path: Path) -> Iterator[tuple[Nodes, str]]:
 async def register(node: PostgresServerProcess, profile: Path) -> KluisClient:
     """A new account on ``node``, its licence written straight into the shared store (the CLI
     in a subprocess costs seconds on a busy machine)."""
-    store = PostgresStore(node.database_url)
+    store = PostgresStore(node.database_url, key_file=node.key_file)
     try:
         (code,) = await Accounts(store, time.time, Limits()).create_licences(1, 182)
     finally:

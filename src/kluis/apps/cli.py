@@ -1020,6 +1020,7 @@ def build_parser() -> argparse.ArgumentParser:
         "migrate", help="create or upgrade the store's schema; says which version it is at"
     )
     mg.add_argument("--data", help="the server's data folder (SQLite)")
+    mg.add_argument("--storage-key-file", metavar="FILE", help=_STORAGE_KEY_HELP)
     mg.add_argument("--database", metavar="URL", help="the server's postgresql://... database")
     mg.add_argument("--config", metavar="FILE", help="the nodes' TOML settings (kluis serve)")
     mg.set_defaults(func=cmd_migrate)
@@ -1200,7 +1201,15 @@ def _config(args: argparse.Namespace) -> ServerConfig:
 
     if args.data is None and args.database is None:
         raise LocalProtocolError("this command needs --data DIR or --database URL")
-    return ServerConfig(data_dir=Path(args.data or "."), database_url=args.database)
+    key_file = getattr(args, "storage_key_file", None)
+    return ServerConfig(
+        data_dir=Path(args.data or "."),
+        database_url=args.database,
+        storage_key_file=Path(key_file) if key_file else None,
+    )
+
+
+_STORAGE_KEY_HELP = "with --database: the nodes' storage key file (default DATA/storage.key)"
 
 
 def cmd_migrate(args: argparse.Namespace) -> None:
@@ -1291,6 +1300,7 @@ def _add_operator_parsers(
     ai.set_defaults(func=cmd_admin_init)
     an = ads.add_parser("announce", help="sign TEXT and queue it for every device")
     an.add_argument("--data", required=True)
+    an.add_argument("--storage-key-file", metavar="FILE", help=_STORAGE_KEY_HELP)
     an.add_argument("--database", metavar="URL", help=_DATABASE_HELP)
     an.add_argument("--key", help="the operator key file (default DATA/operator.key)")
     an.add_argument("text")
@@ -1298,11 +1308,13 @@ def _add_operator_parsers(
     ac = ads.add_parser("account", help="suspend or reinstate an account; its wipe policy")
     ac.add_argument("action", choices=["suspend", "reinstate", "allow-wipe", "deny-wipe"])
     ac.add_argument("--data", help="the server's data folder (SQLite)")
+    ac.add_argument("--storage-key-file", metavar="FILE", help=_STORAGE_KEY_HELP)
     ac.add_argument("--database", metavar="URL", help="the server's postgresql://... database")
     ac.add_argument("id")
     ac.set_defaults(func=cmd_admin_account)
     aw = ads.add_parser("wipe", help="order the account's devices (or one) to erase themselves")
     aw.add_argument("--data", required=True)
+    aw.add_argument("--storage-key-file", metavar="FILE", help=_STORAGE_KEY_HELP)
     aw.add_argument("--database", metavar="URL", help=_DATABASE_HELP)
     aw.add_argument("--device")
     aw.add_argument("--key", help="the operator key file (default DATA/operator.key)")
