@@ -29,6 +29,7 @@ class Network:
         self.server = server
         self.up = True
         self.lose_send_answers = 0  # the server stores a Send, its answer never arrives
+        self.sends_left: int | None = None  # after this many Sends answered, the line drops
 
     def factory(self, url: str) -> Transport:
         if not self.up:
@@ -49,6 +50,11 @@ class _Flaky(MemoryTransport):
     async def request(self, make: Callable[[int], f.ClientFrame], expect: type[T]) -> T:
         if not self._net.up:
             raise TransportError("connection lost")
+        if isinstance(make(0), f.Send) and self._net.sends_left is not None:
+            if self._net.sends_left == 0:
+                self._net.up = False
+                raise TransportError("connection lost")
+            self._net.sends_left -= 1
         answer = await super().request(make, expect)
         if isinstance(make(0), f.Send) and self._net.lose_send_answers:
             self._net.lose_send_answers -= 1
@@ -144,3 +150,26 @@ def test_outbox_records_round_trip_and_replace() -> None:
     assert [p.text for p in box.pending()] == ["later", "earlier"] and len(box) == 2
     box.done(b.id)
     assert [p.id for p in box.pending()] == [a.id]
+
+
+async def test_a_send_stored_before_the_line_drops_is_not_reported_as_failed(
+    inproc: InProcessServer, tmp_path: Path
+) -> None:
+    """The message is stored; the read receipt sent after it is what the lost line takes: the
+    send must succeed (a failure would make the user send it again), the receipt waits."""
+    net = Network(inproc)
+    await register(inproc, tmp_path / "alice")
+    bob = await register(inproc, tmp_path / "bob")
+    alice = KluisClient.open(tmp_path / "alice", PASSPHRASE, transport_factory=net.factory)
+    await alice.connect()
+    await bob.send(alice.account_id, "read me")
+    assert [m.text for m in await alice.receive(wait=5, until=1)] == ["read me"]
+    alice.core.features.conversations.mark_read(bob.account_id)  # as `kluis history` does
+    assert alice.core.features.receipts.pending()  # a read receipt waits in the profile
+    net.sends_left = 1  # the message goes; the line drops before the receipt
+    sent = await alice.send(bob.account_id, "stored")
+    assert sent.text == "stored" and alice.outbox() == []
+    assert alice.core.features.receipts.pending()  # still waiting, for the next command
+    assert [m.text for m in await bob.receive()] == ["stored"]
+    await alice.close()
+    await bob.close()

@@ -16,7 +16,7 @@ import asyncio
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from pathlib import Path
 from types import TracebackType
 from typing import Literal, TypeVar, cast
@@ -459,7 +459,11 @@ class KluisClient:
             self.core.outbox.keep(payload, int(time.time() * 1000))
             raise NotSent(f"kept in the outbox ({exc.message})") from exc
         sent = self.core.record_sent(payload)
-        await self.flush_receipts()  # e.g. read receipts `kluis history` left in the profile
+        # E.g. read receipts `kluis history` left in the profile. The message is stored by now:
+        # a connection lost here must not read as a failed send (the caller would send it
+        # again); the receipts stay in the profile for the next command.
+        with suppress(TransportError):
+            await self.flush_receipts()
         return sent
 
     def _new_message(self, conversation: str, text: str) -> Text | GroupText:
