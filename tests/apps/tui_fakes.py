@@ -8,8 +8,10 @@ from pathlib import Path
 
 from kluis.apps.tui.app import KluisApp
 from kluis.apps.tui.backend import BackendEvent, Online, Post
+from kluis.client.events import MessageReceived
 from kluis.client.groups import GroupState
 from kluis.client.records import Message
+from kluis.client.timers import describe
 from kluis.client.verification import Status
 
 ME = "mea7kzq2vt5xbn3d"
@@ -27,17 +29,40 @@ def at(days: int, hour: int, minute: int) -> datetime:
 def sample_history() -> list[Message]:
     return [
         Message(ANNA, ANNA, at(1, 9, 12), "Morning! Did the new keys arrive?"),
-        Message(ME, ANNA, at(1, 9, 14), "Yes: safety numbers match.\nCalling you later."),
+        Message(
+            ME,
+            ANNA,
+            at(1, 9, 14),
+            "Yes: safety numbers match.\nCalling you later.",
+            id=b"r" * 16,
+            receipt="read",
+        ),
         Message(ANNA, ANNA, at(0, 8, 2), "Great, see you at 5."),
         Message(BRAM, GROUP, at(0, 10, 40), "Agenda for Friday is in the shared file."),
-        Message(ME, GROUP, at(0, 10, 41), "Thanks Bram"),
+        Message(ME, GROUP, at(0, 10, 41), "Thanks Bram", id=b"d" * 16, receipt="delivered"),
         Message(BRAM, BRAM, at(2, 18, 5), "Are you coming to the meeting?"),
     ]
 
 
+DEMO_NICKNAMES = {ANNA: "Anna"}  # the screenshots show a nickname and a timer
+DEMO_TIMERS = {ANNA: 7 * 86_400}
+
+
 class FakeBackend:
-    def __init__(self, messages: list[Message] | None = None, quarantined: int = 0) -> None:
+    def __init__(
+        self,
+        messages: list[Message] | None = None,
+        quarantined: int = 0,
+        *,
+        nicknames: dict[str, str] | None = None,
+        timers: dict[str, int] | None = None,
+        renewal: str = "",
+    ) -> None:
         self.messages = list(sample_history() if messages is None else messages)
+        self.nicknames = dict(nicknames or {})
+        self._timers = dict(timers or {})
+        self.renewal = renewal
+        self.read: list[str] = []  # conversations marked read, in order
         self._groups = [
             GroupState(GROUP, "Book club", sorted([ME, ANNA, BRAM]), 1, b"x" * 16),
         ]
@@ -77,12 +102,41 @@ class FakeBackend:
     async def verification_status(self, peer: str) -> tuple[Status, str]:
         return self.statuses.get(peer, (Status.UNVERIFIED, ""))
 
+    async def contacts(self) -> dict[str, str]:
+        return dict(self.nicknames)
+
+    async def set_contact(self, account: str, name: str) -> None:
+        if self.refuse is not None:
+            raise self.refuse
+        self.nicknames[account] = name
+
+    async def timers(self) -> dict[str, int]:
+        return {c: s for c, s in self._timers.items() if s}
+
+    async def set_timer(self, conversation: str, seconds: int) -> Message:
+        if self.refuse is not None:
+            raise self.refuse
+        self._timers[conversation] = seconds
+        line = f"disappearing messages: {describe(seconds)}"
+        message = Message(ME, conversation, NOW, line, kind="timer")
+        self.messages.append(message)
+        return message
+
+    async def mark_read(self, conversation: str) -> None:
+        self.read.append(conversation)
+
+    async def renewal_notice(self) -> str:
+        return self.renewal
+
     def start(self, post: Post) -> None:
         self.post = post
         post(Online())
 
     def emit(self, event: BackendEvent) -> None:
+        """Hand ``event`` to the app; a message is in the history first, as with a client."""
         assert self.post is not None
+        if isinstance(event, MessageReceived):
+            self.messages.append(event.message)
         self.post(event)
 
     async def close(self) -> None:

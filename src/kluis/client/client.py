@@ -37,6 +37,7 @@ from kluis.client.events import (
 )
 from kluis.client.groups import GroupState, describe, is_group_id
 from kluis.client.outbox import Pending
+from kluis.client.records import Sealed
 from kluis.client.store import ProfileStore
 from kluis.client.transport import Transport, TransportFactory, WebSocketTransport
 from kluis.client.verification import State, Status, Verification
@@ -741,7 +742,8 @@ class KluisClient:
                 yield ConnectionDown(str(exc))
                 return
             for error in self.errors:
-                yield Undecryptable(error.code, str(error))
+                sender, device = error.details.get("sender", ""), error.details.get("device", "")
+                yield Undecryptable(error.code, str(error), str(sender), str(device))
             for message in messages:
                 yield MessageReceived(message)
             self.sweep()  # disappearing messages go while the loop runs, about once a second
@@ -779,7 +781,7 @@ class KluisClient:
                 except TransportError:
                     raise  # not acknowledged: the server delivers it again
                 except Exception as exc:  # fail closed, whatever the reason: keep it aside, ack it
-                    self._quarantine(env, exc)
+                    self._quarantine(env, exc, unknown.sealed)
                 else:
                     if message is not None:
                         out.append(message)
@@ -788,12 +790,19 @@ class KluisClient:
         if ack:
             await self.transport.request(lambda rid: f.Ack(rid=rid, ids=ack), f.Done)
 
-    def _quarantine(self, env: f.InEnvelope, exc: Exception) -> None:
+    def _quarantine(self, env: f.InEnvelope, exc: Exception, claimed: Sealed | None = None) -> None:
+        """Keep ``env`` aside; report why, and who it claims to come from when the seal opened
+        (``sender`` and ``device`` in the error's details: a claim, not a proof)."""
         self.core.quarantine(env, exc)
-        if isinstance(exc, KluisError):
-            self.errors.append(exc)
-        else:
-            self.errors.append(DecryptionError(f"unreadable envelope ({type(exc).__name__})"))
+        error = (
+            exc
+            if isinstance(exc, KluisError)
+            else DecryptionError(f"unreadable envelope ({type(exc).__name__})")
+        )
+        if claimed is not None:
+            error.details.setdefault("sender", claimed.account)
+            error.details.setdefault("device", claimed.device)
+        self.errors.append(error)
 
     def _read_known(self, env: f.InEnvelope, read: list[Message]) -> Opened | None:
         """Read ``env`` into ``read``, or quarantine it; return it opened, unread, if it claims
@@ -805,6 +814,7 @@ class KluisClient:
             except Exception as exc:  # fail closed: kept aside, counted, acknowledged
                 self._quarantine(env, exc)
             return None
+        opened: Opened | None = None
         try:
             opened = self.core.open_envelope(env)
             if opened is None:
@@ -819,7 +829,7 @@ class KluisClient:
                     self.core.mark_session_broken(s.account, s.device)
                 raise
         except Exception as exc:  # fail closed, whatever the reason: keep it aside, ack it
-            self._quarantine(env, exc)
+            self._quarantine(env, exc, opened.sealed if opened is not None else None)
             return None
         if message is not None:
             read.append(message)
@@ -914,6 +924,10 @@ class KluisClient:
 
     async def delete_note(self, note: str) -> None:
         await self._sync_own(self.core.features.notes.delete(note))
+
+    def timers(self) -> dict[str, int]:
+        """The disappearing-message timer (seconds) of each conversation that has one on."""
+        return self.core.features.timers.all()
 
     async def set_timer(self, conversation: str, seconds: int) -> Message:
         """Set the conversation's disappearing-message timer (0: off) for every member and our

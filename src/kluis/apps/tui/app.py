@@ -23,6 +23,7 @@ from kluis.apps.tui.backend import Backend, profile_exists
 from kluis.apps.tui.screens.dialogs import HelpScreen
 from kluis.apps.tui.screens.main import MainScreen
 from kluis.apps.tui.screens.onboarding import IdScreen, OnboardingScreen, UnlockScreen
+from kluis.apps.tui.search import HistorySearch
 from kluis.client.transport import TransportFactory, WebSocketTransport
 from kluis.crypto.profile_key import KdfParams
 from kluis.errors import LocalProtocolError
@@ -73,6 +74,9 @@ class KluisCommands(Provider):
                 ("New group", "name it and add members", screen.action_new_group),
                 ("Group members", "of the open group", screen.action_members),
                 ("My ID", "as text and QR code", screen.action_show_id),
+                ("Search messages", "in the local history", screen.action_search),
+                ("Nickname", "name the open conversation's peer", screen.action_nickname),
+                ("Disappearing messages", "the open conversation's timer", screen.action_timer),
             ]
             for row in screen.book.rows():
                 label = f"Open: {row.title}"
@@ -94,7 +98,7 @@ class KluisCommands(Provider):
 class KluisApp(App[None]):
     TITLE = "Kluis"
     CSS = CSS
-    COMMANDS = App.COMMANDS | {KluisCommands}
+    COMMANDS = App.COMMANDS | {KluisCommands, HistorySearch}
     BINDINGS = [
         Binding("question_mark", "help", "Help", key_display="?"),
         Binding("f1", "help", "Help", show=False),

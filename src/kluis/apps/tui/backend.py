@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import random
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
@@ -25,8 +26,11 @@ from kluis.client.client import KluisClient
 from kluis.client.events import (
     ConnectionDown,
     ConnectionUp,
+    ContactChanged,
     DeviceAlarm,
     MessageReceived,
+    MessagesExpired,
+    ReceiptReceived,
     Undecryptable,
 )
 from kluis.client.groups import GroupState
@@ -35,7 +39,7 @@ from kluis.client.store import ProfileStore
 from kluis.client.transport import TransportFactory, WebSocketTransport
 from kluis.client.verification import Status
 from kluis.crypto.profile_key import KdfParams
-from kluis.errors import LocalProtocolError
+from kluis.errors import LocalProtocolError, TransportError
 
 T = TypeVar("T")
 
@@ -53,7 +57,16 @@ class Offline:
     retry_in: float
 
 
-BackendEvent = Online | Offline | MessageReceived | Undecryptable | DeviceAlarm
+BackendEvent = (
+    Online
+    | Offline
+    | MessageReceived
+    | Undecryptable
+    | DeviceAlarm
+    | ReceiptReceived
+    | ContactChanged
+    | MessagesExpired
+)
 Post = Callable[[BackendEvent], None]
 
 
@@ -75,6 +88,24 @@ class Backend(Protocol):
 
     async def verification_status(self, peer: str) -> tuple[Status, str]:
         """Whether ``peer`` is verified by SAS; for a broken verification, why."""
+
+    async def contacts(self) -> dict[str, str]:
+        """Nicknames by account ID."""
+
+    async def set_contact(self, account: str, name: str) -> None:
+        """Name ``account`` here and on our other devices."""
+
+    async def timers(self) -> dict[str, int]:
+        """The disappearing-message timer of every conversation that has one (seconds)."""
+
+    async def set_timer(self, conversation: str, seconds: int) -> Message:
+        """Set ``conversation``'s timer (0: off); returns the system line filed in history."""
+
+    async def mark_read(self, conversation: str) -> None:
+        """The user saw ``conversation``: read receipts go out (when turned on)."""
+
+    async def renewal_notice(self) -> str:
+        """A line about the subscription's end once it is near (or past), else ""."""
 
     def start(self, post: Post) -> None:
         """Connect and keep connected, handing every event to ``post`` (thread-safe)."""
@@ -207,6 +238,29 @@ class ClientBackend:
     async def verification_status(self, peer: str) -> tuple[Status, str]:
         return await self._run(lambda: _value(self._client.verification_status(peer)))
 
+    async def contacts(self) -> dict[str, str]:
+        return await self._run(lambda: _value(self._client.contacts()))
+
+    async def set_contact(self, account: str, name: str) -> None:
+        await self._run(lambda: self._client.set_contact(account, name))
+
+    async def timers(self) -> dict[str, int]:
+        return await self._run(lambda: _value(self._client.timers()))
+
+    async def set_timer(self, conversation: str, seconds: int) -> Message:
+        return await self._run(lambda: self._client.set_timer(conversation, seconds))
+
+    async def mark_read(self, conversation: str) -> None:
+        async def mark() -> None:
+            # offline: the receipts wait in the profile for the next connection
+            with contextlib.suppress(TransportError):
+                await self._client.mark_read(conversation)
+
+        await self._run(mark)
+
+    async def renewal_notice(self) -> str:
+        return await self._run(lambda: _value(self._client.renewal_notice()))
+
     def start(self, post: Post) -> None:
         if self._pump is None:
             self._pump = asyncio.run_coroutine_threadsafe(self._follow(post), self._thread.loop)
@@ -238,10 +292,17 @@ class ClientBackend:
                             post(Online())
                         case ConnectionDown(reason=why):
                             reason = why
-                        case MessageReceived() | Undecryptable() | DeviceAlarm():
+                        case (
+                            MessageReceived()
+                            | Undecryptable()
+                            | DeviceAlarm()
+                            | ReceiptReceived()
+                            | ContactChanged()
+                            | MessagesExpired()
+                        ):
                             post(event)
                         case _:
-                            pass  # receipts, contacts, notes, expiry: not shown by the app yet
+                            pass  # notes: the app does not show them
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # refused login, DNS, ...: say why, and try again later

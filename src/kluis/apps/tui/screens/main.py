@@ -1,7 +1,15 @@
-"""The main screen: conversation list, chat view, compose box, status line."""
+"""The main screen: conversation list, chat view, compose box, status line.
+
+Theory of operation: the screen keeps a :class:`~kluis.apps.tui.model.ConversationBook` (pure)
+and draws it; everything that touches the client (history, sending, nicknames, timers, read
+marks) runs in a Textual worker that awaits the backend's thread, so the UI never waits on
+cryptography, the profile or the network. Events of the client arrive as
+:class:`BackendMessage` and change the book, then the widgets.
+"""
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
 from rich.text import Text
@@ -14,8 +22,16 @@ from textual.screen import Screen
 from textual.widgets import Footer, OptionList, Static
 
 from kluis.apps.tui.backend import BackendEvent, Offline, Online
-from kluis.apps.tui.model import UNREADABLE, ConversationBook, KeyWarning, Notice
+from kluis.apps.tui.model import (
+    OPERATOR_TITLE,
+    UNREADABLE,
+    ConversationBook,
+    KeyWarning,
+    Notice,
+    is_person,
+)
 from kluis.apps.tui.safe_text import safe_line
+from kluis.apps.tui.screens.contact import NicknameScreen, TimerScreen
 from kluis.apps.tui.screens.dialogs import (
     AlarmScreen,
     KeyChangeScreen,
@@ -24,8 +40,18 @@ from kluis.apps.tui.screens.dialogs import (
     NewGroupScreen,
 )
 from kluis.apps.tui.widgets import ChatLog, ComposeArea, ConversationList, StatusLine
-from kluis.client.events import DeviceAlarm, MessageReceived, Undecryptable
+from kluis.client.events import (
+    ContactChanged,
+    DeviceAlarm,
+    MessageReceived,
+    MessagesExpired,
+    ReceiptReceived,
+    Undecryptable,
+)
 from kluis.client.groups import is_group_id
+from kluis.client.operator import OPERATOR
+from kluis.client.records import Message
+from kluis.client.timers import describe
 from kluis.client.verification import Status
 from kluis.errors import KluisError, UntrustedDevice, VerificationBroken
 
@@ -48,10 +74,13 @@ class MainScreen(Screen[None]):
     app: KluisApp
 
     BINDINGS = [
-        Binding("ctrl+n", "new_conversation", "New chat"),
-        Binding("ctrl+g", "new_group", "New group"),
-        Binding("f2", "members", "Members"),
-        Binding("ctrl+y", "show_id", "My ID"),
+        Binding("ctrl+n", "new_conversation", "New chat", id="new_conversation"),
+        Binding("ctrl+g", "new_group", "New group", id="new_group"),
+        Binding("ctrl+f", "search", "Search", id="search"),
+        Binding("f2", "members", "Members", id="members"),
+        Binding("f3", "nickname", "Name", id="nickname"),
+        Binding("f4", "timer", "Timer", id="timer"),
+        Binding("ctrl+y", "show_id", "My ID", id="show_id"),
     ]
 
     def __init__(self) -> None:
@@ -60,6 +89,7 @@ class MainScreen(Screen[None]):
         self.online: bool | None = None
         self.status_detail = ""
         self.alarmed = False
+        self.expiry_notice = ""  # the subscription's end, once near: stays in the status line
         # conversations whose last send was refused for a key change, until acknowledged:
         # the compose box takes no input for them meanwhile
         self.key_warnings: dict[str, KeyWarning] = {}
@@ -91,7 +121,12 @@ class MainScreen(Screen[None]):
         history = await backend.history()
         groups = await backend.groups()
         quarantined = await backend.quarantined()
-        self.book.load(history, groups)
+        self.book.load(history, groups, await backend.contacts(), await backend.timers())
+        self.expiry_notice = await backend.renewal_notice()
+        if self.expiry_notice:
+            self.book.notice(Notice(self.app.now(), "operator", self.expiry_notice))
+            self.app.notify(self.expiry_notice, title="Subscription", severity="warning")
+            self._show_status()
         if quarantined:
             self.book.notice(
                 Notice(
@@ -108,7 +143,7 @@ class MainScreen(Screen[None]):
             self._refresh_list()
             self._refresh_chat()
         backend.start(self._post_event)
-        self._check_verification([row.id for row in rows if not row.is_group])
+        self._check_verification([row.id for row in rows if is_person(row.id)])
 
     def _post_event(self, event: BackendEvent) -> None:
         """Called on the client thread: post_message is thread-safe."""
@@ -129,15 +164,32 @@ class MainScreen(Screen[None]):
                 self.book.add(m)
                 if is_group_id(m.conversation):
                     self._reload_groups()
+                if m.kind == "timer":
+                    self._reload_timers()
                 if m.conversation == self.book.open_id:
-                    self.query_one(ChatLog).add_message(
-                        m, self.book.me, self.app.now(), self.app.tz
+                    self._show_message(m)
+                    if m.conversation != OPERATOR:
+                        self._mark_read(m.conversation)
+                if m.sender == OPERATOR:
+                    self.app.notify(
+                        safe_line(m.text).plain, title=OPERATOR_TITLE, severity="information"
                     )
                 self._refresh_list()
-            case Undecryptable(code=code, reason=reason):
-                notice = Notice(
-                    self.app.now(), "unreadable", f"unreadable message ({code}): {reason}"
-                )
+            case ReceiptReceived(conversation=conversation):
+                if conversation == self.book.open_id:
+                    self._fill_chat()  # the marks of our messages changed
+            case ContactChanged(account=account, name=name):
+                self.book.set_nickname(account, name)
+                self._refresh_list()
+                self._refresh_chat()
+            case MessagesExpired():
+                self._refresh_chat()
+            case Undecryptable(code=code, reason=reason, sender=sender, device=device):
+                text = f"unreadable message ({code}): {reason}"
+                if sender:
+                    text += f"; claims to be from {self.book.title(sender)}"
+                    text += f" ({sender}), device {device[:12]}" if device else f" ({sender})"
+                notice = Notice(self.app.now(), "unreadable", text)
                 self.book.notice(notice)
                 if self.book.open_id == UNREADABLE:
                     self.query_one(ChatLog).add_notice(notice, self.app.now(), self.app.tz)
@@ -166,6 +218,22 @@ class MainScreen(Screen[None]):
             self._refresh_list()
             self._refresh_title()
 
+    @work(group="timers")
+    async def _reload_timers(self) -> None:
+        timers = await self.app.backend_required.timers()
+        changed = False
+        for row in self.book.rows():
+            changed |= self.book.set_timer(row.id, timers.get(row.id, 0))
+        if changed:
+            self._refresh_list()
+            self._refresh_title()
+
+    @work(group="read")
+    async def _mark_read(self, conversation: str) -> None:
+        """Read receipts for what the user now sees (the client sends them when connected)."""
+        with contextlib.suppress(KluisError):  # a courtesy: it must not disturb the chat
+            await self.app.backend_required.mark_read(conversation)
+
     @work(group="groups")
     async def _reload_groups(self) -> None:
         for group in await self.app.backend_required.groups():
@@ -177,7 +245,12 @@ class MainScreen(Screen[None]):
 
     def _show_status(self) -> None:
         self.query_one(StatusLine).set_state(
-            self.online, self.book.me, self.status_detail, self.alarmed
+            self.online, self.book.me, self.status_detail, self.alarmed, self.expiry_notice
+        )
+
+    def _show_message(self, m: Message) -> None:
+        self.query_one(ChatLog).add_message(
+            m, self.book.me, self.app.now(), self.app.tz, self.book.name(m.sender)
         )
 
     def _refresh_list(self) -> None:
@@ -191,13 +264,17 @@ class MainScreen(Screen[None]):
             title.update(Text("No conversation: Ctrl+N to start one", style="dim"))
             return
         text = Text("# " if row.is_group else "", style="bold cyan")
-        text.append_text(safe_line(row.title, "bold"))
+        text.append_text(safe_line(row.title, "bold magenta" if row.id == OPERATOR else "bold"))
         if row.is_group:
             text.append(f"  {len(row.members)} members · F2", style="dim")
-        elif row.verification == "verified":
+        elif is_person(row.id) and row.title != row.id:
+            text.append(f"  {row.id}", style="dim")  # a nickname: the real ID next to it
+        if row.verification == "verified":
             text.append("  ✓ verified", style="bold green")
         elif row.verification == "broken":
             text.append("  ⚠ keys changed: verify again", style="bold red")
+        if row.timer:
+            text.append(f"  ◷ {describe(row.timer)}", style="yellow")
         title.update(text)
 
     def _refresh_chat(self) -> None:
@@ -221,17 +298,22 @@ class MainScreen(Screen[None]):
         if conversation != self.book.open_id:
             return
         log.reset()
+        if conversation == OPERATOR:
+            for notice in self.book.notices:
+                if notice.kind == "operator":
+                    log.add_notice(notice, self.app.now(), self.app.tz)
         for m in messages:
-            log.add_message(m, self.book.me, self.app.now(), self.app.tz)
+            self._show_message(m)
 
     def open_conversation(self, conversation: str) -> None:
         self.book.open(conversation)
         self._refresh_list()
         self._refresh_chat()
         self._guard_compose()
-        row = self.book.get(conversation)
-        if row is not None and not row.is_group and conversation != UNREADABLE:
+        if is_person(conversation):
             self._check_verification([conversation])
+        if conversation not in (UNREADABLE, OPERATOR):
+            self._mark_read(conversation)
 
     def _guard_compose(self) -> None:
         """No input in the compose box while the open conversation has an unacknowledged
@@ -276,7 +358,7 @@ class MainScreen(Screen[None]):
             return
         self.book.add(sent)
         if conversation == self.book.open_id:
-            self.query_one(ChatLog).add_message(sent, self.book.me, self.app.now(), self.app.tz)
+            self._show_message(sent)
         self._refresh_list()
 
     async def _key_changed(
@@ -354,6 +436,65 @@ class MainScreen(Screen[None]):
             self.app.notify("the open conversation is not a group", severity="warning")
             return
         self.app.push_screen(MembersScreen(row, self.book.me))
+
+    def action_nickname(self) -> None:
+        """Name the open conversation's peer (F3); an empty name goes back to the ID."""
+        conversation = self.book.open_id or ""
+        if not is_person(conversation):
+            self.app.notify("open a conversation with a person to name them", severity="warning")
+            return
+
+        def named(name: object) -> None:
+            if isinstance(name, str):
+                self._set_nickname(conversation, name)
+
+        current = self.book.nicknames.get(conversation, "")
+        self.app.push_screen(NicknameScreen(conversation, current), named)
+
+    @work(group="contacts")
+    async def _set_nickname(self, account: str, name: str) -> None:
+        try:
+            await self.app.backend_required.set_contact(account, name)
+        except KluisError as exc:
+            self.app.notify(safe_line(str(exc)).plain, title="Not named", severity="error")
+            return
+        self.book.set_nickname(account, name)
+        self._refresh_list()
+        self._refresh_chat()
+
+    def action_timer(self) -> None:
+        """Set the open conversation's disappearing-message timer (F4)."""
+        conversation = self.book.open_id or ""
+        row = self.book.get(conversation)
+        if row is None or conversation in (UNREADABLE, OPERATOR):
+            self.app.notify("open a conversation first", severity="warning")
+            return
+
+        def chosen(seconds: object) -> None:
+            if isinstance(seconds, int):
+                self._set_timer(conversation, seconds)
+
+        self.app.push_screen(TimerScreen(row.title, row.timer), chosen)
+
+    @work(group="timers")
+    async def _set_timer(self, conversation: str, seconds: int) -> None:
+        try:
+            line = await self.app.backend_required.set_timer(conversation, seconds)
+        except KluisError as exc:
+            self.app.notify(safe_line(str(exc)).plain, title="Timer not set", severity="error")
+            return
+        self.book.set_timer(conversation, seconds)
+        self.book.add(line)
+        if conversation == self.book.open_id:
+            self._show_message(line)
+        self._refresh_list()
+        self._refresh_title()
+
+    def action_search(self) -> None:
+        """Search the local history (Ctrl+F): conversations and messages."""
+        from kluis.apps.tui.search import open_search
+
+        open_search(self.app)
 
     def action_show_id(self) -> None:
         from kluis.apps.tui.screens.onboarding import IdScreen
