@@ -232,3 +232,42 @@ async def test_a_key_change_after_verification_is_warned_and_nothing_is_sent(
     got = await bob.receive(wait=2)
     assert "are you there" not in [m.text for m in got + bob.history(alice_c.account_id)]
     await bob.close()
+
+
+async def test_nickname_timer_and_read_receipts_between_two_apps(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    alice_client = await register(server, tmp_path / "alice")
+    bob_client = await register(server, tmp_path / "bob")
+    alice_id, bob_id = alice_client.account_id, bob_client.account_id
+    await alice_client.close()
+    await bob_client.close()
+    alice = make_app(tmp_path / "alice", server)
+    bob = make_app(tmp_path / "bob", server)
+    async with alice.run_test(size=(80, 24)) as a, bob.run_test(size=(80, 24)) as b:
+        for app, pilot in ((alice, a), (bob, b)):
+            app.screen.query_one("#passphrase", Input).value = PASSPHRASE
+            await pilot.press("enter")
+            await until(pilot, lambda app=app: isinstance(app.screen, MainScreen))
+            await until(pilot, lambda app=app: main(app).online is True)
+
+        # alice names bob (F3): the name is in her list and kept in her profile
+        main(alice).open_conversation(bob_id)
+        await a.press("f3", *"Bob", "enter")
+        await until(a, lambda: (main(alice).book.get(bob_id) or row0).title == "Bob")
+        assert await alice.backend_required.contacts() == {bob_id: "Bob"}
+
+        # alice writes; once bob has the conversation open, her message shows read (✓✓)
+        alice.screen.query_one(ComposeArea).focus()
+        await a.press(*"hello", "enter")
+        await until(b, lambda: main(bob).book.get(alice_id) is not None)
+        main(bob).open_conversation(alice_id)
+        await until(b, lambda: "hello" in shown(bob))
+        await until(a, lambda: "you ✓✓" in shown(alice))
+
+        # alice sets the timer (F4, 5 min): both lists mark it, bob sees the system line
+        await a.press("f4", "down", "enter")
+        await until(a, lambda: (main(alice).book.get(bob_id) or row0).timer == 300)
+        await until(b, lambda: (main(bob).book.get(alice_id) or row0).timer == 300)
+        await until(b, lambda: "disappearing messages: 5 min" in shown(bob))
+        assert await bob.backend_required.timers() == {alice_id: 300}
