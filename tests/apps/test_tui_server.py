@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,10 @@ def main(app: KluisApp) -> MainScreen:
     screen = app.screen
     assert isinstance(screen, MainScreen), screen
     return screen
+
+
+def is_online(app: KluisApp) -> bool:
+    return isinstance(app.screen, MainScreen) and main(app).online is True
 
 
 def shown(app: KluisApp) -> str:
@@ -248,8 +253,8 @@ async def test_nickname_timer_and_read_receipts_between_two_apps(
         for app, pilot in ((alice, a), (bob, b)):
             app.screen.query_one("#passphrase", Input).value = PASSPHRASE
             await pilot.press("enter")
-            await until(pilot, lambda app=app: isinstance(app.screen, MainScreen))
-            await until(pilot, lambda app=app: main(app).online is True)
+        for app, pilot in ((alice, a), (bob, b)):
+            await until(pilot, partial(is_online, app))
 
         # alice names bob (F3): the name is in her list and kept in her profile
         main(alice).open_conversation(bob_id)
