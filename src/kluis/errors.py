@@ -5,6 +5,8 @@ remote refusal back to the class below with :func:`error_for_code`.
 
     KluisError
     ├── LocalProtocolError        you misused the API (our bug or the caller's)
+    │   └── BadConfig                 bad_config: a settings file (e.g. the app's keys.toml)
+    │                                 that does not parse or names unknown actions or keys
     ├── RemoteProtocolError       the peer sent something that breaks the protocol
     │   ├── MalformedFrame            bad_frame: undecodable or schema-violating frame
     │   ├── FrameTooLarge             frame_too_large
@@ -66,6 +68,10 @@ class KluisError(Exception):
 
 class LocalProtocolError(KluisError):
     code = "local_protocol"
+
+
+class BadConfig(LocalProtocolError):
+    code = "bad_config"
 
 
 class RemoteProtocolError(KluisError):

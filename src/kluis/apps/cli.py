@@ -811,8 +811,11 @@ def _add_feature_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser
 
 def cmd_chat(args: argparse.Namespace) -> None:
     from kluis.apps.tui.app import KluisApp  # Textual loads only for this command
+    from kluis.apps.tui.keys import keymap_paths, load_keymap
 
-    KluisApp(Path(args.profile).expanduser(), default_server=args.server).run()
+    profile = Path(args.profile).expanduser()
+    keymap = load_keymap(keymap_paths(profile))  # a bad file: one line, before the screen
+    KluisApp(profile, default_server=args.server, keymap=keymap).run()
 
 
 def _async(

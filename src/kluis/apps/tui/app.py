@@ -4,13 +4,14 @@
 
 The app starts on the first-run screen when the profile folder holds no profile, else on the
 unlock screen; tests and screenshots may hand it a ready :class:`~.backend.Backend` instead.
+``keymap`` (action -> keys, from :func:`~.keys.load_keymap`) replaces default keys.
 Time is injected (``clock``, ``tz``) and the cursor blink can be turned off, so that screenshots
 are the same on every run.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, tzinfo
 from functools import partial
 from pathlib import Path
@@ -100,9 +101,9 @@ class KluisApp(App[None]):
     CSS = CSS
     COMMANDS = App.COMMANDS | {KluisCommands, HistorySearch}
     BINDINGS = [
-        Binding("question_mark", "help", "Help", key_display="?"),
+        Binding("question_mark", "help", "Help", key_display="?", id="help"),
         Binding("f1", "help", "Help", show=False),
-        Binding("ctrl+t", "toggle_dark_theme", "Theme"),
+        Binding("ctrl+t", "toggle_dark_theme", "Theme", id="toggle_dark_theme", show=False),
     ]
 
     def __init__(
@@ -119,8 +120,10 @@ class KluisApp(App[None]):
         backoff_base: float = 0.5,
         backoff_cap: float = 30.0,
         theme: str = "textual-dark",
+        keymap: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__()
+        self.keys = dict(keymap or {})  # action -> keys, checked (see keys.load_keymap)
         self.profile = profile
         self.backend = backend
         self.transport_factory = transport_factory
@@ -142,6 +145,8 @@ class KluisApp(App[None]):
         return self.backend
 
     def on_mount(self) -> None:
+        if self.keys:
+            self.set_keymap(self.keys)
         if self.backend is not None:
             self.push_screen(MainScreen())
         elif profile_exists(self.profile):

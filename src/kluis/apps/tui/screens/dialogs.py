@@ -12,6 +12,7 @@ from textual.containers import Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Static
 
+from kluis.apps.tui.keys import KEYS_FILE, active_keys
 from kluis.apps.tui.model import Conversation, KeyWarning, is_account_id, parse_ids
 from kluis.apps.tui.safe_text import safe_line
 
@@ -123,39 +124,33 @@ class MembersScreen(_Dialog):
             yield Static("Esc to close", classes="hint")
 
 
-HELP = [
+FIXED_KEYS = [
     ("Enter", "send the message"),
     ("Shift+Enter, Ctrl+J", "new line in the message"),
-    ("Tab, Shift+Tab", "move between the list, the chat and the compose box"),
-    ("Ctrl+N", "new conversation by ID"),
-    ("Ctrl+G", "new group"),
-    ("Ctrl+F", "search messages and conversations"),
-    ("F2", "members of the open group"),
-    ("F3", "nickname of the open conversation's peer"),
-    ("F4", "disappearing-message timer"),
-    ("Ctrl+Y", "your ID and its QR code"),
-    ("Ctrl+T", "light / dark theme"),
-    ("Ctrl+P", "command palette (commands, conversations)"),
-    ("? or F1", "this help"),
-    ("Ctrl+Q", "quit"),
+    ("Tab, Shift+Tab", "move: list, chat, compose box"),
+    ("Ctrl+P", "palette: commands, chats, messages"),
+    ("Esc; Ctrl+Q", "close a dialog; quit"),
 ]
+MARKS = "✓ delivered · ✓✓ read · ◷ disappearing messages are on"
 
 
 class HelpScreen(_Dialog):
     BINDINGS = [Binding("escape,enter,q,question_mark", "cancel", "Close")]
 
     def compose(self) -> ComposeResult:
+        keymap = getattr(self.app, "keys", {})
         table = Table.grid(padding=(0, 2))
         table.add_column(style="bold cyan", no_wrap=True)
         table.add_column()
-        for keys, what in HELP:
+        for keys, what in [*FIXED_KEYS[:3], *active_keys(keymap), *FIXED_KEYS[3:]]:
             table.add_row(keys, what)
-        with Vertical(classes="dialog"):
-            yield Static(Text("Keys", style="bold"), classes="title")
+        with VerticalScroll(classes="dialog", id="help"):
+            yield Static(Text("Keys", style="bold"))
             yield Static(table)
+            yield Static(MARKS, classes="hint")
             yield Static(
-                "Text from others is shown as sent; control characters and direction "
-                "overrides appear escaped, highlighted, e.g. \\x1b or \\u202e.",
+                "Others' control characters show escaped: \\x1b, \\u202e. "
+                f"Keys: {KEYS_FILE} in the profile or ~/.config/kluis/",
                 classes="hint",
             )
 

@@ -73,14 +73,16 @@ class BackendMessage(TextualMessage):
 class MainScreen(Screen[None]):
     app: KluisApp
 
+    # priority: these keys work even while the compose box (a TextArea, with keys of its own
+    # such as Ctrl+Y and F6) has the focus; keys.py refuses keys that would type text
     BINDINGS = [
-        Binding("ctrl+n", "new_conversation", "New chat", id="new_conversation"),
-        Binding("ctrl+g", "new_group", "New group", id="new_group"),
-        Binding("ctrl+f", "search", "Search", id="search"),
-        Binding("f2", "members", "Members", id="members"),
-        Binding("f3", "nickname", "Name", id="nickname"),
-        Binding("f4", "timer", "Timer", id="timer"),
-        Binding("ctrl+y", "show_id", "My ID", id="show_id"),
+        Binding("ctrl+n", "new_conversation", "New chat", id="new_conversation", priority=True),
+        Binding("ctrl+g", "new_group", "New group", id="new_group", priority=True),
+        Binding("ctrl+f", "search", "Search", id="search", priority=True),
+        Binding("f2", "members", "Members", id="members", priority=True, show=False),
+        Binding("f3", "nickname", "Name", id="nickname", priority=True),
+        Binding("f4", "timer", "Timer", id="timer", priority=True),
+        Binding("ctrl+y", "show_id", "My ID", id="show_id", priority=True, show=False),
     ]
 
     def __init__(self) -> None:
