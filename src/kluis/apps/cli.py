@@ -765,43 +765,43 @@ def _add_feature_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser
     cts = ct.add_subparsers(dest="action", required=True)
     for action in ("add", "rename"):
         c = cts.add_parser(action, help=f"{action} a nickname for ID")
-        c.add_argument("--profile", required=True)
+        c.add_argument("--profile", required=True, help=PROFILE_HELP)
         c.add_argument("id")
         c.add_argument("name")
         c.set_defaults(func=_async(_contact_set))
     cl = cts.add_parser("list", help="ID<TAB>NAME per contact")
-    cl.add_argument("--profile", required=True)
+    cl.add_argument("--profile", required=True, help=PROFILE_HELP)
     cl.set_defaults(func=cmd_contact_list)
 
     cv = sub.add_parser(
         "conversations", help="ID<TAB>NAME<TAB>UNREAD<TAB>LAST-ACTIVITY, newest first"
     )
-    cv.add_argument("--profile", required=True)
+    cv.add_argument("--profile", required=True, help=PROFILE_HELP)
     cv.add_argument("--json", action="store_true", help="JSON Lines, for scripts")
     cv.set_defaults(func=cmd_conversations)
 
     tm = sub.add_parser("timer", help="disappearing messages in ID: SECONDS (0: off)")
-    tm.add_argument("--profile", required=True)
+    tm.add_argument("--profile", required=True, help=PROFILE_HELP)
     tm.add_argument("id")
     tm.add_argument("seconds", type=int)
     tm.set_defaults(func=_async(_timer))
 
     rc = sub.add_parser("receipts", help="send read receipts or not (delivered: always)")
-    rc.add_argument("--profile", required=True)
+    rc.add_argument("--profile", required=True, help=PROFILE_HELP)
     rc.add_argument("state", choices=["on", "off"])
     rc.set_defaults(func=cmd_receipts)
 
     nt = sub.add_parser("notes", help="your private notebook (synced to your devices)")
     nts = nt.add_subparsers(dest="action", required=True)
     na = nts.add_parser("add", help="print the new note's ID")
-    na.add_argument("--profile", required=True)
+    na.add_argument("--profile", required=True, help=PROFILE_HELP)
     na.add_argument("text")
     na.set_defaults(func=_async(_notes_add))
     nl = nts.add_parser("list", help="NOTE<TAB>TIME<TAB>TEXT, oldest first")
-    nl.add_argument("--profile", required=True)
+    nl.add_argument("--profile", required=True, help=PROFILE_HELP)
     nl.set_defaults(func=cmd_notes_list)
     nd = nts.add_parser("delete")
-    nd.add_argument("--profile", required=True)
+    nd.add_argument("--profile", required=True, help=PROFILE_HELP)
     nd.add_argument("note")
     nd.set_defaults(func=_async(_notes_delete))
 
@@ -822,6 +822,11 @@ def _async(
     fn: Callable[[argparse.Namespace], Awaitable[None]],
 ) -> Callable[[argparse.Namespace], None]:
     return lambda args: asyncio.run(fn(args))  # type: ignore[arg-type]
+
+
+PROFILE_HELP = "profile folder: this device's keys and history, encrypted"
+SERVER_HELP = "server URL, e.g. https://chat.example or http://127.0.0.1:8448"
+DATA_HELP = "the server's data folder (database, attachments)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -856,7 +861,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="WORD",
         help="Redis channel prefix, the same on every node of one deployment (default kluis)",
     )
-    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
     s.add_argument(
         "--port", type=_port, default=DEFAULT_PORT, help=f"TCP port (default {DEFAULT_PORT})"
     )
@@ -870,12 +875,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--sync",
         choices=["normal", "full"],
         default="normal",
-        help="SQLite durability: normal survives a crash, full also a power cut",
+        help="SQLite durability: normal survives a crash, full also a power cut (default normal)",
     )
-    s.add_argument("--envelope-ttl-days", type=float)
-    s.add_argument("--mailbox-quota", type=int)
-    s.add_argument("--max-frame-bytes", type=int)
-    s.add_argument("--send-rate", type=float, help="sends per second per device")
+    s.add_argument(
+        "--envelope-ttl-days",
+        type=float,
+        help="days an undelivered message waits on the server (default 30)",
+    )
+    s.add_argument(
+        "--mailbox-quota",
+        type=int,
+        help="how many undelivered messages a device may have waiting (default 10000)",
+    )
+    s.add_argument(
+        "--max-frame-bytes",
+        type=int,
+        help="largest WebSocket frame, in bytes (default 2097152: 2 MiB)",
+    )
+    s.add_argument(
+        "--send-rate", type=float, help="sends per second per device (default 50; burst 10 s)"
+    )
     s.add_argument(
         "--limit",
         action="append",
@@ -902,7 +921,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lc.set_defaults(func=cmd_licence_create)
     lr = lic.add_parser("renew", help="extend your account with CODE; prints the new end")
-    lr.add_argument("--profile", required=True)
+    lr.add_argument("--profile", required=True, help=PROFILE_HELP)
     lr.add_argument("code")
     lr.set_defaults(func=_async(_licence_renew))
 
@@ -918,7 +937,7 @@ def build_parser() -> argparse.ArgumentParser:
     au = sub.add_parser(
         "audit-storage", help="scan a server's data as a seizer would; exit 1 on any finding"
     )
-    au.add_argument("--data", required=True)
+    au.add_argument("--data", required=True, help=DATA_HELP)
     au.add_argument("--database", help="sqlite:///PATH (PostgreSQL: not supported yet)")
     au.add_argument("--marker", action="append", default=[], help="plaintext that must not appear")
     au.add_argument("--bytes", action="append", default=[], help="raw bytes (hex/base64)")
@@ -933,41 +952,41 @@ def build_parser() -> argparse.ArgumentParser:
     au.set_defaults(func=cmd_audit_storage)
 
     r = sub.add_parser("register", help="redeem a licence; prints the new ID")
-    r.add_argument("--server", required=True)
-    r.add_argument("--licence", required=True)
-    r.add_argument("--profile", required=True)
+    r.add_argument("--server", required=True, help=SERVER_HELP)
+    r.add_argument("--licence", required=True, help="a licence code from your operator")
+    r.add_argument("--profile", required=True, help=PROFILE_HELP)
     r.set_defaults(func=_async(_register))
 
     w = sub.add_parser("whoami", help="print this profile's ID")
-    w.add_argument("--profile", required=True)
+    w.add_argument("--profile", required=True, help=PROFILE_HELP)
     w.set_defaults(func=_async(_whoami))
 
     dev = sub.add_parser("device", help="link, list and revoke devices").add_subparsers(
         dest="action", required=True
     )
     dr = dev.add_parser("request", help="new device: print a one-time link code")
-    dr.add_argument("--server", required=True)
-    dr.add_argument("--profile", required=True)
+    dr.add_argument("--server", required=True, help=SERVER_HELP)
+    dr.add_argument("--profile", required=True, help=PROFILE_HELP)
     dr.add_argument(
         "--account",
         help="the ID this device is to join: any other account is refused once approved",
     )
     dr.set_defaults(func=_async(_device_request))
     da = dev.add_parser("approve", help="existing device: admit the device showing CODE")
-    da.add_argument("--profile", required=True)
+    da.add_argument("--profile", required=True, help=PROFILE_HELP)
     da.add_argument("code")
     da.set_defaults(func=_async(_device_approve))
     dl = dev.add_parser("list")
-    dl.add_argument("--profile", required=True)
+    dl.add_argument("--profile", required=True, help=PROFILE_HELP)
     dl.add_argument("--json", action="store_true", help="JSON Lines, for scripts")
     dl.set_defaults(func=_async(_device_list))
     dv = dev.add_parser("revoke")
-    dv.add_argument("--profile", required=True)
+    dv.add_argument("--profile", required=True, help=PROFILE_HELP)
     dv.add_argument("device")
     dv.set_defaults(func=_async(_device_revoke))
 
     sd = sub.add_parser("send", help="send TEXT to ID or GROUP; exits 0 once the server stored it")
-    sd.add_argument("--profile", required=True)
+    sd.add_argument("--profile", required=True, help=PROFILE_HELP)
     sd.add_argument("id", metavar="ID|GROUP")
     sd.add_argument("text", nargs="?", help="the message; - reads it from standard input")
     sd.add_argument("--file", help="send this file (encrypted, streamed); TEXT is its caption")
@@ -976,14 +995,14 @@ def build_parser() -> argparse.ArgumentParser:
     ob = sub.add_parser(
         "outbox", help="CONVERSATION<TAB>TIME<TAB>TEXT per message not sent yet, oldest first"
     )
-    ob.add_argument("--profile", required=True)
+    ob.add_argument("--profile", required=True, help=PROFILE_HELP)
     ob.set_defaults(func=cmd_outbox)
 
     dm = sub.add_parser(
         "daemon",
         help="keep the profile unlocked and connected; send and inbox then go through it",
     )
-    dm.add_argument("--profile", required=True)
+    dm.add_argument("--profile", required=True, help=PROFILE_HELP)
     dm.add_argument(
         "--lock-after",
         type=float,
@@ -994,12 +1013,12 @@ def build_parser() -> argparse.ArgumentParser:
     dm.set_defaults(func=cmd_daemon)
 
     fe = sub.add_parser("fetch", help="save every received file not saved yet; prints each path")
-    fe.add_argument("--profile", required=True)
+    fe.add_argument("--profile", required=True, help=PROFILE_HELP)
     fe.add_argument("--out", required=True, help="folder to save into (created if missing)")
     fe.set_defaults(func=_async(_fetch))
 
     ib = sub.add_parser("inbox", help="fetch, decrypt and print incoming messages")
-    ib.add_argument("--profile", required=True)
+    ib.add_argument("--profile", required=True, help=PROFILE_HELP)
     ib.add_argument(
         "--wait", type=float, default=0.0, help="seconds to listen for more (default 0)"
     )
@@ -1007,7 +1026,7 @@ def build_parser() -> argparse.ArgumentParser:
     ib.set_defaults(func=_async(_inbox))
 
     h = sub.add_parser("history", help="print stored conversations, oldest first")
-    h.add_argument("--profile", required=True)
+    h.add_argument("--profile", required=True, help=PROFILE_HELP)
     h.add_argument("id", nargs="?")
     h.add_argument("--json", action="store_true", help="JSON Lines, for scripts")
     h.set_defaults(func=cmd_history)
@@ -1016,7 +1035,7 @@ def build_parser() -> argparse.ArgumentParser:
         "safety-number",
         help="print ID's safety number (yours without ID); compare it with your peer out of band",
     )
-    sn.add_argument("--profile", required=True)
+    sn.add_argument("--profile", required=True, help=PROFILE_HELP)
     sn.add_argument("id", nargs="?")
     sn.set_defaults(func=_async(_safety_number))
 
@@ -1024,7 +1043,7 @@ def build_parser() -> argparse.ArgumentParser:
         "verify",
         help="verify ID interactively (emoji and numbers); the peer runs it with your ID",
     )
-    vf.add_argument("--profile", required=True)
+    vf.add_argument("--profile", required=True, help=PROFILE_HELP)
     vf.add_argument("id")
     vf.add_argument(
         "--timeout",
@@ -1039,7 +1058,7 @@ def build_parser() -> argparse.ArgumentParser:
     vf.set_defaults(func=_async(_verify))
 
     t = sub.add_parser("trust", help="accept the changed keys of ID")
-    t.add_argument("--profile", required=True)
+    t.add_argument("--profile", required=True, help=PROFILE_HELP)
     t.add_argument("id")
     t.set_defaults(func=cmd_trust)
 
@@ -1047,29 +1066,33 @@ def build_parser() -> argparse.ArgumentParser:
         "group", help="groups: create, add, remove, leave, members"
     ).add_subparsers(dest="group_command", required=True)
     gc = grp.add_parser("create", help="a new group of you and the IDs; prints the group's ID")
-    gc.add_argument("--profile", required=True)
+    gc.add_argument("--profile", required=True, help=PROFILE_HELP)
     gc.add_argument("name")
     gc.add_argument("ids", nargs="*", metavar="ID")
     gc.set_defaults(func=_async(_group_create))
     for action, help_ in (("add", "add members"), ("remove", "remove members")):
         ga = grp.add_parser(action, help=f"{help_}; everyone in the group hears of it")
-        ga.add_argument("--profile", required=True)
+        ga.add_argument("--profile", required=True, help=PROFILE_HELP)
         ga.add_argument("group")
         ga.add_argument("ids", nargs="+", metavar="ID")
         ga.set_defaults(func=_async(_group_change), action=action)
     gl = grp.add_parser("leave", help="leave the group; the others hear of it")
-    gl.add_argument("--profile", required=True)
+    gl.add_argument("--profile", required=True, help=PROFILE_HELP)
     gl.add_argument("group")
     gl.set_defaults(func=_async(_group_change), action="leave")
     gm = grp.add_parser("members", help="print the group's ID and name, then one member per line")
-    gm.add_argument("--profile", required=True)
+    gm.add_argument("--profile", required=True, help=PROFILE_HELP)
     gm.add_argument("group")
     gm.set_defaults(func=cmd_group_members)
     _add_feature_parsers(sub)
 
     ch = sub.add_parser("chat", help="the full-screen messenger (first run: register)")
     ch.add_argument("--profile", default="~/.kluis/default", help="default: %(default)s")
-    ch.add_argument("--server", default=f"http://127.0.0.1:{DEFAULT_PORT}", help="first run only")
+    ch.add_argument(
+        "--server",
+        default=f"http://127.0.0.1:{DEFAULT_PORT}",
+        help="server URL proposed on the first run (default %(default)s)",
+    )
     ch.set_defaults(func=cmd_chat)
     return p
 
@@ -1163,36 +1186,37 @@ def _add_operator_parsers(
     """The operator's subcommands of ``kluis admin`` (``ads``), and ``wipe`` and
     ``panic-passphrase`` (``sub``)."""
     ai = ads.add_parser("init", help="make the operator signing key; prints its public key")
-    ai.add_argument("--data", required=True)
+    ai.add_argument("--data", required=True, help=DATA_HELP)
     ai.add_argument(
         "--public-url",
         default=f"http://127.0.0.1:{DEFAULT_PORT}",
-        help="the URL clients use (as kluis serve --public-url); announcements are bound to it",
+        help="the URL clients use (as kluis serve --public-url); announcements are bound to it"
+        " (default %(default)s)",
     )
     ai.set_defaults(func=cmd_admin_init)
     an = ads.add_parser("announce", help="sign TEXT and queue it for every device")
-    an.add_argument("--data", required=True)
+    an.add_argument("--data", required=True, help=DATA_HELP)
     an.add_argument("--key", help="the operator key file (default DATA/operator.key)")
     an.add_argument("text")
     an.set_defaults(func=cmd_admin_announce)
     ac = ads.add_parser("account", help="suspend or reinstate an account; its wipe policy")
     ac.add_argument("action", choices=["suspend", "reinstate", "allow-wipe", "deny-wipe"])
-    ac.add_argument("--data", required=True)
+    ac.add_argument("--data", required=True, help=DATA_HELP)
     ac.add_argument("id")
     ac.set_defaults(func=cmd_admin_account)
     aw = ads.add_parser("wipe", help="order the account's devices (or one) to erase themselves")
-    aw.add_argument("--data", required=True)
-    aw.add_argument("--device")
+    aw.add_argument("--data", required=True, help=DATA_HELP)
+    aw.add_argument("--device", help="only this device (its key, from kluis device list)")
     aw.add_argument("--key", help="the operator key file (default DATA/operator.key)")
     aw.add_argument("id")
     aw.set_defaults(func=cmd_admin_wipe)
     wp = sub.add_parser("wipe", help="erase this profile (every file overwritten, then removed)")
-    wp.add_argument("--profile", required=True)
+    wp.add_argument("--profile", required=True, help=PROFILE_HELP)
     wp.set_defaults(func=cmd_wipe)
     pp = sub.add_parser(
         "panic-passphrase", help="set a second passphrase that erases the profile at unlock"
     )
-    pp.add_argument("--profile", required=True)
+    pp.add_argument("--profile", required=True, help=PROFILE_HELP)
     pp.set_defaults(func=cmd_panic_passphrase)
 
 
