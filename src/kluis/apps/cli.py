@@ -220,6 +220,7 @@ async def _register(args: argparse.Namespace) -> None:
         Path(args.profile),
         _passphrase(confirm=True),
         transport_factory=_dial(args),
+        device_name=args.device_name or "",
     )
     await client.close()
     print(client.account_id)
@@ -247,6 +248,7 @@ async def _device_request(args: argparse.Namespace) -> None:
         _passphrase(confirm=True),
         account=args.account or "",
         transport_factory=_dial(args),
+        device_name=args.device_name or "",
     )
     print(code)
 
@@ -293,23 +295,46 @@ def _outbox_refused(client: KluisClient) -> None:
 
 async def _device_approve(args: argparse.Namespace) -> None:
     async def body(client: KluisClient) -> None:
-        print(await client.approve(args.code))
+        print(await client.approve(args.code, name=args.name or ""))
 
     await _with_client(args, body)
 
 
 async def _device_list(args: argparse.Namespace) -> None:
     async def body(client: KluisClient) -> None:
-        for record in await client.devices():
-            this = record.keys.ed25519 == client.core.device_id
+        records = await client.devices()
+        labels = client.device_labels()
+        for record in records:
+            device = record.keys.ed25519
+            this = device == client.core.device_id
             status = client.core.device_status(record)
+            label = labels.get(device)
+            since = _day(label.since) if label else ""
+            name = label.name if label else ""
             if args.json:
-                line = {"device": record.keys.ed25519, "status": status, "this_device": this}
+                line = {
+                    "device": device,
+                    "status": status,
+                    "this_device": this,
+                    "name": name,
+                    "since": since,  # the day this profile first knew it (made, approved, listed)
+                }
                 print(json.dumps(line))
             else:
-                print(f"{record.keys.ed25519}\t{status}" + (" (this device)" if this else ""))
+                mark = " (this device)" if this else ""
+                print(f"{device}\t{status}\t{since or '-'}\t{safe_text(name) or '-'}{mark}")
 
     await _with_client(args, body)
+
+
+def cmd_device_name(args: argparse.Namespace) -> None:
+    """Name one of our devices in this profile (offline: the name never leaves it)."""
+
+    def body(client: KluisClient) -> None:
+        client.name_device(args.device, args.name)
+        print(f"named {args.device}: {safe_text(args.name.strip())}")
+
+    _offline(args, body)
 
 
 async def _device_revoke(args: argparse.Namespace) -> None:
@@ -827,6 +852,7 @@ def _async(
 PROFILE_HELP = "profile folder: this device's keys and history, encrypted"
 SERVER_HELP = "server URL, e.g. https://chat.example or http://127.0.0.1:8448"
 DATA_HELP = "the server's data folder (database, attachments)"
+DEVICE_NAME_HELP = "a name for this device, e.g. laptop (kept in this profile only)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -955,6 +981,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--server", required=True, help=SERVER_HELP)
     r.add_argument("--licence", required=True, help="a licence code from your operator")
     r.add_argument("--profile", required=True, help=PROFILE_HELP)
+    r.add_argument("--device-name", help=DEVICE_NAME_HELP)
     r.set_defaults(func=_async(_register))
 
     w = sub.add_parser("whoami", help="print this profile's ID")
@@ -971,15 +998,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--account",
         help="the ID this device is to join: any other account is refused once approved",
     )
+    dr.add_argument("--device-name", help=DEVICE_NAME_HELP)
     dr.set_defaults(func=_async(_device_request))
     da = dev.add_parser("approve", help="existing device: admit the device showing CODE")
     da.add_argument("--profile", required=True, help=PROFILE_HELP)
     da.add_argument("code")
+    da.add_argument("--name", help="a name for the new device, e.g. laptop (this profile only)")
     da.set_defaults(func=_async(_device_approve))
-    dl = dev.add_parser("list")
+    dl = dev.add_parser(
+        "list", help="DEVICE<TAB>STATUS<TAB>SINCE<TAB>NAME; SINCE: the day this profile met it"
+    )
     dl.add_argument("--profile", required=True, help=PROFILE_HELP)
     dl.add_argument("--json", action="store_true", help="JSON Lines, for scripts")
     dl.set_defaults(func=_async(_device_list))
+    dn = dev.add_parser("name", help="name one of your devices (kept in this profile only)")
+    dn.add_argument("--profile", required=True, help=PROFILE_HELP)
+    dn.add_argument("device", help="its ID, as kluis device list prints it")
+    dn.add_argument("name", help="1 to 64 characters, e.g. phone")
+    dn.set_defaults(func=cmd_device_name)
     dv = dev.add_parser("revoke")
     dv.add_argument("--profile", required=True, help=PROFILE_HELP)
     dv.add_argument("device")
