@@ -36,16 +36,16 @@ def test_profile_keys_win_over_the_config_folder(tmp_path: Path) -> None:
     assert load_keymap([general, own]) == {}  # no file: the defaults
     general.parent.mkdir(parents=True)
     profile.mkdir()
-    general.write_text('search = "ctrl+s"\nnickname = "f6"\n')
-    own.write_text('# mine\nnickname = "F7, ctrl+o"\n')
-    assert load_keymap([general, own]) == {"search": "ctrl+s", "nickname": "f7,ctrl+o"}
+    general.write_text('search = "ctrl+b"\nnickname = "f6"\n')
+    own.write_text('# mine\nnickname = "F7, ctrl+r"\n')
+    assert load_keymap([general, own]) == {"search": "ctrl+b", "nickname": "f7,ctrl+r"}
 
 
 @pytest.mark.parametrize(
     ("content", "message"),
     [
         ("search = ", "not TOML"),
-        ('serach = "ctrl+s"', "unknown action 'serach'"),
+        ('serach = "ctrl+b"', "unknown action 'serach'"),
         ("search = 5", "must be a string of keys"),
         ('search = "ctrl+nosuchkey"', "unknown key 'ctrl+nosuchkey'"),
         ('search = "cmd+s"', "bad modifiers"),
@@ -87,7 +87,7 @@ async def test_the_keymap_is_applied_and_the_help_shows_it(tmp_path: Path) -> No
         backend=FakeBackend(),
         clock=lambda: NOW,
         cursor_blink=False,
-        keymap={"search": "ctrl+s", "nickname": "f6"},
+        keymap={"search": "ctrl+b", "nickname": "f6"},
     )
     async with app.run_test(size=(80, 24)) as pilot:
         await pilot.pause()
@@ -98,7 +98,7 @@ async def test_the_keymap_is_applied_and_the_help_shows_it(tmp_path: Path) -> No
         await app.workers.wait_for_complete()
         await pilot.press("ctrl+f")  # no longer search
         assert app.screen is screen
-        await pilot.press("ctrl+s")
+        await pilot.press("ctrl+b")
         assert isinstance(app.screen, CommandPalette)
         await pilot.press("escape")
         await pilot.press("f3")  # no longer the nickname
@@ -108,7 +108,7 @@ async def test_the_keymap_is_applied_and_the_help_shows_it(tmp_path: Path) -> No
         await pilot.press("escape", "f1")
         assert isinstance(app.screen, HelpScreen)
         shown = app.export_screenshot()
-        assert "Ctrl+S" in shown and "F6" in shown and "Ctrl+F" not in shown
+        assert "Ctrl+B" in shown and "F6" in shown and "Ctrl+F" not in shown
         assert "keys.toml" in shown
 
 

@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from textual.pilot import Pilot
-from textual.widgets import Input
+from textual.widgets import Input, OptionList
 
 from kluis.apps.tui.app import KluisApp
 from kluis.apps.tui.model import Conversation
 from kluis.apps.tui.screens.dialogs import KeyChangeScreen, MembersScreen
+from kluis.apps.tui.screens.files import SaveScreen
 from kluis.apps.tui.screens.main import MainScreen
 from kluis.apps.tui.screens.onboarding import IdScreen, UnlockScreen
 from kluis.apps.tui.widgets import ChatLog, ComposeArea
@@ -239,7 +240,7 @@ async def test_a_key_change_after_verification_is_warned_and_nothing_is_sent(
     await bob.close()
 
 
-async def test_nickname_timer_and_read_receipts_between_two_apps(
+async def test_nickname_timer_read_receipts_and_a_file_between_two_apps(
     server: ServerProcess, tmp_path: Path
 ) -> None:
     alice_client = await register(server, tmp_path / "alice")
@@ -276,3 +277,21 @@ async def test_nickname_timer_and_read_receipts_between_two_apps(
         await until(b, lambda: (main(bob).book.get(alice_id) or row0).timer == 300)
         await until(b, lambda: "disappearing messages: 5 min" in shown(bob))
         assert await bob.backend_required.timers() == {alice_id: 300}
+
+        # a file: alice sends it (Ctrl+O), bob saves it (Ctrl+S), byte for byte
+        document = tmp_path / "notes.txt"
+        document.write_bytes(b"kluis file\n" * 5000)  # 55 KB: more than one piece
+        await a.press("ctrl+o")
+        alice.screen.query_one("#path", Input).value = str(document)
+        alice.screen.query_one("#caption", Input).focus()
+        await a.press(*"notes", "enter")
+        await until(a, lambda: "[file] notes.txt" in shown(alice))
+        await until(b, lambda: "[file] notes.txt" in shown(bob))
+        await b.press("ctrl+s")
+        await until(b, lambda: isinstance(bob.screen, SaveScreen))
+        bob.screen.query_one("#folder", Input).value = str(tmp_path / "saved")
+        bob.screen.query_one("#files", OptionList).focus()
+        await b.press("enter")
+        saved = tmp_path / "saved" / "notes.txt"
+        await until(b, lambda: saved.exists())
+        assert saved.read_bytes() == document.read_bytes()

@@ -3,22 +3,25 @@ snapshots and screenshots of the app are the same on every run."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from kluis.apps.tui.app import KluisApp
-from kluis.apps.tui.backend import BackendEvent, Online, Post
+from kluis.apps.tui.backend import BackendEvent, Online, Post, Progress
 from kluis.client.events import MessageReceived
 from kluis.client.groups import GroupState
 from kluis.client.records import Message
 from kluis.client.timers import describe
 from kluis.client.verification import Status
+from kluis.protocol.attachment import AttachmentRef
 
 ME = "mea7kzq2vt5xbn3d"
 ANNA = "annak3v7q2xw5zpe"
 BRAM = "bram4t6yq2nd7kfa"
 GROUP = "g" + "q3fz7kd2m5xv4w6nt2hb7cae"
 NOW = datetime(2025, 3, 14, 16, 30, tzinfo=UTC)
+CHUNK = 1024  # the fake's transfers report progress per KiB
 NASTY = "ok\rannak3v7q2xw5zpe: fake\x1b[2J\x07 \u202eevil\u202c\nsecond line"
 
 
@@ -63,6 +66,9 @@ class FakeBackend:
         self._timers = dict(timers or {})
         self.renewal = renewal
         self.read: list[str] = []  # conversations marked read, in order
+        self.blobs: dict[str, bytes] = {}  # "uploaded" files, by blob ID
+        self.hold = asyncio.Event()  # file transfers wait for it (set: they run through)
+        self.hold.set()
         self._groups = [
             GroupState(GROUP, "Book club", sorted([ME, ANNA, BRAM]), 1, b"x" * 16),
         ]
@@ -127,6 +133,36 @@ class FakeBackend:
 
     async def renewal_notice(self) -> str:
         return self.renewal
+
+    async def send_file(
+        self, conversation: str, path: Path, caption: str, progress: Progress
+    ) -> Message:
+        data = path.read_bytes()
+        for done in range(0, len(data), CHUNK):
+            progress(done, len(data))
+            await self.hold.wait()  # tests see the bar while this waits
+        progress(len(data), len(data))
+        ref = AttachmentRef(
+            id=f"{len(self.blobs):032x}",
+            key=b"k" * 32,
+            digest=b"d" * 32,
+            size=len(data),
+            name=path.name,
+        )
+        self.blobs[ref.id] = data
+        message = Message(ME, conversation, NOW, caption, attachment=ref)
+        self.messages.append(message)
+        return message
+
+    async def save_file(self, ref: AttachmentRef, folder: Path, progress: Progress) -> Path:
+        data = self.blobs[ref.id]
+        progress(0, len(data))
+        await self.hold.wait()
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / (ref.name or "file")
+        target.write_bytes(data)
+        progress(len(data), len(data))
+        return target
 
     def start(self, post: Post) -> None:
         self.post = post

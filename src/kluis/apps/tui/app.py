@@ -78,6 +78,8 @@ class KluisCommands(Provider):
                 ("Search messages", "in the local history", screen.action_search),
                 ("Nickname", "name the open conversation's peer", screen.action_nickname),
                 ("Disappearing messages", "the open conversation's timer", screen.action_timer),
+                ("Send a file", "to the open conversation", screen.action_attach),
+                ("Save a file", "received in the open conversation", screen.action_save_file),
             ]
             for row in screen.book.rows():
                 label = f"Open: {row.title}"

@@ -40,6 +40,7 @@ from kluis.client.transport import TransportFactory, WebSocketTransport
 from kluis.client.verification import Status
 from kluis.crypto.profile_key import KdfParams
 from kluis.errors import LocalProtocolError, TransportError
+from kluis.protocol.attachment import AttachmentRef
 
 T = TypeVar("T")
 
@@ -68,6 +69,7 @@ BackendEvent = (
     | MessagesExpired
 )
 Post = Callable[[BackendEvent], None]
+Progress = Callable[[int, int], None]  # (bytes done, bytes in all); called on the client thread
 
 
 class Backend(Protocol):
@@ -106,6 +108,14 @@ class Backend(Protocol):
 
     async def renewal_notice(self) -> str:
         """A line about the subscription's end once it is near (or past), else ""."""
+
+    async def send_file(
+        self, conversation: str, path: Path, caption: str, progress: Progress
+    ) -> Message:
+        """Upload ``path`` encrypted and send it; ``progress`` is called from another thread."""
+
+    async def save_file(self, ref: AttachmentRef, folder: Path, progress: Progress) -> Path:
+        """Fetch, check and decrypt ``ref`` into ``folder``; return the path written."""
 
     def start(self, post: Post) -> None:
         """Connect and keep connected, handing every event to ``post`` (thread-safe)."""
@@ -260,6 +270,20 @@ class ClientBackend:
 
     async def renewal_notice(self) -> str:
         return await self._run(lambda: _value(self._client.renewal_notice()))
+
+    async def send_file(
+        self, conversation: str, path: Path, caption: str, progress: Progress
+    ) -> Message:
+        return await self._run(
+            lambda: self._client.send_file(conversation, path, caption, progress)
+        )
+
+    async def save_file(self, ref: AttachmentRef, folder: Path, progress: Progress) -> Path:
+        async def save() -> Path:
+            folder.mkdir(parents=True, exist_ok=True)
+            return await self._client.download_attachment(ref, folder, progress)
+
+        return await self._run(save)
 
     def start(self, post: Post) -> None:
         if self._pump is None:

@@ -62,6 +62,8 @@ ACTIONS: tuple[Action, ...] = (
     Action("members", "f2", "members of the open group"),
     Action("nickname", "f3", "nickname of the open peer"),
     Action("timer", "f4", "disappearing-message timer"),
+    Action("attach", "ctrl+o", "send a file"),
+    Action("save_file", "ctrl+s", "save a received file"),
     Action("show_id", "ctrl+y", "your ID and its QR code"),
     Action("toggle_dark_theme", "ctrl+t", "light / dark theme"),
     Action("help", "question_mark", "this help (F1 too)"),

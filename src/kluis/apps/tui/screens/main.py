@@ -10,6 +10,8 @@ cryptography, the profile or the network. Events of the client arrive as
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.text import Text
@@ -39,6 +41,7 @@ from kluis.apps.tui.screens.dialogs import (
     NewConversationScreen,
     NewGroupScreen,
 )
+from kluis.apps.tui.screens.files import AttachScreen, SaveScreen, TransferBar, TransferProgress
 from kluis.apps.tui.widgets import ChatLog, ComposeArea, ConversationList, StatusLine
 from kluis.client.events import (
     ContactChanged,
@@ -54,6 +57,7 @@ from kluis.client.records import Message
 from kluis.client.timers import describe
 from kluis.client.verification import Status
 from kluis.errors import KluisError, UntrustedDevice, VerificationBroken
+from kluis.protocol.attachment import AttachmentRef
 
 if TYPE_CHECKING:
     from kluis.apps.tui.app import KluisApp
@@ -82,6 +86,8 @@ class MainScreen(Screen[None]):
         Binding("f2", "members", "Members", id="members", priority=True, show=False),
         Binding("f3", "nickname", "Name", id="nickname", priority=True),
         Binding("f4", "timer", "Timer", id="timer", priority=True),
+        Binding("ctrl+o", "attach", "File", id="attach", priority=True),
+        Binding("ctrl+s", "save_file", "Save", id="save_file", priority=True, show=False),
         Binding("ctrl+y", "show_id", "My ID", id="show_id", priority=True, show=False),
     ]
 
@@ -104,6 +110,7 @@ class MainScreen(Screen[None]):
             with Vertical(id="chat"):
                 yield Static(id="chat-title", classes="heading")
                 yield ChatLog(id="log")
+                yield TransferBar(id="transfer")
                 yield ComposeArea(id="compose", placeholder="Write a message · Enter sends")
         yield StatusLine(id="status")
         yield Footer()
@@ -491,6 +498,86 @@ class MainScreen(Screen[None]):
             self._show_message(line)
         self._refresh_list()
         self._refresh_title()
+
+    # ---- files ----------------------------------------------------------------------------------
+
+    def _chat_with_someone(self) -> str | None:
+        conversation = self.book.open_id
+        if conversation is None or conversation in (UNREADABLE, OPERATOR):
+            self.app.notify("open a conversation first", severity="warning")
+            return None
+        return conversation
+
+    def _progress(self, label: str) -> Callable[[int, int], None]:
+        """A progress callback for the client's thread: it only posts messages."""
+
+        def report(done: int, total: int) -> None:
+            self.post_message(TransferProgress(label, done, total))
+
+        return report
+
+    @on(TransferProgress)
+    def _transfer(self, message: TransferProgress) -> None:
+        self.query_one(TransferBar).show(message)
+
+    def action_attach(self) -> None:
+        """Send a file to the open conversation (Ctrl+O)."""
+        conversation = self._chat_with_someone()
+        if conversation is None:
+            return
+
+        def chosen(result: object) -> None:
+            if isinstance(result, tuple):
+                path, caption = result
+                self._send_file(conversation, path, caption)
+
+        self.app.push_screen(AttachScreen(self.book.title(conversation)), chosen)
+
+    @work(group="files")
+    async def _send_file(self, conversation: str, path: Path, caption: str) -> None:
+        try:
+            sent = await self.app.backend_required.send_file(
+                conversation, path, caption, self._progress(f"↑ {path.name}")
+            )
+        except (KluisError, OSError) as exc:
+            self.app.notify(safe_line(str(exc)).plain, title="File not sent", severity="error")
+            return
+        finally:
+            self.post_message(TransferProgress("", 0, 0, finished=True))
+        self.book.add(sent)
+        if conversation == self.book.open_id:
+            self._show_message(sent)
+        self._refresh_list()
+
+    def action_save_file(self) -> None:
+        """Save a file of the open conversation (Ctrl+S)."""
+        conversation = self._chat_with_someone()
+        if conversation is not None:
+            self._pick_file(conversation)
+
+    @work(group="files")
+    async def _pick_file(self, conversation: str) -> None:
+        messages = await self.app.backend_required.history(conversation)
+
+        def chosen(result: object) -> None:
+            if isinstance(result, tuple):
+                ref, folder = result
+                self._save_file(ref, folder)
+
+        self.app.push_screen(SaveScreen(messages), chosen)
+
+    @work(group="files")
+    async def _save_file(self, ref: AttachmentRef, folder: Path) -> None:
+        try:
+            path = await self.app.backend_required.save_file(
+                ref, folder, self._progress(f"↓ {ref.name or 'file'}")
+            )
+        except (KluisError, OSError) as exc:
+            self.app.notify(safe_line(str(exc)).plain, title="Not saved", severity="error")
+            return
+        finally:
+            self.post_message(TransferProgress("", 0, 0, finished=True))
+        self.app.notify(safe_line(f"saved {path}").plain, title="File saved")
 
     def action_search(self) -> None:
         """Search the local history (Ctrl+F): conversations and messages."""
