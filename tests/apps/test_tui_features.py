@@ -191,9 +191,13 @@ async def test_receipts_day_separators_and_read_marks(tmp_path: Path) -> None:
         backend.messages[-1] = Message(
             ME, ANNA, at(0, 8, 3), "sent one", id=b"3" * 16, receipt="delivered"
         )
+        reads = backend.history_reads
         backend.emit(ReceiptReceived(ANNA, "delivered", ANNA, (b"3" * 16,)))
+        backend.emit(ReceiptReceived(ANNA, "read", ANNA, (b"2" * 16,)))
+        await pilot.pause(0.5)
         await settle(pilot)
         assert "08:03 you ✓     sent one" in log_lines(app)
+        assert backend.history_reads == reads + 1  # two receipts, one redraw
         # a message arriving in the open conversation is read at once
         backend.read.clear()
         backend.emit(MessageReceived(Message(ANNA, ANNA, NOW, "new")))

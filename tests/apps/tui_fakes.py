@@ -66,6 +66,7 @@ class FakeBackend:
         self._timers = dict(timers or {})
         self.renewal = renewal
         self.read: list[str] = []  # conversations marked read, in order
+        self.history_reads = 0
         self.blobs: dict[str, bytes] = {}  # "uploaded" files, by blob ID
         self.hold = asyncio.Event()  # file transfers wait for it (set: they run through)
         self.hold.set()
@@ -84,6 +85,7 @@ class FakeBackend:
         return ME
 
     async def history(self, conversation: str | None = None) -> list[Message]:
+        self.history_reads += 1
         return [m for m in self.messages if conversation in (None, m.conversation)]
 
     async def groups(self) -> list[GroupState]:

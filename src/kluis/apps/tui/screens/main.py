@@ -63,6 +63,7 @@ if TYPE_CHECKING:
     from kluis.apps.tui.app import KluisApp
 
 
+RECEIPT_REDRAW_S = 0.25  # receipts arriving within this are drawn together
 _MARKS = {Status.VERIFIED: "verified", Status.BROKEN: "broken", Status.UNVERIFIED: ""}
 
 
@@ -98,6 +99,7 @@ class MainScreen(Screen[None]):
         self.status_detail = ""
         self.alarmed = False
         self.expiry_notice = ""  # the subscription's end, once near: stays in the status line
+        self._receipts_due = False  # a redraw for new receipt marks is scheduled
         # conversations whose last send was refused for a key change, until acknowledged:
         # the compose box takes no input for them meanwhile
         self.key_warnings: dict[str, KeyWarning] = {}
@@ -185,8 +187,11 @@ class MainScreen(Screen[None]):
                     )
                 self._refresh_list()
             case ReceiptReceived(conversation=conversation):
-                if conversation == self.book.open_id:
-                    self._fill_chat()  # the marks of our messages changed
+                if conversation == self.book.open_id and not self._receipts_due:
+                    # the marks of our messages changed: draw the chat again, once for the
+                    # receipts of a short while (each reads the conversation's history)
+                    self._receipts_due = True
+                    self.set_timer(RECEIPT_REDRAW_S, self._redraw_receipts)
             case ContactChanged(account=account, name=name):
                 self.book.set_nickname(account, name)
                 self._refresh_list()
@@ -226,6 +231,10 @@ class MainScreen(Screen[None]):
         if changed:
             self._refresh_list()
             self._refresh_title()
+
+    def _redraw_receipts(self) -> None:
+        self._receipts_due = False
+        self._fill_chat()
 
     @work(group="timers")
     async def _reload_timers(self) -> None:
