@@ -116,6 +116,12 @@ async def test_nicknames_in_the_list_the_header_and_as_senders_set_with_f3(
         backend.emit(ContactChanged(ANNA, "Anna K"))
         await settle(pilot)
         assert "Anna K" in list_text(app)
+        # a new conversation may be named as it starts
+        await pilot.press("ctrl+n", *"zzzz2222zzzz2222", "tab", *"Zed", "enter")
+        await settle(pilot)
+        assert backend.nicknames["zzzz2222zzzz2222"] == "Zed"
+        assert main_screen(app).book.open_id == "zzzz2222zzzz2222"
+        assert "Zed" in title_text(app) and "Zed" in list_text(app)
         # a group has no nickname: F3 says so
         await open_(pilot, GROUP)
         await pilot.press("f3")

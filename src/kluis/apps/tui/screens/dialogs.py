@@ -15,6 +15,7 @@ from textual.widgets import Button, Input, Label, Static
 from kluis.apps.tui.keys import KEYS_FILE, active_keys
 from kluis.apps.tui.model import Conversation, KeyWarning, is_account_id, parse_ids
 from kluis.apps.tui.safe_text import safe_line
+from kluis.client.contacts import MAX_NAME
 
 
 class _Dialog(ModalScreen[object]):
@@ -36,7 +37,8 @@ class _Dialog(ModalScreen[object]):
 
 
 class NewConversationScreen(_Dialog):
-    """Start a conversation with an account ID; dismisses with the ID."""
+    """Start a conversation with an account ID, and name it if you like; dismisses with
+    (ID, nickname or "")."""
 
     def __init__(self, me: str) -> None:
         super().__init__()
@@ -47,18 +49,23 @@ class NewConversationScreen(_Dialog):
             yield Static(Text("New conversation", style="bold"), classes="title")
             yield Label("Their ID (16 characters)")
             yield Input(id="peer", placeholder="abcdefgh23456789")
+            yield Label("Nickname (optional, only you see it)")
+            yield Input(id="nickname", max_length=MAX_NAME)
             yield Static(id="error")
-            yield Static("Enter to open · Esc to cancel", classes="hint")
+            yield Static("Enter to open · Tab to the nickname · Esc to cancel", classes="hint")
 
-    @on(Input.Submitted, "#peer")
-    def _submitted(self, event: Input.Submitted) -> None:
-        peer = event.value.strip().lower()
+    @on(Input.Submitted, "#peer, #nickname")
+    def _submitted(self) -> None:
+        peer = self.query_one("#peer", Input).value.strip().lower()
+        nickname = self.query_one("#nickname", Input).value.strip()
         if not is_account_id(peer):
             self.fail("an ID is 16 characters: a-z and 2-7")
         elif peer == self.me:
             self.fail("that is your own ID")
+        elif not nickname.isprintable():
+            self.fail("a nickname cannot hold control characters")
         else:
-            self.dismiss(peer)
+            self.dismiss((peer, nickname))
 
 
 class NewGroupScreen(_Dialog):

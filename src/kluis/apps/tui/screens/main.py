@@ -421,8 +421,11 @@ class MainScreen(Screen[None]):
     # ---- actions --------------------------------------------------------------------------------
 
     def action_new_conversation(self) -> None:
-        def opened(peer: object) -> None:
-            if isinstance(peer, str):
+        def opened(result: object) -> None:
+            if isinstance(result, tuple):
+                peer, nickname = result
+                if nickname:
+                    self._set_nickname(peer, nickname)
                 self.open_conversation(peer)
                 self.query_one(ComposeArea).focus()
 
