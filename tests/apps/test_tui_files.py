@@ -9,7 +9,8 @@ from typing import Any
 from textual.pilot import Pilot
 from textual.widgets import Input, OptionList
 
-from kluis.apps.tui.screens.files import AttachScreen, SaveScreen, TransferBar, human_size
+from kluis.apps.tui.model import human_size
+from kluis.apps.tui.screens.files import AttachScreen, SaveScreen, TransferBar
 from kluis.apps.tui.screens.main import MainScreen
 from kluis.apps.tui.widgets import ChatLog
 from kluis.client.records import Message
@@ -70,7 +71,7 @@ async def test_ctrl_o_sends_a_file_with_a_progress_bar_and_ctrl_s_saves_it(
         backend.hold.set()
         await settle(pilot)
         assert not bar.has_class("active")
-        assert "[file] report.pdf (3072 bytes)" in log_text(app)
+        assert "[file] report.pdf (3.0 KiB)" in log_text(app)
         assert "the report" in log_text(app)
 
         await pilot.press("ctrl+s")
@@ -78,7 +79,7 @@ async def test_ctrl_o_sends_a_file_with_a_progress_bar_and_ctrl_s_saves_it(
         assert isinstance(app.screen, SaveScreen)
         out = tmp_path / "saved"
         app.screen.query_one("#folder", Input).value = str(out)
-        app.screen.query_one("#files", OptionList).focus()
+        assert app.screen.query_one("#files", OptionList).has_focus  # Enter picks a file
         await pilot.press("enter")
         await settle(pilot)
         assert (out / "report.pdf").read_bytes() == document.read_bytes()

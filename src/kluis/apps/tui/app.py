@@ -55,6 +55,7 @@ ModalScreen { align: center middle; }
 #id-box { width: auto; min-width: 40; }
 #qr { width: auto; }
 #members-list { height: auto; max-height: 12; }
+#files { height: auto; max-height: 10; }
 """
 
 

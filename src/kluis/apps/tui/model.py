@@ -222,6 +222,16 @@ class ConversationBook:
         )
 
 
+def human_size(size: int) -> str:
+    """``999 B``, ``1.5 KiB``, ``12.0 MiB``, ``3.2 GiB``."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
 # ---- reconnection -------------------------------------------------------------------------------
 
 BACKOFF_BASE_S = 0.5

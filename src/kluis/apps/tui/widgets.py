@@ -14,7 +14,7 @@ from textual.message import Message as TextualMessage
 from textual.widgets import OptionList, RichLog, Static, TextArea
 from textual.widgets.option_list import Option
 
-from kluis.apps.tui.model import UNREADABLE, Conversation, Notice, short_timer
+from kluis.apps.tui.model import UNREADABLE, Conversation, Notice, human_size, short_timer
 from kluis.apps.tui.safe_text import safe_line, safe_text
 from kluis.client.operator import OPERATOR
 from kluis.client.records import Message
@@ -81,7 +81,7 @@ def message_renderable(
         ref = message.attachment
         label_text = Text("[file] ", style="bold")
         label_text.append_text(safe_line(ref.name or "(no name)"))
-        label_text.append(f" ({ref.size} bytes)")
+        label_text.append(f" ({human_size(ref.size)})")
         body = label_text if not message.text else label_text + Text("\n") + body
     return _row(when, who, body)
 

@@ -22,30 +22,14 @@ from textual.message import Message as TextualMessage
 from textual.widgets import Input, Label, OptionList, ProgressBar, Static
 from textual.widgets.option_list import Option
 
+from kluis.apps.tui.model import human_size
 from kluis.apps.tui.safe_text import safe_line
 from kluis.apps.tui.screens.dialogs import _Dialog
 from kluis.client.records import Message
 
-__all__ = [
-    "DEFAULT_SAVE_FOLDER",
-    "AttachScreen",
-    "SaveScreen",
-    "TransferBar",
-    "TransferProgress",
-    "human_size",
-]
+__all__ = ["DEFAULT_SAVE_FOLDER", "AttachScreen", "SaveScreen", "TransferBar", "TransferProgress"]
 
 DEFAULT_SAVE_FOLDER = "~/Downloads"
-
-
-def human_size(size: int) -> str:
-    """``999 B``, ``1.5 KiB``, ``12.0 MiB``, ``3.2 GiB``."""
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
 
 
 class TransferProgress(TextualMessage):
@@ -148,9 +132,9 @@ class SaveScreen(_Dialog):
             yield Static("Enter on a file saves it · Esc to cancel", classes="hint")
 
     def on_mount(self) -> None:
-        super().on_mount()
+        # (Textual runs _Dialog.on_mount too, after this one: it focuses the folder field)
         if self.files:
-            self.query_one("#files", OptionList).focus()
+            self.call_after_refresh(self.query_one("#files", OptionList).focus)
 
     @on(Input.Submitted, "#folder")
     def _to_files(self) -> None:
