@@ -9,9 +9,11 @@ from typing import Any
 
 from textual.command import CommandPalette
 from textual.pilot import Pilot
-from textual.widgets import Input, OptionList
+from textual.widgets import Button, Input, OptionList
 
+from kluis.apps.tui.model import Conversation
 from kluis.apps.tui.screens.contact import NicknameScreen, TimerScreen
+from kluis.apps.tui.screens.dialogs import MembersScreen
 from kluis.apps.tui.screens.main import MainScreen
 from kluis.apps.tui.search import search_messages
 from kluis.apps.tui.widgets import ChatLog, ConversationList
@@ -36,6 +38,8 @@ from tests.apps.tui_fakes import (
     fake_app,
     sample_history,
 )
+
+row0 = Conversation("", "", False)  # stands for a row not there
 
 
 def main_screen(app: Any) -> MainScreen:
@@ -278,3 +282,60 @@ async def test_the_new_keys_are_listed_in_help(tmp_path: Path) -> None:
         shown = app.export_screenshot()
         for key in ("Ctrl+F", "F3", "F4"):
             assert key in shown
+
+
+def last_change(backend: FakeBackend) -> tuple[str, list[str], str | None]:
+    return backend.changes[-1]
+
+
+async def test_f2_manages_a_group_add_remove_rename_leave(tmp_path: Path) -> None:
+    backend = FakeBackend(nicknames={ANNA: "Anna"})
+    app = fake_app(tmp_path, backend)
+    zed = "zzzz2222zzzz2222"
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        assert main_screen(app).book.open_id == GROUP
+        await pilot.press("f2")
+        members = app.screen
+        assert isinstance(members, MembersScreen)
+        assert "Anna" in app.export_screenshot()  # the nickname next to the ID
+        # Delete on yourself is refused; on Bram it removes him
+        options = members.query_one("#members-list", OptionList)
+        assert options.has_focus
+        ids = [options.get_option_at_index(i).id for i in range(options.option_count)]
+        options.highlighted = ids.index(ME)
+        await pilot.press("delete")
+        assert "leave the group" in str(members.query_one("#error").render())
+        options.highlighted = ids.index(BRAM)
+        await pilot.press("delete")
+        await settle(pilot)
+        assert last_change(backend) == ("remove", [BRAM], None)
+        assert BRAM not in (main_screen(app).book.get(GROUP) or row0).members
+        # add by ID (a bad ID is refused), then rename
+        await pilot.press("f2")
+        app.screen.query_one("#add", Input).focus()
+        await pilot.press(*"nope", "enter")
+        assert "not an account ID" in str(app.screen.query_one("#error").render())
+        app.screen.query_one("#add", Input).value = zed
+        await pilot.press("enter")
+        await settle(pilot)
+        assert last_change(backend) == ("add", [zed], None)
+        await pilot.press("f2")
+        app.screen.query_one("#rename", Input).value = "Reading club"
+        app.screen.query_one("#rename", Input).focus()
+        await pilot.press("enter")
+        await settle(pilot)
+        assert last_change(backend) == ("rename", [], "Reading club")
+        assert "Reading club" in title_text(app) and "Reading club" in list_text(app)
+        # a refused change says why
+        backend.refuse = LocalProtocolError("not connected")
+        await pilot.press("f2")
+        app.screen.query_one("#leave", Button).press()
+        await settle(pilot)
+        assert last_change(backend)[0] == "rename" and isinstance(app.screen, MainScreen)
+        backend.refuse = None
+        await pilot.press("f2")
+        app.screen.query_one("#leave", Button).press()
+        await settle(pilot)
+        assert last_change(backend) == ("leave", [], None)
+        assert ME not in (main_screen(app).book.get(GROUP) or row0).members

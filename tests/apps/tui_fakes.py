@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from kluis.apps.tui.app import KluisApp
-from kluis.apps.tui.backend import BackendEvent, Online, Post, Progress
+from kluis.apps.tui.backend import BackendEvent, GroupAction, Online, Post, Progress
 from kluis.client.events import MessageReceived
 from kluis.client.groups import GroupState
 from kluis.client.records import Message
@@ -67,6 +67,7 @@ class FakeBackend:
         self.renewal = renewal
         self.read: list[str] = []  # conversations marked read, in order
         self.history_reads = 0
+        self.changes: list[tuple[str, list[str], str | None]] = []  # group changes asked
         self.blobs: dict[str, bytes] = {}  # "uploaded" files, by blob ID
         self.hold = asyncio.Event()  # file transfers wait for it (set: they run through)
         self.hold.set()
@@ -106,6 +107,25 @@ class FakeBackend:
         group = GroupState("g" + "a" * 24, name, sorted([ME, *members]), 1, b"y" * 16)
         self._groups.append(group)
         return group
+
+    async def change_group(
+        self, group: str, action: GroupAction, accounts: list[str], name: str | None
+    ) -> GroupState:
+        if self.refuse is not None:
+            raise self.refuse
+        old = next(g for g in self._groups if g.id == group)
+        members = set(old.members)
+        if action == "add":
+            members |= set(accounts)
+        elif action == "remove":
+            members -= set(accounts)
+        elif action == "leave":
+            members.discard(ME)
+        new = GroupState(group, name or old.name, sorted(members), old.version + 1, b"z" * 16)
+        new.member = action != "leave"
+        self._groups[self._groups.index(old)] = new
+        self.changes.append((action, list(accounts), name))
+        return new
 
     async def verification_status(self, peer: str) -> tuple[Status, str]:
         return self.statuses.get(peer, (Status.UNVERIFIED, ""))

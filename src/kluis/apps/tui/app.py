@@ -54,7 +54,7 @@ ModalScreen { align: center middle; }
 .dialog.alarm { border: thick $error; background: $error 30%; }
 #id-box { width: auto; min-width: 40; }
 #qr { width: auto; }
-#members-list { height: auto; max-height: 12; }
+#members-list { height: auto; max-height: 6; }
 #files { height: auto; max-height: 10; }
 """
 

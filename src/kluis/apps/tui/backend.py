@@ -19,7 +19,7 @@ import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 from kluis.apps.tui.model import backoff
 from kluis.client.client import KluisClient
@@ -69,6 +69,7 @@ BackendEvent = (
     | MessagesExpired
 )
 Post = Callable[[BackendEvent], None]
+GroupAction = Literal["add", "remove", "rename", "leave"]
 Progress = Callable[[int, int], None]  # (bytes done, bytes in all); called on the client thread
 
 
@@ -87,6 +88,11 @@ class Backend(Protocol):
     async def send(self, conversation: str, text: str) -> Message: ...
 
     async def create_group(self, name: str, members: list[str]) -> GroupState: ...
+
+    async def change_group(
+        self, group: str, action: GroupAction, accounts: list[str], name: str | None
+    ) -> GroupState:
+        """Add or remove members, rename, or leave; every member old and new hears of it."""
 
     async def verification_status(self, peer: str) -> tuple[Status, str]:
         """Whether ``peer`` is verified by SAS; for a broken verification, why."""
@@ -244,6 +250,11 @@ class ClientBackend:
 
     async def create_group(self, name: str, members: list[str]) -> GroupState:
         return await self._run(lambda: self._client.create_group(name, members))
+
+    async def change_group(
+        self, group: str, action: GroupAction, accounts: list[str], name: str | None
+    ) -> GroupState:
+        return await self._run(lambda: self._client.change_group(group, action, accounts, name))
 
     async def verification_status(self, peer: str) -> tuple[Status, str]:
         return await self._run(lambda: _value(self._client.verification_status(peer)))

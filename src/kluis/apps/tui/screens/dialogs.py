@@ -10,7 +10,8 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Button, Input, Label, Static
+from textual.widgets import Button, Input, Label, OptionList, Static
+from textual.widgets.option_list import Option
 
 from kluis.apps.tui.keys import KEYS_FILE, active_keys
 from kluis.apps.tui.model import Conversation, KeyWarning, is_account_id, parse_ids
@@ -108,27 +109,80 @@ class NewGroupScreen(_Dialog):
 
 
 class MembersScreen(_Dialog):
-    """A group's name, ID and members (full IDs)."""
+    """A group's name, ID and members, and its management: add members, remove the highlighted
+    one (Delete), rename, leave. Dismisses with (action, accounts, name) for the change asked,
+    or None (Esc)."""
 
-    BINDINGS = [Binding("escape,enter,q", "cancel", "Close")]
+    BINDINGS = [
+        Binding("escape", "cancel", "Close"),
+        Binding("delete", "remove", "Remove member"),
+    ]
 
-    def __init__(self, group: Conversation, me: str) -> None:
+    def __init__(self, group: Conversation, me: str, names: dict[str, str] | None = None) -> None:
         super().__init__()
         self.group, self.me = group, me
+        self.names = names or {}
 
     def compose(self) -> ComposeResult:
-        table = Table.grid(padding=(0, 2))
-        table.add_column()
-        table.add_column()
+        options = []
         for member in self.group.members:
-            table.add_row(member, Text("you", "green") if member == self.me else "")
+            line = Text(member)
+            if member == self.me:
+                line.append("  you", style="green")
+            elif self.names.get(member):
+                line.append("  ")
+                line.append_text(safe_line(self.names[member], "dim"))
+            options.append(Option(line, id=member))
         with Vertical(classes="dialog"):
-            yield Static(safe_line(self.group.title, "bold"), classes="title")
+            yield Static(safe_line(self.group.title, "bold"))
             yield Static(Text(f"group {self.group.id}", style="dim"))
             yield Static(Text(f"{len(self.group.members)} members", style="bold"))
-            with VerticalScroll(id="members-list"):
-                yield Static(table)
-            yield Static("Esc to close", classes="hint")
+            yield OptionList(*options, id="members-list")
+            yield Label("Add members (IDs)")
+            yield Input(id="add", compact=True, placeholder="abcdefgh23456789 …")
+            yield Label("Rename")
+            yield Input(self.group.title, id="rename", compact=True)
+            yield Static(id="error")
+            yield Button("Leave the group", id="leave", variant="error", compact=True)
+            yield Static("Del removes the highlighted member · Esc to close", classes="hint")
+
+    def on_mount(self) -> None:
+        # (Textual runs _Dialog.on_mount too: it focuses the first field; the list goes first)
+        self.call_after_refresh(self.query_one("#members-list", OptionList).focus)
+
+    def action_remove(self) -> None:
+        members = self.query_one("#members-list", OptionList)
+        if members.highlighted is None or not members.has_focus:
+            return
+        member = members.get_option_at_index(members.highlighted).id or ""
+        if member == self.me:
+            self.fail("to go yourself, leave the group")
+        else:
+            self.dismiss(("remove", [member], None))
+
+    @on(Input.Submitted, "#add")
+    def _add(self, event: Input.Submitted) -> None:
+        try:
+            accounts = [a for a in parse_ids(event.value) if a not in self.group.members]
+        except ValueError as exc:
+            self.fail(str(exc))
+            return
+        if not accounts:
+            self.fail("name at least one ID that is not a member yet")
+        else:
+            self.dismiss(("add", accounts, None))
+
+    @on(Input.Submitted, "#rename")
+    def _rename(self, event: Input.Submitted) -> None:
+        name = event.value.strip()
+        if not name or not name.isprintable():
+            self.fail("a group name is printable text, not empty")
+        elif name != self.group.title:
+            self.dismiss(("rename", [], name))
+
+    @on(Button.Pressed, "#leave")
+    def _leave(self) -> None:
+        self.dismiss(("leave", [], None))
 
 
 FIXED_KEYS = [

@@ -23,7 +23,7 @@ from textual.message import Message as TextualMessage
 from textual.screen import Screen
 from textual.widgets import Footer, OptionList, Static
 
-from kluis.apps.tui.backend import BackendEvent, Offline, Online
+from kluis.apps.tui.backend import BackendEvent, GroupAction, Offline, Online
 from kluis.apps.tui.model import (
     OPERATOR_TITLE,
     UNREADABLE,
@@ -456,7 +456,29 @@ class MainScreen(Screen[None]):
         if row is None or not row.is_group:
             self.app.notify("the open conversation is not a group", severity="warning")
             return
-        self.app.push_screen(MembersScreen(row, self.book.me))
+
+        def chosen(result: object) -> None:
+            if isinstance(result, tuple):
+                action, accounts, name = result
+                self._change_group(row.id, action, accounts, name)
+
+        self.app.push_screen(MembersScreen(row, self.book.me, self.book.nicknames), chosen)
+
+    @work(group="groups")
+    async def _change_group(
+        self, group: str, action: GroupAction, accounts: list[str], name: str | None
+    ) -> None:
+        try:
+            state = await self.app.backend_required.change_group(group, action, accounts, name)
+        except KluisError as exc:
+            self.app.notify(safe_line(str(exc)).plain, title="Group not changed", severity="error")
+            return
+        self.book.update_group(state)
+        self._refresh_list()
+        if group == self.book.open_id:
+            self._refresh_chat()  # the change's line, and the title
+        if action == "leave":
+            self.app.notify(safe_line(f"you left {state.name}").plain, title="Group")
 
     def action_nickname(self) -> None:
         """Name the open conversation's peer (F3); an empty name goes back to the ID."""
