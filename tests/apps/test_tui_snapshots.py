@@ -66,6 +66,13 @@ def demo(messages: list[Message] | None = None) -> FakeBackend:
     return FakeBackend(messages, nicknames=DEMO_NICKNAMES, timers=DEMO_TIMERS)
 
 
+async def search_agenda(pilot: Pilot[Any]) -> None:
+    await open_anna(pilot)
+    await pilot.press("ctrl+f", *"you")
+    await pilot.pause(0.5)  # the palette searches as it is typed
+    await settle(pilot)
+
+
 def with_hostile(tmp: Path, theme: str = "textual-dark") -> KluisApp:
     history = [*sample_history(), Message(ANNA, ANNA, NOW, NASTY)]
     return fake_app(tmp, demo(history), theme=theme)
@@ -128,6 +135,7 @@ SCREENS: list[tuple[str, Callable[[Path], KluisApp], Callable[[Pilot[Any]], Any]
     ("group-dark", lambda tmp: fake_app(tmp, demo()), settle),
     ("first-run-dark", lambda tmp: first_run_app(tmp), settle),
     ("your-id-dark", lambda tmp: fake_app(tmp), show_id),
+    ("search-dark", lambda tmp: fake_app(tmp, demo()), search_agenda),
 ]
 
 
