@@ -4,6 +4,7 @@ operator notices and unreadable-message placeholders."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -339,3 +340,28 @@ async def test_f2_manages_a_group_add_remove_rename_leave(tmp_path: Path) -> Non
         await settle(pilot)
         assert last_change(backend) == ("leave", [], None)
         assert ME not in (main_screen(app).book.get(GROUP) or row0).members
+
+
+async def test_a_search_hit_opens_its_conversation_at_that_message(tmp_path: Path) -> None:
+    talk = [
+        Message(ANNA, ANNA, at(0, 9, 0) + timedelta(minutes=i), f"line {i}", id=bytes([i]) * 16)
+        for i in range(60)
+    ]
+    backend = FakeBackend([*talk, Message(BRAM, BRAM, NOW, "elsewhere")])
+    app = fake_app(tmp_path, backend)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        await open_(pilot, BRAM)
+        await pilot.press("ctrl+f", *"line 7")  # one hit, an old one
+        await pilot.pause(0.6)
+        await pilot.press("enter")
+        await settle(pilot)
+        assert main_screen(app).book.open_id == ANNA
+        log = main_screen(app).query_one(ChatLog)
+        top = "".join(s.text for s in log.lines[int(log.scroll_y)]).strip()
+        assert top == "09:07 annak3v7  line 7"
+        assert log.scroll_y < log.max_scroll_y  # not at the end
+        # sending brings the end back
+        await pilot.press(*"hi", "enter")
+        await settle(pilot)
+        assert log.scroll_y == log.max_scroll_y

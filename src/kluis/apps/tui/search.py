@@ -5,7 +5,7 @@ file names), case-insensitively, newest first, up to a limit, and cuts each hit 
 snippet around the match. :class:`HistorySearch` is a command-palette provider over it: when a
 palette opens it loads the history once (through the backend, on the client's thread: the UI
 does not wait), then answers each keystroke from memory; choosing a hit opens its
-conversation. Ctrl+F opens a palette with only this provider and the conversations; the
+conversation at that message. Ctrl+F opens a palette with only this provider and the conversations; the
 general palette (Ctrl+P) holds it too, next to the app's commands. Nothing leaves the device.
 """
 
@@ -21,6 +21,7 @@ from rich.text import Text
 from textual.command import CommandPalette, Hit, Hits, Provider
 
 from kluis.apps.tui.safe_text import safe_line
+from kluis.apps.tui.widgets import message_key
 from kluis.client.records import Message
 
 if TYPE_CHECKING:
@@ -50,6 +51,7 @@ class Found:
     snippet: str
     start: int
     end: int
+    key: object = None  # the message's key in the chat view (widgets.message_key)
 
 
 def _haystack(m: Message) -> str:
@@ -91,6 +93,7 @@ def search_messages(
                 prefix + snippet + suffix,
                 max(0, at + shift) if end else 0,
                 min(len(prefix) + len(snippet), end + shift) if end else 0,
+                message_key(m),
             )
         )
         if len(found) >= limit:
@@ -142,7 +145,7 @@ class HistorySearch(Provider):
             yield Hit(
                 score,
                 display,
-                partial(screen.open_conversation, found.conversation),
+                partial(screen.show_message, found.conversation, found.key),
                 text=display.plain,
             )
 

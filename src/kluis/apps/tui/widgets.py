@@ -98,6 +98,12 @@ def notice_renderable(notice: Notice, tz: tzinfo | None) -> RenderableType:
     return _row(when, mark, safe_text(notice.text, style))
 
 
+def message_key(message: Message) -> object:
+    """What tells a message from the others of its conversation: its ID, else its sender and
+    time (messages stored before IDs existed)."""
+    return message.id or (message.sender, message.time)
+
+
 def separator(label: str) -> Text:
     return Text(f"── {label} ──", style="dim", justify="center")
 
@@ -112,15 +118,20 @@ class ChatLog(RichLog):
         self.can_focus = True
         self._last_day: str | None = None
         self._entries: list[RenderableType] = []
+        self._starts: list[int] = []  # the first line of each entry, as last written
+        self._keys: dict[object, int] = {}  # message_key -> entry index
         self._width = 0
 
     def reset(self) -> None:
         self.clear()
         self._entries.clear()
+        self._starts.clear()
+        self._keys.clear()
         self._last_day = None
 
     def _emit(self, renderable: RenderableType) -> None:
         self._entries.append(renderable)
+        self._starts.append(len(self.lines))
         self.write(renderable, expand=True)
 
     def on_resize(self, event: events.Resize) -> None:
@@ -128,8 +139,19 @@ class ChatLog(RichLog):
         if event.size.width != self._width:
             self._width = event.size.width
             self.clear()
-            for renderable in self._entries:
+            for index, renderable in enumerate(self._entries):
+                self._starts[index] = len(self.lines)
                 self.write(renderable, expand=True)
+
+    def scroll_to_message(self, key: object) -> bool:
+        """Bring the message with ``key`` (see :func:`message_key`) to the top; False if it is
+        not shown."""
+        index = self._keys.get(key)
+        if index is None:
+            return False
+        self.auto_scroll = False  # until the chat is drawn again or the user sends
+        self.scroll_to(y=self._starts[index], animate=False)
+        return True
 
     def _day(self, when: datetime, today: datetime) -> None:
         label = day_label(when, today)
@@ -147,6 +169,7 @@ class ChatLog(RichLog):
         name: str | None = None,
     ) -> None:
         self._day(local(message.time, tz), today)
+        self._keys[message_key(message)] = len(self._entries)
         self._emit(message_renderable(message, me, tz, name))
 
     def add_notice(self, notice: Notice, today: datetime, tz: tzinfo | None) -> None:

@@ -100,6 +100,7 @@ class MainScreen(Screen[None]):
         self.alarmed = False
         self.expiry_notice = ""  # the subscription's end, once near: stays in the status line
         self._receipts_due = False  # a redraw for new receipt marks is scheduled
+        self._jump_to: object = None  # a message to bring into view once the chat is drawn
         # conversations whose last send was refused for a key change, until acknowledged:
         # the compose box takes no input for them meanwhile
         self.key_warnings: dict[str, KeyWarning] = {}
@@ -320,8 +321,12 @@ class MainScreen(Screen[None]):
             for notice in self.book.notices:
                 if notice.kind == "operator":
                     log.add_notice(notice, self.app.now(), self.app.tz)
+        jump, self._jump_to = self._jump_to, None
+        log.auto_scroll = jump is None  # a jump: no write may scroll to the end meanwhile
         for m in messages:
             self._show_message(m)
+        if jump is not None:
+            self.call_after_refresh(log.scroll_to_message, jump)
 
     def open_conversation(self, conversation: str) -> None:
         self.book.open(conversation)
@@ -332,6 +337,14 @@ class MainScreen(Screen[None]):
             self._check_verification([conversation])
         if conversation not in (UNREADABLE, OPERATOR):
             self._mark_read(conversation)
+
+    def show_message(self, conversation: str, key: object) -> None:
+        """Open ``conversation`` at the message with ``key`` (a search hit)."""
+        self._jump_to = key
+        if conversation == self.book.open_id:
+            self._fill_chat()
+        else:
+            self.open_conversation(conversation)
 
     def _guard_compose(self) -> None:
         """No input in the compose box while the open conversation has an unacknowledged
@@ -376,6 +389,7 @@ class MainScreen(Screen[None]):
             return
         self.book.add(sent)
         if conversation == self.book.open_id:
+            self.query_one(ChatLog).auto_scroll = True  # what we send shows at the end
             self._show_message(sent)
         self._refresh_list()
 
@@ -580,6 +594,7 @@ class MainScreen(Screen[None]):
             self.post_message(TransferProgress("", 0, 0, finished=True))
         self.book.add(sent)
         if conversation == self.book.open_id:
+            self.query_one(ChatLog).auto_scroll = True  # what we send shows at the end
             self._show_message(sent)
         self._refresh_list()
 
