@@ -365,3 +365,17 @@ async def test_a_search_hit_opens_its_conversation_at_that_message(tmp_path: Pat
         await pilot.press(*"hi", "enter")
         await settle(pilot)
         assert log.scroll_y == log.max_scroll_y
+
+
+async def test_a_hostile_group_name_is_escaped_in_the_palettes(tmp_path: Path) -> None:
+    backend = FakeBackend()
+    backend._groups[0].name = "evil\x1b[2J\x07club"
+    app = fake_app(tmp_path, backend)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        for key in ("ctrl+p", "ctrl+f"):
+            await pilot.press(key, *"evil")
+            await pilot.pause(0.6)
+            shown = app.export_screenshot()
+            assert "\\x1b" in shown and "\x1b" not in shown and "\x07" not in shown
+            await pilot.press("escape")

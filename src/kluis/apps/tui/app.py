@@ -21,6 +21,7 @@ from textual.binding import Binding
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 
 from kluis.apps.tui.backend import Backend, profile_exists
+from kluis.apps.tui.safe_text import safe_line
 from kluis.apps.tui.screens.dialogs import HelpScreen
 from kluis.apps.tui.screens.main import MainScreen
 from kluis.apps.tui.screens.onboarding import IdScreen, OnboardingScreen, UnlockScreen
@@ -83,7 +84,7 @@ class KluisCommands(Provider):
                 ("Save a file", "received in the open conversation", screen.action_save_file),
             ]
             for row in screen.book.rows():
-                label = f"Open: {row.title}"
+                label = f"Open: {safe_line(row.title).plain}"  # a group name is a peer's
                 commands.append((label, row.id, partial(screen.open_conversation, row.id)))
         return commands
 

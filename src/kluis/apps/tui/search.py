@@ -171,7 +171,7 @@ class ConversationSearch(Provider):
             if score > 0:
                 label = Text("Open: ", style="dim")
                 label.append_text(safe_line(title, "bold"))
-                yield Hit(score, label, open_, text=f"Open: {title}", help=id_)
+                yield Hit(score, label, open_, text=label.plain, help=id_)
 
 
 def open_search(app: App[Any]) -> None:
