@@ -259,6 +259,12 @@ async def test_operator_notices_and_unreadable_placeholders_are_shown_apart(
         )
         await settle(pilot)
         assert "Operator notices" in list_text(app)
+        backend.emit(
+            MessageReceived(Message(OPERATOR, OPERATOR, NOW, "[link=https://x.example]pay[/link]"))
+        )
+        await settle(pilot)
+        last = list(app._notifications)[-1]
+        assert last.message == "[link=https://x.example]pay[/link]" and not last.markup
         await open_(pilot, OPERATOR)
         lines = " ".join(log_lines(app))
         assert "operator  Maintenance at 22:00\\x1b[31m" in lines

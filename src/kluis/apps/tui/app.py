@@ -19,6 +19,7 @@ from pathlib import Path
 from textual.app import App
 from textual.binding import Binding
 from textual.command import DiscoveryHit, Hit, Hits, Provider
+from textual.notifications import SeverityLevel
 
 from kluis.apps.tui.backend import Backend, profile_exists
 from kluis.apps.tui.safe_text import safe_line
@@ -163,6 +164,20 @@ class KluisApp(App[None]):
         self.switch_screen(MainScreen())
         if show_id:
             self.push_screen(IdScreen(backend.account_id))
+
+    def notify(
+        self,
+        message: str,
+        *,
+        title: str = "",
+        severity: SeverityLevel = "information",
+        timeout: float | None = None,
+        markup: bool = False,
+    ) -> None:
+        """As Textual's, but markup is off unless asked for: a notification often quotes a
+        peer (an announcement, a file name, an error), and ``[link=...]`` there must stay
+        text."""
+        super().notify(message, title=title, severity=severity, timeout=timeout, markup=markup)
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):
