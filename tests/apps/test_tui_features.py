@@ -12,12 +12,13 @@ from textual.command import CommandPalette
 from textual.pilot import Pilot
 from textual.widgets import Button, Input, OptionList
 
+from kluis.apps.tui.backend import Offline, Online
 from kluis.apps.tui.model import Conversation
 from kluis.apps.tui.screens.contact import NicknameScreen, TimerScreen
 from kluis.apps.tui.screens.dialogs import MembersScreen
 from kluis.apps.tui.screens.main import MainScreen
 from kluis.apps.tui.search import search_messages
-from kluis.apps.tui.widgets import ChatLog, ConversationList
+from kluis.apps.tui.widgets import ChatLog, ComposeArea, ConversationList
 from kluis.client.events import (
     ContactChanged,
     MessageReceived,
@@ -26,7 +27,7 @@ from kluis.client.events import (
 )
 from kluis.client.operator import OPERATOR
 from kluis.client.records import Message
-from kluis.errors import LocalProtocolError
+from kluis.errors import LocalProtocolError, NotSent
 from tests.apps.tui_fakes import (
     ANNA,
     BRAM,
@@ -385,3 +386,27 @@ async def test_a_hostile_group_name_is_escaped_in_the_palettes(tmp_path: Path) -
             shown = app.export_screenshot()
             assert "\\x1b" in shown and "\x1b" not in shown and "\x07" not in shown
             await pilot.press("escape")
+
+
+async def test_a_send_kept_in_the_outbox_is_not_given_back_and_shows_once_online(
+    tmp_path: Path,
+) -> None:
+    backend = FakeBackend()
+    app = fake_app(tmp_path, backend)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        await open_(pilot, ANNA)
+        backend.refuse = NotSent("kept in the outbox (connection lost)")
+        compose = main_screen(app).query_one(ComposeArea)
+        compose.focus()
+        await pilot.press(*"later", "enter")
+        await settle(pilot)
+        assert compose.text == ""  # not given back: it would go twice
+        assert "kept in the outbox" in list(app._notifications)[-1].message
+        # on reconnection the client sends it from the outbox; the chat is drawn again
+        backend.refuse = None
+        backend.messages.append(Message(ME, ANNA, NOW, "later"))
+        backend.emit(Offline("connection lost", 0.5))
+        backend.emit(Online())
+        await settle(pilot)
+        assert any(line.endswith("later") for line in log_lines(app))

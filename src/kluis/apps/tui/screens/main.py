@@ -56,7 +56,7 @@ from kluis.client.operator import OPERATOR
 from kluis.client.records import Message
 from kluis.client.timers import describe
 from kluis.client.verification import Status
-from kluis.errors import KluisError, UntrustedDevice, VerificationBroken
+from kluis.errors import KluisError, NotSent, UntrustedDevice, VerificationBroken
 from kluis.protocol.attachment import AttachmentRef
 
 if TYPE_CHECKING:
@@ -168,6 +168,8 @@ class MainScreen(Screen[None]):
             case Online():
                 self.online, self.status_detail = True, ""
                 self._show_status()
+                if self.book.open_id is not None:
+                    self._fill_chat()  # what the outbox sent on reconnection shows now
             case Offline(reason=reason, retry_in=delay):
                 self.online = False
                 self.status_detail = f"{reason} · reconnecting in {delay:.1f}s"
@@ -376,6 +378,15 @@ class MainScreen(Screen[None]):
     async def _send(self, conversation: str, text: str) -> None:
         try:
             sent = await self.app.backend_required.send(conversation, text)
+        except NotSent:
+            # The client kept it, encrypted, in the outbox and sends it on reconnection:
+            # giving the text back would send it twice.
+            self.app.notify(
+                "kept in the outbox: it goes when the connection is back",
+                title="Not sent yet",
+                severity="warning",
+            )
+            return
         except KluisError as exc:
             compose = self.query_one(ComposeArea)
             if not compose.text:
