@@ -164,21 +164,22 @@ async def test_offline_state_and_reconnection_after_a_server_restart(
         await until(pilot, lambda: main(app).online is False)
         status = str(app.screen.query_one("#status").render())
         assert "offline" in status and "reconnecting in" in status
-        # sending while offline says so and keeps the text
+        # sending while offline keeps the message in the outbox, and says so
         main(app).open_conversation(peer_id)
         app.screen.query_one(ComposeArea).focus()
         await pilot.press(*"later", "enter")
-        await until(pilot, lambda: app.screen.query_one(ComposeArea).text == "later")
+        await until(pilot, lambda: "outbox" in " ".join(n.message for n in app._notifications))
+        assert app.screen.query_one(ComposeArea).text == ""
 
         await asyncio.to_thread(server.start)  # same port, same data
         await until(pilot, lambda: main(app).online is True, timeout=20)
-        await pilot.press("enter")
-        await until(pilot, lambda: "later" in shown(app))
+        await until(pilot, lambda: "later" in shown(app))  # sent from the outbox, shown
 
-        # and it receives again
+        # and it receives again; the peer got the message of the outbox, once
         peer = await reconnect(server, tmp_path / "peer")
         await peer.send(app.backend_required.account_id, "welcome back")
         await until(pilot, lambda: "welcome back" in shown(app))
+        assert [m.text for m in await peer.receive()] == ["later"]
     await peer.close()
 
 

@@ -39,7 +39,7 @@ from kluis.client.store import ProfileStore
 from kluis.client.transport import TransportFactory, WebSocketTransport
 from kluis.client.verification import Status
 from kluis.crypto.profile_key import KdfParams
-from kluis.errors import LocalProtocolError, TransportError
+from kluis.errors import LocalProtocolError, NotSent, TransportError
 from kluis.protocol.attachment import AttachmentRef
 
 T = TypeVar("T")
@@ -241,10 +241,17 @@ class ClientBackend:
         return await self._run(lambda: _value(self._client.quarantined))
 
     async def send(self, conversation: str, text: str) -> Message:
+        async def send_() -> Message:
+            if not self._client.connected:
+                # offline: into the outbox, encrypted; the pump's next connect() sends it
+                self._client.keep(conversation, text)
+                raise NotSent("kept in the outbox: offline")
+            return await self._client.send(conversation, text)
+
         try:
-            return await self._run(lambda: self._client.send(conversation, text))
+            return await self._run(send_)
         except LocalProtocolError as exc:
-            if "not connected" in str(exc):
+            if "not connected" in str(exc):  # the connection went in the meantime
                 raise LocalProtocolError("offline: the message was not sent") from exc
             raise
 
