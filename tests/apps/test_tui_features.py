@@ -410,3 +410,14 @@ async def test_a_send_kept_in_the_outbox_is_not_given_back_and_shows_once_online
         backend.emit(Online())
         await settle(pilot)
         assert any(line.endswith("later") for line in log_lines(app))
+        # one the server refused on reconnection is dropped, and said, in the chat too
+        backend.refused = [(ANNA, "untrusted_device: no device to send to")]
+        backend.emit(Online())
+        await settle(pilot)
+        shown = " ".join(line.strip() for line in log_lines(app))
+        assert "not sent, dropped from the outbox: to annak3v7q2xw5zpe: untrusted_device" in shown
+        assert "dropped from the outbox" in list(app._notifications)[-1].message
+        backend.emit(Online())  # said once, and kept in the chat when it is drawn again
+        await settle(pilot)
+        again = " ".join(line.strip() for line in log_lines(app))
+        assert again.count("dropped from the outbox") == 1

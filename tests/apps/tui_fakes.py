@@ -67,6 +67,7 @@ class FakeBackend:
         self.renewal = renewal
         self.read: list[str] = []  # conversations marked read, in order
         self.history_reads = 0
+        self.refused: list[tuple[str, str]] = []  # the outbox's refusals, until taken
         self.changes: list[tuple[str, list[str], str | None]] = []  # group changes asked
         self.blobs: dict[str, bytes] = {}  # "uploaded" files, by blob ID
         self.hold = asyncio.Event()  # file transfers wait for it (set: they run through)
@@ -149,6 +150,10 @@ class FakeBackend:
         message = Message(ME, conversation, NOW, line, kind="timer")
         self.messages.append(message)
         return message
+
+    async def outbox_refused(self) -> list[tuple[str, str]]:
+        refused, self.refused = self.refused, []
+        return refused
 
     async def mark_read(self, conversation: str) -> None:
         self.read.append(conversation)

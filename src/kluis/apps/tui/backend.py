@@ -115,6 +115,10 @@ class Backend(Protocol):
     async def renewal_notice(self) -> str:
         """A line about the subscription's end once it is near (or past), else ""."""
 
+    async def outbox_refused(self) -> list[tuple[str, str]]:
+        """(conversation, why) for each message of the outbox the server refused when it was
+        sent again (dropped from the outbox), once each."""
+
     async def send_file(
         self, conversation: str, path: Path, caption: str, progress: Progress
     ) -> Message:
@@ -288,6 +292,14 @@ class ClientBackend:
 
     async def renewal_notice(self) -> str:
         return await self._run(lambda: _value(self._client.renewal_notice()))
+
+    async def outbox_refused(self) -> list[tuple[str, str]]:
+        async def take() -> list[tuple[str, str]]:
+            refused = [(p.conversation, str(e)) for p, e in self._client.outbox_errors]
+            self._client.outbox_errors.clear()
+            return refused
+
+        return await self._run(take)
 
     async def send_file(
         self, conversation: str, path: Path, caption: str, progress: Progress

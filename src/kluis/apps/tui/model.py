@@ -91,6 +91,7 @@ class Notice:
     time: datetime
     kind: str  # "unreadable" | "alarm" | "operator" (expiry, announcements) | "info"
     text: str
+    conversation: str = ""  # the chat it belongs to, drawn there with its messages ("": none)
 
 
 @dataclass

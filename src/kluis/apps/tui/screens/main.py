@@ -170,6 +170,7 @@ class MainScreen(Screen[None]):
                 self._show_status()
                 if self.book.open_id is not None:
                     self._fill_chat()  # what the outbox sent on reconnection shows now
+                self._outbox_refused()
             case Offline(reason=reason, retry_in=delay):
                 self.online = False
                 self.status_detail = f"{reason} · reconnecting in {delay:.1f}s"
@@ -249,6 +250,17 @@ class MainScreen(Screen[None]):
             self._refresh_list()
             self._refresh_title()
 
+    @work(group="outbox")
+    async def _outbox_refused(self) -> None:
+        """Messages of the outbox the server refused on reconnection: dropped, and said."""
+        for conversation, why in await self.app.backend_required.outbox_refused():
+            text = f"not sent, dropped from the outbox: to {self.book.title(conversation)}: {why}"
+            notice = Notice(self.app.now(), "alarm", text, conversation)
+            self.book.notice(notice)
+            if conversation == self.book.open_id:
+                self.query_one(ChatLog).add_notice(notice, self.app.now(), self.app.tz)
+            self.app.notify(safe_line(text).plain, title="Not sent", severity="error")
+
     @work(group="read")
     async def _mark_read(self, conversation: str) -> None:
         """Read receipts for what the user now sees (the client sends them when connected)."""
@@ -325,8 +337,13 @@ class MainScreen(Screen[None]):
                     log.add_notice(notice, self.app.now(), self.app.tz)
         jump, self._jump_to = self._jump_to, None
         log.auto_scroll = jump is None  # a jump: no write may scroll to the end meanwhile
-        for m in messages:
-            self._show_message(m)
+        notices = [n for n in self.book.notices if n.conversation == conversation]
+        entries: list[Message | Notice] = [*messages, *notices]
+        for entry in sorted(entries, key=lambda e: e.time):  # stable: history order kept
+            if isinstance(entry, Notice):
+                log.add_notice(entry, self.app.now(), self.app.tz)
+            else:
+                self._show_message(entry)
         if jump is not None:
             self.call_after_refresh(log.scroll_to_message, jump)
 
@@ -423,7 +440,9 @@ class MainScreen(Screen[None]):
                 self._refresh_title()
         warning = KeyWarning(conversation, account, kind, detail)
         self.key_warnings[conversation] = warning
-        notice = Notice(self.app.now(), "alarm", f"not sent: key change for {account}: {detail}")
+        notice = Notice(
+            self.app.now(), "alarm", f"not sent: key change for {account}: {detail}", conversation
+        )
         self.book.notice(notice)
         if conversation == self.book.open_id:
             self.query_one(ChatLog).add_notice(notice, self.app.now(), self.app.tz)
