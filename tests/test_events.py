@@ -48,6 +48,7 @@ async def test_messages_unreadable_envelopes_and_the_end_of_the_connection(
     await send_raw(mallory, bob.account_id, [forged_envelope(bob.core.device_keys(), claim)])
     event = await next_event(stream)
     assert isinstance(event, Undecryptable) and event.code and event.reason
+    assert (event.sender, event.device) == ("nosuchaccount234", "x" * 43)  # the claim
     assert bob.quarantined == 1
 
     newer = await reconnect(inproc, tmp_path / "bob")  # displaces this connection

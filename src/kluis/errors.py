@@ -7,6 +7,8 @@ remote refusal back to the class below with :func:`error_for_code`.
     ├── LocalProtocolError        you misused the API (our bug or the caller's)
     │   └── StorageKeyError           storage_key: the PostgreSQL store's key file is missing,
     │                                 malformed, readable by others or not this database's
+    │   └── BadConfig                 bad_config: a settings file (e.g. the app's keys.toml)
+    │                                 that does not parse or names unknown actions or keys
     ├── RemoteProtocolError       the peer sent something that breaks the protocol
     │   ├── MalformedFrame            bad_frame: undecodable or schema-violating frame
     │   ├── FrameTooLarge             frame_too_large
@@ -75,6 +77,10 @@ class StorageKeyError(LocalProtocolError):
     others, or not this database's; or a sealed value does not open under it."""
 
     code = "storage_key"
+
+
+class BadConfig(LocalProtocolError):
+    code = "bad_config"
 
 
 class RemoteProtocolError(KluisError):

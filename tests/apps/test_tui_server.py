@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from textual.pilot import Pilot
-from textual.widgets import Input
+from textual.widgets import Input, OptionList
 
 from kluis.apps.tui.app import KluisApp
 from kluis.apps.tui.model import Conversation
 from kluis.apps.tui.screens.dialogs import KeyChangeScreen, MembersScreen
+from kluis.apps.tui.screens.files import SaveScreen
 from kluis.apps.tui.screens.main import MainScreen
 from kluis.apps.tui.screens.onboarding import IdScreen, UnlockScreen
 from kluis.apps.tui.widgets import ChatLog, ComposeArea
@@ -50,6 +52,10 @@ def main(app: KluisApp) -> MainScreen:
     screen = app.screen
     assert isinstance(screen, MainScreen), screen
     return screen
+
+
+def is_online(app: KluisApp) -> bool:
+    return isinstance(app.screen, MainScreen) and main(app).online is True
 
 
 def shown(app: KluisApp) -> str:
@@ -158,21 +164,22 @@ async def test_offline_state_and_reconnection_after_a_server_restart(
         await until(pilot, lambda: main(app).online is False)
         status = str(app.screen.query_one("#status").render())
         assert "offline" in status and "reconnecting in" in status
-        # sending while offline says so and keeps the text
+        # sending while offline keeps the message in the outbox, and says so
         main(app).open_conversation(peer_id)
         app.screen.query_one(ComposeArea).focus()
         await pilot.press(*"later", "enter")
-        await until(pilot, lambda: app.screen.query_one(ComposeArea).text == "later")
+        await until(pilot, lambda: "outbox" in " ".join(n.message for n in app._notifications))
+        assert app.screen.query_one(ComposeArea).text == ""
 
         await asyncio.to_thread(server.start)  # same port, same data
         await until(pilot, lambda: main(app).online is True, timeout=20)
-        await pilot.press("enter")
-        await until(pilot, lambda: "later" in shown(app))
+        await until(pilot, lambda: "later" in shown(app))  # sent from the outbox, shown
 
-        # and it receives again
+        # and it receives again; the peer got the message of the outbox, once
         peer = await reconnect(server, tmp_path / "peer")
         await peer.send(app.backend_required.account_id, "welcome back")
         await until(pilot, lambda: "welcome back" in shown(app))
+        assert [m.text for m in await peer.receive()] == ["later"]
     await peer.close()
 
 
@@ -232,3 +239,60 @@ async def test_a_key_change_after_verification_is_warned_and_nothing_is_sent(
     got = await bob.receive(wait=2)
     assert "are you there" not in [m.text for m in got + bob.history(alice_c.account_id)]
     await bob.close()
+
+
+async def test_nickname_timer_read_receipts_and_a_file_between_two_apps(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    alice_client = await register(server, tmp_path / "alice")
+    bob_client = await register(server, tmp_path / "bob")
+    alice_id, bob_id = alice_client.account_id, bob_client.account_id
+    await alice_client.close()
+    await bob_client.close()
+    alice = make_app(tmp_path / "alice", server)
+    bob = make_app(tmp_path / "bob", server)
+    async with alice.run_test(size=(80, 24)) as a, bob.run_test(size=(80, 24)) as b:
+        for app, pilot in ((alice, a), (bob, b)):
+            app.screen.query_one("#passphrase", Input).value = PASSPHRASE
+            await pilot.press("enter")
+        for app, pilot in ((alice, a), (bob, b)):
+            await until(pilot, partial(is_online, app))
+
+        # alice names bob (F3): the name is in her list and kept in her profile
+        main(alice).open_conversation(bob_id)
+        await a.press("f3", *"Bob", "enter")
+        await until(a, lambda: (main(alice).book.get(bob_id) or row0).title == "Bob")
+        assert await alice.backend_required.contacts() == {bob_id: "Bob"}
+
+        # alice writes; once bob has the conversation open, her message shows read (✓✓)
+        alice.screen.query_one(ComposeArea).focus()
+        await a.press(*"hello", "enter")
+        await until(b, lambda: main(bob).book.get(alice_id) is not None)
+        main(bob).open_conversation(alice_id)
+        await until(b, lambda: "hello" in shown(bob))
+        await until(a, lambda: "you ✓✓" in shown(alice))
+
+        # alice sets the timer (F4, 5 min): both lists mark it, bob sees the system line
+        await a.press("f4", "down", "enter")
+        await until(a, lambda: (main(alice).book.get(bob_id) or row0).timer == 300)
+        await until(b, lambda: (main(bob).book.get(alice_id) or row0).timer == 300)
+        await until(b, lambda: "disappearing messages: 5 min" in shown(bob))
+        assert await bob.backend_required.timers() == {alice_id: 300}
+
+        # a file: alice sends it (Ctrl+O), bob saves it (Ctrl+S), byte for byte
+        document = tmp_path / "notes.txt"
+        document.write_bytes(b"kluis file\n" * 5000)  # 55 KB: more than one piece
+        await a.press("ctrl+o")
+        alice.screen.query_one("#path", Input).value = str(document)
+        alice.screen.query_one("#caption", Input).focus()
+        await a.press(*"notes", "enter")
+        await until(a, lambda: "[file] notes.txt" in shown(alice))
+        await until(b, lambda: "[file] notes.txt" in shown(bob))
+        await b.press("ctrl+s")
+        await until(b, lambda: isinstance(bob.screen, SaveScreen))
+        bob.screen.query_one("#folder", Input).value = str(tmp_path / "saved")
+        bob.screen.query_one("#files", OptionList).focus()
+        await b.press("enter")
+        saved = tmp_path / "saved" / "notes.txt"
+        await until(b, lambda: saved.exists())
+        assert saved.read_bytes() == document.read_bytes()

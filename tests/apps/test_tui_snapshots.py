@@ -19,7 +19,17 @@ from kluis.apps.tui.app import KluisApp
 from kluis.apps.tui.screens.dialogs import HelpScreen
 from kluis.apps.tui.screens.onboarding import IdScreen
 from kluis.client.records import Message
-from tests.apps.tui_fakes import ANNA, ME, NASTY, NOW, FakeBackend, fake_app, sample_history
+from tests.apps.tui_fakes import (
+    ANNA,
+    DEMO_NICKNAMES,
+    DEMO_TIMERS,
+    ME,
+    NASTY,
+    NOW,
+    FakeBackend,
+    fake_app,
+    sample_history,
+)
 
 SHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
 Compare = Callable[..., bool]
@@ -52,9 +62,20 @@ async def show_help(pilot: Pilot[Any]) -> None:
     await pilot.pause()
 
 
+def demo(messages: list[Message] | None = None) -> FakeBackend:
+    return FakeBackend(messages, nicknames=DEMO_NICKNAMES, timers=DEMO_TIMERS)
+
+
+async def search_agenda(pilot: Pilot[Any]) -> None:
+    await open_anna(pilot)
+    await pilot.press("ctrl+f", *"you")
+    await pilot.pause(0.5)  # the palette searches as it is typed
+    await settle(pilot)
+
+
 def with_hostile(tmp: Path, theme: str = "textual-dark") -> KluisApp:
     history = [*sample_history(), Message(ANNA, ANNA, NOW, NASTY)]
-    return fake_app(tmp, FakeBackend(history), theme=theme)
+    return fake_app(tmp, demo(history), theme=theme)
 
 
 @pytest.mark.parametrize("theme", ["textual-dark", "textual-light"])
@@ -64,7 +85,7 @@ def test_main_screen(snap_compare: Compare, tmp_path: Path, theme: str) -> None:
 
 @pytest.mark.parametrize("theme", ["textual-dark", "textual-light"])
 def test_group_chat(snap_compare: Compare, tmp_path: Path, theme: str) -> None:
-    assert snap_compare(fake_app(tmp_path, theme=theme), run_before=settle)
+    assert snap_compare(fake_app(tmp_path, demo(), theme=theme), run_before=settle)
 
 
 @pytest.mark.parametrize("theme", ["textual-dark", "textual-light"])
@@ -111,9 +132,10 @@ def save(name: str, svg: str) -> None:
 SCREENS: list[tuple[str, Callable[[Path], KluisApp], Callable[[Pilot[Any]], Any]]] = [
     ("chat-dark", lambda tmp: with_hostile(tmp), open_anna),
     ("chat-light", lambda tmp: with_hostile(tmp, "textual-light"), open_anna),
-    ("group-dark", lambda tmp: fake_app(tmp), settle),
+    ("group-dark", lambda tmp: fake_app(tmp, demo()), settle),
     ("first-run-dark", lambda tmp: first_run_app(tmp), settle),
     ("your-id-dark", lambda tmp: fake_app(tmp), show_id),
+    ("search-dark", lambda tmp: fake_app(tmp, demo()), search_agenda),
 ]
 
 

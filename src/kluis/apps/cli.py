@@ -252,6 +252,7 @@ async def _register(args: argparse.Namespace) -> None:
         Path(args.profile),
         _passphrase(confirm=True),
         transport_factory=_dial(args),
+        device_name=args.device_name or "",
     )
     await client.close()
     print(client.account_id)
@@ -279,6 +280,7 @@ async def _device_request(args: argparse.Namespace) -> None:
         _passphrase(confirm=True),
         account=args.account or "",
         transport_factory=_dial(args),
+        device_name=args.device_name or "",
     )
     print(code)
 
@@ -325,23 +327,46 @@ def _outbox_refused(client: KluisClient) -> None:
 
 async def _device_approve(args: argparse.Namespace) -> None:
     async def body(client: KluisClient) -> None:
-        print(await client.approve(args.code))
+        print(await client.approve(args.code, name=args.name or ""))
 
     await _with_client(args, body)
 
 
 async def _device_list(args: argparse.Namespace) -> None:
     async def body(client: KluisClient) -> None:
-        for record in await client.devices():
-            this = record.keys.ed25519 == client.core.device_id
+        records = await client.devices()
+        labels = client.device_labels()
+        for record in records:
+            device = record.keys.ed25519
+            this = device == client.core.device_id
             status = client.core.device_status(record)
+            label = labels.get(device)
+            since = _day(label.since) if label else ""
+            name = label.name if label else ""
             if args.json:
-                line = {"device": record.keys.ed25519, "status": status, "this_device": this}
+                line = {
+                    "device": device,
+                    "status": status,
+                    "this_device": this,
+                    "name": name,
+                    "since": since,  # the day this profile first knew it (made, approved, listed)
+                }
                 print(json.dumps(line))
             else:
-                print(f"{record.keys.ed25519}\t{status}" + (" (this device)" if this else ""))
+                mark = " (this device)" if this else ""
+                print(f"{device}\t{status}\t{since or '-'}\t{safe_text(name) or '-'}{mark}")
 
     await _with_client(args, body)
+
+
+def cmd_device_name(args: argparse.Namespace) -> None:
+    """Name one of our devices in this profile (offline: the name never leaves it)."""
+
+    def body(client: KluisClient) -> None:
+        client.name_device(args.device, args.name)
+        print(f"named {args.device}: {safe_text(args.name.strip())}")
+
+    _offline(args, body)
 
 
 async def _device_revoke(args: argparse.Namespace) -> None:
@@ -797,43 +822,43 @@ def _add_feature_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser
     cts = ct.add_subparsers(dest="action", required=True)
     for action in ("add", "rename"):
         c = cts.add_parser(action, help=f"{action} a nickname for ID")
-        c.add_argument("--profile", required=True)
+        c.add_argument("--profile", required=True, help=PROFILE_HELP)
         c.add_argument("id")
         c.add_argument("name")
         c.set_defaults(func=_async(_contact_set))
     cl = cts.add_parser("list", help="ID<TAB>NAME per contact")
-    cl.add_argument("--profile", required=True)
+    cl.add_argument("--profile", required=True, help=PROFILE_HELP)
     cl.set_defaults(func=cmd_contact_list)
 
     cv = sub.add_parser(
         "conversations", help="ID<TAB>NAME<TAB>UNREAD<TAB>LAST-ACTIVITY, newest first"
     )
-    cv.add_argument("--profile", required=True)
+    cv.add_argument("--profile", required=True, help=PROFILE_HELP)
     cv.add_argument("--json", action="store_true", help="JSON Lines, for scripts")
     cv.set_defaults(func=cmd_conversations)
 
     tm = sub.add_parser("timer", help="disappearing messages in ID: SECONDS (0: off)")
-    tm.add_argument("--profile", required=True)
+    tm.add_argument("--profile", required=True, help=PROFILE_HELP)
     tm.add_argument("id")
     tm.add_argument("seconds", type=int)
     tm.set_defaults(func=_async(_timer))
 
     rc = sub.add_parser("receipts", help="send read receipts or not (delivered: always)")
-    rc.add_argument("--profile", required=True)
+    rc.add_argument("--profile", required=True, help=PROFILE_HELP)
     rc.add_argument("state", choices=["on", "off"])
     rc.set_defaults(func=cmd_receipts)
 
     nt = sub.add_parser("notes", help="your private notebook (synced to your devices)")
     nts = nt.add_subparsers(dest="action", required=True)
     na = nts.add_parser("add", help="print the new note's ID")
-    na.add_argument("--profile", required=True)
+    na.add_argument("--profile", required=True, help=PROFILE_HELP)
     na.add_argument("text")
     na.set_defaults(func=_async(_notes_add))
     nl = nts.add_parser("list", help="NOTE<TAB>TIME<TAB>TEXT, oldest first")
-    nl.add_argument("--profile", required=True)
+    nl.add_argument("--profile", required=True, help=PROFILE_HELP)
     nl.set_defaults(func=cmd_notes_list)
     nd = nts.add_parser("delete")
-    nd.add_argument("--profile", required=True)
+    nd.add_argument("--profile", required=True, help=PROFILE_HELP)
     nd.add_argument("note")
     nd.set_defaults(func=_async(_notes_delete))
 
@@ -843,14 +868,23 @@ def _add_feature_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser
 
 def cmd_chat(args: argparse.Namespace) -> None:
     from kluis.apps.tui.app import KluisApp  # Textual loads only for this command
+    from kluis.apps.tui.keys import keymap_paths, load_keymap
 
-    KluisApp(Path(args.profile).expanduser(), default_server=args.server).run()
+    profile = Path(args.profile).expanduser()
+    keymap = load_keymap(keymap_paths(profile))  # a bad file: one line, before the screen
+    KluisApp(profile, default_server=args.server, keymap=keymap).run()
 
 
 def _async(
     fn: Callable[[argparse.Namespace], Awaitable[None]],
 ) -> Callable[[argparse.Namespace], None]:
     return lambda args: asyncio.run(fn(args))  # type: ignore[arg-type]
+
+
+PROFILE_HELP = "profile folder: this device's keys and history, encrypted"
+SERVER_HELP = "server URL, e.g. https://chat.example or http://127.0.0.1:8448"
+DATA_HELP = "the server's data folder (database, attachments)"
+DEVICE_NAME_HELP = "a name for this device, e.g. laptop (kept in this profile only)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -890,7 +924,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--database-pool",
         type=int,
         metavar="N",
-        help="PostgreSQL connections this node keeps at most (default 10)",
+        help="PostgreSQL connections this node keeps at most, a count (default 10)",
     )
     s.add_argument(
         "--redis",
@@ -941,10 +975,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-host",
         help="address of the metrics port (default 127.0.0.1; any other needs KLUIS_METRICS_TOKEN)",
     )
-    s.add_argument("--envelope-ttl-days", type=float)
-    s.add_argument("--mailbox-quota", type=int)
-    s.add_argument("--max-frame-bytes", type=int)
-    s.add_argument("--send-rate", type=float, help="sends per second per device")
+    s.add_argument(
+        "--envelope-ttl-days",
+        type=float,
+        help="days an undelivered message waits on the server (default 30)",
+    )
+    s.add_argument(
+        "--mailbox-quota",
+        type=int,
+        help="how many undelivered messages a device may have waiting (default 10000)",
+    )
+    s.add_argument(
+        "--max-frame-bytes",
+        type=int,
+        help="largest WebSocket frame, in bytes (default 2097152: 2 MiB)",
+    )
+    s.add_argument(
+        "--send-rate", type=float, help="sends per second per device (default 50; burst 10 s)"
+    )
     s.add_argument(
         "--limit",
         action="append",
@@ -974,7 +1022,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lc.set_defaults(func=cmd_licence_create)
     lr = lic.add_parser("renew", help="extend your account with CODE; prints the new end")
-    lr.add_argument("--profile", required=True)
+    lr.add_argument("--profile", required=True, help=PROFILE_HELP)
     lr.add_argument("code")
     lr.set_defaults(func=_async(_licence_renew))
 
@@ -990,7 +1038,7 @@ def build_parser() -> argparse.ArgumentParser:
     au = sub.add_parser(
         "audit-storage", help="scan a server's data as a seizer would; exit 1 on any finding"
     )
-    au.add_argument("--data", required=True)
+    au.add_argument("--data", required=True, help=DATA_HELP)
     au.add_argument("--database", help="sqlite:///PATH, or postgresql://... with --pgdata")
     au.add_argument(
         "--pgdata", metavar="DIR", help="the PostgreSQL server's data directory, read raw"
@@ -1026,41 +1074,51 @@ def build_parser() -> argparse.ArgumentParser:
     mg.set_defaults(func=cmd_migrate)
 
     r = sub.add_parser("register", help="redeem a licence; prints the new ID")
-    r.add_argument("--server", required=True)
-    r.add_argument("--licence", required=True)
-    r.add_argument("--profile", required=True)
+    r.add_argument("--server", required=True, help=SERVER_HELP)
+    r.add_argument("--licence", required=True, help="a licence code from your operator")
+    r.add_argument("--profile", required=True, help=PROFILE_HELP)
+    r.add_argument("--device-name", help=DEVICE_NAME_HELP)
     r.set_defaults(func=_async(_register))
 
     w = sub.add_parser("whoami", help="print this profile's ID")
-    w.add_argument("--profile", required=True)
+    w.add_argument("--profile", required=True, help=PROFILE_HELP)
     w.set_defaults(func=_async(_whoami))
 
     dev = sub.add_parser("device", help="link, list and revoke devices").add_subparsers(
         dest="action", required=True
     )
     dr = dev.add_parser("request", help="new device: print a one-time link code")
-    dr.add_argument("--server", required=True)
-    dr.add_argument("--profile", required=True)
+    dr.add_argument("--server", required=True, help=SERVER_HELP)
+    dr.add_argument("--profile", required=True, help=PROFILE_HELP)
     dr.add_argument(
         "--account",
         help="the ID this device is to join: any other account is refused once approved",
     )
+    dr.add_argument("--device-name", help=DEVICE_NAME_HELP)
     dr.set_defaults(func=_async(_device_request))
     da = dev.add_parser("approve", help="existing device: admit the device showing CODE")
-    da.add_argument("--profile", required=True)
+    da.add_argument("--profile", required=True, help=PROFILE_HELP)
     da.add_argument("code")
+    da.add_argument("--name", help="a name for the new device, e.g. laptop (this profile only)")
     da.set_defaults(func=_async(_device_approve))
-    dl = dev.add_parser("list")
-    dl.add_argument("--profile", required=True)
+    dl = dev.add_parser(
+        "list", help="DEVICE<TAB>STATUS<TAB>SINCE<TAB>NAME; SINCE: the day this profile met it"
+    )
+    dl.add_argument("--profile", required=True, help=PROFILE_HELP)
     dl.add_argument("--json", action="store_true", help="JSON Lines, for scripts")
     dl.set_defaults(func=_async(_device_list))
+    dn = dev.add_parser("name", help="name one of your devices (kept in this profile only)")
+    dn.add_argument("--profile", required=True, help=PROFILE_HELP)
+    dn.add_argument("device", help="its ID, as kluis device list prints it")
+    dn.add_argument("name", help="1 to 64 characters, e.g. phone")
+    dn.set_defaults(func=cmd_device_name)
     dv = dev.add_parser("revoke")
-    dv.add_argument("--profile", required=True)
+    dv.add_argument("--profile", required=True, help=PROFILE_HELP)
     dv.add_argument("device")
     dv.set_defaults(func=_async(_device_revoke))
 
     sd = sub.add_parser("send", help="send TEXT to ID or GROUP; exits 0 once the server stored it")
-    sd.add_argument("--profile", required=True)
+    sd.add_argument("--profile", required=True, help=PROFILE_HELP)
     sd.add_argument("id", metavar="ID|GROUP")
     sd.add_argument("text", nargs="?", help="the message; - reads it from standard input")
     sd.add_argument("--file", help="send this file (encrypted, streamed); TEXT is its caption")
@@ -1069,14 +1127,14 @@ def build_parser() -> argparse.ArgumentParser:
     ob = sub.add_parser(
         "outbox", help="CONVERSATION<TAB>TIME<TAB>TEXT per message not sent yet, oldest first"
     )
-    ob.add_argument("--profile", required=True)
+    ob.add_argument("--profile", required=True, help=PROFILE_HELP)
     ob.set_defaults(func=cmd_outbox)
 
     dm = sub.add_parser(
         "daemon",
         help="keep the profile unlocked and connected; send and inbox then go through it",
     )
-    dm.add_argument("--profile", required=True)
+    dm.add_argument("--profile", required=True, help=PROFILE_HELP)
     dm.add_argument(
         "--lock-after",
         type=float,
@@ -1087,12 +1145,12 @@ def build_parser() -> argparse.ArgumentParser:
     dm.set_defaults(func=cmd_daemon)
 
     fe = sub.add_parser("fetch", help="save every received file not saved yet; prints each path")
-    fe.add_argument("--profile", required=True)
+    fe.add_argument("--profile", required=True, help=PROFILE_HELP)
     fe.add_argument("--out", required=True, help="folder to save into (created if missing)")
     fe.set_defaults(func=_async(_fetch))
 
     ib = sub.add_parser("inbox", help="fetch, decrypt and print incoming messages")
-    ib.add_argument("--profile", required=True)
+    ib.add_argument("--profile", required=True, help=PROFILE_HELP)
     ib.add_argument(
         "--wait", type=float, default=0.0, help="seconds to listen for more (default 0)"
     )
@@ -1100,7 +1158,7 @@ def build_parser() -> argparse.ArgumentParser:
     ib.set_defaults(func=_async(_inbox))
 
     h = sub.add_parser("history", help="print stored conversations, oldest first")
-    h.add_argument("--profile", required=True)
+    h.add_argument("--profile", required=True, help=PROFILE_HELP)
     h.add_argument("id", nargs="?")
     h.add_argument("--json", action="store_true", help="JSON Lines, for scripts")
     h.set_defaults(func=cmd_history)
@@ -1109,7 +1167,7 @@ def build_parser() -> argparse.ArgumentParser:
         "safety-number",
         help="print ID's safety number (yours without ID); compare it with your peer out of band",
     )
-    sn.add_argument("--profile", required=True)
+    sn.add_argument("--profile", required=True, help=PROFILE_HELP)
     sn.add_argument("id", nargs="?")
     sn.set_defaults(func=_async(_safety_number))
 
@@ -1117,7 +1175,7 @@ def build_parser() -> argparse.ArgumentParser:
         "verify",
         help="verify ID interactively (emoji and numbers); the peer runs it with your ID",
     )
-    vf.add_argument("--profile", required=True)
+    vf.add_argument("--profile", required=True, help=PROFILE_HELP)
     vf.add_argument("id")
     vf.add_argument(
         "--timeout",
@@ -1132,7 +1190,7 @@ def build_parser() -> argparse.ArgumentParser:
     vf.set_defaults(func=_async(_verify))
 
     t = sub.add_parser("trust", help="accept the changed keys of ID")
-    t.add_argument("--profile", required=True)
+    t.add_argument("--profile", required=True, help=PROFILE_HELP)
     t.add_argument("id")
     t.set_defaults(func=cmd_trust)
 
@@ -1140,29 +1198,33 @@ def build_parser() -> argparse.ArgumentParser:
         "group", help="groups: create, add, remove, leave, members"
     ).add_subparsers(dest="group_command", required=True)
     gc = grp.add_parser("create", help="a new group of you and the IDs; prints the group's ID")
-    gc.add_argument("--profile", required=True)
+    gc.add_argument("--profile", required=True, help=PROFILE_HELP)
     gc.add_argument("name")
     gc.add_argument("ids", nargs="*", metavar="ID")
     gc.set_defaults(func=_async(_group_create))
     for action, help_ in (("add", "add members"), ("remove", "remove members")):
         ga = grp.add_parser(action, help=f"{help_}; everyone in the group hears of it")
-        ga.add_argument("--profile", required=True)
+        ga.add_argument("--profile", required=True, help=PROFILE_HELP)
         ga.add_argument("group")
         ga.add_argument("ids", nargs="+", metavar="ID")
         ga.set_defaults(func=_async(_group_change), action=action)
     gl = grp.add_parser("leave", help="leave the group; the others hear of it")
-    gl.add_argument("--profile", required=True)
+    gl.add_argument("--profile", required=True, help=PROFILE_HELP)
     gl.add_argument("group")
     gl.set_defaults(func=_async(_group_change), action="leave")
     gm = grp.add_parser("members", help="print the group's ID and name, then one member per line")
-    gm.add_argument("--profile", required=True)
+    gm.add_argument("--profile", required=True, help=PROFILE_HELP)
     gm.add_argument("group")
     gm.set_defaults(func=cmd_group_members)
     _add_feature_parsers(sub)
 
     ch = sub.add_parser("chat", help="the full-screen messenger (first run: register)")
     ch.add_argument("--profile", default="~/.kluis/default", help="default: %(default)s")
-    ch.add_argument("--server", default=f"http://127.0.0.1:{DEFAULT_PORT}", help="first run only")
+    ch.add_argument(
+        "--server",
+        default=f"http://127.0.0.1:{DEFAULT_PORT}",
+        help="server URL proposed on the first run (default %(default)s)",
+    )
     ch.set_defaults(func=cmd_chat)
     return p
 
@@ -1286,7 +1348,7 @@ def _add_operator_parsers(
     """The operator's subcommands of ``kluis admin`` (``ads``), and ``wipe`` and
     ``panic-passphrase`` (``sub``)."""
     ai = ads.add_parser("init", help="make the operator signing key; prints its public key")
-    ai.add_argument("--data", required=True, help="where the key files go")
+    ai.add_argument("--data", required=True, help=DATA_HELP)
     ai.add_argument(
         "--database",
         metavar="URL",
@@ -1295,11 +1357,12 @@ def _add_operator_parsers(
     ai.add_argument(
         "--public-url",
         default=f"http://127.0.0.1:{DEFAULT_PORT}",
-        help="the URL clients use (as kluis serve --public-url); announcements are bound to it",
+        help="the URL clients use (as kluis serve --public-url); announcements are bound to it"
+        " (default %(default)s)",
     )
     ai.set_defaults(func=cmd_admin_init)
     an = ads.add_parser("announce", help="sign TEXT and queue it for every device")
-    an.add_argument("--data", required=True)
+    an.add_argument("--data", required=True, help=DATA_HELP)
     an.add_argument("--storage-key-file", metavar="FILE", help=_STORAGE_KEY_HELP)
     an.add_argument("--database", metavar="URL", help=_DATABASE_HELP)
     an.add_argument("--key", help="the operator key file (default DATA/operator.key)")
@@ -1313,20 +1376,20 @@ def _add_operator_parsers(
     ac.add_argument("id")
     ac.set_defaults(func=cmd_admin_account)
     aw = ads.add_parser("wipe", help="order the account's devices (or one) to erase themselves")
-    aw.add_argument("--data", required=True)
+    aw.add_argument("--data", required=True, help=DATA_HELP)
     aw.add_argument("--storage-key-file", metavar="FILE", help=_STORAGE_KEY_HELP)
     aw.add_argument("--database", metavar="URL", help=_DATABASE_HELP)
-    aw.add_argument("--device")
+    aw.add_argument("--device", help="only this device (its key, from kluis device list)")
     aw.add_argument("--key", help="the operator key file (default DATA/operator.key)")
     aw.add_argument("id")
     aw.set_defaults(func=cmd_admin_wipe)
     wp = sub.add_parser("wipe", help="erase this profile (every file overwritten, then removed)")
-    wp.add_argument("--profile", required=True)
+    wp.add_argument("--profile", required=True, help=PROFILE_HELP)
     wp.set_defaults(func=cmd_wipe)
     pp = sub.add_parser(
         "panic-passphrase", help="set a second passphrase that erases the profile at unlock"
     )
-    pp.add_argument("--profile", required=True)
+    pp.add_argument("--profile", required=True, help=PROFILE_HELP)
     pp.set_defaults(func=cmd_panic_passphrase)
 
 

@@ -27,6 +27,7 @@ from kluis.client import attachments, operator, wipe
 from kluis.client.contacts import Note
 from kluis.client.conversations import ConversationInfo
 from kluis.client.core import MEGOLM, ClientCore, Message, Opened, Payload, link_fingerprint
+from kluis.client.device_labels import DeviceLabels, Label, check_device_name
 from kluis.client.events import (
     ConnectionDown,
     ConnectionUp,
@@ -37,6 +38,7 @@ from kluis.client.events import (
 )
 from kluis.client.groups import GroupState, describe, is_group_id
 from kluis.client.outbox import Pending
+from kluis.client.records import Sealed
 from kluis.client.store import ProfileStore
 from kluis.client.transport import Transport, TransportFactory, WebSocketTransport
 from kluis.client.verification import State, Status, Verification
@@ -74,6 +76,14 @@ MAX_TEXT_BYTES = 60 * 1024
 # What one Send carries at most (the server's defaults allow 2 MiB and 2,048 envelopes).
 _SEND_BYTES = 1024 * 1024
 _SEND_ENVELOPES = 1024
+
+
+def _label_own_device(core: ClientCore, name: str) -> None:
+    """This device was made now: note the day, and its name when given."""
+    labels, now = DeviceLabels(core.store), core._now_ms() // 1000
+    labels.seen([core.device_id], now)
+    if name:
+        labels.name(core.device_id, name, now)
 
 
 def _batches(parts: list[f.Addressed]) -> list[list[f.Addressed]]:
@@ -165,10 +175,14 @@ class KluisClient:
         *,
         transport_factory: TransportFactory = WebSocketTransport,
         kdf: KdfParams | None = None,
+        device_name: str = "",
     ) -> KluisClient:
         """Create a profile, redeem ``licence`` and publish this device's keys.
 
-        ``kdf`` overrides the profile's argon2id parameters (benchmarks lower them)."""
+        ``kdf`` overrides the profile's argon2id parameters (benchmarks lower them);
+        ``device_name`` names this device in this profile (see ``device_labels.py``)."""
+        if device_name:
+            check_device_name(device_name)
         store = ProfileStore.create(profile, passphrase, kdf)
         core = ClientCore.create(
             store, server, clock=time.time, random=secrets.token_bytes, new_account=True
@@ -192,6 +206,7 @@ class KluisClient:
             store.destroy()  # a refused licence or a dead server leaves no half-made profile
             raise
         core.set_account(welcome.account)
+        _label_own_device(core, device_name)
         operator.pin_key(store, welcome.operator)  # trust on first use
         operator.note_expiry(store, welcome.expires_at)
         client._transport, client.profile = transport, profile
@@ -208,12 +223,15 @@ class KluisClient:
         account: str = "",
         transport_factory: TransportFactory = WebSocketTransport,
         kdf: KdfParams | None = None,
+        device_name: str = "",
     ) -> str:
         """Create a profile for a new device and ask to join an account; return the link code.
 
         With ``account`` (the ID the user means to join), this device refuses any other account
-        the server may later put it in. ``kdf`` as for :meth:`register`.
+        the server may later put it in. ``kdf`` and ``device_name`` as for :meth:`register`.
         """
+        if device_name:
+            check_device_name(device_name)
         store = ProfileStore.create(profile, passphrase, kdf)
         core = ClientCore.create(store, server, clock=time.time, random=secrets.token_bytes)
         if account:
@@ -234,6 +252,7 @@ class KluisClient:
             )
             core.keys_published()
             core.set_link_token(pending.token)
+            _label_own_device(core, device_name)
         except BaseException:
             await transport.close()
             store.destroy()
@@ -403,13 +422,29 @@ class KluisClient:
         return self.core.accept_devices(account, answer.identity, answer.devices, answer.revoked)
 
     async def devices(self) -> list[f.DeviceRecord]:
+        """Our account's devices as the server lists them (each noted in :meth:`device_labels`
+        from its first listing on)."""
         answer = await self.transport.request(
             lambda rid: f.ListDevices(rid=rid, account=self.account_id), f.Devices
         )
+        DeviceLabels(self.core.store).seen(
+            [r.keys.ed25519 for r in answer.devices], self.core._now_ms() // 1000
+        )
         return answer.devices
 
-    async def approve(self, code: str) -> str:
-        """Admit the device that showed ``code``; return its device ID."""
+    def device_labels(self) -> dict[str, Label]:
+        """The names and first-seen days this profile keeps for our devices, by device ID."""
+        return DeviceLabels(self.core.store).all()
+
+    def name_device(self, device: str, name: str) -> Label:
+        """Call one of our devices ``name`` in this profile (nothing goes to the server)."""
+        return DeviceLabels(self.core.store).name(device, name, self.core._now_ms() // 1000)
+
+    async def approve(self, code: str, *, name: str = "") -> str:
+        """Admit the device that showed ``code``; return its device ID. ``name`` names it in
+        this profile (checked first)."""
+        if name:
+            check_device_name(name)
         token, _, fingerprint = "".join(code.split()).partition("-")
         fingerprint = fingerprint.replace("-", "")
         if not token or not fingerprint:
@@ -426,7 +461,12 @@ class KluisClient:
             lambda rid: f.LinkApprove(rid=rid, token=token, device=record), f.Done
         )
         await self.refresh_devices(self.account_id)
-        return record.keys.ed25519
+        device = record.keys.ed25519
+        labels = DeviceLabels(self.core.store)
+        labels.seen([device], self.core._now_ms() // 1000)
+        if name:
+            labels.name(device, name, self.core._now_ms() // 1000)
+        return device
 
     async def revoke(self, device: str) -> None:
         revocation = self.core.revocation(device)
@@ -761,7 +801,8 @@ class KluisClient:
                 yield ConnectionDown(str(exc), _close_code(exc))
                 return
             for error in self.errors:
-                yield Undecryptable(error.code, str(error))
+                sender, device = error.details.get("sender", ""), error.details.get("device", "")
+                yield Undecryptable(error.code, str(error), str(sender), str(device))
             for message in messages:
                 yield MessageReceived(message)
             self.sweep()  # disappearing messages go while the loop runs, about once a second
@@ -799,7 +840,7 @@ class KluisClient:
                 except TransportError:
                     raise  # not acknowledged: the server delivers it again
                 except Exception as exc:  # fail closed, whatever the reason: keep it aside, ack it
-                    self._quarantine(env, exc)
+                    self._quarantine(env, exc, unknown.sealed)
                 else:
                     if message is not None:
                         out.append(message)
@@ -808,12 +849,19 @@ class KluisClient:
         if ack:
             await self.transport.request(lambda rid: f.Ack(rid=rid, ids=ack), f.Done)
 
-    def _quarantine(self, env: f.InEnvelope, exc: Exception) -> None:
+    def _quarantine(self, env: f.InEnvelope, exc: Exception, claimed: Sealed | None = None) -> None:
+        """Keep ``env`` aside; report why, and who it claims to come from when the seal opened
+        (``sender`` and ``device`` in the error's details: a claim, not a proof)."""
         self.core.quarantine(env, exc)
-        if isinstance(exc, KluisError):
-            self.errors.append(exc)
-        else:
-            self.errors.append(DecryptionError(f"unreadable envelope ({type(exc).__name__})"))
+        error = (
+            exc
+            if isinstance(exc, KluisError)
+            else DecryptionError(f"unreadable envelope ({type(exc).__name__})")
+        )
+        if claimed is not None:
+            error.details.setdefault("sender", claimed.account)
+            error.details.setdefault("device", claimed.device)
+        self.errors.append(error)
 
     def _read_known(self, env: f.InEnvelope, read: list[Message]) -> Opened | None:
         """Read ``env`` into ``read``, or quarantine it; return it opened, unread, if it claims
@@ -825,6 +873,7 @@ class KluisClient:
             except Exception as exc:  # fail closed: kept aside, counted, acknowledged
                 self._quarantine(env, exc)
             return None
+        opened: Opened | None = None
         try:
             opened = self.core.open_envelope(env)
             if opened is None:
@@ -839,7 +888,7 @@ class KluisClient:
                     self.core.mark_session_broken(s.account, s.device)
                 raise
         except Exception as exc:  # fail closed, whatever the reason: keep it aside, ack it
-            self._quarantine(env, exc)
+            self._quarantine(env, exc, opened.sealed if opened is not None else None)
             return None
         if message is not None:
             read.append(message)
@@ -934,6 +983,10 @@ class KluisClient:
 
     async def delete_note(self, note: str) -> None:
         await self._sync_own(self.core.features.notes.delete(note))
+
+    def timers(self) -> dict[str, int]:
+        """The disappearing-message timer (seconds) of each conversation that has one on."""
+        return self.core.features.timers.all()
 
     async def set_timer(self, conversation: str, seconds: int) -> Message:
         """Set the conversation's disappearing-message timer (0: off) for every member and our

@@ -53,6 +53,10 @@ class Undecryptable:
 
     code: str  # the error's stable code (kluis.errors)
     reason: str
+    # Who the sealed envelope claims sent it, when it opened that far (unproven: it did not
+    # decrypt): the account and the device's key. Empty when even the seal did not open.
+    sender: str = ""
+    device: str = ""
 
     def __post_init__(self) -> None:
         if not self.code:

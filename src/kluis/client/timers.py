@@ -80,6 +80,10 @@ class Timers:
         setting = self._load().get(conversation)
         return setting.seconds if setting else 0
 
+    def all(self) -> dict[str, int]:
+        """Every conversation's timer that is on (seconds), by conversation."""
+        return {c: t.seconds for c, t in sorted(self._load().items()) if t.seconds > 0}
+
     def check(self, seconds: int) -> int:
         if seconds != 0 and not self.min_seconds <= seconds <= MAX_TIMER_S:
             raise LocalProtocolError(

@@ -4,13 +4,14 @@
 
 The app starts on the first-run screen when the profile folder holds no profile, else on the
 unlock screen; tests and screenshots may hand it a ready :class:`~.backend.Backend` instead.
+``keymap`` (action -> keys, from :func:`~.keys.load_keymap`) replaces default keys.
 Time is injected (``clock``, ``tz``) and the cursor blink can be turned off, so that screenshots
 are the same on every run.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, tzinfo
 from functools import partial
 from pathlib import Path
@@ -18,11 +19,14 @@ from pathlib import Path
 from textual.app import App
 from textual.binding import Binding
 from textual.command import DiscoveryHit, Hit, Hits, Provider
+from textual.notifications import SeverityLevel
 
 from kluis.apps.tui.backend import Backend, profile_exists
+from kluis.apps.tui.safe_text import safe_line
 from kluis.apps.tui.screens.dialogs import HelpScreen
 from kluis.apps.tui.screens.main import MainScreen
 from kluis.apps.tui.screens.onboarding import IdScreen, OnboardingScreen, UnlockScreen
+from kluis.apps.tui.search import HistorySearch
 from kluis.client.transport import TransportFactory, WebSocketTransport
 from kluis.crypto.profile_key import KdfParams
 from kluis.errors import LocalProtocolError
@@ -52,7 +56,8 @@ ModalScreen { align: center middle; }
 .dialog.alarm { border: thick $error; background: $error 30%; }
 #id-box { width: auto; min-width: 40; }
 #qr { width: auto; }
-#members-list { height: auto; max-height: 12; }
+#members-list { height: auto; max-height: 6; }
+#files { height: auto; max-height: 10; }
 """
 
 
@@ -73,9 +78,14 @@ class KluisCommands(Provider):
                 ("New group", "name it and add members", screen.action_new_group),
                 ("Group members", "of the open group", screen.action_members),
                 ("My ID", "as text and QR code", screen.action_show_id),
+                ("Search messages", "in the local history", screen.action_search),
+                ("Nickname", "name the open conversation's peer", screen.action_nickname),
+                ("Disappearing messages", "the open conversation's timer", screen.action_timer),
+                ("Send a file", "to the open conversation", screen.action_attach),
+                ("Save a file", "received in the open conversation", screen.action_save_file),
             ]
             for row in screen.book.rows():
-                label = f"Open: {row.title}"
+                label = f"Open: {safe_line(row.title).plain}"  # a group name is a peer's
                 commands.append((label, row.id, partial(screen.open_conversation, row.id)))
         return commands
 
@@ -94,11 +104,11 @@ class KluisCommands(Provider):
 class KluisApp(App[None]):
     TITLE = "Kluis"
     CSS = CSS
-    COMMANDS = App.COMMANDS | {KluisCommands}
+    COMMANDS = App.COMMANDS | {KluisCommands, HistorySearch}
     BINDINGS = [
-        Binding("question_mark", "help", "Help", key_display="?"),
+        Binding("question_mark", "help", "Help", key_display="?", id="help"),
         Binding("f1", "help", "Help", show=False),
-        Binding("ctrl+t", "toggle_dark_theme", "Theme"),
+        Binding("ctrl+t", "toggle_dark_theme", "Theme", id="toggle_dark_theme", show=False),
     ]
 
     def __init__(
@@ -115,8 +125,10 @@ class KluisApp(App[None]):
         backoff_base: float = 0.5,
         backoff_cap: float = 30.0,
         theme: str = "textual-dark",
+        keymap: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__()
+        self.keys = dict(keymap or {})  # action -> keys, checked (see keys.load_keymap)
         self.profile = profile
         self.backend = backend
         self.transport_factory = transport_factory
@@ -138,6 +150,8 @@ class KluisApp(App[None]):
         return self.backend
 
     def on_mount(self) -> None:
+        if self.keys:
+            self.set_keymap(self.keys)
         if self.backend is not None:
             self.push_screen(MainScreen())
         elif profile_exists(self.profile):
@@ -150,6 +164,20 @@ class KluisApp(App[None]):
         self.switch_screen(MainScreen())
         if show_id:
             self.push_screen(IdScreen(backend.account_id))
+
+    def notify(
+        self,
+        message: str,
+        *,
+        title: str = "",
+        severity: SeverityLevel = "information",
+        timeout: float | None = None,
+        markup: bool = False,
+    ) -> None:
+        """As Textual's, but markup is off unless asked for: a notification often quotes a
+        peer (an announcement, a file name, an error), and ``[link=...]`` there must stay
+        text."""
+        super().notify(message, title=title, severity=severity, timeout=timeout, markup=markup)
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):

@@ -13,21 +13,25 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import random
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 from kluis.client.backoff import GOING_AWAY, Backoff, BackoffPolicy
 from kluis.client.client import KluisClient
 from kluis.client.events import (
     ConnectionDown,
     ConnectionUp,
+    ContactChanged,
     DeviceAlarm,
     MessageReceived,
+    MessagesExpired,
+    ReceiptReceived,
     Undecryptable,
 )
 from kluis.client.groups import GroupState
@@ -36,7 +40,8 @@ from kluis.client.store import ProfileStore
 from kluis.client.transport import TransportFactory, WebSocketTransport
 from kluis.client.verification import Status
 from kluis.crypto.profile_key import KdfParams
-from kluis.errors import LocalProtocolError
+from kluis.errors import LocalProtocolError, NotSent, TransportError
+from kluis.protocol.attachment import AttachmentRef
 
 T = TypeVar("T")
 
@@ -54,8 +59,19 @@ class Offline:
     retry_in: float
 
 
-BackendEvent = Online | Offline | MessageReceived | Undecryptable | DeviceAlarm
+BackendEvent = (
+    Online
+    | Offline
+    | MessageReceived
+    | Undecryptable
+    | DeviceAlarm
+    | ReceiptReceived
+    | ContactChanged
+    | MessagesExpired
+)
 Post = Callable[[BackendEvent], None]
+GroupAction = Literal["add", "remove", "rename", "leave"]
+Progress = Callable[[int, int], None]  # (bytes done, bytes in all); called on the client thread
 
 
 class Backend(Protocol):
@@ -74,8 +90,43 @@ class Backend(Protocol):
 
     async def create_group(self, name: str, members: list[str]) -> GroupState: ...
 
+    async def change_group(
+        self, group: str, action: GroupAction, accounts: list[str], name: str | None
+    ) -> GroupState:
+        """Add or remove members, rename, or leave; every member old and new hears of it."""
+
     async def verification_status(self, peer: str) -> tuple[Status, str]:
         """Whether ``peer`` is verified by SAS; for a broken verification, why."""
+
+    async def contacts(self) -> dict[str, str]:
+        """Nicknames by account ID."""
+
+    async def set_contact(self, account: str, name: str) -> None:
+        """Name ``account`` here and on our other devices."""
+
+    async def timers(self) -> dict[str, int]:
+        """The disappearing-message timer of every conversation that has one (seconds)."""
+
+    async def set_timer(self, conversation: str, seconds: int) -> Message:
+        """Set ``conversation``'s timer (0: off); returns the system line filed in history."""
+
+    async def mark_read(self, conversation: str) -> None:
+        """The user saw ``conversation``: read receipts go out (when turned on)."""
+
+    async def renewal_notice(self) -> str:
+        """A line about the subscription's end once it is near (or past), else ""."""
+
+    async def outbox_refused(self) -> list[tuple[str, str]]:
+        """(conversation, why) for each message of the outbox the server refused when it was
+        sent again (dropped from the outbox), once each."""
+
+    async def send_file(
+        self, conversation: str, path: Path, caption: str, progress: Progress
+    ) -> Message:
+        """Upload ``path`` encrypted and send it; ``progress`` is called from another thread."""
+
+    async def save_file(self, ref: AttachmentRef, folder: Path, progress: Progress) -> Path:
+        """Fetch, check and decrypt ``ref`` into ``folder``; return the path written."""
 
     def start(self, post: Post) -> None:
         """Connect and keep connected, handing every event to ``post`` (thread-safe)."""
@@ -195,18 +246,75 @@ class ClientBackend:
         return await self._run(lambda: _value(self._client.quarantined))
 
     async def send(self, conversation: str, text: str) -> Message:
+        async def send_() -> Message:
+            if not self._client.connected:
+                # offline: into the outbox, encrypted; the pump's next connect() sends it
+                self._client.keep(conversation, text)
+                raise NotSent("kept in the outbox: offline")
+            return await self._client.send(conversation, text)
+
         try:
-            return await self._run(lambda: self._client.send(conversation, text))
+            return await self._run(send_)
         except LocalProtocolError as exc:
-            if "not connected" in str(exc):
+            if "not connected" in str(exc):  # the connection went in the meantime
                 raise LocalProtocolError("offline: the message was not sent") from exc
             raise
 
     async def create_group(self, name: str, members: list[str]) -> GroupState:
         return await self._run(lambda: self._client.create_group(name, members))
 
+    async def change_group(
+        self, group: str, action: GroupAction, accounts: list[str], name: str | None
+    ) -> GroupState:
+        return await self._run(lambda: self._client.change_group(group, action, accounts, name))
+
     async def verification_status(self, peer: str) -> tuple[Status, str]:
         return await self._run(lambda: _value(self._client.verification_status(peer)))
+
+    async def contacts(self) -> dict[str, str]:
+        return await self._run(lambda: _value(self._client.contacts()))
+
+    async def set_contact(self, account: str, name: str) -> None:
+        await self._run(lambda: self._client.set_contact(account, name))
+
+    async def timers(self) -> dict[str, int]:
+        return await self._run(lambda: _value(self._client.timers()))
+
+    async def set_timer(self, conversation: str, seconds: int) -> Message:
+        return await self._run(lambda: self._client.set_timer(conversation, seconds))
+
+    async def mark_read(self, conversation: str) -> None:
+        async def mark() -> None:
+            # offline: the receipts wait in the profile for the next connection
+            with contextlib.suppress(TransportError):
+                await self._client.mark_read(conversation)
+
+        await self._run(mark)
+
+    async def renewal_notice(self) -> str:
+        return await self._run(lambda: _value(self._client.renewal_notice()))
+
+    async def outbox_refused(self) -> list[tuple[str, str]]:
+        async def take() -> list[tuple[str, str]]:
+            refused = [(p.conversation, str(e)) for p, e in self._client.outbox_errors]
+            self._client.outbox_errors.clear()
+            return refused
+
+        return await self._run(take)
+
+    async def send_file(
+        self, conversation: str, path: Path, caption: str, progress: Progress
+    ) -> Message:
+        return await self._run(
+            lambda: self._client.send_file(conversation, path, caption, progress)
+        )
+
+    async def save_file(self, ref: AttachmentRef, folder: Path, progress: Progress) -> Path:
+        async def save() -> Path:
+            folder.mkdir(parents=True, exist_ok=True)
+            return await self._client.download_attachment(ref, folder, progress)
+
+        return await self._run(save)
 
     def start(self, post: Post) -> None:
         if self._pump is None:
@@ -244,10 +352,17 @@ class ClientBackend:
                         case ConnectionDown(reason=why, close_code=code):
                             reason = why
                             going_away = code == GOING_AWAY
-                        case MessageReceived() | Undecryptable() | DeviceAlarm():
+                        case (
+                            MessageReceived()
+                            | Undecryptable()
+                            | DeviceAlarm()
+                            | ReceiptReceived()
+                            | ContactChanged()
+                            | MessagesExpired()
+                        ):
                             post(event)
                         case _:
-                            pass  # receipts, contacts, notes, expiry: not shown by the app yet
+                            pass  # notes: the app does not show them
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # refused login, DNS, ...: say why, and try again later

@@ -3,8 +3,11 @@
 Theory of operation: the conversation list is computed from what the client already keeps,
 the stored history and the groups, so it needs no new client API; unread counts are what
 arrived, from others, in a conversation that was not open, since the app started. Features
-that add their own data (nicknames, receipts, timers, verification) extend
-:class:`Conversation` and :meth:`ConversationBook.title`, nothing else.
+that add their own data extend :class:`Conversation` and :meth:`ConversationBook.title`:
+nicknames (the user's own address book, synced between their devices) replace a peer's ID as
+its title and as the sender of its messages; each row carries its disappearing-message timer
+and, for a peer, its verification mark. Operator announcements live in the conversation
+:data:`OPERATOR`, which the widgets draw as notices, never as a person.
 
 Also here, because they are rules rather than screens: the reconnection back-off with jitter
 and the passphrase strength heuristic.
@@ -19,11 +22,29 @@ from datetime import datetime
 
 from kluis.client import backoff as _backoff
 from kluis.client.groups import GroupState, is_group_id
+from kluis.client.operator import OPERATOR
 from kluis.client.records import Message
 from kluis.identity.chain import ACCOUNT_ID_CHARS
 
 _ACCOUNT_ALPHABET = set("abcdefghijklmnopqrstuvwxyz234567")
 UNREADABLE = "!unreadable"  # the pseudo-conversation of placeholders for unreadable envelopes
+OPERATOR_TITLE = "Operator notices"
+SPECIAL = (UNREADABLE, OPERATOR)  # conversations with no person behind them: not verified
+
+
+def is_person(conversation: str) -> bool:
+    """A 1:1 conversation with another account (not a group, not a pseudo-conversation)."""
+    return not is_group_id(conversation) and conversation not in SPECIAL
+
+
+def short_timer(seconds: int) -> str:
+    """A disappearing-message timer in a few columns: ``30s``, ``5m``, ``2h``, ``3d``, ``4w``."""
+    if seconds <= 0:
+        return ""
+    for unit, size in (("w", 604_800), ("d", 86_400), ("h", 3_600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
 
 
 def is_account_id(text: str) -> bool:
@@ -51,6 +72,7 @@ class Conversation:
     unread: int = 0
     members: tuple[str, ...] = ()
     verification: str = ""  # "verified" | "broken" | "" (not verified), for a peer
+    timer: int = 0  # the disappearing-message timer in seconds (0: off)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,8 +90,9 @@ class Notice:
     """Something the user must see that is not a message: an unreadable envelope, an alarm."""
 
     time: datetime
-    kind: str  # "unreadable" | "alarm" | "info"
+    kind: str  # "unreadable" | "alarm" | "operator" (expiry, announcements) | "info"
     text: str
+    conversation: str = ""  # the chat it belongs to, drawn there with its messages ("": none)
 
 
 @dataclass
@@ -80,12 +103,52 @@ class ConversationBook:
     _rows: dict[str, Conversation] = field(default_factory=dict)
     open_id: str | None = None
     notices: list[Notice] = field(default_factory=list)
+    nicknames: dict[str, str] = field(default_factory=dict)
 
-    def load(self, history: Iterable[Message], groups: Iterable[GroupState]) -> None:
+    def load(
+        self,
+        history: Iterable[Message],
+        groups: Iterable[GroupState],
+        nicknames: dict[str, str] | None = None,
+        timers: dict[str, int] | None = None,
+    ) -> None:
+        self.nicknames.update(nicknames or {})
         for group in groups:
             self.update_group(group)
         for message in history:
             self._note(message, count=False)
+        for conversation, seconds in (timers or {}).items():
+            self.set_timer(conversation, seconds)
+
+    # ---- nicknames ------------------------------------------------------------------------------
+
+    def set_nickname(self, account: str, name: str) -> None:
+        """``account`` is now called ``name`` ("": by its ID again)."""
+        if name:
+            self.nicknames[account] = name
+        else:
+            self.nicknames.pop(account, None)
+        row = self._rows.get(account)
+        if row is not None and is_person(account):
+            self._rows[account] = replace(row, title=name or account)
+
+    def name(self, account: str) -> str:
+        """How a message's sender is shown: "you", the nickname, or the start of the ID."""
+        if account == self.me:
+            return "you"
+        if account == OPERATOR:
+            return "operator"
+        return self.nicknames.get(account) or account[:8]
+
+    # ---- timers ---------------------------------------------------------------------------------
+
+    def set_timer(self, conversation: str, seconds: int) -> bool:
+        """Record ``conversation``'s disappearing-message timer; True if it changed."""
+        row = self.ensure(conversation)
+        if row.timer == seconds:
+            return False
+        self._rows[conversation] = replace(row, timer=seconds)
+        return True
 
     def update_group(self, group: GroupState) -> None:
         row = self._rows.get(group.id) or Conversation(group.id, group.name, True)
@@ -103,7 +166,11 @@ class ConversationBook:
         row = self._rows.get(conversation)
         if row is not None:
             return row.title
-        return "(group)" if is_group_id(conversation) else conversation
+        if conversation == OPERATOR:
+            return OPERATOR_TITLE
+        if is_group_id(conversation):
+            return "(group)"
+        return self.nicknames.get(conversation) or conversation
 
     def add(self, message: Message) -> None:
         """A message sent or received while the app runs."""
@@ -155,6 +222,16 @@ class ConversationBook:
             self._rows.values(),
             key=lambda c: (c.last is None, -(c.last.timestamp() if c.last else 0), c.title),
         )
+
+
+def human_size(size: int) -> str:
+    """``999 B``, ``1.5 KiB``, ``12.0 MiB``, ``3.2 GiB``."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
 
 
 # ---- reconnection -------------------------------------------------------------------------------

@@ -14,8 +14,9 @@ from textual.message import Message as TextualMessage
 from textual.widgets import OptionList, RichLog, Static, TextArea
 from textual.widgets.option_list import Option
 
-from kluis.apps.tui.model import UNREADABLE, Conversation, Notice
+from kluis.apps.tui.model import UNREADABLE, Conversation, Notice, human_size, short_timer
 from kluis.apps.tui.safe_text import safe_line, safe_text
+from kluis.client.operator import OPERATOR
 from kluis.client.records import Message
 
 
@@ -49,25 +50,58 @@ def _row(time: str, who: Text, body: Text) -> Table:
     return grid
 
 
-def message_renderable(message: Message, me: str, tz: tzinfo | None) -> RenderableType:
+RECEIPT_MARKS = {
+    "delivered": Text(" ✓", style="dim"),
+    "read": Text(" ✓✓", style="bold cyan"),
+}
+OPERATOR_STYLE = "bold magenta"
+
+
+def message_renderable(
+    message: Message, me: str, tz: tzinfo | None, name: str | None = None
+) -> RenderableType:
+    """One message in its row: ``name`` is how the sender is shown (a nickname; else the start
+    of the ID). Our own messages carry their receipt (✓ delivered, ✓✓ read); a timer change
+    is a system line; an operator announcement is a notice, not a person's message."""
     when = local(message.time, tz).strftime("%H:%M")
     mine = message.sender == me
-    who = Text("you" if mine else short_id(message.sender), style="bold green" if mine else "bold")
+    if message.sender == OPERATOR:
+        return _row(
+            when, Text("operator", style=OPERATOR_STYLE), safe_text(message.text, "magenta")
+        )
+    label = "you" if mine else (name or short_id(message.sender))
+    who = safe_line(label, "bold green" if mine else "bold")
+    if mine and message.receipt in RECEIPT_MARKS:
+        who.truncate(10 - len(RECEIPT_MARKS[message.receipt].plain))
+        who.append_text(RECEIPT_MARKS[message.receipt])
+    if message.kind == "timer":
+        return _row(when, who, safe_text(message.text, "italic dim"))
     body = safe_text(message.text)
     if message.attachment is not None:
         ref = message.attachment
-        label = Text("[file] ", style="bold")
-        label.append_text(safe_line(ref.name or "(no name)"))
-        label.append(f" ({ref.size} bytes)")
-        body = label if not message.text else label + Text("\n") + body
+        label_text = Text("[file] ", style="bold")
+        label_text.append_text(safe_line(ref.name or "(no name)"))
+        label_text.append(f" ({human_size(ref.size)})")
+        body = label_text if not message.text else label_text + Text("\n") + body
     return _row(when, who, body)
 
 
 def notice_renderable(notice: Notice, tz: tzinfo | None) -> RenderableType:
     when = local(notice.time, tz).strftime("%H:%M")
-    style = "bold red" if notice.kind in ("unreadable", "alarm") else "italic"
+    if notice.kind == "operator":
+        style = OPERATOR_STYLE
+    elif notice.kind in ("unreadable", "alarm"):
+        style = "bold red"
+    else:
+        style = "italic"
     mark = Text("!" if notice.kind != "info" else "·", style=style)
     return _row(when, mark, safe_text(notice.text, style))
+
+
+def message_key(message: Message) -> object:
+    """What tells a message from the others of its conversation: its ID, else its sender and
+    time (messages stored before IDs existed)."""
+    return message.id or (message.sender, message.time)
 
 
 def separator(label: str) -> Text:
@@ -84,15 +118,20 @@ class ChatLog(RichLog):
         self.can_focus = True
         self._last_day: str | None = None
         self._entries: list[RenderableType] = []
+        self._starts: list[int] = []  # the first line of each entry, as last written
+        self._keys: dict[object, int] = {}  # message_key -> entry index
         self._width = 0
 
     def reset(self) -> None:
         self.clear()
         self._entries.clear()
+        self._starts.clear()
+        self._keys.clear()
         self._last_day = None
 
     def _emit(self, renderable: RenderableType) -> None:
         self._entries.append(renderable)
+        self._starts.append(len(self.lines))
         self.write(renderable, expand=True)
 
     def on_resize(self, event: events.Resize) -> None:
@@ -100,8 +139,19 @@ class ChatLog(RichLog):
         if event.size.width != self._width:
             self._width = event.size.width
             self.clear()
-            for renderable in self._entries:
+            for index, renderable in enumerate(self._entries):
+                self._starts[index] = len(self.lines)
                 self.write(renderable, expand=True)
+
+    def scroll_to_message(self, key: object) -> bool:
+        """Bring the message with ``key`` (see :func:`message_key`) to the top; False if it is
+        not shown."""
+        index = self._keys.get(key)
+        if index is None:
+            return False
+        self.auto_scroll = False  # until the chat is drawn again or the user sends
+        self.scroll_to(y=self._starts[index], animate=False)
+        return True
 
     def _day(self, when: datetime, today: datetime) -> None:
         label = day_label(when, today)
@@ -110,9 +160,17 @@ class ChatLog(RichLog):
             self._last_day = key
             self._emit(separator(label))
 
-    def add_message(self, message: Message, me: str, today: datetime, tz: tzinfo | None) -> None:
+    def add_message(
+        self,
+        message: Message,
+        me: str,
+        today: datetime,
+        tz: tzinfo | None,
+        name: str | None = None,
+    ) -> None:
         self._day(local(message.time, tz), today)
-        self._emit(message_renderable(message, me, tz))
+        self._keys[message_key(message)] = len(self._entries)
+        self._emit(message_renderable(message, me, tz, name))
 
     def add_notice(self, notice: Notice, today: datetime, tz: tzinfo | None) -> None:
         self._day(local(notice.time, tz), today)
@@ -152,15 +210,29 @@ VERIFICATION_MARKS = {
 
 
 def conversation_prompt(row: Conversation, width: int = 24) -> Text:
+    """Two lines: the title (with the verified mark, the timer, the unread count), then the
+    last message."""
     title = Text("# " if row.is_group else "", style="bold cyan")
-    title_style = "bold red" if row.id == UNREADABLE else "bold"
+    if row.id == UNREADABLE:
+        title_style = "bold red"
+    elif row.id == OPERATOR:
+        title_style = OPERATOR_STYLE
+    else:
+        title_style = "bold"
     title.append_text(safe_line(row.title, title_style))
     mark = VERIFICATION_MARKS.get(row.verification)
+    timer = Text(f" ◷{short_timer(row.timer)}", style="yellow") if row.timer else None
     title.truncate(
-        width - (5 if row.unread else 0) - (len(mark.plain) if mark else 0), overflow="ellipsis"
+        width
+        - (5 if row.unread else 0)
+        - (len(mark.plain) if mark else 0)
+        - (len(timer.plain) if timer else 0),
+        overflow="ellipsis",
     )
     if mark is not None:
         title.append_text(mark)
+    if timer is not None:
+        title.append_text(timer)
     if row.unread:
         title.append(f" ({row.unread})", style="bold yellow")
     preview = safe_line(row.preview, "dim") if row.preview else Text("no messages yet", "dim")
@@ -190,7 +262,12 @@ class StatusLine(Static):
     """Online or offline, and the next reconnection."""
 
     def set_state(
-        self, online: bool | None, me: str, detail: str = "", alarm: bool = False
+        self,
+        online: bool | None,
+        me: str,
+        detail: str = "",
+        alarm: bool = False,
+        notice: str = "",
     ) -> None:
         if online is None:
             text = Text("◌ connecting…", style="yellow")
@@ -203,6 +280,9 @@ class StatusLine(Static):
             text.append_text(safe_line(detail, "dim"))
         if alarm:
             text.append("  ALARM: unknown device on your account", style="bold white on red")
+        if notice:
+            text.append("  ")
+            text.append_text(safe_line(notice, f"{OPERATOR_STYLE} reverse"))
         text.append(f"   you: {me}", style="dim")
         self.update(text)
 

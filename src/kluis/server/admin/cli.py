@@ -95,6 +95,10 @@ def add_commands(admin: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         "--database", metavar="URL", help="the server's postgresql://... database, if on PostgreSQL"
     )
     cu.add_argument("name")
-    cu.add_argument("--role", choices=["admin", "reseller"], default="admin")
-    cu.add_argument("--quota", type=int, help="licence codes a reseller may create")
+    cu.add_argument(
+        "--role", choices=["admin", "reseller"], default="admin", help="default: %(default)s"
+    )
+    cu.add_argument(
+        "--quota", type=int, help="how many licence codes a reseller may create (default 0)"
+    )
     cu.set_defaults(func=cmd_create_user)

@@ -10,10 +10,13 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Button, Input, Label, Static
+from textual.widgets import Button, Input, Label, OptionList, Static
+from textual.widgets.option_list import Option
 
+from kluis.apps.tui.keys import KEYS_FILE, active_keys
 from kluis.apps.tui.model import Conversation, KeyWarning, is_account_id, parse_ids
 from kluis.apps.tui.safe_text import safe_line
+from kluis.client.contacts import MAX_NAME
 
 
 class _Dialog(ModalScreen[object]):
@@ -35,7 +38,8 @@ class _Dialog(ModalScreen[object]):
 
 
 class NewConversationScreen(_Dialog):
-    """Start a conversation with an account ID; dismisses with the ID."""
+    """Start a conversation with an account ID, and name it if you like; dismisses with
+    (ID, nickname or "")."""
 
     def __init__(self, me: str) -> None:
         super().__init__()
@@ -46,18 +50,23 @@ class NewConversationScreen(_Dialog):
             yield Static(Text("New conversation", style="bold"), classes="title")
             yield Label("Their ID (16 characters)")
             yield Input(id="peer", placeholder="abcdefgh23456789")
+            yield Label("Nickname (optional, only you see it)")
+            yield Input(id="nickname", max_length=MAX_NAME)
             yield Static(id="error")
-            yield Static("Enter to open · Esc to cancel", classes="hint")
+            yield Static("Enter to open · Tab to the nickname · Esc to cancel", classes="hint")
 
-    @on(Input.Submitted, "#peer")
-    def _submitted(self, event: Input.Submitted) -> None:
-        peer = event.value.strip().lower()
+    @on(Input.Submitted, "#peer, #nickname")
+    def _submitted(self) -> None:
+        peer = self.query_one("#peer", Input).value.strip().lower()
+        nickname = self.query_one("#nickname", Input).value.strip()
         if not is_account_id(peer):
             self.fail("an ID is 16 characters: a-z and 2-7")
         elif peer == self.me:
             self.fail("that is your own ID")
+        elif not nickname.isprintable():
+            self.fail("a nickname cannot hold control characters")
         else:
-            self.dismiss(peer)
+            self.dismiss((peer, nickname))
 
 
 class NewGroupScreen(_Dialog):
@@ -100,59 +109,109 @@ class NewGroupScreen(_Dialog):
 
 
 class MembersScreen(_Dialog):
-    """A group's name, ID and members (full IDs)."""
+    """A group's name, ID and members, and its management: add members, remove the highlighted
+    one (Delete), rename, leave. Dismisses with (action, accounts, name) for the change asked,
+    or None (Esc)."""
 
-    BINDINGS = [Binding("escape,enter,q", "cancel", "Close")]
+    BINDINGS = [
+        Binding("escape", "cancel", "Close"),
+        Binding("delete", "remove", "Remove member"),
+    ]
 
-    def __init__(self, group: Conversation, me: str) -> None:
+    def __init__(self, group: Conversation, me: str, names: dict[str, str] | None = None) -> None:
         super().__init__()
         self.group, self.me = group, me
+        self.names = names or {}
 
     def compose(self) -> ComposeResult:
-        table = Table.grid(padding=(0, 2))
-        table.add_column()
-        table.add_column()
+        options = []
         for member in self.group.members:
-            table.add_row(member, Text("you", "green") if member == self.me else "")
+            line = Text(member)
+            if member == self.me:
+                line.append("  you", style="green")
+            elif self.names.get(member):
+                line.append("  ")
+                line.append_text(safe_line(self.names[member], "dim"))
+            options.append(Option(line, id=member))
         with Vertical(classes="dialog"):
-            yield Static(safe_line(self.group.title, "bold"), classes="title")
+            yield Static(safe_line(self.group.title, "bold"))
             yield Static(Text(f"group {self.group.id}", style="dim"))
             yield Static(Text(f"{len(self.group.members)} members", style="bold"))
-            with VerticalScroll(id="members-list"):
-                yield Static(table)
-            yield Static("Esc to close", classes="hint")
+            yield OptionList(*options, id="members-list")
+            yield Label("Add members (IDs)")
+            yield Input(id="add", compact=True, placeholder="abcdefgh23456789 …")
+            yield Label("Rename")
+            yield Input(self.group.title, id="rename", compact=True)
+            yield Static(id="error")
+            yield Button("Leave the group", id="leave", variant="error", compact=True)
+            yield Static("Del removes the highlighted member · Esc to close", classes="hint")
+
+    def on_mount(self) -> None:
+        # (Textual runs _Dialog.on_mount too: it focuses the first field; the list goes first)
+        self.call_after_refresh(self.query_one("#members-list", OptionList).focus)
+
+    def action_remove(self) -> None:
+        members = self.query_one("#members-list", OptionList)
+        if members.highlighted is None or not members.has_focus:
+            return
+        member = members.get_option_at_index(members.highlighted).id or ""
+        if member == self.me:
+            self.fail("to go yourself, leave the group")
+        else:
+            self.dismiss(("remove", [member], None))
+
+    @on(Input.Submitted, "#add")
+    def _add(self, event: Input.Submitted) -> None:
+        try:
+            accounts = [a for a in parse_ids(event.value) if a not in self.group.members]
+        except ValueError as exc:
+            self.fail(str(exc))
+            return
+        if not accounts:
+            self.fail("name at least one ID that is not a member yet")
+        else:
+            self.dismiss(("add", accounts, None))
+
+    @on(Input.Submitted, "#rename")
+    def _rename(self, event: Input.Submitted) -> None:
+        name = event.value.strip()
+        if not name or not name.isprintable():
+            self.fail("a group name is printable text, not empty")
+        elif name != self.group.title:
+            self.dismiss(("rename", [], name))
+
+    @on(Button.Pressed, "#leave")
+    def _leave(self) -> None:
+        self.dismiss(("leave", [], None))
 
 
-HELP = [
+FIXED_KEYS = [
     ("Enter", "send the message"),
     ("Shift+Enter, Ctrl+J", "new line in the message"),
-    ("Tab, Shift+Tab", "move between the list, the chat and the compose box"),
-    ("Ctrl+N", "new conversation by ID"),
-    ("Ctrl+G", "new group"),
-    ("F2", "members of the open group"),
-    ("Ctrl+Y", "your ID and its QR code"),
-    ("Ctrl+T", "light / dark theme"),
-    ("Ctrl+P", "command palette (commands, conversations)"),
-    ("? or F1", "this help"),
-    ("Ctrl+Q", "quit"),
+    ("Tab, Shift+Tab", "move: list, chat, compose box"),
+    ("Ctrl+P", "palette: commands, chats, messages"),
+    ("Esc; Ctrl+Q", "close a dialog; quit"),
 ]
+MARKS = "✓ delivered · ✓✓ read · ◷ disappearing messages are on"
 
 
 class HelpScreen(_Dialog):
     BINDINGS = [Binding("escape,enter,q,question_mark", "cancel", "Close")]
 
     def compose(self) -> ComposeResult:
+        keymap = getattr(self.app, "keys", {})
         table = Table.grid(padding=(0, 2))
         table.add_column(style="bold cyan", no_wrap=True)
         table.add_column()
-        for keys, what in HELP:
+        for keys, what in [*FIXED_KEYS[:3], *active_keys(keymap), *FIXED_KEYS[3:]]:
             table.add_row(keys, what)
-        with Vertical(classes="dialog"):
-            yield Static(Text("Keys", style="bold"), classes="title")
+        with VerticalScroll(classes="dialog", id="help"):
+            yield Static(Text("Keys", style="bold"))
             yield Static(table)
+            yield Static(MARKS, classes="hint")
             yield Static(
-                "Text from others is shown as sent; control characters and direction "
-                "overrides appear escaped, highlighted, e.g. \\x1b or \\u202e.",
+                "Others' control characters show escaped: \\x1b, \\u202e. "
+                f"Keys: {KEYS_FILE} in the profile or ~/.config/kluis/",
                 classes="hint",
             )
 
