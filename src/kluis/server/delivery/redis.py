@@ -44,7 +44,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -109,6 +109,18 @@ for i = 1, #all, 2 do
 end
 return total
 """
+
+
+async def _bounded(step: Awaitable[object], timeout: float) -> None:
+    """Run ``step`` for at most ``timeout`` seconds; its failure is logged, never raised, and a
+    step that does not end (even when cancelled) is left behind, not awaited."""
+    task = asyncio.ensure_future(step)
+    done, _ = await asyncio.wait([task], timeout=timeout)
+    if not done:
+        task.cancel()
+        log.warning("redis bus: a step of its shutdown did not end in %.1fs", timeout)
+    elif task.exception() is not None:
+        log.warning("redis bus: shutdown step failed (%s)", type(task.exception()).__name__)
 
 
 class RedisBusError(Exception):
@@ -192,19 +204,20 @@ class RedisBus:
             raise RedisBusError(f"cannot subscribe at {self._safe_url()}") from exc
 
     async def close(self) -> None:
-        if self._redis is not None:  # a clean stop: this node's devices go offline at once
-            with contextlib.suppress(RedisError, OSError, TimeoutError):
-                await asyncio.wait_for(self._release_all(), self._connect_timeout_s)
+        """Stop the background tasks, release this node's presence keys (a clean stop: its
+        devices go offline at once) and close the client; bounded by the connect timeout at
+        each step, whatever Redis or a task does (a close must never hang a node's shutdown)."""
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=self._connect_timeout_s)
         self._tasks = []
-        if self._redis is not None:
-            await self._redis.aclose()
+        client, self._redis, self._queue = self._redis, None, None
+        if client is not None:
+            self._redis = client  # _release_all reads it
+            await _bounded(self._release_all(), self._connect_timeout_s)
             self._redis = None
-        self._queue = None
+            await _bounded(client.aclose(), self._connect_timeout_s)
 
     async def ping(self) -> None:
         """One PING on the bus's client (the readiness check, server/health.py)."""
