@@ -20,12 +20,14 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from kluis.errors import LocalProtocolError
+from kluis.errors import LocalProtocolError, ServerError
 from kluis.server import blob_http, health, logs
 from kluis.server.accounts import Accounts
 from kluis.server.admin.console import OperatorServices
 from kluis.server.admin.store import admin_store_for
 from kluis.server.admin.views import add_console
+from kluis.server.blob_ledger import BlobLedger
+from kluis.server.blob_shared import SharedBlobService
 from kluis.server.blobs import BlobService
 from kluis.server.config import ServerConfig
 from kluis.server.connection import Services
@@ -91,6 +93,16 @@ def build_services(
             config.origin,
         )
     operator_key = operator.public_key if operator else ""
+    blobs: BlobService
+    if config.redis_url is not None:  # several nodes: tickets and records in Redis, one folder
+        ledger = BlobLedger(
+            config.redis_url, config.redis_prefix, op_timeout_s=limits.redis_timeout_s
+        )
+        blobs = SharedBlobService.shared(
+            config.blob_path, limits, clock, ledger, state, config.sweep_interval_s
+        )
+    else:
+        blobs = BlobService.open(config.blob_path, limits, clock, state)
     metrics = Metrics()
     store = timed_store(store, metrics)  # the services' calls, timed by method
     accounts = Accounts(
@@ -111,7 +123,7 @@ def build_services(
             limits.claim_target_rate_per_s, limits.claim_target_burst, clock, state, "target"
         ),
         failures=LogLimiter(log, clock),
-        blobs=BlobService.open(config.data_dir / "blobs", limits, clock, state),
+        blobs=blobs,
         subscriptions=Subscriptions(store, clock),
         wipes=Wipes(store, config.origin, operator_key),
         operator_key=operator_key,
@@ -277,6 +289,9 @@ def build_app(server: Server) -> web.Application:
         state = server.services.redis_state
         if state is not None:
             await state.start()  # likewise
+        blobs = server.services.blobs
+        if isinstance(blobs, SharedBlobService):
+            await blobs.ledger.start()  # likewise
         tasks = [asyncio.create_task(_sweeper(server)), asyncio.create_task(_checkpointer(server))]
         tasks.append(asyncio.create_task(_blob_sweeper(server)))
         yield
@@ -288,6 +303,8 @@ def build_app(server: Server) -> web.Application:
             await bus.close()
         if state is not None:
             await state.close()
+        if isinstance(blobs, SharedBlobService):
+            await blobs.ledger.close()
         await server.store.close()
 
     check_metrics_address(server.config)
@@ -329,7 +346,9 @@ async def _run(server: Server, config: ServerConfig) -> None:
             await server.services.bus.start()
             if server.services.redis_state is not None:
                 await server.services.redis_state.start()
-        except (RedisBusError, RedisStateError) as exc:
+            if isinstance(server.services.blobs, SharedBlobService):
+                await server.services.blobs.ledger.start()
+        except (RedisBusError, RedisStateError, ServerError) as exc:
             raise LocalProtocolError(str(exc)) from exc
     await runner.setup()
     try:

@@ -44,6 +44,7 @@ from kluis.server.config import Limits
 from kluis.server.ratelimit import BucketMap, SharedBuckets
 
 _HOUR = 3600
+TRANSFER_GRACE_S = 5.0  # added to the minimum-rate deadline of a transfer (server/blob_http.py)
 _WRITE_BYTES = 1024 * 1024  # an upload is written to disk in pieces of this size
 READ_BYTES = 1024 * 1024  # and a download read in pieces of this size
 
@@ -208,6 +209,23 @@ class BlobService:
             raise TicketInvalid("no valid ticket for this transfer")
         return t
 
+    async def claim(self, ticket: str, blob_id: str, *, upload: bool) -> Ticket:
+        """:meth:`take_ticket` for the HTTP side (across nodes, ``server/blob_shared.py``, the
+        ticket is in Redis)."""
+        return self.take_ticket(ticket, blob_id, upload=upload)
+
+    async def cancel(self, t: Ticket) -> None:
+        """:meth:`cancel_upload` for the HTTP side."""
+        self.cancel_upload(t)
+
+    async def _unreserve(self, t: Ticket) -> None:
+        """An upload that failed: give its reserved room back."""
+        self._release(t.device, t.size)
+
+    async def completed(self, download: Download) -> None:
+        """Every byte of ``download`` was handed to the transport: its device may confirm."""
+        download.completed()
+
     def cancel_upload(self, t: Ticket) -> None:
         """An upload ticket taken but refused before its transfer began: free its room."""
         if t.upload:
@@ -338,7 +356,7 @@ class Upload:
             return
         self._done = True
         self._buf = bytearray()
-        self._service._release(self.ticket.device, self.ticket.size)
+        await self._service._unreserve(self.ticket)
         await asyncio.to_thread(self._service.files.abort, self._part, self._out)
 
 
