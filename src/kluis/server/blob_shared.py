@@ -249,7 +249,7 @@ class SharedBlobService(BlobService):
     async def sweep(self) -> int:
         """On one node per period: release lapsed reservations, delete expired blobs, shred
         old ``.part`` and ``.del`` files, count the deployment's bytes again."""
-        if not await self.ledger.sweep_turn(int(self._sweep_period_s * 900)):
+        if not await self.ledger.sweep_turn(max(1, int(self._sweep_period_s * 900))):
             return 0
         await self.ledger.lapse()
         now = self._clock()
