@@ -44,6 +44,7 @@ class Pair:
                 Limits(**limits),
                 self.clock,
                 BlobLedger(REDIS_URL, prefix),
+                lambda: b"k" * 32,
                 sweep_period_s=0.01,
             )
             for _ in range(2)
@@ -67,6 +68,24 @@ async def pair(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[
         await nodes.a.ledger.close()
         await nodes.b.ledger.close()
         drop_prefix(REDIS_URL, prefix)
+
+
+def redis_dump(prefix: str) -> str:
+    """Every key and value under the prefix, as one text."""
+    import redis
+
+    out: list[str] = []
+    with redis.Redis.from_url(REDIS_URL, decode_responses=True) as client:
+        for key in client.scan_iter(match=f"{prefix}:*"):
+            kind = client.type(key)
+            value: object = {
+                "string": client.get,
+                "hash": client.hgetall,
+                "set": client.smembers,
+                "zset": lambda k: client.zrange(k, 0, -1),
+            }[kind](key)
+            out.append(f"{key} {value}")
+    return "\n".join(out)
 
 
 async def ticket(node: SharedBlobService, device: str, frame: Any) -> f.BlobTicket:
@@ -107,6 +126,10 @@ async def test_ticket_on_one_node_transfer_on_the_other(pair: Pair) -> None:
     with pytest.raises(TicketInvalid):  # confirming needs a completed fetch, on any node
         await pair.b.answer("mallory", f.BlobFetched(rid=3, id=blob_id))
     await pair.a.answer("bob", f.BlobFetched(rid=3, id=blob_id))
+    await ticket(pair.a, "carol", f.BlobDownload(rid=9, id=blob_id))  # one unused ticket too
+    dump = redis_dump(pair.prefix)
+    assert blob_id in dump and pair.a._tag("bob") in dump
+    assert not any(name in dump for name in ("alice", "bob", "carol"))  # tags, never IDs
     await pair.b.answer("bob", f.BlobFetched(rid=4, id=blob_id))  # counts once
     assert pair.files() == [blob_id]
     await pair.b.answer("carol", f.BlobFetched(rid=5, id=blob_id))  # the last one
@@ -124,14 +147,17 @@ async def test_a_ticket_is_used_once_across_nodes(pair: Pair) -> None:
     with pytest.raises(TicketInvalid):  # and one blob
         await pair.b.claim(t.ticket, "0" * 32, upload=False)
     taken = await pair.b.claim(t.ticket, blob_id, upload=False)
-    assert (taken.device, taken.size) == ("bob", 100)
+    assert (taken.device, taken.size) == (pair.a._tag("bob"), 100)  # Redis holds no device ID
+    assert "bob" not in taken.device
     for node in (pair.a, pair.b):
         with pytest.raises(TicketInvalid):
             await node.claim(t.ticket, blob_id, upload=False)
 
 
 @pytest.mark.parametrize(
-    "pair", [{"blob_quota_bytes": 100, "blob_store_bytes": 150, "max_blob_tickets": 2}], indirect=True
+    "pair",
+    [{"blob_quota_bytes": 100, "blob_store_bytes": 150, "max_blob_tickets": 2}],
+    indirect=True,
 )
 async def test_quotas_hold_across_nodes(pair: Pair) -> None:
     first = await put(pair.a, pair.a, "alice", b"a" * 60, recipients=1)

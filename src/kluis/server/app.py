@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
@@ -46,6 +47,7 @@ from kluis.server.ratelimit import BucketMap, LogLimiter
 from kluis.server.redis_state import RedisState, RedisStateError
 from kluis.server.store.postgres import PostgresStore
 from kluis.server.store.protocol import Store
+from kluis.server.store.sealing import KeyFile
 from kluis.server.store.sqlite import SqliteStore
 from kluis.server.websocket import SERVICES, websocket_handler
 
@@ -99,7 +101,13 @@ def build_services(
             config.redis_url, config.redis_prefix, op_timeout_s=limits.redis_timeout_s
         )
         blobs = SharedBlobService.shared(
-            config.blob_path, limits, clock, ledger, state, config.sweep_interval_s
+            config.blob_path,
+            limits,
+            clock,
+            ledger,
+            _blob_tag_key(config),
+            state,
+            config.sweep_interval_s,
         )
     else:
         blobs = BlobService.open(config.blob_path, limits, clock, state)
@@ -130,6 +138,20 @@ def build_services(
         metrics=metrics,
         redis_state=state,
     )
+
+
+def _blob_tag_key(config: ServerConfig) -> Callable[[], bytes]:
+    """The secret of the attachment ledger's device tags (``server/blob_shared.py``): the
+    storage key file's index key, the same on every node; one node on SQLite without a key
+    file uses a secret of its own process (its tags end with it, like its memory would)."""
+
+    def load() -> bytes:
+        path = config.storage_key_path
+        if config.on_postgres or path.exists():
+            return KeyFile(path).load().index_key
+        return secrets.token_bytes(32)
+
+    return load
 
 
 def is_database_url(url: str) -> bool:

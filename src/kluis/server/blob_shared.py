@@ -7,6 +7,9 @@ and who fetched what are in Redis (``server/blob_ledger.py``, one Lua script per
 across nodes), and the ciphertext files are in one folder every node mounts (``--blob-dir``:
 NFS, CephFS; ``server/blob_files.py``), written under a temporary name and renamed whole.
 
+- Redis never holds a device ID: the ledger names a device by a tag, HMAC(the storage key
+  file's index key, device ID), so a copy of Redis does not say which device sent or fetched
+  which blob without the key file.
 - A ticket request checks size and recipients here, then reserves the room against the
   device's quota and the deployment's (``blob_quota_bytes``, ``blob_store_bytes``) and stores
   the ticket in one script. Whichever node gets the HTTP request takes the ticket (deleting
@@ -30,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import hmac
 import math
 import secrets
 import time
@@ -64,12 +68,15 @@ class SharedBlobService(BlobService):
         limits: Limits,
         clock: Callable[[], float],
         ledger: BlobLedger,
+        tag_key: Callable[[], bytes],
         shared: SharedBuckets | None = None,
         sweep_period_s: float = 60.0,
     ) -> None:
         super().__init__(files, limits, clock, shared)
         self.ledger = ledger
         self._sweep_period_s = sweep_period_s
+        self._tag_key_source = tag_key
+        self._tag_key: bytes | None = None
 
     @classmethod
     def shared(
@@ -78,11 +85,21 @@ class SharedBlobService(BlobService):
         limits: Limits,
         clock: Callable[[], float],
         ledger: BlobLedger,
+        tag_key: Callable[[], bytes],
         buckets: SharedBuckets | None = None,
         sweep_period_s: float = 60.0,
     ) -> SharedBlobService:
-        """No scan at start-up: other nodes may be writing; the sweep cleans up by age."""
-        return cls(BlobFiles(root), limits, clock, ledger, buckets, sweep_period_s)
+        """No scan at start-up: other nodes may be writing; the sweep cleans up by age.
+        ``tag_key``: the deployment's secret the ledger's device tags are made with, read at
+        the first use (the storage key file's index key, made when the store first opens)."""
+        return cls(BlobFiles(root), limits, clock, ledger, tag_key, buckets, sweep_period_s)
+
+    def _tag(self, device: str) -> str:
+        """What Redis knows of a device: HMAC(deployment secret, device ID), 128 bits."""
+        if self._tag_key is None:
+            self._tag_key = self._tag_key_source()
+        mac = hmac.new(self._tag_key, b"kluis-blob\x00" + device.encode(), "sha256")
+        return mac.hexdigest()[:32]
 
     # ---- limits derived from the configuration ------------------------------------------------
 
@@ -113,6 +130,7 @@ class SharedBlobService(BlobService):
         if not ok:
             raise RateLimited("too many blob tickets; slow down")
         limits = self.limits
+        tag = self._tag(device)
         ticket = secrets.token_urlsafe(32)
         digest = hashlib.sha256(ticket.encode()).hexdigest()
         ttl_ms = limits.blob_ticket_ttl_s * 1000
@@ -122,9 +140,9 @@ class SharedBlobService(BlobService):
             blob_id = secrets.token_hex(16)
             usage_ms = int((limits.blob_ttl_s + _HOUR + self._stale_s) * 1000)
             reserve = (blob_id, size, limits.blob_quota_bytes, limits.blob_store_bytes, usage_ms)
-            value = f"{blob_id} u {size} {recipients} {device}"
+            value = f"{blob_id} u {size} {recipients} {tag}"
             code = await self.ledger.issue(
-                digest, value, device, ttl_ms, limits.max_blob_tickets, reserve
+                digest, value, tag, ttl_ms, limits.max_blob_tickets, reserve
             )
         else:
             blob_id = frame.id
@@ -132,8 +150,8 @@ class SharedBlobService(BlobService):
             if found is None or found[1] <= self._clock():
                 raise UnknownBlob("no such attachment (never uploaded, fetched by all, or expired)")
             size = found[0]
-            value = f"{blob_id} d {size} 0 {device}"
-            code = await self.ledger.issue(digest, value, device, ttl_ms, limits.max_blob_tickets)
+            value = f"{blob_id} d {size} 0 {tag}"
+            code = await self.ledger.issue(digest, value, tag, ttl_ms, limits.max_blob_tickets)
         if code == "quota":
             raise QuotaExceeded(
                 f"this device's attachments would exceed {limits.blob_quota_bytes} bytes "
@@ -180,11 +198,11 @@ class SharedBlobService(BlobService):
         value = await self.ledger.take(digest, blob_id, upload, base_ms, rate)
         if value is None:
             raise TicketInvalid("no valid ticket for this transfer")
-        _, _, size, recipients, device = value.split(" ", 4)
+        _, _, size, recipients, tag = value.split(" ", 4)
         return Ticket(
             blob_id=blob_id,
             upload=upload,
-            device=device,
+            device=tag,  # the ledger's tag: all a transfer needs to know of its device
             size=int(size),
             recipients=int(recipients),
             expires_at=self._clock() + self.limits.blob_ticket_ttl_s,
@@ -228,9 +246,10 @@ class SharedBlobService(BlobService):
     # ---- deletion -----------------------------------------------------------------------------
 
     async def confirm(self, device: str, blob_id: str) -> None:
-        answer = await self.ledger.confirm(blob_id, device)
+        tag = self._tag(device)
+        answer = await self.ledger.confirm(blob_id, tag)
         if answer == "unknown" and await self._record(blob_id) is not None:
-            answer = await self.ledger.confirm(blob_id, device)  # restored after a Redis restart
+            answer = await self.ledger.confirm(blob_id, tag)  # restored after a Redis restart
         if answer == "unknown":
             raise UnknownBlob("no such attachment (never uploaded, fetched by all, or expired)")
         if answer == "unfetched":
