@@ -176,6 +176,20 @@ async def test_quotas_hold_across_nodes(pair: Pair) -> None:
     await ticket(pair.b, "carol", f.BlobUpload(rid=7, size=90, recipients=1))
 
 
+@pytest.mark.parametrize("pair", [{"blob_quota_bytes": 100, "blob_ticket_ttl_s": 1}], indirect=True)
+async def test_an_unused_upload_ticket_gives_its_room_back(pair: Pair) -> None:
+    t = await ticket(pair.a, "alice", f.BlobUpload(rid=1, size=100, recipients=1))
+    with pytest.raises(QuotaExceeded):
+        await pair.b.answer("alice", f.BlobUpload(rid=2, size=1, recipients=1))
+    time.sleep(1.1)
+    with pytest.raises(TicketInvalid):  # expired
+        await pair.b.claim(t.ticket, t.id, upload=True)
+    with pytest.raises(QuotaExceeded):  # its room is held until a sweep releases it
+        await pair.b.answer("alice", f.BlobUpload(rid=3, size=1, recipients=1))
+    await pair.b.sweep()
+    await ticket(pair.a, "alice", f.BlobUpload(rid=4, size=100, recipients=1))
+
+
 async def test_expiry_sweep_and_shredding_by_any_node(pair: Pair) -> None:
     blob_id = await put(pair.a, pair.b, "alice", b"e" * 500, recipients=3)
     stale = pair.root / f".part-{'1' * 32}"  # the upload of a node that died long ago

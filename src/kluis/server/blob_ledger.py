@@ -19,6 +19,9 @@ prefix, so the ledger needs one Redis, not a Redis Cluster):
   script: each device counts once and only after a completed download; the confirmation that
   reaches zero drops the record and gives the bytes back, and the caller then deletes the file.
   ``x:<id>``: a tombstone for a day, so a record is never restored from a file being deleted.
+- The sweep sets ``total`` again to the bytes of the blob files plus the reservations: an upload
+  committed while the folder was being read is missed until the next sweep (a short under-count,
+  never a lasting drift).
 
 Redis restarted (empty): the tickets in flight are lost (the clients ask again); the records are
 restored from the blob files' headers as they are asked for (size, expiry, fetches remaining,

@@ -17,6 +17,11 @@ holds, per blob, its size, its expiry (to the hour) and how many fetches remain,
 or an account. The uploader of each blob is also known in memory only (for its quota): after a
 restart the blobs already kept count against the node's total (``blob_store_bytes``) but no
 device's quota. A download in progress holds its blob: a deletion waits for it to end.
+
+This is the single-node service: its state is this process's memory and its folder. With
+several nodes (``--redis``), ``server/blob_shared.py`` subclasses it and keeps the same rules
+over Redis and a folder the nodes share; the HTTP side calls the async hooks (:meth:`claim`,
+:meth:`cancel`, :meth:`completed`) that both implement.
 """
 
 from __future__ import annotations

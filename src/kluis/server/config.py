@@ -50,8 +50,8 @@ class Limits:
     # Attachments (server/blobs.py): opaque ciphertext blobs, uploaded and fetched over HTTP
     # with a ticket from the WebSocket.
     max_blob_bytes: int = 200 * 1024 * 1024  # ciphertext bytes; refused at the ticket request
-    blob_quota_bytes: int = 1024 * 1024 * 1024  # live blobs per uploading device (in memory)
-    blob_store_bytes: int = 64 * 1024 * 1024 * 1024  # all blobs on this node's disk
+    blob_quota_bytes: int = 1024 * 1024 * 1024  # live blobs per uploading device (memory/Redis)
+    blob_store_bytes: int = 64 * 1024 * 1024 * 1024  # all blobs in the blob folder (deployment)
     blob_ttl_s: int = 30 * DAY  # rounded up to a whole hour, like envelopes
     max_blob_recipients: int = 10_000  # devices an uploader may say will fetch a blob
     blob_ticket_ttl_s: int = 300  # a transfer must start this soon after its ticket
