@@ -14,11 +14,12 @@ from typing import Any
 
 import pytest
 
-from kluis.errors import QuotaExceeded, RateLimited, TicketInvalid, UnknownBlob
+from kluis.errors import QuotaExceeded, RateLimited, ServerError, TicketInvalid, UnknownBlob
 from kluis.protocol import frames as f
 from kluis.server.blob_ledger import BlobLedger
 from kluis.server.blob_shared import SharedBlobService
 from kluis.server.config import DAY, Limits
+from tests.kluis_testing import free_port
 from tests.redis_testing import drop_prefix
 from tests.test_delivery_redis import REDIS_URL, _redis_reachable
 
@@ -226,3 +227,23 @@ async def test_a_redis_that_lost_everything(pair: Pair) -> None:
     await fetch(pair.a, pair.a, "bob", blob_id)
     await pair.a.answer("bob", f.BlobFetched(rid=4, id=blob_id))
     assert pair.files() == [f".del-{blob_id}"]
+
+
+async def test_without_redis_attachments_are_refused_with_a_typed_error(tmp_path: Path) -> None:
+    ledger = BlobLedger(f"redis://127.0.0.1:{free_port()}/0", "down", op_timeout_s=0.5)
+    node = SharedBlobService.shared(
+        tmp_path / "blobs", Limits(), time.time, ledger, lambda: b"k" * 32
+    )
+    try:
+        for frame in (
+            f.BlobUpload(rid=1, size=10, recipients=1),
+            f.BlobDownload(rid=2, id="0" * 32),
+            f.BlobFetched(rid=3, id="0" * 32),
+        ):
+            with pytest.raises(ServerError) as info:
+                await node.answer("alice", frame)
+            assert info.value.code == "internal"
+        with pytest.raises(ServerError):
+            await node.claim("ticket", "0" * 32, upload=True)
+    finally:
+        await ledger.close()
