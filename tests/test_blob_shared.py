@@ -247,3 +247,23 @@ async def test_without_redis_attachments_are_refused_with_a_typed_error(tmp_path
             await node.claim("ticket", "0" * 32, upload=True)
     finally:
         await ledger.close()
+
+
+async def test_an_upload_whose_record_cannot_be_written_leaves_no_blob(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    t = await ticket(pair.a, "alice", f.BlobUpload(rid=1, size=10, recipients=1))
+    upload = await pair.b.start_upload(await pair.b.claim(t.ticket, t.id, upload=True))
+    await upload.write(b"0123456789")
+
+    async def down(*args: object) -> None:
+        raise ServerError("Redis does not answer")
+
+    monkeypatch.setattr(pair.b.ledger, "commit", down)
+    monkeypatch.setattr(pair.b.ledger, "release", down)
+    with pytest.raises(ServerError):
+        await upload.commit()
+    await upload.abort()  # quiet: the reservation lapses instead
+    assert pair.files() == [f".del-{t.id}"]
+    with pytest.raises(UnknownBlob):
+        await pair.a.answer("bob", f.BlobDownload(rid=2, id=t.id))

@@ -46,6 +46,7 @@ from kluis.errors import (
     MalformedFrame,
     QuotaExceeded,
     RateLimited,
+    ServerError,
     TicketInvalid,
     UnknownBlob,
 )
@@ -210,10 +211,12 @@ class SharedBlobService(BlobService):
 
     async def cancel(self, t: Ticket) -> None:
         if t.upload:
-            await self.ledger.release(t.blob_id)
+            await self._unreserve(t)
 
     async def _unreserve(self, t: Ticket) -> None:
-        await self.ledger.release(t.blob_id)
+        # Redis not answering: the reservation lapses at its deadline and a sweep releases it.
+        with contextlib.suppress(ServerError):
+            await self.ledger.release(t.blob_id)
 
     # ---- transfers ----------------------------------------------------------------------------
 
@@ -223,7 +226,13 @@ class SharedBlobService(BlobService):
         header = Header(size=t.size, expires_at=expires_at, remaining=t.recipients)
         await asyncio.to_thread(self.files.commit, part, out, t.blob_id, header)
         usage_ms = int((self.limits.blob_ttl_s + _HOUR + self._stale_s) * 1000)
-        await self.ledger.commit(t.blob_id, t.size, expires_at, t.recipients, t.device, usage_ms)
+        try:
+            await self.ledger.commit(
+                t.blob_id, t.size, expires_at, t.recipients, t.device, usage_ms
+            )
+        except ServerError:  # no record: the upload failed, so the file must not stay either
+            await asyncio.to_thread(self.files.discard, t.blob_id)
+            raise
 
     async def start_download(self, t: Ticket) -> Download:
         found = await self.ledger.record(t.blob_id)
