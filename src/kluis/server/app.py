@@ -97,6 +97,11 @@ def build_services(
     operator_key = operator.public_key if operator else ""
     blobs: BlobService
     if config.redis_url is not None:  # several nodes: tickets and records in Redis, one folder
+        if config.blob_dir is None:
+            log.warning(
+                "--redis without --blob-dir: attachments stay in this node's data folder,"
+                " which the other nodes cannot read (docs/deploy.md)"
+            )
         ledger = BlobLedger(
             config.redis_url, config.redis_prefix, op_timeout_s=limits.redis_timeout_s
         )
