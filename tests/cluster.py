@@ -47,6 +47,7 @@ class Cluster:
     nodes: list[PostgresServerProcess]
     database_url: str
     public_port: int  # where the test starts its Balancer: every node's --public-url
+    blob_dir: Path  # every node's --blob-dir (one folder, as an NFS mount would be)
     codes: list[str] = field(default_factory=list)  # licence codes, one per client
 
     @property
@@ -102,9 +103,11 @@ def cluster_of(
     licences: int = 12,
     drain_timeout: float = 5.0,
 ) -> Iterator[Cluster]:
-    """``count`` nodes on a scratch database and a fresh Redis prefix; stopped at the end."""
+    """``count`` nodes on a scratch database, a fresh Redis prefix and one attachment folder;
+    stopped at the end."""
     prefix = f"kluis-test-{secrets.token_hex(6)}"
     public_port = free_port()
+    blob_dir = root / "shared-blobs"
     with scratch_database() as url:
         nodes = [PostgresServerProcess(root / f"node-{i}", url) for i in range(count)]
         for node in nodes:
@@ -117,8 +120,10 @@ def cluster_of(
                 f"http://127.0.0.1:{public_port}",
                 "--drain-timeout",
                 str(drain_timeout),
+                "--blob-dir",
+                str(blob_dir),
             ]
-        cluster = Cluster(nodes, url, public_port)
+        cluster = Cluster(nodes, url, public_port, blob_dir)
         try:
             start_all(nodes)
             if licences:

@@ -956,6 +956,13 @@ def build_parser() -> argparse.ArgumentParser:
         " (default DATA/storage.key; made on first start; SECURITY.md)",
     )
     s.add_argument(
+        "--blob-dir",
+        default=None,
+        metavar="DIR",
+        help="attachment folder; with --redis, one folder every node mounts (NFS, CephFS)"
+        " (default DATA/blobs)",
+    )
+    s.add_argument(
         "--public-url",
         default=None,
         help="the URL clients use, e.g. https://chat.example behind a TLS proxy"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
@@ -20,12 +21,14 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from kluis.errors import LocalProtocolError
+from kluis.errors import LocalProtocolError, ServerError
 from kluis.server import blob_http, health, logs
 from kluis.server.accounts import Accounts
 from kluis.server.admin.console import OperatorServices
 from kluis.server.admin.store import admin_store_for
 from kluis.server.admin.views import add_console
+from kluis.server.blob_ledger import BlobLedger
+from kluis.server.blob_shared import SharedBlobService
 from kluis.server.blobs import BlobService
 from kluis.server.config import ServerConfig
 from kluis.server.connection import Services
@@ -44,6 +47,7 @@ from kluis.server.ratelimit import BucketMap, LogLimiter
 from kluis.server.redis_state import RedisState, RedisStateError
 from kluis.server.store.postgres import PostgresStore
 from kluis.server.store.protocol import Store
+from kluis.server.store.sealing import KeyFile
 from kluis.server.store.sqlite import SqliteStore
 from kluis.server.websocket import SERVICES, websocket_handler
 
@@ -91,6 +95,27 @@ def build_services(
             config.origin,
         )
     operator_key = operator.public_key if operator else ""
+    blobs: BlobService
+    if config.redis_url is not None:  # several nodes: tickets and records in Redis, one folder
+        if config.blob_dir is None:
+            log.warning(
+                "--redis without --blob-dir: attachments stay in this node's data folder,"
+                " which the other nodes cannot read (docs/deploy.md)"
+            )
+        ledger = BlobLedger(
+            config.redis_url, config.redis_prefix, op_timeout_s=limits.redis_timeout_s
+        )
+        blobs = SharedBlobService.shared(
+            config.blob_path,
+            limits,
+            clock,
+            ledger,
+            _blob_tag_key(config),
+            state,
+            config.sweep_interval_s,
+        )
+    else:
+        blobs = BlobService.open(config.blob_path, limits, clock, state)
     metrics = Metrics()
     store = timed_store(store, metrics)  # the services' calls, timed by method
     accounts = Accounts(
@@ -111,13 +136,27 @@ def build_services(
             limits.claim_target_rate_per_s, limits.claim_target_burst, clock, state, "target"
         ),
         failures=LogLimiter(log, clock),
-        blobs=BlobService.open(config.data_dir / "blobs", limits, clock, state),
+        blobs=blobs,
         subscriptions=Subscriptions(store, clock),
         wipes=Wipes(store, config.origin, operator_key),
         operator_key=operator_key,
         metrics=metrics,
         redis_state=state,
     )
+
+
+def _blob_tag_key(config: ServerConfig) -> Callable[[], bytes]:
+    """The secret of the attachment ledger's device tags (``server/blob_shared.py``): the
+    storage key file's index key, the same on every node; one node on SQLite without a key
+    file uses a secret of its own process (its tags end with it, like its memory would)."""
+
+    def load() -> bytes:
+        path = config.storage_key_path
+        if config.on_postgres or path.exists():
+            return KeyFile(path).load().index_key
+        return secrets.token_bytes(32)
+
+    return load
 
 
 def is_database_url(url: str) -> bool:
@@ -277,6 +316,9 @@ def build_app(server: Server) -> web.Application:
         state = server.services.redis_state
         if state is not None:
             await state.start()  # likewise
+        blobs = server.services.blobs
+        if isinstance(blobs, SharedBlobService):
+            await blobs.ledger.start()  # likewise
         tasks = [asyncio.create_task(_sweeper(server)), asyncio.create_task(_checkpointer(server))]
         tasks.append(asyncio.create_task(_blob_sweeper(server)))
         yield
@@ -288,6 +330,8 @@ def build_app(server: Server) -> web.Application:
             await bus.close()
         if state is not None:
             await state.close()
+        if isinstance(blobs, SharedBlobService):
+            await blobs.ledger.close()
         await server.store.close()
 
     check_metrics_address(server.config)
@@ -329,7 +373,9 @@ async def _run(server: Server, config: ServerConfig) -> None:
             await server.services.bus.start()
             if server.services.redis_state is not None:
                 await server.services.redis_state.start()
-        except (RedisBusError, RedisStateError) as exc:
+            if isinstance(server.services.blobs, SharedBlobService):
+                await server.services.blobs.ledger.start()
+        except (RedisBusError, RedisStateError, ServerError) as exc:
             raise LocalProtocolError(str(exc)) from exc
     await runner.setup()
     try:

@@ -9,6 +9,12 @@ docs). A deleted blob is first renamed to ``.del-<id>`` (no longer found), then 
 with zeros, fsynced and unlinked. At start-up, ``.part`` and ``.del`` leftovers of a crash and
 any file with a bad header are shredded the same way.
 
+A folder shared by several nodes (``server/blob_shared.py``) is never scanned that way, since
+another node may be writing a ``.part`` file or reading a deleted blob: :meth:`discard` only
+renames a blob to ``.del-<id>`` and stamps the time, and :meth:`survey` (one node's periodic
+sweep) shreds ``.part`` and ``.del`` files older than the longest transfer allowed. A rename
+is atomic on one file system, NFS and CephFS included: a blob is whole or absent on every node.
+
 Every function here blocks: ``server/blobs.py`` calls them on a worker thread.
 """
 
@@ -157,6 +163,41 @@ class BlobFiles:
         except FileNotFoundError:
             return
         self._shred(doomed)
+
+    # ---- a folder shared by several nodes ----------------------------------------------------
+
+    def discard(self, blob_id: str) -> None:
+        """Make the blob unreachable now (renamed to ``.del-<id>``, stamped with the time);
+        :meth:`survey` shreds it once no transfer that began before can still be reading it.
+        Idempotent: when two nodes discard one blob, one rename wins, the other finds nothing."""
+        path = self.path(blob_id)
+        doomed = self.root / f".del-{blob_id}"
+        try:
+            os.replace(path, doomed)
+            os.utime(doomed)  # the time of deletion, for the survey
+        except FileNotFoundError:
+            return
+        _fsync_dir(self.root)
+
+    def survey(self, stale_before: float) -> list[tuple[str, Header]]:
+        """Every whole blob; ``.part`` and ``.del`` files last touched before ``stale_before``
+        (unix seconds) and damaged blob files are shredded on the way."""
+        found: list[tuple[str, Header]] = []
+        if not self.root.is_dir():
+            return found
+        for entry in self.root.iterdir():
+            name = entry.name
+            if _ID.fullmatch(name):
+                header = self._read_header(entry)
+                if header is not None:
+                    found.append((name, header))
+                elif entry.exists():  # damaged (a rename only ever brings whole files)
+                    self._shred(entry)
+            elif name.startswith((".part-", ".del-")):
+                with contextlib.suppress(FileNotFoundError):
+                    if entry.stat().st_mtime < stale_before:
+                        self._shred(entry)
+        return found
 
     def _shred(self, path: Path) -> None:
         # Best effort below the file system (SSDs, copy-on-write, journals keep old blocks): the

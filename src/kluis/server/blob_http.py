@@ -23,11 +23,12 @@ from kluis.errors import (
     BlobTooLarge,
     KluisError,
     MalformedFrame,
+    ServerError,
     TicketInvalid,
     TransportError,
     UnknownBlob,
 )
-from kluis.server.blobs import BlobService, Download, Upload
+from kluis.server.blobs import TRANSFER_GRACE_S, BlobService, Download, Upload
 
 log = logging.getLogger("kluis.server")
 
@@ -38,8 +39,8 @@ _STATUS: dict[type[KluisError], int] = {
     BlobTooLarge: 413,
     MalformedFrame: 400,
     TransportError: 408,
+    ServerError: 503,  # across nodes: Redis does not answer (server/blob_shared.py)
 }
-_GRACE_S = 5.0  # added to the minimum-rate deadline of a transfer
 
 
 async def _refuse(
@@ -64,18 +65,23 @@ def _ticket(request: web.Request) -> str:
 def _deadline(service: BlobService, size: int) -> float:
     limits = service.limits
     rate = max(1, limits.blob_min_bytes_per_s)
-    return asyncio.get_running_loop().time() + limits.blob_idle_timeout_s + _GRACE_S + size / rate
+    return (
+        asyncio.get_running_loop().time()
+        + limits.blob_idle_timeout_s
+        + TRANSFER_GRACE_S
+        + size / rate
+    )
 
 
 async def put_blob(request: web.Request) -> web.StreamResponse:
     service = request.app[BLOBS]
     try:
-        ticket = service.take_ticket(_ticket(request), request.match_info["id"], upload=True)
-    except TicketInvalid as exc:
+        ticket = await service.claim(_ticket(request), request.match_info["id"], upload=True)
+    except KluisError as exc:  # TicketInvalid; across nodes also ServerError (Redis)
         return await _refuse(request, exc, close=True)
     length = request.content_length
     if length is not None and length != ticket.size:
-        service.cancel_upload(ticket)
+        await service.cancel(ticket)
         err = (BlobTooLarge if length > ticket.size else MalformedFrame)(
             f"the body has {length} bytes; the ticket is for {ticket.size}"
         )
@@ -109,7 +115,7 @@ async def _receive(service: BlobService, request: web.Request, upload: Upload) -
 async def get_blob(request: web.Request) -> web.StreamResponse:
     service = request.app[BLOBS]
     try:
-        ticket = service.take_ticket(_ticket(request), request.match_info["id"], upload=False)
+        ticket = await service.claim(_ticket(request), request.match_info["id"], upload=False)
         download = await service.start_download(ticket)
     except KluisError as exc:
         return await _refuse(request, exc)
@@ -136,7 +142,7 @@ async def _send(
     except TimeoutError:
         request.protocol.force_close()  # a reader too slow: cut, the body stays incomplete
         return response
-    download.completed()
+    await service.completed(download)
     return response
 
 

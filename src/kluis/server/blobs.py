@@ -17,6 +17,11 @@ holds, per blob, its size, its expiry (to the hour) and how many fetches remain,
 or an account. The uploader of each blob is also known in memory only (for its quota): after a
 restart the blobs already kept count against the node's total (``blob_store_bytes``) but no
 device's quota. A download in progress holds its blob: a deletion waits for it to end.
+
+This is the single-node service: its state is this process's memory and its folder. With
+several nodes (``--redis``), ``server/blob_shared.py`` subclasses it and keeps the same rules
+over Redis and a folder the nodes share; the HTTP side calls the async hooks (:meth:`claim`,
+:meth:`cancel`, :meth:`completed`) that both implement.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from kluis.server.config import Limits
 from kluis.server.ratelimit import BucketMap, SharedBuckets
 
 _HOUR = 3600
+TRANSFER_GRACE_S = 5.0  # added to the minimum-rate deadline of a transfer (server/blob_http.py)
 _WRITE_BYTES = 1024 * 1024  # an upload is written to disk in pieces of this size
 READ_BYTES = 1024 * 1024  # and a download read in pieces of this size
 
@@ -208,6 +214,23 @@ class BlobService:
             raise TicketInvalid("no valid ticket for this transfer")
         return t
 
+    async def claim(self, ticket: str, blob_id: str, *, upload: bool) -> Ticket:
+        """:meth:`take_ticket` for the HTTP side (across nodes, ``server/blob_shared.py``, the
+        ticket is in Redis)."""
+        return self.take_ticket(ticket, blob_id, upload=upload)
+
+    async def cancel(self, t: Ticket) -> None:
+        """:meth:`cancel_upload` for the HTTP side."""
+        self.cancel_upload(t)
+
+    async def _unreserve(self, t: Ticket) -> None:
+        """An upload that failed: give its reserved room back."""
+        self._release(t.device, t.size)
+
+    async def completed(self, download: Download) -> None:
+        """Every byte of ``download`` was handed to the transport: its device may confirm."""
+        download.completed()
+
     def cancel_upload(self, t: Ticket) -> None:
         """An upload ticket taken but refused before its transfer began: free its room."""
         if t.upload:
@@ -338,7 +361,7 @@ class Upload:
             return
         self._done = True
         self._buf = bytearray()
-        self._service._release(self.ticket.device, self.ticket.size)
+        await self._service._unreserve(self.ticket)
         await asyncio.to_thread(self._service.files.abort, self._part, self._out)
 
 

@@ -50,8 +50,8 @@ class Limits:
     # Attachments (server/blobs.py): opaque ciphertext blobs, uploaded and fetched over HTTP
     # with a ticket from the WebSocket.
     max_blob_bytes: int = 200 * 1024 * 1024  # ciphertext bytes; refused at the ticket request
-    blob_quota_bytes: int = 1024 * 1024 * 1024  # live blobs per uploading device (in memory)
-    blob_store_bytes: int = 64 * 1024 * 1024 * 1024  # all blobs on this node's disk
+    blob_quota_bytes: int = 1024 * 1024 * 1024  # live blobs per uploading device (memory/Redis)
+    blob_store_bytes: int = 64 * 1024 * 1024 * 1024  # all blobs in the blob folder (deployment)
     blob_ttl_s: int = 30 * DAY  # rounded up to a whole hour, like envelopes
     max_blob_recipients: int = 10_000  # devices an uploader may say will fetch a blob
     blob_ticket_ttl_s: int = 300  # a transfer must start this soon after its ticket
@@ -120,7 +120,7 @@ class ServerConfig:
     # The URL clients use (behind a TLS proxy: https://chat.example); logins are bound to it.
     public_url: str | None = None
     # postgresql://user@host:port/database: the store is on PostgreSQL (server/store/postgres.py)
-    # instead of SQLite in data_dir; attachments stay in data_dir.
+    # instead of SQLite in data_dir; attachments stay in blob_dir.
     database_url: str | None = None
     # redis://host:port/db: the delivery bus runs over Redis pub/sub (server/delivery/redis.py),
     # so several nodes on one PostgreSQL store route signals to each other's connections. All
@@ -142,6 +142,9 @@ class ServerConfig:
     # On PostgreSQL: the file of key-encryption keys (server/store/sealing.py), the same on
     # every node of a deployment; by default storage.key in data_dir.
     storage_key_file: Path | None = None
+    # The attachment folder (server/blob_files.py); by default blobs in data_dir. With several
+    # nodes (redis_url set) it must be one folder every node mounts (NFS, CephFS: docs/deploy.md).
+    blob_dir: Path | None = None
     # On SIGTERM or SIGINT the node stops accepting, closes every WebSocket with 1001 (going
     # away: clients reconnect elsewhere at once) once its request in hand is answered, and exits
     # when they are all gone or after this many seconds (server/drain.py).
@@ -158,6 +161,10 @@ class ServerConfig:
     @property
     def database_path(self) -> Path:
         return self.data_dir / "kluis.sqlite3"
+
+    @property
+    def blob_path(self) -> Path:
+        return self.blob_dir or self.data_dir / "blobs"
 
     @property
     def storage_key_path(self) -> Path:

@@ -57,6 +57,10 @@ _TICKET = {
 _REFUSALS = {
     "401": {"description": "No valid ticket for this blob and direction", "content": _JSON_ERROR},
     "404": {"description": "The blob is gone (fetched by all, or expired)", "content": _JSON_ERROR},
+    "503": {
+        "description": "Several nodes: the attachment ledger (Redis) does not answer; try again",
+        "content": _JSON_ERROR,
+    },
 }
 _BLOBS: dict[str, Any] = {
     "put": {

@@ -113,6 +113,12 @@ SETTINGS: tuple[Setting, ...] = (
         _path,
         "PostgreSQL: the storage key file, the same on every node (default DATA/storage.key)",
     ),
+    Setting(
+        "blob_dir",
+        "blob_dir",
+        _path,
+        "attachment folder, one shared by every node (default DATA/blobs)",
+    ),
     Setting("redis", "redis_url", _text, "redis://HOST:PORT/DB: the delivery bus across nodes"),
     Setting("redis_prefix", "redis_prefix", _text, "Redis channel prefix of the deployment"),
     Setting("host", "host", _text, "address to listen on"),
