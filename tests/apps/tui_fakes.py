@@ -61,7 +61,9 @@ class FakeBackend:
         nicknames: dict[str, str] | None = None,
         timers: dict[str, int] | None = None,
         renewal: str = "",
+        me: str = ME,
     ) -> None:
+        self.me = me
         self.messages = list(sample_history() if messages is None else messages)
         self.nicknames = dict(nicknames or {})
         self._timers = dict(timers or {})
@@ -86,7 +88,7 @@ class FakeBackend:
 
     @property
     def account_id(self) -> str:
-        return ME
+        return self.me
 
     async def history(self, conversation: str | None = None) -> list[Message]:
         self.history_reads += 1

@@ -15,6 +15,7 @@ left for later: Textual's own drawing owns the screen). Pillow is imported here 
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
@@ -35,6 +36,12 @@ __all__ = [
 
 MAX_IMAGE_BYTES = 8 * 1024 * 1024  # fetched for a preview at most; bigger ones are saved
 MAX_PIXELS = min(24_000_000, Image.MAX_IMAGE_PIXELS or 24_000_000)  # about 6000 x 4000
+# Pillow's own bomb check, at open: a warning over MAX_IMAGE_PIXELS, an error over twice that.
+# Both become errors here (a warning printed over a full-screen app, and the decode going on,
+# are what must not happen); the filter names Pillow's category only.
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+_BOMB = (Image.DecompressionBombError, Image.DecompressionBombWarning)
 FORMATS = ("PNG", "JPEG", "GIF", "WEBP")
 _MIMES = {"image/png", "image/jpeg", "image/gif", "image/webp"}
 _SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp")
@@ -66,7 +73,9 @@ def _decode(data: bytes, cols: int, rows: int) -> tuple[Image.Image, tuple[int, 
         image = Image.open(io.BytesIO(data), formats=FORMATS)  # reads the header only
     except UnidentifiedImageError as exc:
         raise BadImage("not a PNG, JPEG, GIF or WebP image") from exc
-    except (Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
+    except _BOMB as exc:
+        raise BadImage(f"too large: {exc}") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
         raise BadImage(f"malformed image: {exc}") from exc
     size, kind = image.size, image.format or ""
     width, height = size
@@ -83,7 +92,9 @@ def _decode(data: bytes, cols: int, rows: int) -> tuple[Image.Image, tuple[int, 
             flat.paste(rgba, mask=rgba.getchannel("A"))
             return flat, size, kind
         return image.convert("RGB"), size, kind
-    except (Image.DecompressionBombError, OSError, SyntaxError, ValueError, EOFError) as exc:
+    except _BOMB as exc:
+        raise BadImage(f"too large: {exc}") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise BadImage(f"malformed image: {exc}") from exc
 
 

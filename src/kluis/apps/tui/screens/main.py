@@ -369,7 +369,7 @@ class MainScreen(Screen[None]):
         state = self.previews.get(ref.id)
         if state is None:
             if not self._may_preview(m):
-                return Text("image not shown: its sender is not verified · F5 shows it", "dim")
+                return Text("image: unverified sender · F5 shows it", "dim")
             self.previews[ref.id] = state = LOADING
             self._load_preview(ref, m.conversation)
         if isinstance(state, Preview):
