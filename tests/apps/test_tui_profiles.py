@@ -4,6 +4,7 @@ others' unread counts in the heading, and no event of one in another's view."""
 from __future__ import annotations
 
 from datetime import UTC
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +117,10 @@ async def test_a_message_to_the_hidden_profiles_open_chat_counts_as_unread(
         assert len(work_backend.read) == reads + 1
 
 
+def is_online(app: KluisApp, profile: Path) -> bool:
+    return profile in app.mains and app.mains[profile].online is True
+
+
 def row0() -> Any:
     from kluis.apps.tui.model import Conversation
 
@@ -140,9 +145,7 @@ async def test_two_profiles_against_a_server(server: ServerProcess, tmp_path: Pa
                 )
                 app.screen.query_one("#passphrase", Input).value = PASSPHRASE
                 await pilot.press("enter")
-                await until(
-                    pilot, lambda: profile in app.mains and app.mains[profile].online is True
-                )
+                await until(pilot, partial(is_online, app, profile))
                 if profile == home:
                     await pilot.press("f8")
             await pilot.press("f8")
