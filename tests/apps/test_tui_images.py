@@ -17,6 +17,7 @@ from kluis.apps.tui import images
 from kluis.apps.tui.images import MAX_IMAGE_BYTES, MAX_PIXELS, is_image, render_preview
 from kluis.apps.tui.screens.main import MainScreen
 from kluis.apps.tui.widgets import ChatLog
+from kluis.client.events import MessagesExpired
 from kluis.client.records import Message
 from kluis.client.verification import Status
 from kluis.errors import BadImage
@@ -197,3 +198,36 @@ async def test_an_image_over_the_fetch_limit_is_not_fetched(
         await settle(pilot)
         assert isinstance(app.screen, MainScreen)
         assert "image not shown:" in shown(app.screen) and "blob_too_large" in shown(app.screen)
+
+
+async def test_previews_go_with_their_disappearing_messages(tmp_path: Path) -> None:
+    backend = with_images((png(), "cat.png"))
+    backend.statuses[ANNA] = (Status.VERIFIED, "")
+    app = fake_app(tmp_path, backend)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        screen = app.screen
+        assert isinstance(screen, MainScreen) and "▀" in shown(screen)
+        assert len(screen.previews) == 1
+        backend.messages.clear()  # the timer ran out: gone from the profile
+        backend.emit(MessagesExpired(1))
+        await settle(pilot)
+        assert screen.previews == {} and "▀" not in shown(screen)
+
+
+async def test_f5_tries_a_failed_preview_again(tmp_path: Path) -> None:
+    backend = with_images((png(), "cat.png"))
+    (blob,) = backend.blobs
+    app = fake_app(tmp_path, backend)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        screen = app.screen
+        assert isinstance(screen, MainScreen)
+        screen.previews[blob] = "offline (transport)"  # as a fetch that failed leaves it
+        screen.images_opened.add(ANNA)
+        screen._fill_chat()
+        await settle(pilot)
+        assert "image not shown: offline (transport)" in shown(screen)
+        await pilot.press("f5")
+        await settle(pilot)
+        assert "▀" in shown(screen) and "offline" not in shown(screen)

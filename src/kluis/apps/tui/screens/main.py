@@ -268,6 +268,7 @@ class MainScreen(Screen[None]):
                 self._refresh_list()
                 self._refresh_chat()
             case MessagesExpired():
+                self.previews.clear()  # no picture outlives its message; the rest reload
                 self._refresh_chat()
             case Undecryptable(code=code, reason=reason, sender=sender, device=device):
                 text = f"unreadable message ({code}): {reason}"
@@ -390,11 +391,15 @@ class MainScreen(Screen[None]):
             self._fill_chat()
 
     def action_show_images(self) -> None:
-        """Preview the images of the open conversation, whoever sent them (F5)."""
+        """Preview the images of the open conversation, whoever sent them (F5); previews that
+        failed (offline, say) are tried again."""
         conversation = self.book.open_id
-        if conversation is None or conversation in self.images_opened:
+        if conversation is None:
             return
         self.images_opened.add(conversation)
+        for blob, state in list(self.previews.items()):
+            if isinstance(state, str) and state != LOADING:
+                del self.previews[blob]
         self._fill_chat()
 
     def _refresh_list(self) -> None:
