@@ -164,3 +164,10 @@ async def test_two_profiles_against_a_server(server: ServerProcess, tmp_path: Pa
             assert "to work, not home" in list_text(app.mains[work])
     finally:
         await peer.close()
+
+
+def test_one_folder_given_twice_is_one_profile(tmp_path: Path) -> None:
+    """Two clients on one profile would write the same store: spellings of a folder count once."""
+    same = tmp_path / "x" / ".." / "home"
+    app = KluisApp(tmp_path / "home", more_profiles=[tmp_path / "work", same, tmp_path / "work"])
+    assert app.profiles == [tmp_path / "home", tmp_path / "work"]

@@ -141,7 +141,12 @@ class KluisApp(App[None]):
     ) -> None:
         super().__init__()
         self.keys = dict(keymap or {})  # action -> keys, checked (see keys.load_keymap)
-        self.profiles: list[Path] = list(dict.fromkeys([profile, *more_profiles]))
+        # one screen and one backend per profile folder, however it is spelt: two clients on
+        # one profile would write the same encrypted store
+        folders: dict[Path, Path] = {}
+        for folder in (profile, *more_profiles):
+            folders.setdefault(folder.resolve(), folder)
+        self.profiles: list[Path] = list(folders.values())
         self.current = profile
         self.backends: dict[Path, Backend] = dict(backends or {})
         if backend is not None:
