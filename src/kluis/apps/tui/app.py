@@ -10,6 +10,7 @@ connection and unlock, and its own :class:`MainScreen`, installed so that it liv
 another is shown; F8 goes to the next profile (unlocking it on its first visit). A screen
 hears only its own backend's events, so nothing of one profile shows in another's view; the
 other profiles' unread counts show in the sidebar's heading.
+
 ``keymap`` (action -> keys, from :func:`~.keys.load_keymap`) replaces default keys.
 Time is injected (``clock``, ``tz``) and the cursor blink can be turned off, so that screenshots
 are the same on every run.
@@ -204,9 +205,17 @@ class KluisApp(App[None]):
             self.switch_screen(screen)
         self.profiles_changed()
 
-    def enter_main(self, backend: Backend, *, show_id: bool = False) -> None:
-        self.backends[self.current] = backend
-        self._show_profile(self.current)
+    def enter_main(
+        self, backend: Backend, *, show_id: bool = False, profile: Path | None = None
+    ) -> None:
+        """``profile`` (the one shown, by default) is open: show its chats, unless another
+        profile is shown by now (then at its turn)."""
+        profile = profile or self.current
+        self.backends[profile] = backend
+        if profile != self.current:
+            self.profiles_changed()
+            return
+        self._show_profile(profile)
         if show_id:
             self.push_screen(IdScreen(backend.account_id))
 
