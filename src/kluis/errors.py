@@ -29,6 +29,8 @@ remote refusal back to the class below with :func:`error_for_code`.
     │   ├── UnknownBlob               unknown_blob: no such blob (never uploaded, deleted, expired)
     │   ├── TicketInvalid             ticket_invalid: a blob ticket unknown, expired, used or
     │   │                             for another blob; a fetch confirmed before it completed
+    │   ├── BadImage                  bad_image: a peer's image that is not previewed: too
+    │   │                             large, malformed, truncated or not PNG/JPEG/GIF/WebP
     │   └── ServerError               internal: the server failed; nothing was changed
     ├── CryptoError
     │   ├── DecryptionError           decryption_failed: tampered or undecryptable envelope
@@ -164,6 +166,10 @@ class UnknownBlob(RemoteProtocolError):
 
 class TicketInvalid(RemoteProtocolError):
     code = "ticket_invalid"
+
+
+class BadImage(RemoteProtocolError):
+    code = "bad_image"
 
 
 class ServerError(RemoteProtocolError):

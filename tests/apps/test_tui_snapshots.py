@@ -7,20 +7,27 @@ the same screens.
 
 from __future__ import annotations
 
+import io
 import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image, ImageDraw
 from textual.pilot import Pilot
 
 from kluis.apps.tui.app import KluisApp
 from kluis.apps.tui.screens.dialogs import HelpScreen
 from kluis.apps.tui.screens.onboarding import IdScreen
+from kluis.client.events import MessageReceived
 from kluis.client.records import Message
+from kluis.client.verification import Status
+from tests.apps.test_tui_images import image_ref
+from tests.apps.test_tui_profiles import two_profiles
 from tests.apps.tui_fakes import (
     ANNA,
+    BRAM,
     DEMO_NICKNAMES,
     DEMO_TIMERS,
     ME,
@@ -73,6 +80,58 @@ async def search_agenda(pilot: Pilot[Any]) -> None:
     await settle(pilot)
 
 
+def picture() -> bytes:
+    """A deterministic picture: a colour gradient with a disc."""
+    red = Image.linear_gradient("L").resize((96, 64))
+    green = Image.linear_gradient("L").rotate(90).resize((96, 64))
+    image = Image.merge("RGB", (red, green, Image.new("L", (96, 64), 150)))
+    ImageDraw.Draw(image).ellipse((30, 14, 66, 50), fill=(250, 220, 40))
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    return out.getvalue()
+
+
+def with_images(tmp: Path, theme: str = "textual-dark") -> KluisApp:
+    """Anna (verified) sends a picture and a broken one; Bram's waits for F5."""
+    backend = demo([])
+    backend.statuses[ANNA] = (Status.VERIFIED, "")
+    good = picture()
+    for sender, data, name, text in (
+        (ANNA, good, "sunset.png", "From the dunes"),
+        (ANNA, good[:200], "cut.png", ""),
+    ):
+        ref = image_ref(data, name)
+        backend.blobs[ref.id] = data
+        backend.messages.append(Message(sender, ANNA, NOW, text, attachment=ref))
+    return fake_app(tmp, backend, theme=theme)
+
+
+async def open_images(pilot: Pilot[Any]) -> None:
+    await open_anna(pilot)
+    await settle(pilot)
+    await settle(pilot)
+
+
+def with_profiles(tmp: Path, theme: str = "textual-dark") -> KluisApp:
+    app, _, _ = two_profiles(tmp, theme)
+    return app
+
+
+async def message_to_work(pilot: Pilot[Any]) -> None:
+    await settle(pilot)
+    await pilot.press("f8")
+    await settle(pilot)
+    await pilot.press("f8")
+    await settle(pilot)
+    work = pilot.app.profiles[1]  # type: ignore[attr-defined]
+    backend = pilot.app.backends[work]  # type: ignore[attr-defined]
+    backend.emit(MessageReceived(Message(BRAM, BRAM, NOW, "Stand-up moved to 10:00")))
+    backend.emit(MessageReceived(Message(ANNA, ANNA, NOW, "Invoice attached")))
+    await settle(pilot)
+    pilot.app.screen.open_conversation(ANNA)  # type: ignore[attr-defined]
+    await settle(pilot)
+
+
 def with_hostile(tmp: Path, theme: str = "textual-dark") -> KluisApp:
     history = [*sample_history(), Message(ANNA, ANNA, NOW, NASTY)]
     return fake_app(tmp, demo(history), theme=theme)
@@ -96,6 +155,16 @@ def test_first_run(snap_compare: Compare, tmp_path: Path, theme: str) -> None:
 @pytest.mark.parametrize("theme", ["textual-dark", "textual-light"])
 def test_new_id_with_qr_code(snap_compare: Compare, tmp_path: Path, theme: str) -> None:
     assert snap_compare(fake_app(tmp_path, theme=theme), run_before=show_id)
+
+
+@pytest.mark.parametrize("theme", ["textual-dark", "textual-light"])
+def test_image_previews(snap_compare: Compare, tmp_path: Path, theme: str) -> None:
+    assert snap_compare(with_images(tmp_path, theme), run_before=open_images)
+
+
+@pytest.mark.parametrize("theme", ["textual-dark", "textual-light"])
+def test_two_profiles(snap_compare: Compare, tmp_path: Path, theme: str) -> None:
+    assert snap_compare(with_profiles(tmp_path, theme), run_before=message_to_work)
 
 
 def test_help(snap_compare: Compare, tmp_path: Path) -> None:
@@ -136,6 +205,8 @@ SCREENS: list[tuple[str, Callable[[Path], KluisApp], Callable[[Pilot[Any]], Any]
     ("first-run-dark", lambda tmp: first_run_app(tmp), settle),
     ("your-id-dark", lambda tmp: fake_app(tmp), show_id),
     ("search-dark", lambda tmp: fake_app(tmp, demo()), search_agenda),
+    ("images-dark", lambda tmp: with_images(tmp), open_images),
+    ("profiles-dark", lambda tmp: with_profiles(tmp), message_to_work),
 ]
 
 

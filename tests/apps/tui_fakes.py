@@ -14,6 +14,7 @@ from kluis.client.groups import GroupState
 from kluis.client.records import Message
 from kluis.client.timers import describe
 from kluis.client.verification import Status
+from kluis.errors import BlobTooLarge
 from kluis.protocol.attachment import AttachmentRef
 
 ME = "mea7kzq2vt5xbn3d"
@@ -60,7 +61,9 @@ class FakeBackend:
         nicknames: dict[str, str] | None = None,
         timers: dict[str, int] | None = None,
         renewal: str = "",
+        me: str = ME,
     ) -> None:
+        self.me = me
         self.messages = list(sample_history() if messages is None else messages)
         self.nicknames = dict(nicknames or {})
         self._timers = dict(timers or {})
@@ -72,6 +75,7 @@ class FakeBackend:
         self.blobs: dict[str, bytes] = {}  # "uploaded" files, by blob ID
         self.hold = asyncio.Event()  # file transfers wait for it (set: they run through)
         self.hold.set()
+        self.previews_fetched: list[str] = []  # blob IDs fetched for a preview
         self._groups = [
             GroupState(GROUP, "Book club", sorted([ME, ANNA, BRAM]), 1, b"x" * 16),
         ]
@@ -84,7 +88,7 @@ class FakeBackend:
 
     @property
     def account_id(self) -> str:
-        return ME
+        return self.me
 
     async def history(self, conversation: str | None = None) -> list[Message]:
         self.history_reads += 1
@@ -190,6 +194,14 @@ class FakeBackend:
         target.write_bytes(data)
         progress(len(data), len(data))
         return target
+
+    async def attachment_bytes(self, ref: AttachmentRef, limit: int) -> bytes:
+        self.previews_fetched.append(ref.id)
+        await self.hold.wait()
+        data = self.blobs[ref.id]
+        if len(data) > limit:
+            raise BlobTooLarge(f"{len(data)} bytes")
+        return data
 
     def start(self, post: Post) -> None:
         self.post = post

@@ -348,3 +348,24 @@ async def test_file_messages_one_to_one_and_in_a_group(
     assert blobs(server) == []  # both member devices fetched it
     for client in (alice, bob, carol):
         await client.close()
+
+
+async def test_a_preview_fetches_into_memory_and_leaves_the_blob_to_be_saved(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    alice = await register(server, tmp_path / "alice")
+    bob = await register(server, tmp_path / "bob")
+    source = tmp_path / "photo.png"
+    write_random_file(source, 100_000)
+    ref = await alice.upload_attachment(source, 1)
+    with pytest.raises(BlobTooLarge, match="over the limit of 99999"):
+        await bob.attachment_bytes(ref, 99_999)  # refused before a ticket is asked
+    data = await bob.attachment_bytes(ref, 100_000)
+    assert hashlib.sha256(data).hexdigest() == file_digest(source)
+    assert blobs(server) == [ref.id]  # a preview is not a fetch: still there to be saved
+    assert list(tmp_path.glob("*.part")) == [] and not (tmp_path / "bob" / "photo.png").exists()
+    out = await bob.download_attachment(ref, tmp_path / "saved.png")
+    assert file_digest(out) == file_digest(source)
+    assert blobs(server) == []
+    for client in (alice, bob):
+        await client.close()

@@ -870,9 +870,9 @@ def cmd_chat(args: argparse.Namespace) -> None:
     from kluis.apps.tui.app import KluisApp  # Textual loads only for this command
     from kluis.apps.tui.keys import keymap_paths, load_keymap
 
-    profile = Path(args.profile).expanduser()
+    profile, *more = [Path(p).expanduser() for p in args.profile or [DEFAULT_CHAT_PROFILE]]
     keymap = load_keymap(keymap_paths(profile))  # a bad file: one line, before the screen
-    KluisApp(profile, default_server=args.server, keymap=keymap).run()
+    KluisApp(profile, default_server=args.server, keymap=keymap, more_profiles=more).run()
 
 
 def _async(
@@ -881,6 +881,7 @@ def _async(
     return lambda args: asyncio.run(fn(args))  # type: ignore[arg-type]
 
 
+DEFAULT_CHAT_PROFILE = "~/.kluis/default"
 PROFILE_HELP = "profile folder: this device's keys and history, encrypted"
 SERVER_HELP = "server URL, e.g. https://chat.example or http://127.0.0.1:8448"
 DATA_HELP = "the server's data folder (database, attachments)"
@@ -1226,7 +1227,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_feature_parsers(sub)
 
     ch = sub.add_parser("chat", help="the full-screen messenger (first run: register)")
-    ch.add_argument("--profile", default="~/.kluis/default", help="default: %(default)s")
+    ch.add_argument(
+        "--profile",
+        action="append",
+        help=f"profile folder; give it again to open several accounts at once, F8 switches "
+        f"(default: {DEFAULT_CHAT_PROFILE})",
+    )
     ch.add_argument(
         "--server",
         default=f"http://127.0.0.1:{DEFAULT_PORT}",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import mimetypes
 import os
 import secrets
@@ -32,6 +33,7 @@ from kluis.client.transport import Transport
 from kluis.crypto.attachment import Decryptor, Encryptor, ciphertext_size, new_key
 from kluis.errors import (
     AttachmentCorrupt,
+    BlobTooLarge,
     KluisError,
     LocalProtocolError,
     MalformedFrame,
@@ -196,6 +198,23 @@ async def download(
         raise
     await transport.request(lambda rid: f.BlobFetched(rid=rid, id=ref.id), f.Done)
     return target
+
+
+async def download_bytes(
+    transport: Transport, server: str, ref: AttachmentRef, limit: int
+) -> bytes:
+    """Fetch, decrypt and check ``ref`` into memory (an image preview), refusing one over
+    ``limit`` bytes before anything is fetched. Unlike :func:`download` the server is not told
+    that this device has the blob: a preview must not let it delete a file not saved yet."""
+    if ref.size > limit:
+        raise BlobTooLarge(f"{ref.size} bytes, over the limit of {limit} for a preview")
+    decryptor = Decryptor(ref.key, ref.digest, ref.size)
+    ticket = await transport.request(lambda rid: f.BlobDownload(rid=rid, id=ref.id), f.BlobTicket)
+    if ticket.size != decryptor.ciphertext_size:
+        raise AttachmentCorrupt("the server holds a blob of another size than the message said")
+    sink = io.BytesIO()
+    await _fetch(server, ticket, decryptor, sink, ref.size, None)
+    return sink.getvalue()
 
 
 async def _fetch(

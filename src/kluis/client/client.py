@@ -946,6 +946,11 @@ class KluisClient:
             self.transport, self.core.server, ref, Path(out_path), progress
         )
 
+    async def attachment_bytes(self, ref: AttachmentRef, limit: int) -> bytes:
+        """Fetch, decrypt and verify ``ref`` into memory, at most ``limit`` bytes (a preview);
+        the server is not told this device has it, so it stays there to be saved."""
+        return await attachments.download_bytes(self.transport, self.core.server, ref, limit)
+
     # ---- messaging features (issue 9; the rules live in the core's modules) ------------------
 
     def sweep(self) -> int:

@@ -4,6 +4,13 @@
 
 The app starts on the first-run screen when the profile folder holds no profile, else on the
 unlock screen; tests and screenshots may hand it a ready :class:`~.backend.Backend` instead.
+
+Several profiles (accounts) may be open at once (``more_profiles``): each has its own backend,
+connection and unlock, and its own :class:`MainScreen`, installed so that it lives on while
+another is shown; F8 goes to the next profile (unlocking it on its first visit). A screen
+hears only its own backend's events, so nothing of one profile shows in another's view; the
+other profiles' unread counts show in the sidebar's heading.
+
 ``keymap`` (action -> keys, from :func:`~.keys.load_keymap`) replaces default keys.
 Time is injected (``clock``, ``tz``) and the cursor blink can be turned off, so that screenshots
 are the same on every run.
@@ -11,7 +18,7 @@ are the same on every run.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, tzinfo
 from functools import partial
 from pathlib import Path
@@ -20,8 +27,10 @@ from textual.app import App
 from textual.binding import Binding
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 from textual.notifications import SeverityLevel
+from textual.screen import ModalScreen, Screen
 
 from kluis.apps.tui.backend import Backend, profile_exists
+from kluis.apps.tui.model import ProfileTab
 from kluis.apps.tui.safe_text import safe_line
 from kluis.apps.tui.screens.dialogs import HelpScreen
 from kluis.apps.tui.screens.main import MainScreen
@@ -58,6 +67,7 @@ ModalScreen { align: center middle; }
 #qr { width: auto; }
 #members-list { height: auto; max-height: 6; }
 #files { height: auto; max-height: 10; }
+#help { padding: 0 2; border-title-style: bold; }
 """
 
 
@@ -109,6 +119,7 @@ class KluisApp(App[None]):
         Binding("question_mark", "help", "Help", key_display="?", id="help"),
         Binding("f1", "help", "Help", show=False),
         Binding("ctrl+t", "toggle_dark_theme", "Theme", id="toggle_dark_theme", show=False),
+        Binding("f8", "next_profile", "Profile", id="next_profile", show=False, priority=True),
     ]
 
     def __init__(
@@ -126,11 +137,22 @@ class KluisApp(App[None]):
         backoff_cap: float = 30.0,
         theme: str = "textual-dark",
         keymap: Mapping[str, str] | None = None,
+        more_profiles: Sequence[Path] = (),
+        backends: Mapping[Path, Backend] | None = None,
     ) -> None:
         super().__init__()
         self.keys = dict(keymap or {})  # action -> keys, checked (see keys.load_keymap)
-        self.profile = profile
-        self.backend = backend
+        # one screen and one backend per profile folder, however it is spelt: two clients on
+        # one profile would write the same encrypted store
+        folders: dict[Path, Path] = {}
+        for folder in (profile, *more_profiles):
+            folders.setdefault(folder.resolve(), folder)
+        self.profiles: list[Path] = list(folders.values())
+        self.current = profile
+        self.backends: dict[Path, Backend] = dict(backends or {})
+        if backend is not None:
+            self.backends[profile] = backend
+        self.mains: dict[Path, MainScreen] = {}  # installed, one per unlocked profile
         self.transport_factory = transport_factory
         self._clock = clock or (lambda: datetime.now(UTC))
         self.tz = tz
@@ -139,6 +161,15 @@ class KluisApp(App[None]):
         self.default_server = default_server
         self.backoff_base, self.backoff_cap = backoff_base, backoff_cap
         self.theme = theme
+
+    @property
+    def profile(self) -> Path:
+        """The profile shown (the one an unlock or first-run screen opens)."""
+        return self.current
+
+    @property
+    def backend(self) -> Backend | None:
+        return self.backends.get(self.current)
 
     def now(self) -> datetime:
         return self._clock().astimezone(self.tz)
@@ -152,18 +183,73 @@ class KluisApp(App[None]):
     def on_mount(self) -> None:
         if self.keys:
             self.set_keymap(self.keys)
-        if self.backend is not None:
-            self.push_screen(MainScreen())
-        elif profile_exists(self.profile):
-            self.push_screen(UnlockScreen())
-        else:
-            self.push_screen(OnboardingScreen())
+        self._show_profile(self.current, first=True)
 
-    def enter_main(self, backend: Backend, *, show_id: bool = False) -> None:
-        self.backend = backend
-        self.switch_screen(MainScreen())
+    def _show_profile(self, profile: Path, *, first: bool = False) -> None:
+        self.current = profile
+        backend = self.backends.get(profile)
+        if profile in self.mains:
+            screen: Screen[None] | str = f"profile-{self.profiles.index(profile)}"
+        elif backend is not None:
+            main = MainScreen(backend, profile)
+            self.mains[profile] = main
+            screen = f"profile-{self.profiles.index(profile)}"
+            self.install_screen(main, screen)
+        elif profile_exists(profile):
+            screen = UnlockScreen()
+        else:
+            screen = OnboardingScreen()
+        if first:
+            self.push_screen(screen)
+        else:
+            self.switch_screen(screen)
+        self.profiles_changed()
+
+    def enter_main(
+        self, backend: Backend, *, show_id: bool = False, profile: Path | None = None
+    ) -> None:
+        """``profile`` (the one shown, by default) is open: show its chats, unless another
+        profile is shown by now (then at its turn)."""
+        profile = profile or self.current
+        self.backends[profile] = backend
+        if profile != self.current:
+            self.profiles_changed()
+            return
+        self._show_profile(profile)
         if show_id:
             self.push_screen(IdScreen(backend.account_id))
+
+    def action_next_profile(self) -> None:
+        """Show the next profile (F8): its chats, or its unlock screen on the first visit."""
+        if len(self.profiles) < 2:
+            self.notify("one profile is open: start with --profile DIR --profile DIR2")
+            return
+        if isinstance(self.screen, ModalScreen):
+            self.notify("close the dialog first", severity="warning")
+            return
+        index = self.profiles.index(self.current)
+        self._show_profile(self.profiles[(index + 1) % len(self.profiles)])
+
+    def profile_tabs(self) -> list[ProfileTab]:
+        """Every profile as the sidebar's heading shows it (more than one profile only)."""
+        tabs = []
+        for profile in self.profiles:
+            main = self.mains.get(profile)
+            tabs.append(
+                ProfileTab(
+                    profile.name or str(profile),
+                    main.book.unread() if main is not None else 0,
+                    profile == self.current,
+                    main is None,
+                )
+            )
+        return tabs
+
+    def profiles_changed(self) -> None:
+        """Unread counts or the shown profile changed: every open profile's heading redraws."""
+        if len(self.profiles) > 1:
+            for main in self.mains.values():
+                main.show_profiles()
 
     def notify(
         self,
@@ -187,5 +273,5 @@ class KluisApp(App[None]):
         self.theme = "textual-light" if self.theme == "textual-dark" else "textual-dark"
 
     async def on_unmount(self) -> None:
-        if self.backend is not None:
-            await self.backend.close()
+        for backend in self.backends.values():
+            await backend.close()

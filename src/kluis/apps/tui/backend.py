@@ -128,6 +128,10 @@ class Backend(Protocol):
     async def save_file(self, ref: AttachmentRef, folder: Path, progress: Progress) -> Path:
         """Fetch, check and decrypt ``ref`` into ``folder``; return the path written."""
 
+    async def attachment_bytes(self, ref: AttachmentRef, limit: int) -> bytes:
+        """Fetch, check and decrypt ``ref`` into memory (an image preview), at most ``limit``
+        bytes; the file stays on the server to be saved."""
+
     def start(self, post: Post) -> None:
         """Connect and keep connected, handing every event to ``post`` (thread-safe)."""
 
@@ -315,6 +319,9 @@ class ClientBackend:
             return await self._client.download_attachment(ref, folder, progress)
 
         return await self._run(save)
+
+    async def attachment_bytes(self, ref: AttachmentRef, limit: int) -> bytes:
+        return await self._run(lambda: self._client.attachment_bytes(ref, limit))
 
     def start(self, post: Post) -> None:
         if self._pump is None:

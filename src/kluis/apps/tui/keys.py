@@ -65,6 +65,8 @@ ACTIONS: tuple[Action, ...] = (
     Action("attach", "ctrl+o", "send a file"),
     Action("save_file", "ctrl+s", "save a received file"),
     Action("show_id", "ctrl+y", "your ID and its QR code"),
+    Action("show_images", "f5", "show images from unverified senders"),
+    Action("next_profile", "f8", "next profile (--profile given twice)"),
     Action("toggle_dark_theme", "ctrl+t", "light / dark theme"),
     Action("help", "question_mark", "this help (F1 too)"),
 )

@@ -76,6 +76,16 @@ class Conversation:
 
 
 @dataclass(frozen=True, slots=True)
+class ProfileTab:
+    """One open profile (account), as the sidebar's heading shows it when several are open."""
+
+    name: str  # the profile folder's name (the user's choice)
+    unread: int
+    current: bool
+    locked: bool
+
+
+@dataclass(frozen=True, slots=True)
 class KeyWarning:
     """A send refused because a contact's keys changed: shown until the user acknowledges it."""
 
@@ -172,14 +182,16 @@ class ConversationBook:
             return "(group)"
         return self.nicknames.get(conversation) or conversation
 
-    def add(self, message: Message) -> None:
-        """A message sent or received while the app runs."""
-        self._note(message, count=True)
+    def add(self, message: Message, *, seen: bool = True) -> None:
+        """A message sent or received while the app runs; ``seen``: the profile is shown, so
+        a message of its open conversation is read (else it counts as unread there too)."""
+        self._note(message, count=True, seen=seen)
 
-    def _note(self, message: Message, *, count: bool) -> None:
+    def _note(self, message: Message, *, count: bool, seen: bool = True) -> None:
         row = self.ensure(message.conversation)
         unread = row.unread
-        if count and message.sender != self.me and message.conversation != self.open_id:
+        hidden = message.conversation != self.open_id or not seen
+        if count and message.sender != self.me and hidden:
             unread += 1
         if row.last is None or message.time >= row.last:
             preview = message.text or ("[file]" if message.attachment else "")
@@ -212,6 +224,10 @@ class ConversationBook:
             return False
         self._rows[conversation] = replace(row, verification=verification)
         return True
+
+    def unread(self) -> int:
+        """Unread messages over all conversations."""
+        return sum(row.unread for row in self._rows.values())
 
     def get(self, conversation: str) -> Conversation | None:
         return self._rows.get(conversation)

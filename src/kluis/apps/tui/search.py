@@ -124,10 +124,8 @@ class HistorySearch(Provider):
         self._messages = []
         from kluis.apps.tui.screens.main import MainScreen
 
-        app = self.app
-        backend = getattr(app, "backend", None)
-        if backend is not None and isinstance(self.screen, MainScreen):
-            self._messages = await backend.history()
+        if isinstance(self.screen, MainScreen):  # its profile's history only
+            self._messages = await self.screen.backend.history()
 
     async def search(self, query: str) -> Hits:
         from kluis.apps.tui.screens.main import MainScreen

@@ -7,6 +7,7 @@ from datetime import datetime, tzinfo
 
 import segno
 from rich.console import RenderableType
+from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 from textual import events
@@ -171,6 +172,10 @@ class ChatLog(RichLog):
         self._day(local(message.time, tz), today)
         self._keys[message_key(message)] = len(self._entries)
         self._emit(message_renderable(message, me, tz, name))
+
+    def add_preview(self, preview: Text) -> None:
+        """An image's preview (or why there is none), under its message's text."""
+        self._emit(Padding(preview, (0, 0, 0, 16)))
 
     def add_notice(self, notice: Notice, today: datetime, tz: tzinfo | None) -> None:
         self._day(local(notice.time, tz), today)

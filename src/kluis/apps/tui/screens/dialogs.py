@@ -205,8 +205,8 @@ class HelpScreen(_Dialog):
         table.add_column()
         for keys, what in [*FIXED_KEYS[:3], *active_keys(keymap), *FIXED_KEYS[3:]]:
             table.add_row(keys, what)
-        with VerticalScroll(classes="dialog", id="help"):
-            yield Static(Text("Keys", style="bold"))
+        with VerticalScroll(classes="dialog", id="help") as box:
+            box.border_title = "Keys"  # in the border: the list fits 80x24 with its hints
             yield Static(table)
             yield Static(MARKS, classes="hint")
             yield Static(

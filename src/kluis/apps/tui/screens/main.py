@@ -9,6 +9,7 @@ cryptography, the profile or the network. Events of the client arrive as
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Callable
 from pathlib import Path
@@ -19,11 +20,14 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
+from textual.css.query import NoMatches
 from textual.message import Message as TextualMessage
+from textual.notifications import SeverityLevel
 from textual.screen import Screen
 from textual.widgets import Footer, OptionList, Static
 
-from kluis.apps.tui.backend import BackendEvent, GroupAction, Offline, Online
+from kluis.apps.tui.backend import Backend, BackendEvent, GroupAction, Offline, Online
+from kluis.apps.tui.images import MAX_IMAGE_BYTES, Preview, is_image, render_preview
 from kluis.apps.tui.model import (
     OPERATOR_TITLE,
     UNREADABLE,
@@ -63,6 +67,7 @@ if TYPE_CHECKING:
     from kluis.apps.tui.app import KluisApp
 
 
+LOADING = "loading"
 RECEIPT_REDRAW_S = 0.25  # receipts arriving within this are drawn together
 _MARKS = {Status.VERIFIED: "verified", Status.BROKEN: "broken", Status.UNVERIFIED: ""}
 
@@ -90,11 +95,14 @@ class MainScreen(Screen[None]):
         Binding("ctrl+o", "attach", "File", id="attach", priority=True),
         Binding("ctrl+s", "save_file", "Save", id="save_file", priority=True, show=False),
         Binding("ctrl+y", "show_id", "My ID", id="show_id", priority=True, show=False),
+        Binding("f5", "show_images", "Images", id="show_images", priority=True, show=False),
     ]
 
-    def __init__(self) -> None:
+    def __init__(self, backend: Backend | None = None, profile: Path | None = None) -> None:
         super().__init__()
-        self.book = ConversationBook(self.app.backend_required.account_id)
+        self.backend = backend or self.app.backend_required
+        self.profile = profile or self.app.profile
+        self.book = ConversationBook(self.backend.account_id)
         self.online: bool | None = None
         self.status_detail = ""
         self.alarmed = False
@@ -104,11 +112,17 @@ class MainScreen(Screen[None]):
         # conversations whose last send was refused for a key change, until acknowledged:
         # the compose box takes no input for them meanwhile
         self.key_warnings: dict[str, KeyWarning] = {}
+        # image previews by blob ID: drawn, refused (why), or on their way (LOADING)
+        self.previews: dict[str, Preview | str] = {}
+        self.images_opened: set[str] = set()  # conversations whose images the user asked for
+        # while another profile is shown: what this one would have said, said when shown again
+        self._toasts: list[tuple[str, str, SeverityLevel]] = []
+        self._alarms: list[str] = []
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="body"):
             with Vertical(id="sidebar"):
-                yield Static(Text("Conversations", style="bold"), classes="heading")
+                yield Static(Text("Conversations", style="bold"), id="profiles", classes="heading")
                 yield ConversationList(id="conversations")
             with Vertical(id="chat"):
                 yield Static(id="chat-title", classes="heading")
@@ -122,14 +136,67 @@ class MainScreen(Screen[None]):
         compose = self.query_one(ComposeArea)
         compose.cursor_blink = self.app.cursor_blink
         compose.focus()
+        self.show_profiles()
         self._show_status()
         self._load()
+
+    # ---- profiles -------------------------------------------------------------------------------
+
+    @property
+    def in_view(self) -> bool:
+        """This screen's profile is the one shown (several may be open: see ``KluisApp``)."""
+        return self.app.profile == self.profile
+
+    def _notify(
+        self, message: str, *, title: str = "", severity: SeverityLevel = "information"
+    ) -> None:
+        """A toast of this profile: kept until it is shown when another profile is."""
+        if self.in_view:
+            self.app.notify(message, title=title, severity=severity)
+        else:
+            self._toasts.append((message, title, severity))
+
+    def on_screen_resume(self) -> None:
+        if not self.is_mounted or not self.in_view:
+            return
+        toasts, self._toasts = self._toasts, []
+        for message, title, severity in toasts:
+            self.app.notify(message, title=title, severity=severity)
+        alarms, self._alarms = self._alarms, []
+        for alarm in alarms:
+            self.app.push_screen(AlarmScreen(alarm))
+        conversation = self.book.open_id
+        row = self.book.get(conversation) if conversation else None
+        if conversation is not None and row is not None and row.unread:
+            self.open_conversation(conversation)  # what came meanwhile is read now
+
+    def show_profiles(self) -> None:
+        """The heading: every open profile, this one marked, the others' unread counts."""
+        tabs = self.app.profile_tabs()
+        try:
+            heading = self.query_one("#profiles", Static)
+        except NoMatches:  # installed, not composed yet: on_mount draws it
+            return
+        if len(tabs) < 2:
+            heading.update(Text("Conversations", style="bold"))
+            return
+        text = Text(no_wrap=True, overflow="ellipsis")
+        for index, tab in enumerate(tabs):
+            if index:
+                text.append(" │ ", style="dim")
+            mine = tab.current
+            style = "bold reverse" if mine else ("dim italic" if tab.locked else "bold")
+            text.append_text(safe_line(tab.name[:10], style))
+            if tab.unread and not mine:
+                text.append(f" ({tab.unread})", style="bold yellow")
+        text.append("  F8", style="dim")
+        heading.update(text)
 
     # ---- loading and events ---------------------------------------------------------------------
 
     @work(exclusive=True, group="load")
     async def _load(self) -> None:
-        backend = self.app.backend_required
+        backend = self.backend
         history = await backend.history()
         groups = await backend.groups()
         quarantined = await backend.quarantined()
@@ -137,7 +204,7 @@ class MainScreen(Screen[None]):
         self.expiry_notice = await backend.renewal_notice()
         if self.expiry_notice:
             self.book.notice(Notice(self.app.now(), "operator", self.expiry_notice))
-            self.app.notify(self.expiry_notice, title="Subscription", severity="warning")
+            self._notify(self.expiry_notice, title="Subscription", severity="warning")
             self._show_status()
         if quarantined:
             self.book.notice(
@@ -176,17 +243,17 @@ class MainScreen(Screen[None]):
                 self.status_detail = f"{reason} · reconnecting in {delay:.1f}s"
                 self._show_status()
             case MessageReceived(message=m):
-                self.book.add(m)
+                self.book.add(m, seen=self.in_view)
                 if is_group_id(m.conversation):
                     self._reload_groups()
                 if m.kind == "timer":
                     self._reload_timers()
                 if m.conversation == self.book.open_id:
                     self._show_message(m)
-                    if m.conversation != OPERATOR:
+                    if m.conversation != OPERATOR and self.in_view:
                         self._mark_read(m.conversation)
                 if m.sender == OPERATOR:
-                    self.app.notify(
+                    self._notify(
                         safe_line(m.text).plain, title=OPERATOR_TITLE, severity="information"
                     )
                 self._refresh_list()
@@ -201,6 +268,7 @@ class MainScreen(Screen[None]):
                 self._refresh_list()
                 self._refresh_chat()
             case MessagesExpired():
+                self.previews.clear()  # no picture outlives its message; the rest reload
                 self._refresh_chat()
             case Undecryptable(code=code, reason=reason, sender=sender, device=device):
                 text = f"unreadable message ({code}): {reason}"
@@ -211,7 +279,7 @@ class MainScreen(Screen[None]):
                 self.book.notice(notice)
                 if self.book.open_id == UNREADABLE:
                     self.query_one(ChatLog).add_notice(notice, self.app.now(), self.app.tz)
-                self.app.notify(
+                self._notify(
                     safe_line(notice.text).plain, title="Unreadable message", severity="warning"
                 )
                 self._refresh_list()
@@ -220,7 +288,10 @@ class MainScreen(Screen[None]):
                 self.book.notice(Notice(self.app.now(), "alarm", alarm))
                 self._show_status()
                 self.app.bell()
-                self.app.push_screen(AlarmScreen(alarm))
+                if self.in_view:
+                    self.app.push_screen(AlarmScreen(alarm))
+                else:
+                    self._alarms.append(alarm)  # shown when this profile is
 
     @work(group="verification")
     async def _check_verification(self, peers: list[str]) -> None:
@@ -228,13 +299,13 @@ class MainScreen(Screen[None]):
         changed = False
         for peer in peers:
             try:
-                status, _ = await self.app.backend_required.verification_status(peer)
+                status, _ = await self.backend.verification_status(peer)
             except KluisError:
                 continue
             changed |= self.book.set_verification(peer, _MARKS[status])
         if changed:
             self._refresh_list()
-            self._refresh_title()
+            self._refresh_chat()  # the title's mark, and previews a verified sender allows
 
     def _redraw_receipts(self) -> None:
         self._receipts_due = False
@@ -242,7 +313,7 @@ class MainScreen(Screen[None]):
 
     @work(group="timers")
     async def _reload_timers(self) -> None:
-        timers = await self.app.backend_required.timers()
+        timers = await self.backend.timers()
         changed = False
         for row in self.book.rows():
             changed |= self.book.set_timer(row.id, timers.get(row.id, 0))
@@ -253,23 +324,23 @@ class MainScreen(Screen[None]):
     @work(group="outbox")
     async def _outbox_refused(self) -> None:
         """Messages of the outbox the server refused on reconnection: dropped, and said."""
-        for conversation, why in await self.app.backend_required.outbox_refused():
+        for conversation, why in await self.backend.outbox_refused():
             text = f"not sent, dropped from the outbox: to {self.book.title(conversation)}: {why}"
             notice = Notice(self.app.now(), "alarm", text, conversation)
             self.book.notice(notice)
             if conversation == self.book.open_id:
                 self.query_one(ChatLog).add_notice(notice, self.app.now(), self.app.tz)
-            self.app.notify(safe_line(text).plain, title="Not sent", severity="error")
+            self._notify(safe_line(text).plain, title="Not sent", severity="error")
 
     @work(group="read")
     async def _mark_read(self, conversation: str) -> None:
         """Read receipts for what the user now sees (the client sends them when connected)."""
         with contextlib.suppress(KluisError):  # a courtesy: it must not disturb the chat
-            await self.app.backend_required.mark_read(conversation)
+            await self.backend.mark_read(conversation)
 
     @work(group="groups")
     async def _reload_groups(self) -> None:
-        for group in await self.app.backend_required.groups():
+        for group in await self.backend.groups():
             self.book.update_group(group)
         self._refresh_list()
         self._refresh_title()
@@ -282,12 +353,58 @@ class MainScreen(Screen[None]):
         )
 
     def _show_message(self, m: Message) -> None:
-        self.query_one(ChatLog).add_message(
-            m, self.book.me, self.app.now(), self.app.tz, self.book.name(m.sender)
-        )
+        log = self.query_one(ChatLog)
+        log.add_message(m, self.book.me, self.app.now(), self.app.tz, self.book.name(m.sender))
+        if m.attachment is not None and is_image(m.attachment):
+            log.add_preview(self._preview(m, m.attachment))
+
+    def _may_preview(self, m: Message) -> bool:
+        """Images of ours, of verified contacts, or of a conversation the user opened them in
+        (F5): a stranger's file is not fetched, nor decoded, unless asked for."""
+        if m.sender == self.book.me or m.conversation in self.images_opened:
+            return True
+        row = self.book.get(m.sender)
+        return row is not None and row.verification == "verified"
+
+    def _preview(self, m: Message, ref: AttachmentRef) -> Text:
+        state = self.previews.get(ref.id)
+        if state is None:
+            if not self._may_preview(m):
+                return Text("image: unverified sender · F5 shows it", "dim")
+            self.previews[ref.id] = state = LOADING
+            self._load_preview(ref, m.conversation)
+        if isinstance(state, Preview):
+            return state.text
+        if state == LOADING:
+            return Text("loading the preview…", style="dim italic")
+        return safe_line(f"image not shown: {state}", "bold red")
+
+    @work(group="previews")
+    async def _load_preview(self, ref: AttachmentRef, conversation: str) -> None:
+        """Fetch the image (the client's thread) and decode it (a thread of its own)."""
+        try:
+            data = await self.backend.attachment_bytes(ref, MAX_IMAGE_BYTES)
+            self.previews[ref.id] = await asyncio.to_thread(render_preview, data)
+        except KluisError as exc:
+            self.previews[ref.id] = f"{exc.message} ({exc.code})"
+        if conversation == self.book.open_id:
+            self._fill_chat()
+
+    def action_show_images(self) -> None:
+        """Preview the images of the open conversation, whoever sent them (F5); previews that
+        failed (offline, say) are tried again."""
+        conversation = self.book.open_id
+        if conversation is None:
+            return
+        self.images_opened.add(conversation)
+        for blob, state in list(self.previews.items()):
+            if isinstance(state, str) and state != LOADING:
+                del self.previews[blob]
+        self._fill_chat()
 
     def _refresh_list(self) -> None:
         self.query_one(ConversationList).show(self.book.rows(), self.book.open_id)
+        self.app.profiles_changed()
 
     def _refresh_title(self) -> None:
         title = self.query_one("#chat-title", Static)
@@ -327,7 +444,7 @@ class MainScreen(Screen[None]):
                 if notice.kind == "unreadable":
                     log.add_notice(notice, self.app.now(), self.app.tz)
             return
-        messages = await self.app.backend_required.history(conversation)
+        messages = await self.backend.history(conversation)
         if conversation != self.book.open_id:
             return
         log.reset()
@@ -383,7 +500,7 @@ class MainScreen(Screen[None]):
     def _on_compose_submitted(self, event: ComposeArea.Submitted) -> None:
         conversation = self.book.open_id
         if conversation is None or conversation == UNREADABLE:
-            self.app.notify("open a conversation first (Ctrl+N)", severity="warning")
+            self._notify("open a conversation first (Ctrl+N)", severity="warning")
             return
         if conversation in self.key_warnings:
             self._warn(self.key_warnings[conversation])
@@ -394,11 +511,11 @@ class MainScreen(Screen[None]):
     @work(group="send")
     async def _send(self, conversation: str, text: str) -> None:
         try:
-            sent = await self.app.backend_required.send(conversation, text)
+            sent = await self.backend.send(conversation, text)
         except NotSent:
             # The client kept it, encrypted, in the outbox and sends it on reconnection:
             # giving the text back would send it twice.
-            self.app.notify(
+            self._notify(
                 "kept in the outbox: it goes when the connection is back",
                 title="Not sent yet",
                 severity="warning",
@@ -413,7 +530,7 @@ class MainScreen(Screen[None]):
             if isinstance(exc, VerificationBroken | UntrustedDevice):
                 await self._key_changed(conversation, exc)
             else:
-                self.app.notify(safe_line(str(exc)).plain, title="Not sent", severity="error")
+                self._notify(safe_line(str(exc)).plain, title="Not sent", severity="error")
             return
         self.book.add(sent)
         if conversation == self.book.open_id:
@@ -431,7 +548,7 @@ class MainScreen(Screen[None]):
         detail = exc.message
         if kind == "broken":
             try:
-                status, reason = await self.app.backend_required.verification_status(account)
+                status, reason = await self.backend.verification_status(account)
             except KluisError:
                 status, reason = Status.BROKEN, ""
             detail = reason or detail
@@ -485,11 +602,11 @@ class MainScreen(Screen[None]):
 
     @work(group="groups")
     async def _create_group(self, name: str, members: list[str]) -> None:
-        self.app.notify(f"creating group with {len(members)} member(s)…")
+        self._notify(f"creating group with {len(members)} member(s)…")
         try:
-            group = await self.app.backend_required.create_group(name, members)
+            group = await self.backend.create_group(name, members)
         except KluisError as exc:
-            self.app.notify(safe_line(str(exc)).plain, title="No group", severity="error")
+            self._notify(safe_line(str(exc)).plain, title="No group", severity="error")
             return
         self.book.update_group(group)
         self.open_conversation(group.id)
@@ -498,7 +615,7 @@ class MainScreen(Screen[None]):
     def action_members(self) -> None:
         row = self.book.get(self.book.open_id or "")
         if row is None or not row.is_group:
-            self.app.notify("the open conversation is not a group", severity="warning")
+            self._notify("the open conversation is not a group", severity="warning")
             return
 
         def chosen(result: object) -> None:
@@ -513,22 +630,22 @@ class MainScreen(Screen[None]):
         self, group: str, action: GroupAction, accounts: list[str], name: str | None
     ) -> None:
         try:
-            state = await self.app.backend_required.change_group(group, action, accounts, name)
+            state = await self.backend.change_group(group, action, accounts, name)
         except KluisError as exc:
-            self.app.notify(safe_line(str(exc)).plain, title="Group not changed", severity="error")
+            self._notify(safe_line(str(exc)).plain, title="Group not changed", severity="error")
             return
         self.book.update_group(state)
         self._refresh_list()
         if group == self.book.open_id:
             self._refresh_chat()  # the change's line, and the title
         if action == "leave":
-            self.app.notify(safe_line(f"you left {state.name}").plain, title="Group")
+            self._notify(safe_line(f"you left {state.name}").plain, title="Group")
 
     def action_nickname(self) -> None:
         """Name the open conversation's peer (F3); an empty name goes back to the ID."""
         conversation = self.book.open_id or ""
         if not is_person(conversation):
-            self.app.notify("open a conversation with a person to name them", severity="warning")
+            self._notify("open a conversation with a person to name them", severity="warning")
             return
 
         def named(name: object) -> None:
@@ -541,9 +658,9 @@ class MainScreen(Screen[None]):
     @work(group="contacts")
     async def _set_nickname(self, account: str, name: str) -> None:
         try:
-            await self.app.backend_required.set_contact(account, name)
+            await self.backend.set_contact(account, name)
         except KluisError as exc:
-            self.app.notify(safe_line(str(exc)).plain, title="Not named", severity="error")
+            self._notify(safe_line(str(exc)).plain, title="Not named", severity="error")
             return
         self.book.set_nickname(account, name)
         self._refresh_list()
@@ -554,7 +671,7 @@ class MainScreen(Screen[None]):
         conversation = self.book.open_id or ""
         row = self.book.get(conversation)
         if row is None or conversation in (UNREADABLE, OPERATOR):
-            self.app.notify("open a conversation first", severity="warning")
+            self._notify("open a conversation first", severity="warning")
             return
 
         def chosen(seconds: object) -> None:
@@ -566,9 +683,9 @@ class MainScreen(Screen[None]):
     @work(group="timers")
     async def _set_timer(self, conversation: str, seconds: int) -> None:
         try:
-            line = await self.app.backend_required.set_timer(conversation, seconds)
+            line = await self.backend.set_timer(conversation, seconds)
         except KluisError as exc:
-            self.app.notify(safe_line(str(exc)).plain, title="Timer not set", severity="error")
+            self._notify(safe_line(str(exc)).plain, title="Timer not set", severity="error")
             return
         self.book.set_timer(conversation, seconds)
         self.book.add(line)
@@ -582,7 +699,7 @@ class MainScreen(Screen[None]):
     def _chat_with_someone(self) -> str | None:
         conversation = self.book.open_id
         if conversation is None or conversation in (UNREADABLE, OPERATOR):
-            self.app.notify("open a conversation first", severity="warning")
+            self._notify("open a conversation first", severity="warning")
             return None
         return conversation
 
@@ -614,11 +731,11 @@ class MainScreen(Screen[None]):
     @work(group="files")
     async def _send_file(self, conversation: str, path: Path, caption: str) -> None:
         try:
-            sent = await self.app.backend_required.send_file(
+            sent = await self.backend.send_file(
                 conversation, path, caption, self._progress(f"↑ {path.name}")
             )
         except (KluisError, OSError) as exc:
-            self.app.notify(safe_line(str(exc)).plain, title="File not sent", severity="error")
+            self._notify(safe_line(str(exc)).plain, title="File not sent", severity="error")
             return
         finally:
             self.post_message(TransferProgress("", 0, 0, finished=True))
@@ -636,7 +753,7 @@ class MainScreen(Screen[None]):
 
     @work(group="files")
     async def _pick_file(self, conversation: str) -> None:
-        messages = await self.app.backend_required.history(conversation)
+        messages = await self.backend.history(conversation)
 
         def chosen(result: object) -> None:
             if isinstance(result, tuple):
@@ -648,15 +765,15 @@ class MainScreen(Screen[None]):
     @work(group="files")
     async def _save_file(self, ref: AttachmentRef, folder: Path) -> None:
         try:
-            path = await self.app.backend_required.save_file(
+            path = await self.backend.save_file(
                 ref, folder, self._progress(f"↓ {ref.name or 'file'}")
             )
         except (KluisError, OSError) as exc:
-            self.app.notify(safe_line(str(exc)).plain, title="Not saved", severity="error")
+            self._notify(safe_line(str(exc)).plain, title="Not saved", severity="error")
             return
         finally:
             self.post_message(TransferProgress("", 0, 0, finished=True))
-        self.app.notify(safe_line(f"saved {path}").plain, title="File saved")
+        self._notify(safe_line(f"saved {path}").plain, title="File saved")
 
     def action_search(self) -> None:
         """Search the local history (Ctrl+F): conversations and messages."""

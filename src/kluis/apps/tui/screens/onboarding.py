@@ -33,6 +33,10 @@ class OnboardingScreen(Screen[None]):
 
     app: KluisApp
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.profile = self.app.profile  # fixed: another profile may be shown meanwhile (F8)
+
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="onboarding", classes="form"):
             yield Static(Text("Welcome to Kluis", style="bold"), classes="title")
@@ -110,7 +114,7 @@ class OnboardingScreen(Screen[None]):
             backend = await ClientBackend.register(
                 server,
                 licence,
-                app.profile,
+                self.profile,
                 passphrase,
                 transport_factory=app.transport_factory,
                 kdf=app.kdf,
@@ -121,7 +125,7 @@ class OnboardingScreen(Screen[None]):
             self.query_one("#register", Button).disabled = False
             self._fail(_error_text(exc))
             return
-        app.enter_main(backend, show_id=True)
+        app.enter_main(backend, show_id=True, profile=self.profile)
 
 
 class UnlockScreen(Screen[None]):
@@ -129,10 +133,14 @@ class UnlockScreen(Screen[None]):
 
     app: KluisApp
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.profile = self.app.profile  # fixed: another profile may be shown meanwhile (F8)
+
     def compose(self) -> ComposeResult:
         with Center(), Vertical(id="unlock", classes="form"):
             yield Static(Text("Kluis is locked", style="bold"), classes="title")
-            yield Label(safe_line(f"Profile: {self.app.profile}"))
+            yield Label(safe_line(f"Profile: {self.profile}"))
             yield Label("Passphrase")
             yield Input(id="passphrase", password=True)
             yield Static(id="error")
@@ -154,7 +162,7 @@ class UnlockScreen(Screen[None]):
         app = self.app
         try:
             backend = await ClientBackend.unlock(
-                app.profile,
+                self.profile,
                 passphrase,
                 transport_factory=app.transport_factory,
                 backoff_base=app.backoff_base,
@@ -167,7 +175,7 @@ class UnlockScreen(Screen[None]):
         except Exception as exc:
             self.query_one("#error", Static).update(_error_text(exc))
             return
-        app.enter_main(backend)
+        app.enter_main(backend, profile=self.profile)
 
 
 class IdScreen(ModalScreen[None]):

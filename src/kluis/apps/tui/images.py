@@ -1,0 +1,122 @@
+"""Inline image previews: a peer's image decoded under limits and drawn with half blocks.
+
+Theory of operation: the bytes of a received image come from a peer, so they are treated as
+hostile. :func:`render_preview` (run in a worker thread, never on the UI's loop) refuses them
+with :class:`~kluis.errors.BadImage` unless every limit holds: at most
+:data:`MAX_IMAGE_BYTES` before anything is decoded, a format of :data:`FORMATS` only (Pillow
+is told to try no other decoder), at most :data:`MAX_PIXELS` pixels read from the header
+before the pixel data is decoded (below Pillow's own ``Image.MAX_IMAGE_PIXELS``, whose bomb
+check also applies), and only the first frame of an animation. What passes is scaled to fit
+``cols`` x ``rows`` cells and drawn as "▀" characters, the top pixel the foreground and the
+bottom one the background, which any colour terminal shows (the kitty and sixel protocols are
+left for later: Textual's own drawing owns the screen). Pillow is imported here only.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, UnidentifiedImageError
+from rich.style import Style
+from rich.text import Text
+
+from kluis.errors import BadImage
+from kluis.protocol.attachment import AttachmentRef
+
+__all__ = [
+    "FORMATS",
+    "MAX_IMAGE_BYTES",
+    "MAX_PIXELS",
+    "Preview",
+    "is_image",
+    "render_preview",
+]
+
+MAX_IMAGE_BYTES = 8 * 1024 * 1024  # fetched for a preview at most; bigger ones are saved
+MAX_PIXELS = min(24_000_000, Image.MAX_IMAGE_PIXELS or 24_000_000)  # about 6000 x 4000
+# Pillow's own bomb check, at open: a warning over MAX_IMAGE_PIXELS, an error over twice that.
+# Both become errors here (a warning printed over a full-screen app, and the decode going on,
+# are what must not happen); the filter names Pillow's category only.
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+_BOMB = (Image.DecompressionBombError, Image.DecompressionBombWarning)
+FORMATS = ("PNG", "JPEG", "GIF", "WEBP")
+_MIMES = {"image/png", "image/jpeg", "image/gif", "image/webp"}
+_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp")
+PREVIEW_COLS = 40
+PREVIEW_ROWS = 10
+_BACKDROP = (40, 40, 40)  # behind transparent pixels
+
+
+def is_image(ref: AttachmentRef) -> bool:
+    """Whether ``ref`` claims to be an image we preview (the sender's claim: the decoder checks
+    the format again)."""
+    return ref.mime.lower() in _MIMES or (ref.name or "").lower().endswith(_SUFFIXES)
+
+
+@dataclass(frozen=True, slots=True)
+class Preview:
+    """A drawn preview: ``text`` is ``rows`` lines of ``cols`` half blocks."""
+
+    text: Text
+    width: int  # of the image, in pixels
+    height: int
+    format: str
+
+
+def _decode(data: bytes, cols: int, rows: int) -> tuple[Image.Image, tuple[int, int], str]:
+    if len(data) > MAX_IMAGE_BYTES:
+        raise BadImage(f"too large: {len(data)} bytes (at most {MAX_IMAGE_BYTES})")
+    try:
+        image = Image.open(io.BytesIO(data), formats=FORMATS)  # reads the header only
+    except UnidentifiedImageError as exc:
+        raise BadImage("not a PNG, JPEG, GIF or WebP image") from exc
+    except _BOMB as exc:
+        raise BadImage(f"too large: {exc}") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise BadImage(f"malformed image: {exc}") from exc
+    size, kind = image.size, image.format or ""
+    width, height = size
+    if width < 1 or height < 1 or width * height > MAX_PIXELS:
+        raise BadImage(f"too large: {width}x{height} pixels (at most {MAX_PIXELS})")
+    try:
+        image.seek(0)  # the first frame only
+        image.draft("RGB", (cols, rows * 2))  # JPEG: decode at a reduced scale
+        image.load()
+        image.thumbnail((cols, rows * 2))
+        if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+            rgba = image.convert("RGBA")
+            flat = Image.new("RGB", rgba.size, _BACKDROP)
+            flat.paste(rgba, mask=rgba.getchannel("A"))
+            return flat, size, kind
+        return image.convert("RGB"), size, kind
+    except _BOMB as exc:
+        raise BadImage(f"too large: {exc}") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise BadImage(f"malformed image: {exc}") from exc
+
+
+def render_preview(data: bytes, cols: int = PREVIEW_COLS, rows: int = PREVIEW_ROWS) -> Preview:
+    """Decode ``data`` under the limits above and draw it in at most ``cols`` x ``rows`` cells;
+    :class:`~kluis.errors.BadImage` says why not. Blocking: call it from a worker thread."""
+    image, original, kind = _decode(data, cols, rows)
+    width, height = image.size
+    pixels = image.load()
+    assert pixels is not None
+    lines: list[Text] = []
+    for top in range(0, height, 2):
+        line = Text(no_wrap=True, overflow="crop")
+        for x in range(width):
+            upper = _rgb(pixels[x, top])
+            lower = _rgb(pixels[x, top + 1]) if top + 1 < height else _BACKDROP
+            line.append("▀", Style(color=f"rgb{upper}", bgcolor=f"rgb{lower}"))
+        lines.append(line)
+    return Preview(Text("\n").join(lines), original[0], original[1], kind)
+
+
+def _rgb(value: object) -> tuple[int, int, int]:
+    assert isinstance(value, tuple)
+    red, green, blue = value[:3]
+    return (int(red), int(green), int(blue))
