@@ -483,15 +483,16 @@ class KluisClient:
 
     # ---- sending ------------------------------------------------------------------------------
 
-    async def send(self, conversation: str, text: str) -> Message:
+    async def send(self, conversation: str, text: str, *, reply_to: bytes = b"") -> Message:
         """Encrypt to every device of the conversation's accounts and to our other devices, in
-        one request; return once the server stored it all.
+        one request; return once the server stored it all. ``reply_to`` (a message ID of the
+        same conversation, see :meth:`quoted`) makes it a reply; UnknownReply otherwise.
 
         When the server cannot be reached (a TransportError), the message is kept in the
         outbox and :class:`NotSent` is raised: the next connect() sends it (see ``outbox.py``).
         What waits in the outbox goes before it."""
         self.sweep()
-        payload = self._new_message(conversation, text)
+        payload = self._new_message(conversation, text, reply_to)
         try:
             await self.flush_outbox()
             await self._deliver(payload)
@@ -506,7 +507,9 @@ class KluisClient:
             await self.flush_receipts()
         return sent
 
-    def _new_message(self, conversation: str, text: str) -> Text | GroupText:
+    def _new_message(
+        self, conversation: str, text: str, reply_to: bytes = b""
+    ) -> Text | GroupText:
         if len(text.encode()) > MAX_TEXT_BYTES:
             raise LocalProtocolError(
                 f"a message holds at most {MAX_TEXT_BYTES:,} bytes of text"
@@ -514,8 +517,8 @@ class KluisClient:
             )
         if is_group_id(conversation):
             self.core.groups.current(conversation)  # refuses a group we are not in
-            return self.core.new_group_text(conversation, text)
-        return self.core.new_text(conversation, text)
+            return self.core.new_group_text(conversation, text, reply_to)
+        return self.core.new_text(conversation, text, reply_to)
 
     async def _deliver(self, payload: Text | GroupText) -> None:
         if isinstance(payload, GroupText):
@@ -524,11 +527,17 @@ class KluisClient:
             # The same payload goes to our own other devices: they file it under ``to``.
             await self._send_payloads({payload.to: payload, self.account_id: payload})
 
-    def keep(self, conversation: str, text: str) -> None:
+    def keep(self, conversation: str, text: str, *, reply_to: bytes = b"") -> None:
         """Put a new message straight into the outbox, offline (the server could not be
         reached at all); the next connect() sends it."""
         self.sweep()
-        self.core.outbox.keep(self._new_message(conversation, text), int(time.time() * 1000))
+        payload = self._new_message(conversation, text, reply_to)
+        self.core.outbox.keep(payload, int(time.time() * 1000))
+
+    def quoted(self, message: Message) -> Message | None:
+        """The message ``message`` replies to, from this device's history of the same
+        conversation only; None: not a reply, or a message we do not have."""
+        return self.core.quoted(message)
 
     def outbox(self) -> list[Pending]:
         """What waits to be sent, oldest first."""
@@ -643,10 +652,10 @@ class KluisClient:
         await self._send_payloads({account: update for account in {*audience, self.account_id}})
         return state
 
-    async def send_group(self, group: str, text: str) -> Message:
+    async def send_group(self, group: str, text: str, *, reply_to: bytes = b"") -> Message:
         """One request: ``text`` encrypted once with our group session and sealed for every
         member device; devices that lack our session key get it over Olm first."""
-        payload = self.core.new_group_text(group, text)
+        payload = self.core.new_group_text(group, text, reply_to)
         await self._send_group_payload(group, payload)
         return self.core.record_sent(payload)
 
