@@ -7,6 +7,7 @@ nothing of it."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -47,7 +48,10 @@ def test_an_oversized_reply_id_is_refused_by_the_decoder() -> None:
 @BUDGET
 @given(
     kind=st.sampled_from(["text", "group_text"]),
-    reply_to=st.binary(max_size=64) | st.text(max_size=20) | st.integers() | st.none(),
+    reply_to=st.binary(max_size=64)
+    | st.text(max_size=20)
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.none(),
 )
 def test_reply_field_of_any_shape_decodes_or_fails_typed(kind: str, reply_to: object) -> None:
     raw = _enc.encode({"kind": kind, "id": b"1" * 16, "ts": 1, "reply_to": reply_to})
@@ -117,3 +121,19 @@ async def test_a_reply_to_another_conversations_message_reveals_nothing(
     assert alice.core.find_message(bob.account_id, secret.id) is not None
     for c in (alice, bob, carol):
         await c.close()
+
+
+def test_a_reply_line_says_when_the_quote_is_missing_and_escapes_it() -> None:
+    from datetime import UTC, datetime
+
+    from kluis.apps.cli import message_json, message_line
+    from kluis.client.records import Message
+
+    when = datetime(2026, 1, 2, tzinfo=UTC)
+    reply = Message("b" * 16, "b" * 16, when, "ok", id=b"\x02" * 16, reply_to=b"\xab" * 16)
+    line = message_line(reply)
+    assert line.split("\t")[2] == "[reply to abababab: a message you do not have] ok"
+    assert json.loads(message_json(reply))["quote"] is None
+    quote = Message("a" * 16, "b" * 16, when, "x\u202e" + "y" * 50)
+    shown = message_line(reply, quote=quote).split("\t")[2]
+    assert shown == "[reply to abababab: x\\u202e" + "y" * 39 + "…] ok"

@@ -507,9 +507,7 @@ class KluisClient:
             await self.flush_receipts()
         return sent
 
-    def _new_message(
-        self, conversation: str, text: str, reply_to: bytes = b""
-    ) -> Text | GroupText:
+    def _new_message(self, conversation: str, text: str, reply_to: bytes = b"") -> Text | GroupText:
         if len(text.encode()) > MAX_TEXT_BYTES:
             raise LocalProtocolError(
                 f"a message holds at most {MAX_TEXT_BYTES:,} bytes of text"
