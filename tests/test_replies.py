@@ -136,4 +136,4 @@ def test_a_reply_line_says_when_the_quote_is_missing_and_escapes_it() -> None:
     assert json.loads(message_json(reply))["quote"] is None
     quote = Message("a" * 16, "b" * 16, when, "x\u202e" + "y" * 50)
     shown = message_line(reply, quote=quote).split("\t")[2]
-    assert shown == "[reply to abababab: x\\u202e" + "y" * 39 + "…] ok"
+    assert shown == "[reply to abababab: x\\u202e" + "y" * 38 + "…] ok"  # 40 characters in all
