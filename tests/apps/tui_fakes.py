@@ -78,6 +78,7 @@ class FakeBackend:
         self._quarantined = quarantined
         self.post: Post | None = None
         self.sent: list[tuple[str, str]] = []
+        self.replies: list[bytes] = []  # the reply_to of each send, in order
         self.closed = False
         self.statuses: dict[str, tuple[Status, str]] = {}
         self.refuse: Exception | None = None  # raised by send, when set
@@ -96,11 +97,13 @@ class FakeBackend:
     async def quarantined(self) -> int:
         return self._quarantined
 
-    async def send(self, conversation: str, text: str) -> Message:
+    async def send(self, conversation: str, text: str, reply_to: bytes = b"") -> Message:
         if self.refuse is not None:
             raise self.refuse
         self.sent.append((conversation, text))
-        message = Message(ME, conversation, NOW, text)
+        self.replies.append(reply_to)
+        sent_id = f"sent{len(self.sent)}".encode().ljust(16, b".")
+        message = Message(ME, conversation, NOW, text, id=sent_id, reply_to=reply_to)
         self.messages.append(message)
         return message
 

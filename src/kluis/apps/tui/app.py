@@ -42,6 +42,7 @@ Screen { layers: base overlay; }
 #chat { width: 1fr; }
 #log { height: 1fr; padding: 0 1; scrollbar-size-vertical: 1; }
 #compose { height: 4; border: round $primary; }
+#reply-bar { height: 1; padding: 0 1; display: none; background: $boost; }
 #compose:focus { border: round $accent; }
 #status { height: 1; padding: 0 1; background: $panel; }
 .form { width: 72; max-width: 100%; height: auto; max-height: 100%; padding: 1 2;

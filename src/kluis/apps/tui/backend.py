@@ -86,7 +86,8 @@ class Backend(Protocol):
 
     async def quarantined(self) -> int: ...
 
-    async def send(self, conversation: str, text: str) -> Message: ...
+    async def send(self, conversation: str, text: str, reply_to: bytes = b"") -> Message:
+        """Send ``text``; ``reply_to``: the ID of the message of ``conversation`` it quotes."""
 
     async def create_group(self, name: str, members: list[str]) -> GroupState: ...
 
@@ -245,13 +246,13 @@ class ClientBackend:
     async def quarantined(self) -> int:
         return await self._run(lambda: _value(self._client.quarantined))
 
-    async def send(self, conversation: str, text: str) -> Message:
+    async def send(self, conversation: str, text: str, reply_to: bytes = b"") -> Message:
         async def send_() -> Message:
             if not self._client.connected:
                 # offline: into the outbox, encrypted; the pump's next connect() sends it
-                self._client.keep(conversation, text)
+                self._client.keep(conversation, text, reply_to=reply_to)
                 raise NotSent("kept in the outbox: offline")
-            return await self._client.send(conversation, text)
+            return await self._client.send(conversation, text, reply_to=reply_to)
 
         try:
             return await self._run(send_)

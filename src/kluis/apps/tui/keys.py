@@ -65,6 +65,9 @@ ACTIONS: tuple[Action, ...] = (
     Action("attach", "ctrl+o", "send a file"),
     Action("save_file", "ctrl+s", "save a received file"),
     Action("show_id", "ctrl+y", "your ID and its QR code"),
+    Action("select_previous", "ctrl+up", "choose an earlier"),
+    Action("select_next", "ctrl+down", "later message"),
+    Action("reply", "f5", "reply to it (else to the last); Esc cancels"),
     Action("toggle_dark_theme", "ctrl+t", "light / dark theme"),
     Action("help", "question_mark", "this help (F1 too)"),
 )
@@ -197,6 +200,22 @@ def load_keymap(paths: list[Path]) -> dict[str, str]:
     return keymap
 
 
+_PAIRED = {"select_previous": "select_next"}  # shown on one row of the help: "A / B"
+
+
 def active_keys(keymap: Mapping[str, str]) -> list[tuple[str, str]]:
-    """(keys as shown, description) of every action, with the keymap applied."""
-    return [(display_keys(keymap.get(a.id, a.keys)), a.description) for a in ACTIONS]
+    """(keys as shown, description) of every action, with the keymap applied; an action of
+    :data:`_PAIRED` shares its row with its pair."""
+    rows = []
+    paired = set(_PAIRED.values())
+    for a in ACTIONS:
+        if a.id in paired:
+            continue
+        keys = display_keys(keymap.get(a.id, a.keys))
+        description = a.description
+        if a.id in _PAIRED:
+            other = BY_ID[_PAIRED[a.id]]
+            keys += " / " + display_keys(keymap.get(other.id, other.keys))
+            description += " / " + other.description
+        rows.append((keys, description))
+    return rows

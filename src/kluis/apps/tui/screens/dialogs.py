@@ -206,14 +206,13 @@ class HelpScreen(_Dialog):
         for keys, what in [*FIXED_KEYS[:3], *active_keys(keymap), *FIXED_KEYS[3:]]:
             table.add_row(keys, what)
         with VerticalScroll(classes="dialog", id="help"):
-            yield Static(Text("Keys", style="bold"))
+            # where keys are set goes first: the list below may need scrolling at 80x24
+            title = Text("Keys", style="bold")
+            title.append(f"  (set in {KEYS_FILE}: the profile's or ~/.config/kluis/)", "dim")
+            yield Static(title)
             yield Static(table)
             yield Static(MARKS, classes="hint")
-            yield Static(
-                "Others' control characters show escaped: \\x1b, \\u202e. "
-                f"Keys: {KEYS_FILE} in the profile or ~/.config/kluis/",
-                classes="hint",
-            )
+            yield Static("Others' control characters show escaped: \\x1b, \\u202e.", classes="hint")
 
 
 class AlarmScreen(_Dialog):

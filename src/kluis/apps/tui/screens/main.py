@@ -42,7 +42,14 @@ from kluis.apps.tui.screens.dialogs import (
     NewGroupScreen,
 )
 from kluis.apps.tui.screens.files import AttachScreen, SaveScreen, TransferBar, TransferProgress
-from kluis.apps.tui.widgets import ChatLog, ComposeArea, ConversationList, StatusLine
+from kluis.apps.tui.widgets import (
+    ChatLog,
+    ComposeArea,
+    ConversationList,
+    StatusLine,
+    message_key,
+    quote_line,
+)
 from kluis.client.events import (
     ContactChanged,
     DeviceAlarm,
@@ -90,6 +97,12 @@ class MainScreen(Screen[None]):
         Binding("ctrl+o", "attach", "File", id="attach", priority=True),
         Binding("ctrl+s", "save_file", "Save", id="save_file", priority=True, show=False),
         Binding("ctrl+y", "show_id", "My ID", id="show_id", priority=True, show=False),
+        Binding(
+            "ctrl+up", "select_previous", "Select", id="select_previous", priority=True, show=False
+        ),
+        Binding("ctrl+down", "select_next", "Select", id="select_next", priority=True, show=False),
+        Binding("f5", "reply", "Reply", id="reply", priority=True, show=False),
+        Binding("escape", "cancel_reply", "Cancel reply", show=False),
     ]
 
     def __init__(self) -> None:
@@ -104,6 +117,10 @@ class MainScreen(Screen[None]):
         # conversations whose last send was refused for a key change, until acknowledged:
         # the compose box takes no input for them meanwhile
         self.key_warnings: dict[str, KeyWarning] = {}
+        # replies: the message chosen in the chat view (Ctrl+Up/Down), and the one the next
+        # send quotes (F5); both belong to the open conversation and go when it changes
+        self.selected: Message | None = None
+        self.reply_to: Message | None = None
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="body"):
@@ -114,6 +131,7 @@ class MainScreen(Screen[None]):
                 yield Static(id="chat-title", classes="heading")
                 yield ChatLog(id="log")
                 yield TransferBar(id="transfer")
+                yield Static(id="reply-bar")
                 yield ComposeArea(id="compose", placeholder="Write a message · Enter sends")
         yield StatusLine(id="status")
         yield Footer()
@@ -282,9 +300,15 @@ class MainScreen(Screen[None]):
         )
 
     def _show_message(self, m: Message) -> None:
-        self.query_one(ChatLog).add_message(
-            m, self.book.me, self.app.now(), self.app.tz, self.book.name(m.sender)
+        log = self.query_one(ChatLog)
+        quote = log.message(m.reply_to)
+        quote_name = self._sender_label(quote.sender) if quote is not None else ""
+        log.add_message(
+            m, self.book.me, self.app.now(), self.app.tz, self.book.name(m.sender), quote_name
         )
+
+    def _sender_label(self, account: str) -> str:
+        return "you" if account == self.book.me else self.book.name(account) or account[:8]
 
     def _refresh_list(self) -> None:
         self.query_one(ConversationList).show(self.book.rows(), self.book.open_id)
@@ -348,6 +372,8 @@ class MainScreen(Screen[None]):
             self.call_after_refresh(log.scroll_to_message, jump)
 
     def open_conversation(self, conversation: str) -> None:
+        self.selected = self.reply_to = None
+        self._show_reply_bar()
         self.book.open(conversation)
         self._refresh_list()
         self._refresh_chat()
@@ -389,12 +415,15 @@ class MainScreen(Screen[None]):
             self._warn(self.key_warnings[conversation])
             return
         self.query_one(ComposeArea).clear()
-        self._send(conversation, event.text)
+        reply_to = self.reply_to.id if self.reply_to is not None else b""
+        self.selected = self.reply_to = None
+        self._show_reply_bar()
+        self._send(conversation, event.text, reply_to)
 
     @work(group="send")
-    async def _send(self, conversation: str, text: str) -> None:
+    async def _send(self, conversation: str, text: str, reply_to: bytes = b"") -> None:
         try:
-            sent = await self.app.backend_required.send(conversation, text)
+            sent = await self.app.backend_required.send(conversation, text, reply_to)
         except NotSent:
             # The client kept it, encrypted, in the outbox and sends it on reconnection:
             # giving the text back would send it twice.
@@ -463,6 +492,70 @@ class MainScreen(Screen[None]):
         self.app.push_screen(KeyChangeScreen(warning, contact), acknowledged)
 
     # ---- actions --------------------------------------------------------------------------------
+
+    def _show_reply_bar(self) -> None:
+        """Above the compose box: the message chosen, or the one the next send quotes."""
+        bar = self.query_one("#reply-bar", Static)
+        chosen = self.reply_to or self.selected
+        if chosen is None:
+            bar.display = False
+            return
+        line = quote_line(chosen, self._sender_label(chosen.sender), "italic")
+        head = "Replying to " if self.reply_to is not None else "Selected · F5 replies · "
+        text = Text(head, style="bold")
+        text.append_text(line)
+        text.append("  · Esc cancels", style="dim")
+        bar.update(text)
+        bar.display = True
+
+    def _select(self, step: int) -> None:
+        """Move the choice ``step`` messages back (-1) or on (+1) from the chosen one (from the
+        newest when none); past the newest: nothing chosen."""
+        log = self.query_one(ChatLog)
+        quotable = log.quotable()
+        if not quotable:
+            self.app.notify("no message to reply to here", severity="warning")
+            return
+        ids = [m.id for m in quotable]
+        current = self.selected or self.reply_to
+        index = ids.index(current.id) if current is not None and current.id in ids else None
+        if index is None:
+            index = len(quotable) - 1 if step < 0 else None
+        else:
+            index += step
+        if index is None or index >= len(quotable):
+            self.selected = None
+        else:
+            self.selected = quotable[max(0, index)]
+            log.scroll_to_message(message_key(self.selected))
+        self.reply_to = None
+        self._show_reply_bar()
+
+    def action_select_previous(self) -> None:
+        self._select(-1)
+
+    def action_select_next(self) -> None:
+        self._select(+1)
+
+    def action_reply(self) -> None:
+        """Quote the chosen message (the newest when none is chosen) in the next send."""
+        if self.book.open_id in (None, UNREADABLE, OPERATOR):
+            self.app.notify("open a conversation first (Ctrl+N)", severity="warning")
+            return
+        target = self.selected
+        if target is None:
+            quotable = self.query_one(ChatLog).quotable()
+            target = quotable[-1] if quotable else None
+        if target is None:
+            self.app.notify("no message to reply to here", severity="warning")
+            return
+        self.reply_to, self.selected = target, None
+        self._show_reply_bar()
+        self.query_one(ComposeArea).focus()
+
+    def action_cancel_reply(self) -> None:
+        self.selected = self.reply_to = None
+        self._show_reply_bar()
 
     def action_new_conversation(self) -> None:
         def opened(result: object) -> None:
