@@ -13,7 +13,7 @@ from kluis.client.events import MessageReceived
 from kluis.client.groups import GroupState
 from kluis.client.records import Message
 from kluis.client.timers import describe
-from kluis.client.verification import Status
+from kluis.client.verification import State, Status, Verification
 from kluis.protocol.attachment import AttachmentRef
 
 ME = "mea7kzq2vt5xbn3d"
@@ -79,6 +79,7 @@ class FakeBackend:
         self.post: Post | None = None
         self.sent: list[tuple[str, str]] = []
         self.replies: list[bytes] = []  # the reply_to of each send, in order
+        self.verifications: list[tuple[str, str]] = []  # (act, peer or txn hex), in order
         self.closed = False
         self.statuses: dict[str, tuple[Status, str]] = {}
         self.refuse: Exception | None = None  # raised by send, when set
@@ -133,6 +134,16 @@ class FakeBackend:
 
     async def verification_status(self, peer: str) -> tuple[Status, str]:
         return self.statuses.get(peer, (Status.UNVERIFIED, ""))
+
+    async def start_verification(self, peer: str) -> Verification:
+        self.verifications.append(("start", peer))
+        return Verification(b"t" * 16, peer, "", State.REQUESTED)
+
+    async def confirm_verification(self, txn: bytes, match: bool) -> None:
+        self.verifications.append(("confirm" if match else "mismatch", txn.hex()))
+
+    async def cancel_verification(self, txn: bytes) -> None:
+        self.verifications.append(("cancel", txn.hex()))
 
     async def contacts(self) -> dict[str, str]:
         return dict(self.nicknames)

@@ -35,6 +35,8 @@ from kluis.client.events import (
     Event,
     MessageReceived,
     Undecryptable,
+    VerificationChanged,
+    VerificationRequested,
 )
 from kluis.client.groups import GroupState, describe, is_group_id
 from kluis.client.outbox import Pending
@@ -108,6 +110,7 @@ def _batches(parts: list[f.Addressed]) -> list[list[f.Addressed]]:
 _BACKLOG_TIMEOUT = 10.0
 # events() listens this long per receive(): an unreadable envelope is reported within it.
 _EVENT_POLL_S = 1.0
+_VERIFY_POLL_S = 0.1  # while a SAS verification is under way
 
 
 async def _connect(transport: Transport, server: str) -> bytes:
@@ -794,13 +797,20 @@ class KluisClient:
             return
         yield ConnectionUp()
         reported: set[str] = set()
+        flows: dict[bytes, State] = {}  # the state of each verification flow last reported
+        machine = self.core.verification
         while True:
             for alarm in self.alarms():
                 if alarm not in reported:
                     reported.add(alarm)
                     yield DeviceAlarm(alarm)
+            # A verification under way is answered promptly: its messages are no Message
+            # that would end the wait.
+            wait = _VERIFY_POLL_S if machine.active() else _EVENT_POLL_S
             try:
-                messages = await self.receive(wait=_EVENT_POLL_S, until=1)
+                messages = await self.receive(wait=wait, until=1)
+                machine.expire()
+                await self._flush_verifications()  # answers to what arrived (sans-IO machine)
             except TransportError as exc:
                 transport, self._transport = self._transport, None
                 if transport is not None:
@@ -815,6 +825,15 @@ class KluisClient:
             self.sweep()  # disappearing messages go while the loop runs, about once a second
             for event in self.core.features.drain():
                 yield event
+            for peer in machine.take_requests():
+                yield VerificationRequested(peer)
+            for flow in machine.views():
+                latest = machine.current(flow.peer)
+                if latest is None or latest.txn != flow.txn:
+                    continue  # replaced (a crossing request won): its end is no news
+                if flows.get(flow.txn) is not flow.state:
+                    flows[flow.txn] = flow.state
+                    yield VerificationChanged(flow)
 
     async def _handle_deliver(self, envelopes: list[f.InEnvelope], out: list[Message]) -> None:
         """Decrypt and store a Deliver push, then ack it.
@@ -1086,6 +1105,28 @@ class KluisClient:
         except (asyncio.CancelledError, KeyboardInterrupt):
             machine.cancel(flow.txn)  # best effort: tell the peer on the next flush
             raise
+
+    # The same flows, driven by an application that follows events() (the app): no second
+    # reader of the connection. events() sends what the flows answer and reports each change
+    # (VerificationRequested, VerificationChanged); these are the user's acts.
+
+    async def start_verification(self, peer: str) -> Verification:
+        """Answer ``peer``'s waiting request, or ask ``peer``; follow it with events()."""
+        await self.refresh_devices(peer)
+        flow = self.core.verification.begin(peer)
+        await self._flush_verifications()
+        return flow
+
+    async def confirm_verification(self, txn: bytes, match: bool) -> Verification:
+        """The user compared the short code of flow ``txn``: ``match`` or not (cancels)."""
+        flow = self.core.verification.confirm(txn, match)
+        await self._flush_verifications()
+        return flow
+
+    async def cancel_verification(self, txn: bytes) -> None:
+        """The user gave flow ``txn`` up; the peer is told."""
+        self.core.verification.cancel(txn)
+        await self._flush_verifications()
 
     def verification_status(self, peer: str) -> tuple[Status, str]:
         """Whether ``peer`` is verified; for a broken verification, why (offline)."""

@@ -33,12 +33,14 @@ from kluis.client.events import (
     MessagesExpired,
     ReceiptReceived,
     Undecryptable,
+    VerificationChanged,
+    VerificationRequested,
 )
 from kluis.client.groups import GroupState
 from kluis.client.records import Message
 from kluis.client.store import ProfileStore
 from kluis.client.transport import TransportFactory, WebSocketTransport
-from kluis.client.verification import Status
+from kluis.client.verification import Status, Verification
 from kluis.crypto.profile_key import KdfParams
 from kluis.errors import LocalProtocolError, NotSent, TransportError
 from kluis.protocol.attachment import AttachmentRef
@@ -68,6 +70,8 @@ BackendEvent = (
     | ReceiptReceived
     | ContactChanged
     | MessagesExpired
+    | VerificationRequested
+    | VerificationChanged
 )
 Post = Callable[[BackendEvent], None]
 GroupAction = Literal["add", "remove", "rename", "leave"]
@@ -98,6 +102,16 @@ class Backend(Protocol):
 
     async def verification_status(self, peer: str) -> tuple[Status, str]:
         """Whether ``peer`` is verified by SAS; for a broken verification, why."""
+
+    async def start_verification(self, peer: str) -> Verification:
+        """Ask ``peer`` for a SAS verification, or answer its request; the flow's changes
+        arrive as VerificationChanged events."""
+
+    async def confirm_verification(self, txn: bytes, match: bool) -> None:
+        """The user compared the codes of flow ``txn``: they ``match``, or not (cancels)."""
+
+    async def cancel_verification(self, txn: bytes) -> None:
+        """The user gave flow ``txn`` up."""
 
     async def contacts(self) -> dict[str, str]:
         """Nicknames by account ID."""
@@ -272,6 +286,15 @@ class ClientBackend:
     async def verification_status(self, peer: str) -> tuple[Status, str]:
         return await self._run(lambda: _value(self._client.verification_status(peer)))
 
+    async def start_verification(self, peer: str) -> Verification:
+        return await self._run(lambda: self._client.start_verification(peer))
+
+    async def confirm_verification(self, txn: bytes, match: bool) -> None:
+        await self._run(lambda: self._client.confirm_verification(txn, match))
+
+    async def cancel_verification(self, txn: bytes) -> None:
+        await self._run(lambda: self._client.cancel_verification(txn))
+
     async def contacts(self) -> dict[str, str]:
         return await self._run(lambda: _value(self._client.contacts()))
 
@@ -360,6 +383,8 @@ class ClientBackend:
                             | ReceiptReceived()
                             | ContactChanged()
                             | MessagesExpired()
+                            | VerificationRequested()
+                            | VerificationChanged()
                         ):
                             post(event)
                         case _:

@@ -20,6 +20,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.message import Message as TextualMessage
+from textual.notifications import SeverityLevel
 from textual.screen import Screen
 from textual.widgets import Footer, OptionList, Static
 
@@ -42,6 +43,7 @@ from kluis.apps.tui.screens.dialogs import (
     NewGroupScreen,
 )
 from kluis.apps.tui.screens.files import AttachScreen, SaveScreen, TransferBar, TransferProgress
+from kluis.apps.tui.screens.verify import VerifyScreen
 from kluis.apps.tui.widgets import (
     ChatLog,
     ComposeArea,
@@ -57,12 +59,14 @@ from kluis.client.events import (
     MessagesExpired,
     ReceiptReceived,
     Undecryptable,
+    VerificationChanged,
+    VerificationRequested,
 )
 from kluis.client.groups import is_group_id
 from kluis.client.operator import OPERATOR
 from kluis.client.records import Message
 from kluis.client.timers import describe
-from kluis.client.verification import Status
+from kluis.client.verification import State, Status, Verification
 from kluis.errors import KluisError, NotSent, UntrustedDevice, VerificationBroken
 from kluis.protocol.attachment import AttachmentRef
 
@@ -103,6 +107,7 @@ class MainScreen(Screen[None]):
         Binding("ctrl+down", "select_next", "Select", id="select_next", priority=True, show=False),
         Binding("f5", "reply", "Reply", id="reply", priority=True, show=False),
         Binding("escape", "cancel_reply", "Cancel reply", show=False),
+        Binding("f8", "verify", "Verify", id="verify", priority=True, show=False),
     ]
 
     def __init__(self) -> None:
@@ -121,6 +126,9 @@ class MainScreen(Screen[None]):
         # send quotes (F5); both belong to the open conversation and go when it changes
         self.selected: Message | None = None
         self.reply_to: Message | None = None
+        # the SAS verification shown (F8): its dialog, and the flow's transaction once known
+        self.verify_screen: VerifyScreen | None = None
+        self.verify_txn = b""
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="body"):
@@ -233,6 +241,13 @@ class MainScreen(Screen[None]):
                     safe_line(notice.text).plain, title="Unreadable message", severity="warning"
                 )
                 self._refresh_list()
+            case VerificationRequested(peer=peer):
+                who = self.book.title(peer)
+                text = f"{who} asks to verify: press F8 in your chat with them"
+                self._chat_notice(Notice(self.app.now(), "info", text, peer))
+                self.app.notify(safe_line(text).plain, title="Verification")
+            case VerificationChanged(verification=flow):
+                self._verification_changed(flow)
             case DeviceAlarm(alarm=alarm):
                 self.alarmed = True
                 self.book.notice(Notice(self.app.now(), "alarm", alarm))
@@ -552,6 +567,87 @@ class MainScreen(Screen[None]):
         self.reply_to, self.selected = target, None
         self._show_reply_bar()
         self.query_one(ComposeArea).focus()
+
+    # ---- SAS verification (F8) -------------------------------------------------------------------
+
+    def _chat_notice(self, notice: Notice) -> None:
+        self.book.notice(notice)
+        if notice.conversation == self.book.open_id:
+            self.query_one(ChatLog).add_notice(notice, self.app.now(), self.app.tz)
+
+    def action_verify(self) -> None:
+        """Verify the open chat's peer side by side: ask, or answer the peer's request."""
+        peer = self.book.open_id
+        if peer is None or not is_person(peer):
+            self.app.notify("open a chat with a person first", severity="warning")
+            return
+        if self.verify_screen is not None:
+            return
+
+        def closed(result: object) -> None:
+            self.verify_screen = None
+            if result in ("differ", "cancel") and self.verify_txn:
+                self._answer_verification(self.verify_txn, result)
+
+        self.verify_txn = b""
+        self.verify_screen = VerifyScreen(peer, self.book.title(peer), self._confirmed)
+        self.app.push_screen(self.verify_screen, closed)
+        self._start_verification(peer)
+
+    @work(group="verification")
+    async def _start_verification(self, peer: str) -> None:
+        try:
+            flow = await self.app.backend_required.start_verification(peer)
+        except KluisError as exc:
+            self._end_verification(f"verification not started: {exc}", "alarm", peer)
+            return
+        if not self.verify_txn:  # an event may have told it first
+            self.verify_txn = flow.txn
+        if self.verify_screen is not None and flow.state is State.REQUESTED:
+            who = self.book.title(peer)
+            self.verify_screen.state(f"Asked {who}: waiting for them to press F8 in their chat…")
+
+    def _confirmed(self, match: bool) -> None:
+        if self.verify_txn:
+            self._answer_verification(self.verify_txn, "match" if match else "differ")
+
+    @work(group="verification")
+    async def _answer_verification(self, txn: bytes, answer: object) -> None:
+        backend = self.app.backend_required
+        try:
+            if answer == "cancel":
+                await backend.cancel_verification(txn)
+            else:
+                await backend.confirm_verification(txn, answer == "match")
+        except KluisError as exc:
+            self.app.notify(safe_line(str(exc)).plain, title="Verification", severity="error")
+
+    def _verification_changed(self, flow: Verification) -> None:
+        screen = self.verify_screen
+        mine = screen is not None and screen.peer == flow.peer
+        if mine and flow.state not in (State.VERIFIED, State.CANCELLED):
+            self.verify_txn = flow.txn  # the flow under way (ours, or the peer's we answered)
+        if flow.state is State.COMPARING and flow.short_code is not None:
+            if mine and screen is not None and screen.code is None:
+                screen.show_code(flow.short_code)
+        elif flow.state is State.VERIFIED:
+            who = self.book.title(flow.peer)
+            self._end_verification(f"verified {who}: the codes matched", "info", flow.peer)
+            self._check_verification([flow.peer])
+        elif flow.state is State.CANCELLED:
+            text = f"verification with {self.book.title(flow.peer)} failed: {flow.reason}"
+            self._end_verification(text, "alarm", flow.peer)
+            self._check_verification([flow.peer])
+
+    def _end_verification(self, text: str, kind: str, peer: str) -> None:
+        if self.verify_screen is not None and self.verify_screen.peer == peer:
+            screen, self.verify_screen = self.verify_screen, None
+            self.verify_txn = b""
+            if screen.is_attached:
+                screen.dismiss(None)
+        self._chat_notice(Notice(self.app.now(), kind, text, peer))
+        severity: SeverityLevel = "information" if kind == "info" else "warning"
+        self.app.notify(safe_line(text).plain, title="Verification", severity=severity)
 
     def action_cancel_reply(self) -> None:
         self.selected = self.reply_to = None

@@ -1,0 +1,83 @@
+"""SAS verification with a contact, side by side (F8 in a chat with a person).
+
+Theory of operation: the dialog only shows; the flow is the client's (``client/verification.py``)
+and runs through the app's one event stream. The main screen starts it
+(``Backend.start_verification``), feeds this dialog what the flow's ``VerificationChanged``
+events say (waiting, then the short code), and passes the user's answer back: "They match"
+sends our MAC and waits for the peer's; "They differ" or Esc cancels on both sides. The main
+screen closes the dialog when the flow ends (verified: the mark shows; cancelled: why).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from rich.text import Text
+from textual import on
+from textual.app import ComposeResult
+from textual.containers import Horizontal, Vertical
+from textual.widgets import Button, Static
+
+from kluis.apps.tui.safe_text import safe_line
+from kluis.apps.tui.screens.dialogs import _Dialog
+from kluis.client.verification import ShortCode
+
+__all__ = ["VerifyScreen"]
+
+
+class VerifyScreen(_Dialog):
+    """Verify ``peer`` (shown as ``title``): ``answer(True)`` when the user says the codes
+    match; dismisses with "differ" or "cancel" (Esc), or None when the main screen closes it."""
+
+    def __init__(self, peer: str, title: str, answer: Callable[[bool], None]) -> None:
+        super().__init__()
+        self.peer, self.title_, self._answer = peer, title, answer
+        self.code: ShortCode | None = None
+        self.confirmed = False
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog", id="verify"):
+            heading = Text("Verify ", style="bold")
+            heading.append_text(safe_line(self.title_, "bold"))
+            yield Static(heading, classes="title")
+            yield Static(Text(self.peer, style="dim"))
+            yield Static(
+                "Sit side by side (or call). They press F8 in their chat with you.",
+                id="verify-state",
+            )
+            yield Static(id="sas-emoji")
+            yield Static(id="sas-decimals")
+            with Horizontal(id="verify-buttons"):
+                yield Button("They match", id="match", variant="success", disabled=True)
+                yield Button("They differ", id="differ", variant="error", disabled=True)
+            yield Static("Esc cancels", classes="hint")
+
+    def state(self, text: str) -> None:
+        self.query_one("#verify-state", Static).update(Text(text))
+
+    def show_code(self, code: ShortCode) -> None:
+        """Both sides have the short code: the user compares it with the peer's screen."""
+        self.code = code
+        self.state("Do they see the same emoji, in the same order, and the same numbers?")
+        self.query_one("#sas-emoji", Static).update(Text(code.emoji_line(), style="bold"))
+        self.query_one("#sas-decimals", Static).update(Text(code.decimal_line(), style="bold"))
+        for button in self.query(Button):
+            button.disabled = False
+        self.query_one("#match", Button).focus()
+
+    @on(Button.Pressed, "#match")
+    def _match(self) -> None:
+        if self.confirmed:
+            return
+        self.confirmed = True
+        for button in self.query(Button):
+            button.disabled = True
+        self.state("Confirmed: waiting for them to confirm too…")
+        self._answer(True)
+
+    @on(Button.Pressed, "#differ")
+    def _differ(self) -> None:
+        self.dismiss("differ")
+
+    def action_cancel(self) -> None:
+        self.dismiss("cancel")
