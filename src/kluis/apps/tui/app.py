@@ -59,6 +59,9 @@ ModalScreen { align: center middle; }
 #qr { width: auto; }
 #members-list { height: auto; max-height: 6; }
 #files { height: auto; max-height: 10; }
+#verify-buttons { height: auto; margin: 1 0 0 0; }
+#verify-buttons Button { margin: 0 2 0 0; }
+.sas { margin: 1 0 0 0; height: auto; }
 """
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from rich.table import Table
 from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
@@ -34,6 +35,7 @@ class VerifyScreen(_Dialog):
         self.peer, self.title_, self._answer = peer, title, answer
         self.code: ShortCode | None = None
         self.confirmed = False
+        self._state = ""
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog", id="verify"):
@@ -45,33 +47,53 @@ class VerifyScreen(_Dialog):
                 "Sit side by side (or call). They press F8 in their chat with you.",
                 id="verify-state",
             )
-            yield Static(id="sas-emoji")
-            yield Static(id="sas-decimals")
+            yield Static(id="sas-emoji", classes="sas")
+            yield Static(id="sas-decimals", classes="sas")
             with Horizontal(id="verify-buttons"):
                 yield Button("They match", id="match", variant="success", disabled=True)
                 yield Button("They differ", id="differ", variant="error", disabled=True)
             yield Static("Esc cancels", classes="hint")
 
+    def on_mount(self) -> None:
+        super().on_mount()
+        self._draw()
+
     def state(self, text: str) -> None:
-        self.query_one("#verify-state", Static).update(Text(text))
+        """What the flow waits for (kept if the dialog is not drawn yet)."""
+        self._state = text
+        self._draw()
 
     def show_code(self, code: ShortCode) -> None:
         """Both sides have the short code: the user compares it with the peer's screen."""
         self.code = code
-        self.state("Do they see the same emoji, in the same order, and the same numbers?")
-        self.query_one("#sas-emoji", Static).update(Text(code.emoji_line(), style="bold"))
+        self._state = "Do they see the same emoji, in the same order, and the same numbers?"
+        self._draw()
+        if self.is_mounted:
+            self.query_one("#match", Button).focus()
+
+    def _draw(self) -> None:
+        if not self.is_mounted:
+            return  # on_mount draws it
+        if self._state:
+            self.query_one("#verify-state", Static).update(Text(self._state))
+        code = self.code
+        if code is None:
+            return
+        grid = Table.grid(padding=(0, 2))
+        for _ in code.emoji:
+            grid.add_column(justify="center")
+        grid.add_row(*(Text(symbol) for symbol, _ in code.emoji))
+        grid.add_row(*(Text(name, style="bold") for _, name in code.emoji))
+        self.query_one("#sas-emoji", Static).update(grid)
         self.query_one("#sas-decimals", Static).update(Text(code.decimal_line(), style="bold"))
         for button in self.query(Button):
-            button.disabled = False
-        self.query_one("#match", Button).focus()
+            button.disabled = self.confirmed
 
     @on(Button.Pressed, "#match")
     def _match(self) -> None:
         if self.confirmed:
             return
         self.confirmed = True
-        for button in self.query(Button):
-            button.disabled = True
         self.state("Confirmed: waiting for them to confirm too…")
         self._answer(True)
 
