@@ -67,8 +67,8 @@ ACTIONS: tuple[Action, ...] = (
     Action("show_id", "ctrl+y", "your ID and its QR code"),
     Action("select_previous", "ctrl+up", "choose an earlier"),
     Action("select_next", "ctrl+down", "later message"),
-    Action("reply", "f5", "reply to it (else to the last); Esc cancels"),
-    Action("verify", "f8", "verify the open chat's contact side by side (emoji)"),
+    Action("reply", "f5", "reply to it (else to the last)"),
+    Action("verify", "f8", "verify the contact side by side"),
     Action("toggle_dark_theme", "ctrl+t", "light / dark theme"),
     Action("help", "question_mark", "this help (F1 too)"),
 )
