@@ -87,6 +87,8 @@ class KluisCommands(Provider):
                 ("Disappearing messages", "the open conversation's timer", screen.action_timer),
                 ("Send a file", "to the open conversation", screen.action_attach),
                 ("Save a file", "received in the open conversation", screen.action_save_file),
+                ("Reply", "to the chosen (else the last) message", screen.action_reply),
+                ("Verify contact", "compare emoji side by side (SAS)", screen.action_verify),
             ]
             for row in screen.book.rows():
                 label = f"Open: {safe_line(row.title).plain}"  # a group name is a peer's
