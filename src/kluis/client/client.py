@@ -148,6 +148,8 @@ class KluisClient:
         # Outbox messages the server refused when sent again (dropped from the outbox), and why.
         self.outbox_errors: list[tuple[Pending, KluisError]] = []
         self._flushing = False
+        # events(): the state of each verification flow last reported, across reconnections
+        self._flow_states: dict[bytes, State] = {}
 
     # ---- opening ------------------------------------------------------------------------------
 
@@ -797,7 +799,7 @@ class KluisClient:
             return
         yield ConnectionUp()
         reported: set[str] = set()
-        flows: dict[bytes, State] = {}  # the state of each verification flow last reported
+        flows = self._flow_states
         machine = self.core.verification
         while True:
             for alarm in self.alarms():

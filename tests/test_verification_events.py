@@ -1,0 +1,93 @@
+"""SAS verification driven through ``KluisClient.events()`` (as the app does it), between two
+clients of an in-process server: no second reader of the connection, and each step reported
+as an event."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from kluis.client.client import KluisClient
+from kluis.client.events import Event, VerificationChanged, VerificationRequested
+from kluis.client.verification import State, Status
+from kluis.server.inprocess import InProcessServer
+from tests.kluis_testing import register
+
+
+async def follow(client: KluisClient, into: asyncio.Queue[Event]) -> None:
+    async for event in client.events():
+        await into.put(event)
+
+
+async def next_of(queue: asyncio.Queue[Event], kind: type, state: State | None = None) -> Event:
+    async with asyncio.timeout(10):
+        while True:
+            event = await queue.get()
+            if not isinstance(event, kind):
+                continue
+            if state is None or (
+                isinstance(event, VerificationChanged) and event.verification.state is state
+            ):
+                return event
+
+
+async def test_verification_through_events_when_both_confirm(
+    inproc: InProcessServer, tmp_path: Path
+) -> None:
+    alice = await register(inproc, tmp_path / "alice")
+    bob = await register(inproc, tmp_path / "bob")
+    qa: asyncio.Queue[Event] = asyncio.Queue()
+    qb: asyncio.Queue[Event] = asyncio.Queue()
+    tasks = [asyncio.create_task(follow(alice, qa)), asyncio.create_task(follow(bob, qb))]
+    try:
+        asked = await alice.start_verification(bob.account_id)
+        assert asked.state is State.REQUESTED
+        told = await next_of(qb, VerificationRequested)
+        assert told == VerificationRequested(alice.account_id)
+        await bob.start_verification(alice.account_id)
+        seen = []
+        for queue in (qa, qb):
+            event = await next_of(queue, VerificationChanged, State.COMPARING)
+            assert isinstance(event, VerificationChanged)
+            seen.append(event.verification)
+        assert seen[0].short_code is not None and seen[0].short_code == seen[1].short_code
+        await alice.confirm_verification(seen[0].txn, True)
+        await bob.confirm_verification(seen[1].txn, True)
+        for queue in (qa, qb):
+            await next_of(queue, VerificationChanged, State.VERIFIED)
+        assert alice.verification_status(bob.account_id)[0] is Status.VERIFIED
+        assert bob.verification_status(alice.account_id)[0] is Status.VERIFIED
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for c in (alice, bob):
+            await c.close()
+
+
+async def test_a_declined_first_verification_leaves_both_unverified(
+    inproc: InProcessServer, tmp_path: Path
+) -> None:
+    alice = await register(inproc, tmp_path / "alice")
+    bob = await register(inproc, tmp_path / "bob")
+    qa: asyncio.Queue[Event] = asyncio.Queue()
+    qb: asyncio.Queue[Event] = asyncio.Queue()
+    tasks = [asyncio.create_task(follow(alice, qa)), asyncio.create_task(follow(bob, qb))]
+    try:
+        await alice.start_verification(bob.account_id)
+        await next_of(qb, VerificationRequested)
+        await bob.start_verification(alice.account_id)
+        event = await next_of(qb, VerificationChanged, State.COMPARING)
+        assert isinstance(event, VerificationChanged)
+        await bob.cancel_verification(event.verification.txn)
+        cancelled = await next_of(qa, VerificationChanged, State.CANCELLED)
+        assert isinstance(cancelled, VerificationChanged)
+        assert "cancelled" in cancelled.verification.reason
+        assert alice.verification_status(bob.account_id)[0] is Status.UNVERIFIED
+        assert bob.verification_status(alice.account_id)[0] is Status.UNVERIFIED
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for c in (alice, bob):
+            await c.close()
