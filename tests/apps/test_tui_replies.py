@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kluis.apps.tui.widgets import ComposeArea
+from rich.style import Style
+
+from kluis.apps.tui.widgets import SELECTED_STYLE, ChatLog, ComposeArea
 from kluis.client.events import MessageReceived
 from kluis.client.records import Message
 from tests.apps.test_tui_features import log_lines, main_screen, open_, settle
@@ -18,6 +20,17 @@ def history() -> list[Message]:
         Message(ANNA, ANNA, at(0, 9, 0), "first question", id=b"1" * 16),
         Message(ANNA, ANNA, at(0, 9, 1), NASTY, id=b"2" * 16),
         Message(ME, ANNA, at(0, 9, 2), "my answer", id=b"3" * 16),
+    ]
+
+
+def chosen_lines(app: object) -> list[str]:
+    """The chat view's lines drawn as chosen (their background)."""
+    log = main_screen(app).query_one(ChatLog)
+    chosen = Style.parse(SELECTED_STYLE).bgcolor
+    return [
+        "".join(segment.text for segment in strip).strip()
+        for strip in log.lines
+        if any(seg.style is not None and seg.style.bgcolor == chosen for seg in strip)
     ]
 
 
@@ -34,9 +47,12 @@ async def test_ctrl_up_chooses_ctrl_r_quotes_and_the_send_carries_the_id(tmp_pat
         await open_(pilot, ANNA)
         assert reply_bar(app) == ""
         await pilot.press("ctrl+up", "ctrl+up")  # from the newest back: the nasty one
-        assert "Selected" in reply_bar(app) and "\x1b" not in reply_bar(app)
+        assert reply_bar(app).startswith(
+            "F5 replies to ↪ annak3v7: ok\\r"
+        ) and "\x1b" not in reply_bar(app)
         await pilot.press("ctrl+up", "ctrl+down", "ctrl+up")  # down and back: the first
         assert "first question" in reply_bar(app)
+        assert [line for line in chosen_lines(app) if line] == ["09:00 annak3v7  first question"]
         await pilot.press("f5")
         assert reply_bar(app).startswith("Replying to ↪ annak3v7: first question")
         compose = main_screen(app).query_one(ComposeArea)
@@ -45,6 +61,7 @@ async def test_ctrl_up_chooses_ctrl_r_quotes_and_the_send_carries_the_id(tmp_pat
         await settle(pilot)
         assert backend.sent[-1] == (ANNA, "yes") and backend.replies[-1] == b"1" * 16
         assert reply_bar(app) == ""  # the reply went: the next send quotes nothing
+        assert chosen_lines(app) == []
         lines = [line.strip() for line in log_lines(app)]
         at_reply = lines.index(next(x for x in lines if "↪ annak3v7: first question" in x))
         assert lines[at_reply + 1].endswith("yes")

@@ -7,6 +7,7 @@ from datetime import datetime, tzinfo
 
 import segno
 from rich.console import RenderableType
+from rich.styled import Styled
 from rich.table import Table
 from rich.text import Text
 from textual import events
@@ -55,6 +56,7 @@ RECEIPT_MARKS = {
     "read": Text(" ✓✓", style="bold cyan"),
 }
 OPERATOR_STYLE = "bold magenta"
+SELECTED_STYLE = "on #3a3a5a"  # the message chosen to reply to
 
 
 QUOTE_CHARS = 60  # of the quoted message, in a reply's first line
@@ -151,6 +153,7 @@ class ChatLog(RichLog):
         # and by ID (this conversation's only: the log shows one conversation).
         self.messages: list[Message] = []
         self._by_id: dict[bytes, Message] = {}
+        self._marked: int | None = None  # the entry drawn as chosen (replies)
 
     def reset(self) -> None:
         self.clear()
@@ -159,6 +162,7 @@ class ChatLog(RichLog):
         self._keys.clear()
         self.messages.clear()
         self._by_id.clear()
+        self._marked = None
         self._last_day = None
 
     def message(self, id_: bytes) -> Message | None:
@@ -178,10 +182,28 @@ class ChatLog(RichLog):
         """Lines are wrapped when written: write them again at the new width."""
         if event.size.width != self._width:
             self._width = event.size.width
-            self.clear()
-            for index, renderable in enumerate(self._entries):
-                self._starts[index] = len(self.lines)
-                self.write(renderable, expand=True)
+            self._rewrite()
+
+    def _rewrite(self) -> None:
+        self.clear()
+        for index, renderable in enumerate(self._entries):
+            self._starts[index] = len(self.lines)
+            if index == self._marked:
+                renderable = Styled(renderable, SELECTED_STYLE)
+            self.write(renderable, expand=True)
+
+    def mark(self, key: object) -> None:
+        """Draw the message with ``key`` (see :func:`message_key`) as chosen; None: none. The
+        view stays where it was."""
+        index = self._keys.get(key) if key is not None else None
+        if index != self._marked:
+            self._marked = index
+            scroll_y, follow = self.scroll_y, self.auto_scroll
+            self.auto_scroll = False
+            self._rewrite()
+            self.auto_scroll = follow
+            if not follow:
+                self.scroll_to(y=scroll_y, animate=False)
 
     def scroll_to_message(self, key: object) -> bool:
         """Bring the message with ``key`` (see :func:`message_key`) to the top; False if it is

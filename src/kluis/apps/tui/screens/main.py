@@ -509,17 +509,20 @@ class MainScreen(Screen[None]):
     # ---- actions --------------------------------------------------------------------------------
 
     def _show_reply_bar(self) -> None:
-        """Above the compose box: the message chosen, or the one the next send quotes."""
+        """Above the compose box: the message chosen, or the one the next send quotes (drawn
+        as chosen in the chat view too)."""
         bar = self.query_one("#reply-bar", Static)
         chosen = self.reply_to or self.selected
+        self.query_one(ChatLog).mark(message_key(chosen) if chosen is not None else None)
         if chosen is None:
             bar.display = False
             return
         line = quote_line(chosen, self._sender_label(chosen.sender), "italic")
-        head = "Replying to " if self.reply_to is not None else "Selected · F5 replies · "
+        head = "Replying to " if self.reply_to is not None else "F5 replies to "
         text = Text(head, style="bold")
         text.append_text(line)
         text.append("  · Esc cancels", style="dim")
+        text.no_wrap, text.overflow = True, "ellipsis"  # one line, whatever the quote
         bar.update(text)
         bar.display = True
 
@@ -538,13 +541,14 @@ class MainScreen(Screen[None]):
             index = len(quotable) - 1 if step < 0 else None
         else:
             index += step
+        self.reply_to = None
         if index is None or index >= len(quotable):
             self.selected = None
+            self._show_reply_bar()
         else:
             self.selected = quotable[max(0, index)]
+            self._show_reply_bar()
             log.scroll_to_message(message_key(self.selected))
-        self.reply_to = None
-        self._show_reply_bar()
 
     def action_select_previous(self) -> None:
         self._select(-1)
