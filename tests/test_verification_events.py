@@ -8,8 +8,15 @@ import asyncio
 from pathlib import Path
 
 from kluis.client.client import KluisClient
-from kluis.client.events import Event, VerificationChanged, VerificationRequested
+from kluis.client.events import (
+    Event,
+    MessageReceived,
+    VerificationChanged,
+    VerificationRequested,
+)
 from kluis.client.verification import State, Status
+from kluis.errors import UntrustedDevice
+from kluis.protocol.payload import Payload
 from kluis.server.inprocess import InProcessServer
 from tests.kluis_testing import register
 
@@ -85,6 +92,38 @@ async def test_a_declined_first_verification_leaves_both_unverified(
         assert "cancelled" in cancelled.verification.reason
         assert alice.verification_status(bob.account_id)[0] is Status.UNVERIFIED
         assert bob.verification_status(alice.account_id)[0] is Status.UNVERIFIED
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for c in (alice, bob):
+            await c.close()
+
+
+async def test_an_answer_that_cannot_be_sent_cancels_the_flow_and_the_stream_goes_on(
+    inproc: InProcessServer, tmp_path: Path
+) -> None:
+    alice = await register(inproc, tmp_path / "alice")
+    bob = await register(inproc, tmp_path / "bob")
+    qa: asyncio.Queue[Event] = asyncio.Queue()
+    qb: asyncio.Queue[Event] = asyncio.Queue()
+    tasks = [asyncio.create_task(follow(alice, qa)), asyncio.create_task(follow(bob, qb))]
+    try:
+        await alice.start_verification(bob.account_id)
+        await next_of(qb, VerificationRequested)
+        await bob.start_verification(alice.account_id)  # its accept goes out
+
+        async def refuse(payloads: dict[str, Payload]) -> None:
+            raise UntrustedDevice("no device to send to")
+
+        bob._send_payloads = refuse  # type: ignore[method-assign]
+        cancelled = await next_of(qb, VerificationChanged, State.CANCELLED)
+        assert isinstance(cancelled, VerificationChanged)
+        assert cancelled.verification.reason == "could not send (untrusted_device)"
+        assert not tasks[1].done()  # the stream goes on
+        await alice.send(bob.account_id, "still here")
+        got = await next_of(qb, MessageReceived)
+        assert isinstance(got, MessageReceived) and got.message.text == "still here"
     finally:
         for task in tasks:
             task.cancel()

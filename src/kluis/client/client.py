@@ -812,7 +812,7 @@ class KluisClient:
             try:
                 messages = await self.receive(wait=wait, until=1)
                 machine.expire()
-                await self._flush_verifications()  # answers to what arrived (sans-IO machine)
+                await self._flush_verifications_quietly()
             except TransportError as exc:
                 transport, self._transport = self._transport, None
                 if transport is not None:
@@ -1133,6 +1133,21 @@ class KluisClient:
     def verification_status(self, peer: str) -> tuple[Status, str]:
         """Whether ``peer`` is verified; for a broken verification, why (offline)."""
         return self.core.verification.status(peer)
+
+    async def _flush_verifications_quietly(self) -> None:
+        """events(): send what the flows answered to what arrived. A refusal other than a lost
+        connection must not end the stream: the flows under way end, cancelled with why (the
+        application hears of it as VerificationChanged)."""
+        try:
+            await self._flush_verifications()
+        except TransportError:
+            raise
+        except KluisError as exc:
+            machine = self.core.verification
+            for flow in machine.views():
+                machine.cancel(flow.txn, f"could not send ({exc.code})")
+            with suppress(KluisError):  # tell the peer, best effort
+                await self._flush_verifications()
 
     async def _flush_verifications(self) -> None:
         """Send what the verification flows queued, each to every device of its account."""
