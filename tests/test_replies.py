@@ -137,3 +137,23 @@ def test_a_reply_line_says_when_the_quote_is_missing_and_escapes_it() -> None:
     quote = Message("a" * 16, "b" * 16, when, "x\u202e" + "y" * 50)
     shown = message_line(reply, quote=quote).split("\t")[2]
     assert shown == "[reply to abababab: x\\u202e" + "y" * 38 + "…] ok"  # 40 characters in all
+
+
+async def test_a_reply_in_a_group_quotes_the_groups_message(
+    inproc: InProcessServer, tmp_path: Path
+) -> None:
+    alice = await register(inproc, tmp_path / "alice")
+    bob = await register(inproc, tmp_path / "bob")
+    group = await alice.create_group("walks", [bob.account_id])
+    await bob.receive(wait=5, until=1)  # the group's creation
+    question = await alice.send(group.id, "sunday?")
+    (got,) = await bob.receive(wait=5, until=1)
+    assert got.conversation == group.id
+    with pytest.raises(UnknownReply):  # a group message is not one of the 1:1 chat
+        await bob.send(alice.account_id, "x", reply_to=got.id)
+    await bob.send(group.id, "sure", reply_to=got.id)
+    (reply,) = await alice.receive(wait=5, until=1)
+    assert reply.conversation == group.id and reply.reply_to == question.id
+    assert (quote := alice.quoted(reply)) is not None and quote.text == "sunday?"
+    for c in (alice, bob):
+        await c.close()
