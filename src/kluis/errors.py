@@ -9,6 +9,8 @@ remote refusal back to the class below with :func:`error_for_code`.
     │                                 malformed, readable by others or not this database's
     │   └── BadConfig                 bad_config: a settings file (e.g. the app's keys.toml)
     │                                 that does not parse or names unknown actions or keys
+    │   └── UnknownReply              unknown_reply: a reply to a message ID this conversation's
+    │                                 history on this device does not hold (or a malformed ID)
     ├── RemoteProtocolError       the peer sent something that breaks the protocol
     │   ├── MalformedFrame            bad_frame: undecodable or schema-violating frame
     │   ├── FrameTooLarge             frame_too_large
@@ -83,6 +85,12 @@ class StorageKeyError(LocalProtocolError):
 
 class BadConfig(LocalProtocolError):
     code = "bad_config"
+
+
+class UnknownReply(LocalProtocolError):
+    """A reply must quote a message of its own conversation that this device holds."""
+
+    code = "unknown_reply"
 
 
 class RemoteProtocolError(KluisError):

@@ -36,9 +36,9 @@ def test_profile_keys_win_over_the_config_folder(tmp_path: Path) -> None:
     assert load_keymap([general, own]) == {}  # no file: the defaults
     general.parent.mkdir(parents=True)
     profile.mkdir()
-    general.write_text('search = "ctrl+b"\nnickname = "f6"\n')
-    own.write_text('# mine\nnickname = "F7, ctrl+r"\n')
-    assert load_keymap([general, own]) == {"search": "ctrl+b", "nickname": "f7,ctrl+r"}
+    general.write_text('search = "ctrl+b"\nnickname = "f9"\n')
+    own.write_text('# mine\nnickname = "F10, ctrl+r"\n')
+    assert load_keymap([general, own]) == {"search": "ctrl+b", "nickname": "f10,ctrl+r"}
 
 
 @pytest.mark.parametrize(
@@ -87,7 +87,7 @@ async def test_the_keymap_is_applied_and_the_help_shows_it(tmp_path: Path) -> No
         backend=FakeBackend(),
         clock=lambda: NOW,
         cursor_blink=False,
-        keymap={"search": "ctrl+b", "nickname": "f6"},
+        keymap={"search": "ctrl+b", "nickname": "f9"},
     )
     async with app.run_test(size=(80, 24)) as pilot:
         await pilot.pause()
@@ -103,7 +103,7 @@ async def test_the_keymap_is_applied_and_the_help_shows_it(tmp_path: Path) -> No
         await pilot.press("escape")
         await pilot.press("f3")  # no longer the nickname
         assert app.screen is screen
-        await pilot.press("f6")
+        await pilot.press("f9")
         assert isinstance(app.screen, NicknameScreen)
         await pilot.press("escape", "f1")
         assert isinstance(app.screen, HelpScreen)

@@ -13,7 +13,7 @@ from kluis.client.events import MessageReceived
 from kluis.client.groups import GroupState
 from kluis.client.records import Message
 from kluis.client.timers import describe
-from kluis.client.verification import Status
+from kluis.client.verification import State, Status, Verification
 from kluis.errors import BlobTooLarge
 from kluis.protocol.attachment import AttachmentRef
 
@@ -82,6 +82,8 @@ class FakeBackend:
         self._quarantined = quarantined
         self.post: Post | None = None
         self.sent: list[tuple[str, str]] = []
+        self.replies: list[bytes] = []  # the reply_to of each send, in order
+        self.verifications: list[tuple[str, str]] = []  # (act, peer or txn hex), in order
         self.closed = False
         self.statuses: dict[str, tuple[Status, str]] = {}
         self.refuse: Exception | None = None  # raised by send, when set
@@ -100,11 +102,13 @@ class FakeBackend:
     async def quarantined(self) -> int:
         return self._quarantined
 
-    async def send(self, conversation: str, text: str) -> Message:
+    async def send(self, conversation: str, text: str, reply_to: bytes = b"") -> Message:
         if self.refuse is not None:
             raise self.refuse
         self.sent.append((conversation, text))
-        message = Message(ME, conversation, NOW, text)
+        self.replies.append(reply_to)
+        sent_id = f"sent{len(self.sent)}".encode().ljust(16, b".")
+        message = Message(ME, conversation, NOW, text, id=sent_id, reply_to=reply_to)
         self.messages.append(message)
         return message
 
@@ -134,6 +138,16 @@ class FakeBackend:
 
     async def verification_status(self, peer: str) -> tuple[Status, str]:
         return self.statuses.get(peer, (Status.UNVERIFIED, ""))
+
+    async def start_verification(self, peer: str) -> Verification:
+        self.verifications.append(("start", peer))
+        return Verification(b"t" * 16, peer, "", State.REQUESTED)
+
+    async def confirm_verification(self, txn: bytes, match: bool) -> None:
+        self.verifications.append(("confirm" if match else "mismatch", txn.hex()))
+
+    async def cancel_verification(self, txn: bytes) -> None:
+        self.verifications.append(("cancel", txn.hex()))
 
     async def contacts(self) -> dict[str, str]:
         return dict(self.nicknames)

@@ -108,6 +108,14 @@ def test_send_and_inbox_through_the_daemon(pair: tuple[str, str, str, str], tmp_
         waited = kluis("inbox", "--profile", a, "--wait", "0.5", "--json", passphrase=None)
         assert waited.stdout == ""
 
+        # A reply through the daemon: --reply-to takes the start of the id history --json gives
+        history = kluis("history", "--profile", a, bob, "--json").stdout
+        (quoted,) = [m for m in map(json.loads, history.splitlines()) if m["sender"] == bob]
+        ref = quoted["id"][:8]
+        kluis("send", "--profile", a, bob, "seen", "--reply-to", ref, passphrase=None)
+        (reply,) = lines(kluis("inbox", "--profile", b).stdout)
+        assert reply[2] == f"[reply to {ref}: secret words\\u001b[2J] seen"
+
         # The daemon holds the profile: with its socket gone, a command says so and stops.
         sock.unlink()
         refused = kluis("send", "--profile", a, bob, "x", check=False)

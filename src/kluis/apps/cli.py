@@ -446,16 +446,38 @@ def account_label(account: str, names: Mapping[str, str]) -> str:
 _RECEIPT_MARK = {"delivered": "\u2713", "read": "\u2713\u2713"}
 
 
+QUOTE_CHARS = 40  # how much of a quoted message a reply shows
+MISSING_QUOTE = "a message you do not have"
+
+
+def quote_excerpt(quote: Message | None) -> str:
+    """The first words of a quoted message, sanitised (see :func:`safe_text`), or that this
+    device does not hold it (expired, never received, or of another conversation)."""
+    if quote is None:
+        return MISSING_QUOTE
+    text = quote.text or (f"[file] {quote.attachment.name}" if quote.attachment else "")
+    cut = text[:QUOTE_CHARS] + ("…" if len(text) > QUOTE_CHARS else "")
+    return safe_text(cut)
+
+
 def message_line(
-    message: Message, names: Mapping[str, str] | None = None, *, receipt: bool = False
+    message: Message,
+    names: Mapping[str, str] | None = None,
+    *,
+    receipt: bool = False,
+    quote: Message | None = None,
 ) -> str:
     """One message as ``inbox`` and ``history`` print it, tab-separated: sender (``ID`` or
     ``ID (NAME)``), ISO time, text (sanitised: one line; a timer change reads
-    ``[timer] disappearing messages: 30 s``). With ``receipt`` (``history``), a message we
-    sent that a recipient acknowledged gets a fourth field: ``✓`` delivered, ``✓✓`` read."""
+    ``[timer] disappearing messages: 30 s``; a reply starts ``[reply to ID8: first words]``,
+    ``quote`` being the message it quotes, from :meth:`KluisClient.quoted`). With ``receipt``
+    (``history``), a message we sent that a recipient acknowledged gets a fourth field: ``✓``
+    delivered, ``✓✓`` read."""
     text = safe_text(message.text)
     if message.kind != "text":
         text = f"[{message.kind}] {text}"
+    if message.reply_to:
+        text = f"[reply to {message.reply_to.hex()[:8]}: {quote_excerpt(quote)}] {text}"
     if message.attachment is not None:
         ref = message.attachment
         text = f"[file] {safe_text(ref.name)} ({ref.size} bytes)" + (f" {text}" if text else "")
@@ -468,10 +490,13 @@ def message_line(
     return line
 
 
-def message_json(message: Message) -> str:
+def message_json(message: Message, quote: Message | None = None) -> str:
     """One message as a JSON line (``--json``): every field, text exactly as sent (JSON escapes
-    what a terminal would interpret), for scripts."""
+    what a terminal would interpret), for scripts. ``id`` (hex) is what ``send --reply-to``
+    takes; a reply has ``reply_to`` (hex) and ``quote``, the quoted message's sender and text
+    from this device's history of the conversation, or null when it does not hold it."""
     record: dict[str, object] = {
+        "id": message.id.hex(),
         "sender": message.sender,
         "conversation": message.conversation,
         "time": message.time.isoformat(timespec="milliseconds"),
@@ -482,14 +507,28 @@ def message_json(message: Message) -> str:
         record["file"] = {"name": message.attachment.name, "size": message.attachment.size}
     if message.receipt:
         record["receipt"] = message.receipt
+    if message.reply_to:
+        record["reply_to"] = message.reply_to.hex()
+        record["quote"] = None if quote is None else {"sender": quote.sender, "text": quote.text}
     return json.dumps(record, ensure_ascii=True)
 
 
-def _print_message(args: argparse.Namespace, message: Message, names: Mapping[str, str]) -> None:
+def _print_message(
+    args: argparse.Namespace, message: Message, names: Mapping[str, str], client: KluisClient
+) -> None:
+    quote = client.quoted(message)
     if getattr(args, "json", False):
-        print(message_json(message), flush=True)
+        print(message_json(message, quote), flush=True)
     else:
-        print(message_line(message, names, receipt=args.command == "history"), flush=True)
+        receipt = args.command == "history"
+        print(message_line(message, names, receipt=receipt, quote=quote), flush=True)
+
+
+def _reply_id(client: KluisClient, conversation: str, given: str | None) -> bytes:
+    """``--reply-to``: 8 to 32 hex digits of a message ID of ``conversation``."""
+    if given is None:
+        return b""
+    return client.core.find_by_prefix(conversation, given).id
 
 
 async def _send_alone(args: argparse.Namespace, text: str | None) -> None:
@@ -501,7 +540,9 @@ async def _send_alone(args: argparse.Namespace, text: str | None) -> None:
             finally:
                 progress.close()
         else:
-            await client.send(args.id, text or "")
+            await client.send(
+                args.id, text or "", reply_to=_reply_id(client, args.id, args.reply_to)
+            )
         print(f"sent to {account_label(args.id, client.contacts())}")
 
     client = _kluis().open(Path(args.profile), _passphrase(), transport_factory=_dial(args))
@@ -511,7 +552,8 @@ async def _send_alone(args: argparse.Namespace, text: str | None) -> None:
         except TransportError as exc:
             if args.file is not None:
                 raise  # a file is not kept: its upload needs the server
-            client.keep(args.id, text or "")  # unreachable: straight into the outbox
+            reply_to = _reply_id(client, args.id, args.reply_to)
+            client.keep(args.id, text or "", reply_to=reply_to)  # unreachable: into the outbox
             raise SystemExit(f"{NOT_SENT} ({exc.message})") from exc
         _alarm(client)
         _outbox_refused(client)
@@ -535,6 +577,8 @@ async def _send(args: argparse.Namespace) -> None:
         if rpc is None:
             return await _send_alone(args, text)
         params = {"to": args.id, "text": text or ""}
+        if args.reply_to is not None:
+            params["reply_to"] = args.reply_to
         if args.file is not None:
             params = {"to": args.id, "file": str(Path(args.file).resolve()), "caption": text or ""}
         try:
@@ -611,7 +655,7 @@ async def _inbox_alone(args: argparse.Namespace) -> None:
             # Printed first, then marked shown: an interrupted inbox shows it again next time
             # rather than never (the server forgot it once it was acknowledged).
             for seq, message in client.core.unshown():
-                _print_message(args, message, names)
+                _print_message(args, message, names, client)
                 client.core.shown(seq)
                 read.add(message.conversation)
 
@@ -681,7 +725,7 @@ def cmd_history(args: argparse.Namespace) -> None:
     try:
         names = client.contacts()
         for message in client.history(args.id):
-            _print_message(args, message, names)
+            _print_message(args, message, names, client)
         # Printed: read. history works offline, so its read receipts (when on) wait in the
         # profile and go with the next command that connects (inbox, send, ...).
         client.core.features.conversations.mark_read(args.id)
@@ -1130,6 +1174,12 @@ def build_parser() -> argparse.ArgumentParser:
     sd.add_argument("id", metavar="ID|GROUP")
     sd.add_argument("text", nargs="?", help="the message; - reads it from standard input")
     sd.add_argument("--file", help="send this file (encrypted, streamed); TEXT is its caption")
+    sd.add_argument(
+        "--reply-to",
+        metavar="MESSAGE",
+        help="quote this message of the conversation: 8 to 32 hex digits of its ID"
+        " (the id field of history --json)",
+    )
     sd.set_defaults(func=_async(_send))
 
     ob = sub.add_parser(

@@ -56,6 +56,7 @@ from kluis.client.events import (
 
 if TYPE_CHECKING:  # the client side of this module (Rpc) needs no network stack
     from kluis.client.client import KluisClient
+    from kluis.client.records import Message
     from kluis.client.transport import TransportFactory
 from kluis.errors import KluisError, LocalProtocolError, NotSent, TransportError, error_for_code
 
@@ -238,17 +239,25 @@ class Daemon:
         }
 
     async def rpc_send(
-        self, to: str, text: str = "", file: str | None = None, caption: str = ""
+        self,
+        to: str,
+        text: str = "",
+        file: str | None = None,
+        caption: str = "",
+        reply_to: str | None = None,
     ) -> dict[str, Any]:
         if not isinstance(to, str) or not isinstance(text, str):
             raise TypeError("to and text are strings")
+        if reply_to is not None and not isinstance(reply_to, str):
+            raise TypeError("reply_to is hex digits of a message ID")
+        quoted = b"" if reply_to is None else self.client.core.find_by_prefix(to, reply_to).id
         if file is not None:
             await self.client.send_file(to, file, caption)
         elif not self.client.connected:
-            self.client.keep(to, text)
+            self.client.keep(to, text, reply_to=quoted)
             raise NotSent("kept in the outbox (the daemon is offline)")
         else:
-            await self.client.send(to, text)
+            await self.client.send(to, text, reply_to=quoted)
         return {"to": account_label(to, self.client.contacts())}
 
     async def rpc_inbox(self, wait: float = 0.0) -> dict[str, Any]:
@@ -264,10 +273,14 @@ class Daemon:
                     await self.arrived.wait()
         names = self.client.contacts()
         return {
-            "messages": [
-                {"seq": seq, "line": message_line(m, names), "json": json.loads(message_json(m))}
-                for seq, m in unshown
-            ]
+            "messages": [{"seq": seq, **self._shown(m, names, receipt=False)} for seq, m in unshown]
+        }
+
+    def _shown(self, m: Message, names: dict[str, str], *, receipt: bool) -> dict[str, Any]:
+        quote = self.client.quoted(m)
+        return {
+            "line": message_line(m, names, receipt=receipt, quote=quote),
+            "json": json.loads(message_json(m, quote)),
         }
 
     async def rpc_shown(self, seq: int) -> dict[str, Any]:
@@ -283,12 +296,7 @@ class Daemon:
         names = self.client.contacts()
         messages = self.client.history(conversation)
         self.client.core.features.conversations.mark_read(conversation)
-        return {
-            "messages": [
-                {"line": message_line(m, names, receipt=True), "json": json.loads(message_json(m))}
-                for m in messages
-            ]
-        }
+        return {"messages": [self._shown(m, names, receipt=True) for m in messages]}
 
 
 def _error(rid: object, code: int, message: str, data: object = None) -> dict[str, Any]:

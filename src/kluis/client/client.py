@@ -35,6 +35,8 @@ from kluis.client.events import (
     Event,
     MessageReceived,
     Undecryptable,
+    VerificationChanged,
+    VerificationRequested,
 )
 from kluis.client.groups import GroupState, describe, is_group_id
 from kluis.client.outbox import Pending
@@ -108,6 +110,7 @@ def _batches(parts: list[f.Addressed]) -> list[list[f.Addressed]]:
 _BACKLOG_TIMEOUT = 10.0
 # events() listens this long per receive(): an unreadable envelope is reported within it.
 _EVENT_POLL_S = 1.0
+_VERIFY_POLL_S = 0.1  # while a SAS verification is under way
 
 
 async def _connect(transport: Transport, server: str) -> bytes:
@@ -145,6 +148,8 @@ class KluisClient:
         # Outbox messages the server refused when sent again (dropped from the outbox), and why.
         self.outbox_errors: list[tuple[Pending, KluisError]] = []
         self._flushing = False
+        # events(): the state of each verification flow last reported, across reconnections
+        self._flow_states: dict[bytes, State] = {}
 
     # ---- opening ------------------------------------------------------------------------------
 
@@ -483,15 +488,16 @@ class KluisClient:
 
     # ---- sending ------------------------------------------------------------------------------
 
-    async def send(self, conversation: str, text: str) -> Message:
+    async def send(self, conversation: str, text: str, *, reply_to: bytes = b"") -> Message:
         """Encrypt to every device of the conversation's accounts and to our other devices, in
-        one request; return once the server stored it all.
+        one request; return once the server stored it all. ``reply_to`` (a message ID of the
+        same conversation, see :meth:`quoted`) makes it a reply; UnknownReply otherwise.
 
         When the server cannot be reached (a TransportError), the message is kept in the
         outbox and :class:`NotSent` is raised: the next connect() sends it (see ``outbox.py``).
         What waits in the outbox goes before it."""
         self.sweep()
-        payload = self._new_message(conversation, text)
+        payload = self._new_message(conversation, text, reply_to)
         try:
             await self.flush_outbox()
             await self._deliver(payload)
@@ -506,7 +512,7 @@ class KluisClient:
             await self.flush_receipts()
         return sent
 
-    def _new_message(self, conversation: str, text: str) -> Text | GroupText:
+    def _new_message(self, conversation: str, text: str, reply_to: bytes = b"") -> Text | GroupText:
         if len(text.encode()) > MAX_TEXT_BYTES:
             raise LocalProtocolError(
                 f"a message holds at most {MAX_TEXT_BYTES:,} bytes of text"
@@ -514,8 +520,8 @@ class KluisClient:
             )
         if is_group_id(conversation):
             self.core.groups.current(conversation)  # refuses a group we are not in
-            return self.core.new_group_text(conversation, text)
-        return self.core.new_text(conversation, text)
+            return self.core.new_group_text(conversation, text, reply_to)
+        return self.core.new_text(conversation, text, reply_to)
 
     async def _deliver(self, payload: Text | GroupText) -> None:
         if isinstance(payload, GroupText):
@@ -524,11 +530,17 @@ class KluisClient:
             # The same payload goes to our own other devices: they file it under ``to``.
             await self._send_payloads({payload.to: payload, self.account_id: payload})
 
-    def keep(self, conversation: str, text: str) -> None:
+    def keep(self, conversation: str, text: str, *, reply_to: bytes = b"") -> None:
         """Put a new message straight into the outbox, offline (the server could not be
         reached at all); the next connect() sends it."""
         self.sweep()
-        self.core.outbox.keep(self._new_message(conversation, text), int(time.time() * 1000))
+        payload = self._new_message(conversation, text, reply_to)
+        self.core.outbox.keep(payload, int(time.time() * 1000))
+
+    def quoted(self, message: Message) -> Message | None:
+        """The message ``message`` replies to, from this device's history of the same
+        conversation only; None: not a reply, or a message we do not have."""
+        return self.core.quoted(message)
 
     def outbox(self) -> list[Pending]:
         """What waits to be sent, oldest first."""
@@ -643,10 +655,10 @@ class KluisClient:
         await self._send_payloads({account: update for account in {*audience, self.account_id}})
         return state
 
-    async def send_group(self, group: str, text: str) -> Message:
+    async def send_group(self, group: str, text: str, *, reply_to: bytes = b"") -> Message:
         """One request: ``text`` encrypted once with our group session and sealed for every
         member device; devices that lack our session key get it over Olm first."""
-        payload = self.core.new_group_text(group, text)
+        payload = self.core.new_group_text(group, text, reply_to)
         await self._send_group_payload(group, payload)
         return self.core.record_sent(payload)
 
@@ -787,13 +799,20 @@ class KluisClient:
             return
         yield ConnectionUp()
         reported: set[str] = set()
+        flows = self._flow_states
+        machine = self.core.verification
         while True:
             for alarm in self.alarms():
                 if alarm not in reported:
                     reported.add(alarm)
                     yield DeviceAlarm(alarm)
+            # A verification under way is answered promptly: its messages are no Message
+            # that would end the wait.
+            wait = _VERIFY_POLL_S if machine.active() else _EVENT_POLL_S
             try:
-                messages = await self.receive(wait=_EVENT_POLL_S, until=1)
+                messages = await self.receive(wait=wait, until=1)
+                machine.expire()
+                await self._flush_verifications_quietly()
             except TransportError as exc:
                 transport, self._transport = self._transport, None
                 if transport is not None:
@@ -808,6 +827,15 @@ class KluisClient:
             self.sweep()  # disappearing messages go while the loop runs, about once a second
             for event in self.core.features.drain():
                 yield event
+            for peer in machine.take_requests():
+                yield VerificationRequested(peer)
+            for flow in machine.views():
+                latest = machine.current(flow.peer)
+                if latest is None or latest.txn != flow.txn:
+                    continue  # replaced (a crossing request won): its end is no news
+                if flows.get(flow.txn) is not flow.state:
+                    flows[flow.txn] = flow.state
+                    yield VerificationChanged(flow)
 
     async def _handle_deliver(self, envelopes: list[f.InEnvelope], out: list[Message]) -> None:
         """Decrypt and store a Deliver push, then ack it.
@@ -1085,9 +1113,46 @@ class KluisClient:
             machine.cancel(flow.txn)  # best effort: tell the peer on the next flush
             raise
 
+    # The same flows, driven by an application that follows events() (the app): no second
+    # reader of the connection. events() sends what the flows answer and reports each change
+    # (VerificationRequested, VerificationChanged); these are the user's acts.
+
+    async def start_verification(self, peer: str) -> Verification:
+        """Answer ``peer``'s waiting request, or ask ``peer``; follow it with events()."""
+        await self.refresh_devices(peer)
+        flow = self.core.verification.begin(peer)
+        await self._flush_verifications()
+        return flow
+
+    async def confirm_verification(self, txn: bytes, match: bool) -> Verification:
+        """The user compared the short code of flow ``txn``: ``match`` or not (cancels)."""
+        flow = self.core.verification.confirm(txn, match)
+        await self._flush_verifications()
+        return flow
+
+    async def cancel_verification(self, txn: bytes) -> None:
+        """The user gave flow ``txn`` up; the peer is told."""
+        self.core.verification.cancel(txn)
+        await self._flush_verifications()
+
     def verification_status(self, peer: str) -> tuple[Status, str]:
         """Whether ``peer`` is verified; for a broken verification, why (offline)."""
         return self.core.verification.status(peer)
+
+    async def _flush_verifications_quietly(self) -> None:
+        """events(): send what the flows answered to what arrived. A refusal other than a lost
+        connection must not end the stream: the flows under way end, cancelled with why (the
+        application hears of it as VerificationChanged)."""
+        try:
+            await self._flush_verifications()
+        except TransportError:
+            raise
+        except KluisError as exc:
+            machine = self.core.verification
+            for flow in machine.views():
+                machine.cancel(flow.txn, f"could not send ({exc.code})")
+            with suppress(KluisError):  # tell the peer, best effort
+                await self._flush_verifications()
 
     async def _flush_verifications(self) -> None:
         """Send what the verification flows queued, each to every device of its account."""

@@ -62,6 +62,7 @@ from kluis.errors import (
     DecryptionError,
     KluisError,
     LocalProtocolError,
+    UnknownReply,
     UntrustedDevice,
 )
 from kluis.identity import chain
@@ -79,6 +80,7 @@ from kluis.protocol.frames import (
 )
 from kluis.protocol.operator import WipeOrder, wipe_message
 from kluis.protocol.payload import (
+    MESSAGE_ID_BYTES,
     File,
     GroupKey,
     GroupText,
@@ -587,28 +589,75 @@ class ClientCore:
         if account != self.account_id and not isinstance(payload, VERIFY_KINDS):
             self.verification.require_intact(account)
 
-    def new_text(self, conversation: str, text: str) -> Text:
+    def new_text(self, conversation: str, text: str, reply_to: bytes = b"") -> Text:
         """A message in ``conversation`` (1:1: the peer's account ID), bound to each recipient
-        device by :meth:`encrypt`."""
+        device by :meth:`encrypt`; ``reply_to`` quotes a message of the same conversation
+        (UnknownReply otherwise)."""
         return Text(
             id=self._random(16),
             ts=self._now_ms(),
             text=text,
             to=conversation,
             expire_s=self.features.timers.seconds(conversation),
+            reply_to=self._check_reply(conversation, reply_to),
         )
+
+    def _check_reply(self, conversation: str, reply_to: bytes) -> bytes:
+        """A reply may quote only a message this device holds in the same conversation: an ID
+        from another conversation would tell that conversation's peer that it exists."""
+        if not reply_to:
+            return b""
+        if len(reply_to) != MESSAGE_ID_BYTES:
+            raise UnknownReply(f"a message ID is {MESSAGE_ID_BYTES} bytes ({len(reply_to)} given)")
+        if self.find_message(conversation, reply_to) is None:
+            raise UnknownReply("no message with that ID in this conversation")
+        return reply_to
+
+    def find_message(self, conversation: str, id_: bytes) -> Message | None:
+        """The message ``id_`` of ``conversation`` as history shows it; None if this device does
+        not hold it there (never one of another conversation, nor one that expired)."""
+        if not id_:
+            return None
+        for raw in self.store.messages(conversation):
+            m = _stored_dec.decode(raw)
+            if m.id == id_ and m.conversation == conversation:
+                return self.features.shown(m)
+        return None
+
+    def quoted(self, message: Message) -> Message | None:
+        """The message ``message`` replies to, from this device's history of the same
+        conversation; None when it is not a reply or when we do not have it ("a message you
+        do not have"): a reply naming a message of another conversation finds nothing here."""
+        return self.find_message(message.conversation, message.reply_to)
+
+    def find_by_prefix(self, conversation: str, prefix: str) -> Message:
+        """The one message of ``conversation`` whose hex ID starts with ``prefix`` (at least 8
+        hex digits, as ``history --json`` prints them); UnknownReply when none or several."""
+        prefix = prefix.strip().lower()
+        if len(prefix) < 8 or len(prefix) > 2 * MESSAGE_ID_BYTES:
+            raise UnknownReply("give 8 to 32 hex digits of the message's ID")
+        try:
+            bytes.fromhex(prefix[: len(prefix) // 2 * 2])
+        except ValueError as exc:
+            raise UnknownReply("a message ID is hex digits") from exc
+        found = [m for m in self.history(conversation) if m.id.hex().startswith(prefix)]
+        if len(found) != 1:
+            why = "no message" if not found else "several messages"
+            raise UnknownReply(f"{why} of this conversation with an ID starting {prefix}")
+        return found[0]
 
     def new_dummy(self, to: str) -> Dummy:
         """A message the recipient ignores: it opens a fresh session (session recovery)."""
         return Dummy(id=self._random(16), ts=self._now_ms(), to=to)
 
-    def new_group_text(self, group: str, text: str) -> GroupText:
+    def new_group_text(self, group: str, text: str, reply_to: bytes = b"") -> GroupText:
         return GroupText(
             id=self._random(16),
             ts=self._now_ms(),
             text=text,
             to=group,
             expire_s=self.features.timers.seconds(group),
+            reply_to=self._check_reply(group, reply_to),
         )
 
     def record_group_line(self, group: str, line: str) -> Message:
@@ -649,6 +698,7 @@ class ClientCore:
         else:
             text, attachment = payload.text, None
         expire_s = 0 if isinstance(payload, Sync) else payload.expire_s
+        reply_to = payload.reply_to if isinstance(payload, Text | GroupText) else b""
         m = StoredMessage(
             conversation,
             sender=sender,
@@ -658,6 +708,7 @@ class ClientCore:
             id=payload.id,
             expires=self.features.timers.expires(ts, expire_s),
             local=local,
+            reply_to=reply_to,
         )
         self.store.add_message(conversation, _enc.encode(m))
         return m

@@ -14,6 +14,10 @@
                 ...  # our messages ``ids`` were delivered to / read by ``by``
             case ContactChanged() | NoteChanged() | MessagesExpired():
                 ...  # another of our devices changed contacts or notes; messages disappeared
+            case VerificationRequested(peer):
+                ...  # peer asks for SAS verification: answer with start_verification(peer)
+            case VerificationChanged(flow):
+                ...  # a flow moved: show flow.short_code (COMPARING), the mark (VERIFIED)
 
 Events carry only str, ints and our own types (never crypto library objects).
 """
@@ -23,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kluis.client.records import Message
+from kluis.client.verification import Verification
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +115,31 @@ class MessagesExpired:
     count: int
 
 
-FeatureEvent = ReceiptReceived | ContactChanged | NoteChanged | MessagesExpired
+@dataclass(frozen=True, slots=True)
+class VerificationRequested:
+    """``peer`` asks for an interactive SAS verification; ``start_verification(peer)``
+    answers it (the request waits up to ten minutes)."""
 
-Event = ConnectionUp | ConnectionDown | MessageReceived | Undecryptable | DeviceAlarm | FeatureEvent
+    peer: str
+
+
+@dataclass(frozen=True, slots=True)
+class VerificationChanged:
+    """A SAS verification flow of this run changed state (see ``client/verification.py``):
+    COMPARING carries the short code to show; VERIFIED and CANCELLED end it."""
+
+    verification: Verification
+
+
+FeatureEvent = ReceiptReceived | ContactChanged | NoteChanged | MessagesExpired
+VerificationEvent = VerificationRequested | VerificationChanged
+
+Event = (
+    ConnectionUp
+    | ConnectionDown
+    | MessageReceived
+    | Undecryptable
+    | DeviceAlarm
+    | FeatureEvent
+    | VerificationEvent
+)

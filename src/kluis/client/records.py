@@ -86,6 +86,7 @@ class StoredMessage(msgspec.Struct, frozen=True):
     expires: int = 0
     kind: str = ""
     local: bool = False  # written on this device (what we sent here): inbox does not show it
+    reply_to: bytes = b""  # the ID of the message of this conversation it quotes (b"": none)
 
 
 class Quarantined(msgspec.Struct, frozen=True):
@@ -116,6 +117,9 @@ class Message:
     kind: str = "text"  # or "timer": a system line (the text says what changed)
     expires: datetime | None = None  # when it disappears from this device (None: never)
     receipt: str = ""  # our own sent messages, in history: "", "delivered" or "read"
+    # A reply: the ID of the message it quotes. Show the quote from ClientCore.quoted(), which
+    # looks in this conversation only; the ID alone reveals nothing.
+    reply_to: bytes = b""
 
     @classmethod
     def from_stored(cls, m: StoredMessage) -> Message:
@@ -130,6 +134,7 @@ class Message:
             id=m.id,
             kind=m.kind or "text",
             expires=expires,
+            reply_to=m.reply_to,
         )
 
 

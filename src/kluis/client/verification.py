@@ -234,6 +234,7 @@ class Verifications:
         self._flows: dict[bytes, _Flow] = {}
         self._outbox: list[tuple[str, Payload]] = []
         self.ignored: list[str] = []  # why recent verification messages changed nothing
+        self._requests: list[str] = []  # accounts whose request now waits for our user
 
     # ---- what the user does -------------------------------------------------------------------
 
@@ -295,6 +296,20 @@ class Verifications:
                 return flow.view()
         return None
 
+    def views(self) -> list[Verification]:
+        """Every flow of this run, oldest first (for an application that follows them)."""
+        return [flow.view() for flow in self._flows.values()]
+
+    def active(self) -> bool:
+        """Whether a flow is under way (its next message may come any moment)."""
+        return any(flow.state not in _TERMINAL for flow in self._flows.values())
+
+    def take_requests(self) -> list[str]:
+        """Accounts that asked for a verification no flow of ours answers yet, each once per
+        request: the user answers with :meth:`begin`."""
+        out, self._requests = self._requests, []
+        return out
+
     def take_outbox(self) -> list[tuple[str, Payload]]:
         """(account, payload) to send, in order; each is handed out once."""
         out, self._outbox = self._outbox, []
@@ -355,6 +370,7 @@ class Verifications:
             self._store.put(
                 self._pending_name(account), _enc.encode(_Pending(req.txn, device, self._now()))
             )
+            self._requests.append(account)
             return None
         if live.state is State.REQUESTED:
             # Both asked at once: the smaller (account, device) wins, the same on both sides.

@@ -35,11 +35,19 @@ class _Bound(msgspec.Struct, frozen=True, tag_field="kind"):
     to: str = ""  # the conversation: the account it was written to
 
 
+# A reply names the quoted message by its payload ID (16 random bytes), never by its text: the
+# recipient shows the quote from its own history of the same conversation, or that it does not
+# have it. Empty: not a reply. An older payload without the field decodes as not a reply.
+MESSAGE_ID_BYTES = 16
+ReplyTo = Annotated[bytes, msgspec.Meta(max_length=MESSAGE_ID_BYTES)]
+
+
 class Text(_Bound, frozen=True, tag="text"):
-    """A message the user wrote to ``to``."""
+    """A message the user wrote to ``to`` (``reply_to``: the ID of the message it quotes)."""
 
     text: str = ""
     expire_s: int = 0  # the conversation's disappearing-message timer as the sender sees it
+    reply_to: ReplyTo = b""
 
 
 class Sync(_Bound, frozen=True, tag="sync"):
@@ -82,6 +90,7 @@ class GroupText(_Bound, frozen=True, tag="group_text"):
 
     text: str = ""
     expire_s: int = 0  # the group's disappearing-message timer as the sender sees it
+    reply_to: ReplyTo = b""  # as Text's
 
 
 class File(_Bound, frozen=True, tag="file", kw_only=True):
@@ -211,6 +220,7 @@ Payload: TypeAlias = (
 __all__ = [
     "MAX_GROUP_MEMBERS",
     "MAX_TIMER_S",
+    "MESSAGE_ID_BYTES",
     "AttachmentRef",
     "ContactSync",
     "Dummy",
@@ -221,6 +231,7 @@ __all__ = [
     "NoteSync",
     "Payload",
     "Receipt",
+    "ReplyTo",
     "Sync",
     "Text",
     "Timer",

@@ -51,6 +51,7 @@ Screen { layers: base overlay; }
 #chat { width: 1fr; }
 #log { height: 1fr; padding: 0 1; scrollbar-size-vertical: 1; }
 #compose { height: 4; border: round $primary; }
+#reply-bar { height: 1; padding: 0 1; display: none; background: $boost; }
 #compose:focus { border: round $accent; }
 #status { height: 1; padding: 0 1; background: $panel; }
 .form { width: 72; max-width: 100%; height: auto; max-height: 100%; padding: 1 2;
@@ -68,6 +69,9 @@ ModalScreen { align: center middle; }
 #members-list { height: auto; max-height: 6; }
 #files { height: auto; max-height: 10; }
 #help { padding: 0 2; border-title-style: bold; }
+#verify-buttons { height: auto; margin: 1 0 0 0; }
+#verify-buttons Button { margin: 0 2 0 0; }
+.sas { margin: 1 0 0 0; height: auto; }
 """
 
 
@@ -93,6 +97,8 @@ class KluisCommands(Provider):
                 ("Disappearing messages", "the open conversation's timer", screen.action_timer),
                 ("Send a file", "to the open conversation", screen.action_attach),
                 ("Save a file", "received in the open conversation", screen.action_save_file),
+                ("Reply", "to the chosen (else the last) message", screen.action_reply),
+                ("Verify contact", "compare emoji side by side (SAS)", screen.action_verify),
             ]
             for row in screen.book.rows():
                 label = f"Open: {safe_line(row.title).plain}"  # a group name is a peer's

@@ -33,12 +33,14 @@ from kluis.client.events import (
     MessagesExpired,
     ReceiptReceived,
     Undecryptable,
+    VerificationChanged,
+    VerificationRequested,
 )
 from kluis.client.groups import GroupState
 from kluis.client.records import Message
 from kluis.client.store import ProfileStore
 from kluis.client.transport import TransportFactory, WebSocketTransport
-from kluis.client.verification import Status
+from kluis.client.verification import Status, Verification
 from kluis.crypto.profile_key import KdfParams
 from kluis.errors import LocalProtocolError, NotSent, TransportError
 from kluis.protocol.attachment import AttachmentRef
@@ -68,6 +70,8 @@ BackendEvent = (
     | ReceiptReceived
     | ContactChanged
     | MessagesExpired
+    | VerificationRequested
+    | VerificationChanged
 )
 Post = Callable[[BackendEvent], None]
 GroupAction = Literal["add", "remove", "rename", "leave"]
@@ -86,7 +90,8 @@ class Backend(Protocol):
 
     async def quarantined(self) -> int: ...
 
-    async def send(self, conversation: str, text: str) -> Message: ...
+    async def send(self, conversation: str, text: str, reply_to: bytes = b"") -> Message:
+        """Send ``text``; ``reply_to``: the ID of the message of ``conversation`` it quotes."""
 
     async def create_group(self, name: str, members: list[str]) -> GroupState: ...
 
@@ -97,6 +102,16 @@ class Backend(Protocol):
 
     async def verification_status(self, peer: str) -> tuple[Status, str]:
         """Whether ``peer`` is verified by SAS; for a broken verification, why."""
+
+    async def start_verification(self, peer: str) -> Verification:
+        """Ask ``peer`` for a SAS verification, or answer its request; the flow's changes
+        arrive as VerificationChanged events."""
+
+    async def confirm_verification(self, txn: bytes, match: bool) -> None:
+        """The user compared the codes of flow ``txn``: they ``match``, or not (cancels)."""
+
+    async def cancel_verification(self, txn: bytes) -> None:
+        """The user gave flow ``txn`` up."""
 
     async def contacts(self) -> dict[str, str]:
         """Nicknames by account ID."""
@@ -249,13 +264,13 @@ class ClientBackend:
     async def quarantined(self) -> int:
         return await self._run(lambda: _value(self._client.quarantined))
 
-    async def send(self, conversation: str, text: str) -> Message:
+    async def send(self, conversation: str, text: str, reply_to: bytes = b"") -> Message:
         async def send_() -> Message:
             if not self._client.connected:
                 # offline: into the outbox, encrypted; the pump's next connect() sends it
-                self._client.keep(conversation, text)
+                self._client.keep(conversation, text, reply_to=reply_to)
                 raise NotSent("kept in the outbox: offline")
-            return await self._client.send(conversation, text)
+            return await self._client.send(conversation, text, reply_to=reply_to)
 
         try:
             return await self._run(send_)
@@ -274,6 +289,15 @@ class ClientBackend:
 
     async def verification_status(self, peer: str) -> tuple[Status, str]:
         return await self._run(lambda: _value(self._client.verification_status(peer)))
+
+    async def start_verification(self, peer: str) -> Verification:
+        return await self._run(lambda: self._client.start_verification(peer))
+
+    async def confirm_verification(self, txn: bytes, match: bool) -> None:
+        await self._run(lambda: self._client.confirm_verification(txn, match))
+
+    async def cancel_verification(self, txn: bytes) -> None:
+        await self._run(lambda: self._client.cancel_verification(txn))
 
     async def contacts(self) -> dict[str, str]:
         return await self._run(lambda: _value(self._client.contacts()))
@@ -366,6 +390,8 @@ class ClientBackend:
                             | ReceiptReceived()
                             | ContactChanged()
                             | MessagesExpired()
+                            | VerificationRequested()
+                            | VerificationChanged()
                         ):
                             post(event)
                         case _:

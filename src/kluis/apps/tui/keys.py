@@ -67,6 +67,10 @@ ACTIONS: tuple[Action, ...] = (
     Action("show_id", "ctrl+y", "your ID and its QR code"),
     Action("show_images", "f5", "show images from unverified senders"),
     Action("next_profile", "f8", "next profile (--profile given twice)"),
+    Action("select_previous", "ctrl+up", "choose an earlier"),
+    Action("select_next", "ctrl+down", "later message"),
+    Action("reply", "f6", "reply to it (else to the last)"),
+    Action("verify", "f7", "verify the contact side by side"),
     Action("toggle_dark_theme", "ctrl+t", "light / dark theme"),
     Action("help", "question_mark", "this help (F1 too)"),
 )
@@ -199,6 +203,22 @@ def load_keymap(paths: list[Path]) -> dict[str, str]:
     return keymap
 
 
+_PAIRED = {"select_previous": "select_next"}  # shown on one row of the help: "A / B"
+
+
 def active_keys(keymap: Mapping[str, str]) -> list[tuple[str, str]]:
-    """(keys as shown, description) of every action, with the keymap applied."""
-    return [(display_keys(keymap.get(a.id, a.keys)), a.description) for a in ACTIONS]
+    """(keys as shown, description) of every action, with the keymap applied; an action of
+    :data:`_PAIRED` shares its row with its pair."""
+    rows = []
+    paired = set(_PAIRED.values())
+    for a in ACTIONS:
+        if a.id in paired:
+            continue
+        keys = display_keys(keymap.get(a.id, a.keys))
+        description = a.description
+        if a.id in _PAIRED:
+            other = BY_ID[_PAIRED[a.id]]
+            keys += " / " + display_keys(keymap.get(other.id, other.keys))
+            description += " / " + other.description
+        rows.append((keys, description))
+    return rows

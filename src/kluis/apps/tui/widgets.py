@@ -8,6 +8,7 @@ from datetime import datetime, tzinfo
 import segno
 from rich.console import RenderableType
 from rich.padding import Padding
+from rich.styled import Styled
 from rich.table import Table
 from rich.text import Text
 from textual import events
@@ -56,14 +57,39 @@ RECEIPT_MARKS = {
     "read": Text(" ✓✓", style="bold cyan"),
 }
 OPERATOR_STYLE = "bold magenta"
+SELECTED_STYLE = "on #3a3a5a"  # the message chosen to reply to
+
+
+QUOTE_CHARS = 60  # of the quoted message, in a reply's first line
+MISSING_QUOTE = "a message you do not have"
+
+
+def quote_line(quote: Message | None, name: str, style: str = "dim italic") -> Text:
+    """``↪ NAME: first words`` of a quoted message (sanitised, one line), or that this device
+    does not hold it (expired, never received, or of another conversation)."""
+    line = Text("↪ ", style="dim")
+    if quote is None:
+        line.append(MISSING_QUOTE, style=style)
+        return line
+    text = quote.text or (f"[file] {quote.attachment.name}" if quote.attachment else "")
+    cut = text[:QUOTE_CHARS] + ("…" if len(text) > QUOTE_CHARS else "")
+    line.append_text(safe_line(f"{name}: ", f"bold {style}"))
+    line.append_text(safe_line(cut, style))
+    return line
 
 
 def message_renderable(
-    message: Message, me: str, tz: tzinfo | None, name: str | None = None
+    message: Message,
+    me: str,
+    tz: tzinfo | None,
+    name: str | None = None,
+    quote: Message | None = None,
+    quote_name: str = "",
 ) -> RenderableType:
     """One message in its row: ``name`` is how the sender is shown (a nickname; else the start
     of the ID). Our own messages carry their receipt (✓ delivered, ✓✓ read); a timer change
-    is a system line; an operator announcement is a notice, not a person's message."""
+    is a system line; an operator announcement is a notice, not a person's message. A reply
+    starts with the quoted message (``quote``, by ``quote_name``; None: we do not have it)."""
     when = local(message.time, tz).strftime("%H:%M")
     mine = message.sender == me
     if message.sender == OPERATOR:
@@ -84,6 +110,8 @@ def message_renderable(
         label_text.append_text(safe_line(ref.name or "(no name)"))
         label_text.append(f" ({human_size(ref.size)})")
         body = label_text if not message.text else label_text + Text("\n") + body
+    if message.reply_to:
+        body = quote_line(quote, quote_name) + Text("\n") + body
     return _row(when, who, body)
 
 
@@ -122,13 +150,29 @@ class ChatLog(RichLog):
         self._starts: list[int] = []  # the first line of each entry, as last written
         self._keys: dict[object, int] = {}  # message_key -> entry index
         self._width = 0
+        # What a reply may quote and a quote is drawn from: the messages shown, in order,
+        # and by ID (this conversation's only: the log shows one conversation).
+        self.messages: list[Message] = []
+        self._by_id: dict[bytes, Message] = {}
+        self._marked: int | None = None  # the entry drawn as chosen (replies)
 
     def reset(self) -> None:
         self.clear()
         self._entries.clear()
         self._starts.clear()
         self._keys.clear()
+        self.messages.clear()
+        self._by_id.clear()
+        self._marked = None
         self._last_day = None
+
+    def message(self, id_: bytes) -> Message | None:
+        """The message ``id_`` of the conversation shown; None if it is not shown."""
+        return self._by_id.get(id_) if id_ else None
+
+    def quotable(self) -> list[Message]:
+        """The messages a reply may quote: the users' texts and files, with an ID."""
+        return [m for m in self.messages if m.id and m.kind == "text"]
 
     def _emit(self, renderable: RenderableType) -> None:
         self._entries.append(renderable)
@@ -139,10 +183,28 @@ class ChatLog(RichLog):
         """Lines are wrapped when written: write them again at the new width."""
         if event.size.width != self._width:
             self._width = event.size.width
-            self.clear()
-            for index, renderable in enumerate(self._entries):
-                self._starts[index] = len(self.lines)
-                self.write(renderable, expand=True)
+            self._rewrite()
+
+    def _rewrite(self) -> None:
+        self.clear()
+        for index, renderable in enumerate(self._entries):
+            self._starts[index] = len(self.lines)
+            if index == self._marked:
+                renderable = Styled(renderable, SELECTED_STYLE)
+            self.write(renderable, expand=True)
+
+    def mark(self, key: object) -> None:
+        """Draw the message with ``key`` (see :func:`message_key`) as chosen; None: none. The
+        view stays where it was."""
+        index = self._keys.get(key) if key is not None else None
+        if index != self._marked:
+            self._marked = index
+            scroll_y, follow = self.scroll_y, self.auto_scroll
+            self.auto_scroll = False
+            self._rewrite()
+            self.auto_scroll = follow
+            if not follow:
+                self.scroll_to(y=scroll_y, animate=False)
 
     def scroll_to_message(self, key: object) -> bool:
         """Bring the message with ``key`` (see :func:`message_key`) to the top; False if it is
@@ -168,10 +230,17 @@ class ChatLog(RichLog):
         today: datetime,
         tz: tzinfo | None,
         name: str | None = None,
+        quote_name: str = "",
     ) -> None:
+        """Draw ``message``; a reply quotes the message it names from this log (the
+        conversation's history), whose sender shows as ``quote_name``."""
         self._day(local(message.time, tz), today)
         self._keys[message_key(message)] = len(self._entries)
-        self._emit(message_renderable(message, me, tz, name))
+        quote = self.message(message.reply_to)
+        self._emit(message_renderable(message, me, tz, name, quote, quote_name))
+        self.messages.append(message)
+        if message.id:
+            self._by_id[message.id] = message
 
     def add_preview(self, preview: Text) -> None:
         """An image's preview (or why there is none), under its message's text."""

@@ -206,14 +206,12 @@ class HelpScreen(_Dialog):
         for keys, what in [*FIXED_KEYS[:3], *active_keys(keymap), *FIXED_KEYS[3:]]:
             table.add_row(keys, what)
         with VerticalScroll(classes="dialog", id="help") as box:
-            box.border_title = "Keys"  # in the border: the list fits 80x24 with its hints
+            # In the border: seen at 80x24 even when the list below needs scrolling.
+            box.border_title = "Keys"
+            box.border_subtitle = f"set in {KEYS_FILE}: the profile's or ~/.config/kluis/"
             yield Static(table)
             yield Static(MARKS, classes="hint")
-            yield Static(
-                "Others' control characters show escaped: \\x1b, \\u202e. "
-                f"Keys: {KEYS_FILE} in the profile or ~/.config/kluis/",
-                classes="hint",
-            )
+            yield Static("Others' control characters show escaped: \\x1b, \\u202e.", classes="hint")
 
 
 class AlarmScreen(_Dialog):

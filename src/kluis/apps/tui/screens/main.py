@@ -46,7 +46,15 @@ from kluis.apps.tui.screens.dialogs import (
     NewGroupScreen,
 )
 from kluis.apps.tui.screens.files import AttachScreen, SaveScreen, TransferBar, TransferProgress
-from kluis.apps.tui.widgets import ChatLog, ComposeArea, ConversationList, StatusLine
+from kluis.apps.tui.screens.verify import VerifyScreen
+from kluis.apps.tui.widgets import (
+    ChatLog,
+    ComposeArea,
+    ConversationList,
+    StatusLine,
+    message_key,
+    quote_line,
+)
 from kluis.client.events import (
     ContactChanged,
     DeviceAlarm,
@@ -54,12 +62,14 @@ from kluis.client.events import (
     MessagesExpired,
     ReceiptReceived,
     Undecryptable,
+    VerificationChanged,
+    VerificationRequested,
 )
 from kluis.client.groups import is_group_id
 from kluis.client.operator import OPERATOR
 from kluis.client.records import Message
 from kluis.client.timers import describe
-from kluis.client.verification import Status
+from kluis.client.verification import State, Status, Verification
 from kluis.errors import KluisError, NotSent, UntrustedDevice, VerificationBroken
 from kluis.protocol.attachment import AttachmentRef
 
@@ -96,6 +106,13 @@ class MainScreen(Screen[None]):
         Binding("ctrl+s", "save_file", "Save", id="save_file", priority=True, show=False),
         Binding("ctrl+y", "show_id", "My ID", id="show_id", priority=True, show=False),
         Binding("f5", "show_images", "Images", id="show_images", priority=True, show=False),
+        Binding(
+            "ctrl+up", "select_previous", "Select", id="select_previous", priority=True, show=False
+        ),
+        Binding("ctrl+down", "select_next", "Select", id="select_next", priority=True, show=False),
+        Binding("f6", "reply", "Reply", id="reply", priority=True, show=False),
+        Binding("escape", "cancel_reply", "Cancel reply", show=False),
+        Binding("f7", "verify", "Verify", id="verify", priority=True, show=False),
     ]
 
     def __init__(self, backend: Backend | None = None, profile: Path | None = None) -> None:
@@ -118,6 +135,13 @@ class MainScreen(Screen[None]):
         # while another profile is shown: what this one would have said, said when shown again
         self._toasts: list[tuple[str, str, SeverityLevel]] = []
         self._alarms: list[str] = []
+        # replies: the message chosen in the chat view (Ctrl+Up/Down), and the one the next
+        # send quotes (F6); both belong to the open conversation and go when it changes
+        self.selected: Message | None = None
+        self.reply_to: Message | None = None
+        # the SAS verification shown (F7): its dialog, and the flow's transaction once known
+        self.verify_screen: VerifyScreen | None = None
+        self.verify_txn = b""
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="body"):
@@ -128,6 +152,7 @@ class MainScreen(Screen[None]):
                 yield Static(id="chat-title", classes="heading")
                 yield ChatLog(id="log")
                 yield TransferBar(id="transfer")
+                yield Static(id="reply-bar")
                 yield ComposeArea(id="compose", placeholder="Write a message · Enter sends")
         yield StatusLine(id="status")
         yield Footer()
@@ -283,6 +308,13 @@ class MainScreen(Screen[None]):
                     safe_line(notice.text).plain, title="Unreadable message", severity="warning"
                 )
                 self._refresh_list()
+            case VerificationRequested(peer=peer):
+                who = self.book.title(peer)
+                text = f"{who} asks to verify: press F7 in your chat with them"
+                self._chat_notice(Notice(self.app.now(), "info", text, peer))
+                self.app.notify(safe_line(text).plain, title="Verification")
+            case VerificationChanged(verification=flow):
+                self._verification_changed(flow)
             case DeviceAlarm(alarm=alarm):
                 self.alarmed = True
                 self.book.notice(Notice(self.app.now(), "alarm", alarm))
@@ -354,7 +386,11 @@ class MainScreen(Screen[None]):
 
     def _show_message(self, m: Message) -> None:
         log = self.query_one(ChatLog)
-        log.add_message(m, self.book.me, self.app.now(), self.app.tz, self.book.name(m.sender))
+        quote = log.message(m.reply_to)
+        quote_name = self._sender_label(quote.sender) if quote is not None else ""
+        log.add_message(
+            m, self.book.me, self.app.now(), self.app.tz, self.book.name(m.sender), quote_name
+        )
         if m.attachment is not None and is_image(m.attachment):
             log.add_preview(self._preview(m, m.attachment))
 
@@ -401,6 +437,9 @@ class MainScreen(Screen[None]):
             if isinstance(state, str) and state != LOADING:
                 del self.previews[blob]
         self._fill_chat()
+
+    def _sender_label(self, account: str) -> str:
+        return "you" if account == self.book.me else self.book.name(account) or account[:8]
 
     def _refresh_list(self) -> None:
         self.query_one(ConversationList).show(self.book.rows(), self.book.open_id)
@@ -465,6 +504,8 @@ class MainScreen(Screen[None]):
             self.call_after_refresh(log.scroll_to_message, jump)
 
     def open_conversation(self, conversation: str) -> None:
+        self.selected = self.reply_to = None
+        self._show_reply_bar()
         self.book.open(conversation)
         self._refresh_list()
         self._refresh_chat()
@@ -506,12 +547,15 @@ class MainScreen(Screen[None]):
             self._warn(self.key_warnings[conversation])
             return
         self.query_one(ComposeArea).clear()
-        self._send(conversation, event.text)
+        reply_to = self.reply_to.id if self.reply_to is not None else b""
+        self.selected = self.reply_to = None
+        self._show_reply_bar()
+        self._send(conversation, event.text, reply_to)
 
     @work(group="send")
-    async def _send(self, conversation: str, text: str) -> None:
+    async def _send(self, conversation: str, text: str, reply_to: bytes = b"") -> None:
         try:
-            sent = await self.backend.send(conversation, text)
+            sent = await self.backend.send(conversation, text, reply_to)
         except NotSent:
             # The client kept it, encrypted, in the outbox and sends it on reconnection:
             # giving the text back would send it twice.
@@ -580,6 +624,155 @@ class MainScreen(Screen[None]):
         self.app.push_screen(KeyChangeScreen(warning, contact), acknowledged)
 
     # ---- actions --------------------------------------------------------------------------------
+
+    def _show_reply_bar(self) -> None:
+        """Above the compose box: the message chosen, or the one the next send quotes (drawn
+        as chosen in the chat view too)."""
+        bar = self.query_one("#reply-bar", Static)
+        chosen = self.reply_to or self.selected
+        self.query_one(ChatLog).mark(message_key(chosen) if chosen is not None else None)
+        if chosen is None:
+            bar.display = False
+            return
+        line = quote_line(chosen, self._sender_label(chosen.sender), "italic")
+        head = "Replying to " if self.reply_to is not None else "F6 replies to "
+        text = Text(head, style="bold")
+        text.append_text(line)
+        text.append("  · Esc cancels", style="dim")
+        text.no_wrap, text.overflow = True, "ellipsis"  # one line, whatever the quote
+        bar.update(text)
+        bar.display = True
+
+    def _select(self, step: int) -> None:
+        """Move the choice ``step`` messages back (-1) or on (+1) from the chosen one (from the
+        newest when none); past the newest: nothing chosen."""
+        log = self.query_one(ChatLog)
+        quotable = log.quotable()
+        if not quotable:
+            self.app.notify("no message to reply to here", severity="warning")
+            return
+        ids = [m.id for m in quotable]
+        current = self.selected or self.reply_to
+        index = ids.index(current.id) if current is not None and current.id in ids else None
+        if index is None:
+            index = len(quotable) - 1 if step < 0 else None
+        else:
+            index += step
+        self.reply_to = None
+        if index is None or index >= len(quotable):
+            self.selected = None
+            self._show_reply_bar()
+        else:
+            self.selected = quotable[max(0, index)]
+            self._show_reply_bar()
+            log.scroll_to_message(message_key(self.selected))
+
+    def action_select_previous(self) -> None:
+        self._select(-1)
+
+    def action_select_next(self) -> None:
+        self._select(+1)
+
+    def action_reply(self) -> None:
+        """Quote the chosen message (the newest when none is chosen) in the next send."""
+        if self.book.open_id in (None, UNREADABLE, OPERATOR):
+            self.app.notify("open a conversation first (Ctrl+N)", severity="warning")
+            return
+        target = self.selected
+        if target is None:
+            quotable = self.query_one(ChatLog).quotable()
+            target = quotable[-1] if quotable else None
+        if target is None:
+            self.app.notify("no message to reply to here", severity="warning")
+            return
+        self.reply_to, self.selected = target, None
+        self._show_reply_bar()
+        self.query_one(ComposeArea).focus()
+
+    # ---- SAS verification (F7) -------------------------------------------------------------------
+
+    def _chat_notice(self, notice: Notice) -> None:
+        self.book.notice(notice)
+        if notice.conversation == self.book.open_id:
+            self.query_one(ChatLog).add_notice(notice, self.app.now(), self.app.tz)
+
+    def action_verify(self) -> None:
+        """Verify the open chat's peer side by side: ask, or answer the peer's request."""
+        peer = self.book.open_id
+        if peer is None or not is_person(peer):
+            self.app.notify("open a chat with a person first", severity="warning")
+            return
+        if self.verify_screen is not None:
+            return
+
+        def closed(result: object) -> None:
+            self.verify_screen = None
+            if result in ("differ", "cancel") and self.verify_txn:
+                self._answer_verification(self.verify_txn, result)
+
+        self.verify_txn = b""
+        self.verify_screen = VerifyScreen(peer, self.book.title(peer), self._confirmed)
+        self.app.push_screen(self.verify_screen, closed)
+        self._start_verification(peer)
+
+    @work(group="verification")
+    async def _start_verification(self, peer: str) -> None:
+        try:
+            flow = await self.app.backend_required.start_verification(peer)
+        except KluisError as exc:
+            self._end_verification(f"verification not started: {exc}", "alarm", peer)
+            return
+        if not self.verify_txn:  # an event may have told it first
+            self.verify_txn = flow.txn
+        if self.verify_screen is not None and flow.state is State.REQUESTED:
+            who = self.book.title(peer)
+            self.verify_screen.state(f"Asked {who}: waiting for them to press F7 in their chat…")
+
+    def _confirmed(self, match: bool) -> None:
+        if self.verify_txn:
+            self._answer_verification(self.verify_txn, "match" if match else "differ")
+
+    @work(group="verification")
+    async def _answer_verification(self, txn: bytes, answer: object) -> None:
+        backend = self.app.backend_required
+        try:
+            if answer == "cancel":
+                await backend.cancel_verification(txn)
+            else:
+                await backend.confirm_verification(txn, answer == "match")
+        except KluisError as exc:
+            self.app.notify(safe_line(str(exc)).plain, title="Verification", severity="error")
+
+    def _verification_changed(self, flow: Verification) -> None:
+        screen = self.verify_screen
+        mine = screen is not None and screen.peer == flow.peer
+        if mine and flow.state not in (State.VERIFIED, State.CANCELLED):
+            self.verify_txn = flow.txn  # the flow under way (ours, or the peer's we answered)
+        if flow.state is State.COMPARING and flow.short_code is not None:
+            if mine and screen is not None and screen.code is None:
+                screen.show_code(flow.short_code)
+        elif flow.state is State.VERIFIED:
+            who = self.book.title(flow.peer)
+            self._end_verification(f"verified {who}: the codes matched", "info", flow.peer)
+            self._check_verification([flow.peer])
+        elif flow.state is State.CANCELLED:
+            text = f"verification with {self.book.title(flow.peer)} failed: {flow.reason}"
+            self._end_verification(text, "alarm", flow.peer)
+            self._check_verification([flow.peer])
+
+    def _end_verification(self, text: str, kind: str, peer: str) -> None:
+        if self.verify_screen is not None and self.verify_screen.peer == peer:
+            screen, self.verify_screen = self.verify_screen, None
+            self.verify_txn = b""
+            if screen.is_attached:
+                screen.dismiss(None)
+        self._chat_notice(Notice(self.app.now(), kind, text, peer))
+        severity: SeverityLevel = "information" if kind == "info" else "warning"
+        self.app.notify(safe_line(text).plain, title="Verification", severity=severity)
+
+    def action_cancel_reply(self) -> None:
+        self.selected = self.reply_to = None
+        self._show_reply_bar()
 
     def action_new_conversation(self) -> None:
         def opened(result: object) -> None:
