@@ -13,7 +13,7 @@ The Enter key goes to Alice's app the way ``pilot.press`` delivers it (an ``even
 the app's driver) but without ``press``'s own wait until the whole process is idle: that wait
 (``wait_for_idle``: 20 ms slices until one uses under 1 ms of CPU) ran until the receipts that
 follow each message were done, and was timed with it, so figures taken before this change
-(p50 125–200 ms) measured that, not Enter to the peer.
+(p50 125 to 200 ms) measured that, not Enter to the peer.
 
 Prints p50, p90, p99 and max in milliseconds, and the CPU time the process (both apps and both
 clients; the server is another process) spent per message, as JSON; it writes no result file.
