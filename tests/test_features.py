@@ -3,6 +3,7 @@ the conversation list between real clients of an in-process server."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from pathlib import Path
 
@@ -214,5 +215,26 @@ async def test_marking_a_chat_read_reads_only_what_came_after_its_mark(
     assert receipt.to[0].account == alice.account_id
     await alice.receive(wait=2)
     assert [m.receipt for m in alice.history(bob.account_id)] == ["read", "read", "read"]
+    for c in (alice, bob):
+        await c.close()
+
+
+async def test_receipts_flushed_twice_at_once_go_once(
+    inproc: InProcessServer, tmp_path: Path
+) -> None:
+    """The app marks the chat read while events() still flushes the batch's delivered receipt:
+    each pending receipt goes out once."""
+    alice = await register(inproc, tmp_path / "alice")
+    bob = await register(inproc, tmp_path / "bob")
+    await alice.send(bob.account_id, "hello")
+    assert len(await bob.receive(wait=5, until=1, settle=False)) == 1
+    assert bob.core.features.conversations.mark_read(alice.account_id) == 1
+    sent = record_requests(bob)
+    await asyncio.gather(bob.flush_receipts(), bob.flush_receipts())
+    receipts = [frame for frame in sent if isinstance(frame, f.Send)]
+    assert len(receipts) == 2  # delivered, then read: once each
+    assert bob.core.features.receipts.pending() == []
+    await alice.receive(wait=2)
+    assert [m.receipt for m in alice.history(bob.account_id)] == ["read"]
     for c in (alice, bob):
         await c.close()

@@ -147,6 +147,9 @@ class KluisClient:
         self._flushing = False
         # Envelopes stored but not acknowledged yet: events() hands their messages over first.
         self._unacked: list[int] = []
+        # One flush of the receipts at a time: the app's mark_read() may come while events()
+        # flushes a batch's; the second then sends only what the first left (no duplicates).
+        self._receipts_lock = asyncio.Lock()
 
     # ---- opening ------------------------------------------------------------------------------
 
@@ -1059,6 +1062,10 @@ class KluisClient:
     async def flush_receipts(self) -> None:
         """Send the receipts waiting in the profile. One an account refuses is dropped (a
         receipt is a courtesy: it must not wedge anything); a lost connection keeps the rest."""
+        async with self._receipts_lock:
+            await self._flush_receipts()
+
+    async def _flush_receipts(self) -> None:
         receipts = self.core.features.receipts
         for pending, payloads in receipts.pending():
             try:
