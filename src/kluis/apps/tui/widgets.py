@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from datetime import datetime, tzinfo
 
@@ -10,6 +11,7 @@ from rich.console import RenderableType
 from rich.table import Table
 from rich.text import Text
 from textual import events
+from textual.geometry import Size
 from textual.message import Message as TextualMessage
 from textual.widgets import OptionList, RichLog, Static, TextArea
 from textual.widgets.option_list import Option
@@ -55,6 +57,7 @@ RECEIPT_MARKS = {
     "read": Text(" ✓✓", style="bold cyan"),
 }
 OPERATOR_STYLE = "bold magenta"
+_RANK = {"": 0, "delivered": 1, "read": 2}  # receipt states only go up
 
 
 def message_renderable(
@@ -120,6 +123,8 @@ class ChatLog(RichLog):
         self._entries: list[RenderableType] = []
         self._starts: list[int] = []  # the first line of each entry, as last written
         self._keys: dict[object, int] = {}  # message_key -> entry index
+        # entry index -> the message and how it was drawn (me, tz, name): receipts redraw it
+        self._messages: dict[int, tuple[Message, str, tzinfo | None, str | None]] = {}
         self._width = 0
 
     def reset(self) -> None:
@@ -127,6 +132,7 @@ class ChatLog(RichLog):
         self._entries.clear()
         self._starts.clear()
         self._keys.clear()
+        self._messages.clear()
         self._last_day = None
 
     def _emit(self, renderable: RenderableType) -> None:
@@ -170,7 +176,45 @@ class ChatLog(RichLog):
     ) -> None:
         self._day(local(message.time, tz), today)
         self._keys[message_key(message)] = len(self._entries)
+        self._messages[len(self._entries)] = (message, me, tz, name)
         self._emit(message_renderable(message, me, tz, name))
+
+    def mark_receipt(self, ids: Iterable[bytes], status: str) -> bool:
+        """Our messages with these IDs got a receipt: draw their marks again in place (states
+        only go up: a late "delivered" leaves "read"). False when the log cannot (its size is
+        not known yet, so its writes wait): the caller draws the chat again instead."""
+        if not self._size_known:
+            return False
+        for message_id in ids:
+            index = self._keys.get(message_id) if message_id else None
+            shown = self._messages.get(index) if index is not None else None
+            if index is None or shown is None:
+                continue
+            message, me, tz, name = shown
+            if _RANK.get(status, 0) <= _RANK.get(message.receipt, 0):
+                continue
+            message = dataclasses.replace(message, receipt=status)
+            self._messages[index] = (message, me, tz, name)
+            self._replace(index, message_renderable(message, me, tz, name))
+        return True
+
+    def _replace(self, index: int, renderable: RenderableType) -> None:
+        """Draw entry ``index`` again where it is: written at the end (RichLog's wrapping),
+        then its lines moved into the entry's place."""
+        start = self._starts[index]
+        end = self._starts[index + 1] if index + 1 < len(self._starts) else len(self.lines)
+        written = len(self.lines)
+        self.write(renderable, expand=True, scroll_end=False)
+        new = self.lines[written:]
+        del self.lines[written:]
+        self.lines[start:end] = new
+        shift = len(new) - (end - start)
+        for later in range(index + 1, len(self._starts)):
+            self._starts[later] += shift
+        self._entries[index] = renderable
+        self._line_cache.clear()
+        self.virtual_size = Size(self._widest_line_width, len(self.lines))
+        self.refresh()
 
     def add_notice(self, notice: Notice, today: datetime, tz: tzinfo | None) -> None:
         self._day(local(notice.time, tz), today)
