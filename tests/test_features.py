@@ -3,6 +3,7 @@ the conversation list between real clients of an in-process server."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from pathlib import Path
 
@@ -179,4 +180,61 @@ async def test_conversation_list_unread_and_last_activity(
     await alice.mark_read(bob.account_id)
     assert [i.unread for i in alice.conversations()] == [0, 1]
     for c in (alice, bob, carol):
+        await c.close()
+
+
+async def test_marking_a_chat_read_reads_only_what_came_after_its_mark(
+    inproc: InProcessServer, tmp_path: Path
+) -> None:
+    """The app marks the open chat read at each message: that must not read the whole history
+    again each time, and still queue a receipt for exactly the new messages."""
+    alice = await register(inproc, tmp_path / "alice")
+    bob = await register(inproc, tmp_path / "bob")
+    for text in ("one", "two"):
+        await alice.send(bob.account_id, text)
+    await bob.receive(wait=5, until=2)
+    assert await bob.mark_read(alice.account_id) == 2
+    store = bob.core.store
+    real = store.message_rows
+    read: list[int] = []
+
+    def counting(peer: str | None = None, after: int = 0) -> list[tuple[int, bytes]]:
+        rows = real(peer, after)
+        read.extend(seq for seq, _ in rows)
+        return rows
+
+    store.message_rows = counting  # type: ignore[method-assign]
+    assert await bob.mark_read(alice.account_id) == 0
+    assert read == []
+    await alice.send(bob.account_id, "three")
+    await bob.receive(wait=5, until=1)
+    sent = record_requests(bob)
+    assert await bob.mark_read(alice.account_id) == 1
+    assert len(read) == 1  # the new message's row only
+    (receipt,) = [frame for frame in sent if isinstance(frame, f.Send)]
+    assert receipt.to[0].account == alice.account_id
+    await alice.receive(wait=2)
+    assert [m.receipt for m in alice.history(bob.account_id)] == ["read", "read", "read"]
+    for c in (alice, bob):
+        await c.close()
+
+
+async def test_receipts_flushed_twice_at_once_go_once(
+    inproc: InProcessServer, tmp_path: Path
+) -> None:
+    """The app marks the chat read while events() still flushes the batch's delivered receipt:
+    each pending receipt goes out once."""
+    alice = await register(inproc, tmp_path / "alice")
+    bob = await register(inproc, tmp_path / "bob")
+    await alice.send(bob.account_id, "hello")
+    assert len(await bob.receive(wait=5, until=1, settle=False)) == 1
+    assert bob.core.features.conversations.mark_read(alice.account_id) == 1
+    sent = record_requests(bob)
+    await asyncio.gather(bob.flush_receipts(), bob.flush_receipts())
+    receipts = [frame for frame in sent if isinstance(frame, f.Send)]
+    assert len(receipts) == 2  # delivered, then read: once each
+    assert bob.core.features.receipts.pending() == []
+    await alice.receive(wait=2)
+    assert [m.receipt for m in alice.history(bob.account_id)] == ["read"]
+    for c in (alice, bob):
         await c.close()

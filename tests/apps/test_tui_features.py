@@ -199,17 +199,19 @@ async def test_receipts_day_separators_and_read_marks(tmp_path: Path) -> None:
         assert "09:14 you ✓✓    read one" in lines
         assert "08:02 you ✓     delivered one" in lines
         assert "08:03 you       sent one" in lines
-        # a receipt arrives: the marks are drawn again from the history
-        backend.messages[-1] = Message(
-            ME, ANNA, at(0, 8, 3), "sent one", id=b"3" * 16, receipt="delivered"
-        )
+        # receipts arrive: the marks are drawn again in place, without reading the history
         reads = backend.history_reads
         backend.emit(ReceiptReceived(ANNA, "delivered", ANNA, (b"3" * 16,)))
         backend.emit(ReceiptReceived(ANNA, "read", ANNA, (b"2" * 16,)))
+        backend.emit(ReceiptReceived(ANNA, "delivered", ANNA, (b"1" * 16,)))  # late: stays read
         await pilot.pause(0.5)
         await settle(pilot)
-        assert "08:03 you ✓     sent one" in log_lines(app)
-        assert backend.history_reads == reads + 1  # two receipts, one redraw
+        after = log_lines(app)
+        assert "08:03 you ✓     sent one" in after
+        assert "08:02 you ✓✓    delivered one" in after
+        assert "09:14 you ✓✓    read one" in after
+        assert len(after) == len(lines)  # every row where it was
+        assert backend.history_reads == reads
         # a message arriving in the open conversation is read at once
         backend.read.clear()
         backend.emit(MessageReceived(Message(ANNA, ANNA, NOW, "new")))

@@ -150,6 +150,11 @@ class KluisClient:
         self._flushing = False
         # events(): the state of each verification flow last reported, across reconnections
         self._flow_states: dict[bytes, State] = {}
+        # Envelopes stored but not acknowledged yet: events() hands their messages over first.
+        self._unacked: list[int] = []
+        # One flush of the receipts at a time: the app's mark_read() may come while events()
+        # flushes a batch's; the second then sends only what the first left (no duplicates).
+        self._receipts_lock = asyncio.Lock()
 
     # ---- opening ------------------------------------------------------------------------------
 
@@ -300,6 +305,7 @@ class KluisClient:
             await transport.close()
             raise
         self._transport, self._synced = transport, False
+        self._unacked = []  # the old connection's: the server delivers them again (duplicates)
         operator.pin_key(self.core.store, welcome.operator)
         operator.note_expiry(self.core.store, welcome.expires_at)
         try:
@@ -730,10 +736,15 @@ class KluisClient:
 
     # ---- receiving ----------------------------------------------------------------------------
 
-    async def receive(self, wait: float = 0.0, *, until: int | None = None) -> list[Message]:
+    async def receive(
+        self, wait: float = 0.0, *, until: int | None = None, settle: bool = True
+    ) -> list[Message]:
         """Read everything queued for this device; with ``wait``, listen that long for more.
 
-        With ``until``, return as soon as that many messages have arrived.
+        With ``until``, return as soon as that many messages have arrived. With ``settle``
+        False, the last batch's Ack and the housekeeping after it (:meth:`_settle`: broken
+        sessions, receipts) are left to the caller, which shows the messages first: they are
+        committed, and a redelivery of what was not acknowledged is dropped as a duplicate.
         """
         out: list[Message] = []
         self.errors = []
@@ -744,6 +755,7 @@ class KluisClient:
         deadline = loop.time() + wait
         try:
             while True:
+                await self._ack()  # what the last push stored, before waiting for the next
                 remaining = deadline - loop.time()
                 if not self._synced:
                     remaining = max(remaining, _BACKLOG_TIMEOUT)  # the backlog is on its way
@@ -767,11 +779,11 @@ class KluisClient:
                 elif isinstance(push, f.KeysLow):
                     await self._upload_keys(push.otk_count)
                 else:
-                    await self._handle_deliver(push.envelopes, out)
+                    await self._handle_deliver(push.envelopes, out, defer_ack=not settle)
                     if until is not None and len(out) >= until and self._synced:
                         break
-            await self._recover_sessions()
-            await self.flush_receipts()  # one per conversation for the whole batch
+            if settle:
+                await self._settle()
         except TransportError:
             # Messages in ``out`` are decrypted and stored, so a redelivery is seen as a
             # duplicate and never shown: hand them over now; the next call raises.
@@ -779,6 +791,14 @@ class KluisClient:
                 raise
             pushes.put_nowait(None)
         return out
+
+    async def _settle(self) -> None:
+        """After a batch: acknowledge it, open fresh sessions where one broke, and send the
+        receipts it queued (one per conversation for the whole batch; they wait in the profile
+        until sent)."""
+        await self._ack()
+        await self._recover_sessions()
+        await self.flush_receipts()
 
     async def messages(self) -> AsyncIterator[Message]:
         """Every incoming message, as it arrives, forever."""
@@ -807,23 +827,27 @@ class KluisClient:
                     reported.add(alarm)
                     yield DeviceAlarm(alarm)
             # A verification under way is answered promptly: its messages are no Message
-            # that would end the wait.
+            # that would end the wait. The batch is stored and acknowledged when receive()
+            # returns: it is shown before the housekeeping (receipts, session repair, the
+            # verification answers) that needs round trips of its own.
             wait = _VERIFY_POLL_S if machine.active() else _EVENT_POLL_S
             try:
-                messages = await self.receive(wait=wait, until=1)
-                machine.expire()
-                await self._flush_verifications_quietly()
+                messages = await self.receive(wait=wait, until=1, settle=False)
             except TransportError as exc:
-                transport, self._transport = self._transport, None
-                if transport is not None:
-                    await transport.close()
-                yield ConnectionDown(str(exc), _close_code(exc))
+                yield await self._down(exc)
                 return
             for error in self.errors:
                 sender, device = error.details.get("sender", ""), error.details.get("device", "")
                 yield Undecryptable(error.code, str(error), str(sender), str(device))
             for message in messages:
                 yield MessageReceived(message)
+            try:
+                await self._settle()
+                machine.expire()
+                await self._flush_verifications_quietly()
+            except TransportError as exc:
+                yield await self._down(exc)
+                return
             self.sweep()  # disappearing messages go while the loop runs, about once a second
             for event in self.core.features.drain():
                 yield event
@@ -837,7 +861,22 @@ class KluisClient:
                     flows[flow.txn] = flow.state
                     yield VerificationChanged(flow)
 
-    async def _handle_deliver(self, envelopes: list[f.InEnvelope], out: list[Message]) -> None:
+    async def _down(self, exc: TransportError) -> ConnectionDown:
+        """The connection is lost: drop the transport; the event that ends ``events()``."""
+        transport, self._transport = self._transport, None
+        if transport is not None:
+            await transport.close()
+        return ConnectionDown(str(exc), _close_code(exc))
+
+    async def _ack(self) -> None:
+        """Acknowledge the envelopes stored and not yet acknowledged (the server deletes them)."""
+        if self._unacked:
+            ids, self._unacked = self._unacked, []
+            await self.transport.request(lambda rid: f.Ack(rid=rid, ids=ids), f.Done)
+
+    async def _handle_deliver(
+        self, envelopes: list[f.InEnvelope], out: list[Message], *, defer_ack: bool = False
+    ) -> None:
         """Decrypt and store a Deliver push, then ack it.
 
         Envelopes from devices we know need no network: a run of them is read in one
@@ -846,7 +885,7 @@ class KluisClient:
         list from the server: it is read on its own, outside any transaction (none stays open
         across an await: a send from this client meanwhile must commit before it goes on the
         wire). Messages reach ``out`` once committed (so a lost connection keeps what was read);
-        the Ack goes out after the last commit.
+        the Ack goes out after the last commit (with ``defer_ack``, from :meth:`_ack` later).
         """
         ack: list[int] = []
         i = 0
@@ -874,8 +913,9 @@ class KluisClient:
                         out.append(message)
                 ack.append(env.id)
                 i += 1
-        if ack:
-            await self.transport.request(lambda rid: f.Ack(rid=rid, ids=ack), f.Done)
+        self._unacked.extend(ack)
+        if not defer_ack:
+            await self._ack()
 
     def _quarantine(self, env: f.InEnvelope, exc: Exception, claimed: Sealed | None = None) -> None:
         """Keep ``env`` aside; report why, and who it claims to come from when the seal opened
@@ -1055,6 +1095,10 @@ class KluisClient:
     async def flush_receipts(self) -> None:
         """Send the receipts waiting in the profile. One an account refuses is dropped (a
         receipt is a courtesy: it must not wedge anything); a lost connection keeps the rest."""
+        async with self._receipts_lock:
+            await self._flush_receipts()
+
+    async def _flush_receipts(self) -> None:
         receipts = self.core.features.receipts
         for pending, payloads in receipts.pending():
             try:

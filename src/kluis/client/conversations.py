@@ -80,7 +80,10 @@ class Conversations:
         store = self._core.store
         with store.transaction():
             marks = self._marks()
-            rows = store.message_rows(conversation)
+            # Rows up to the conversation's mark change nothing: read only those after it
+            # (the app marks the open chat read at each message; history may be long).
+            after = marks.get(conversation, 0) if conversation is not None else 0
+            rows = store.message_rows(conversation, after)
             newly: dict[tuple[str, str], list[bytes]] = defaultdict(list)
             count = 0
             top: dict[str, int] = {}

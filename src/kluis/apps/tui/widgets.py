@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from datetime import datetime, tzinfo
 
@@ -12,6 +13,7 @@ from rich.styled import Styled
 from rich.table import Table
 from rich.text import Text
 from textual import events
+from textual.geometry import Size
 from textual.message import Message as TextualMessage
 from textual.widgets import OptionList, RichLog, Static, TextArea
 from textual.widgets.option_list import Option
@@ -78,6 +80,9 @@ def quote_line(quote: Message | None, name: str, style: str = "dim italic") -> T
     return line
 
 
+_RANK = {"": 0, "delivered": 1, "read": 2}  # receipt states only go up
+
+
 def message_renderable(
     message: Message,
     me: str,
@@ -137,6 +142,11 @@ def separator(label: str) -> Text:
     return Text(f"── {label} ──", style="dim", justify="center")
 
 
+# How a message was drawn: the message, me, the time zone, the sender's name, the message it
+# quotes and the quoted sender's name.
+_Drawn = tuple[Message, str, tzinfo | None, str | None, Message | None, str]
+
+
 class ChatLog(RichLog):
     """The open conversation: messages with time and sender, and day separators."""
 
@@ -149,6 +159,9 @@ class ChatLog(RichLog):
         self._entries: list[RenderableType] = []
         self._starts: list[int] = []  # the first line of each entry, as last written
         self._keys: dict[object, int] = {}  # message_key -> entry index
+        # entry index -> the message and how it was drawn (me, tz, name, its quote and the
+        # quoted sender's name): receipts redraw it in place
+        self._messages: dict[int, _Drawn] = {}
         self._width = 0
         # What a reply may quote and a quote is drawn from: the messages shown, in order,
         # and by ID (this conversation's only: the log shows one conversation).
@@ -164,6 +177,7 @@ class ChatLog(RichLog):
         self.messages.clear()
         self._by_id.clear()
         self._marked = None
+        self._messages.clear()
         self._last_day = None
 
     def message(self, id_: bytes) -> Message | None:
@@ -237,6 +251,7 @@ class ChatLog(RichLog):
         self._day(local(message.time, tz), today)
         self._keys[message_key(message)] = len(self._entries)
         quote = self.message(message.reply_to)
+        self._messages[len(self._entries)] = (message, me, tz, name, quote, quote_name)
         self._emit(message_renderable(message, me, tz, name, quote, quote_name))
         self.messages.append(message)
         if message.id:
@@ -245,6 +260,45 @@ class ChatLog(RichLog):
     def add_preview(self, preview: Text) -> None:
         """An image's preview (or why there is none), under its message's text."""
         self._emit(Padding(preview, (0, 0, 0, 16)))
+
+    def mark_receipt(self, ids: Iterable[bytes], status: str) -> bool:
+        """Our messages with these IDs got a receipt: draw their marks again in place (states
+        only go up: a late "delivered" leaves "read"). False when the log cannot (its size is
+        not known yet, so its writes wait): the caller draws the chat again instead."""
+        if not self._size_known:
+            return False
+        for message_id in ids:
+            index = self._keys.get(message_id) if message_id else None
+            shown = self._messages.get(index) if index is not None else None
+            if index is None or shown is None:
+                continue
+            message, me, tz, name, quote, quote_name = shown
+            if _RANK.get(status, 0) <= _RANK.get(message.receipt, 0):
+                continue
+            message = dataclasses.replace(message, receipt=status)
+            self._messages[index] = (message, me, tz, name, quote, quote_name)
+            self._replace(index, message_renderable(message, me, tz, name, quote, quote_name))
+        return True
+
+    def _replace(self, index: int, renderable: RenderableType) -> None:
+        """Draw entry ``index`` again where it is: written at the end (RichLog's wrapping),
+        then its lines moved into the entry's place."""
+        start = self._starts[index]
+        end = self._starts[index + 1] if index + 1 < len(self._starts) else len(self.lines)
+        written = len(self.lines)
+        self._entries[index] = renderable
+        if index == self._marked:
+            renderable = Styled(renderable, SELECTED_STYLE)
+        self.write(renderable, expand=True, scroll_end=False)
+        new = self.lines[written:]
+        del self.lines[written:]
+        self.lines[start:end] = new
+        shift = len(new) - (end - start)
+        for later in range(index + 1, len(self._starts)):
+            self._starts[later] += shift
+        self._line_cache.clear()
+        self.virtual_size = Size(self._widest_line_width, len(self.lines))
+        self.refresh()
 
     def add_notice(self, notice: Notice, today: datetime, tz: tzinfo | None) -> None:
         self._day(local(notice.time, tz), today)

@@ -282,9 +282,11 @@ class MainScreen(Screen[None]):
                         safe_line(m.text).plain, title=OPERATOR_TITLE, severity="information"
                     )
                 self._refresh_list()
-            case ReceiptReceived(conversation=conversation):
-                if conversation == self.book.open_id and not self._receipts_due:
-                    # the marks of our messages changed: draw the chat again, once for the
+            case ReceiptReceived(conversation=conversation, status=status, ids=ids):
+                if conversation != self.book.open_id or self._receipts_due:
+                    pass
+                elif not self.query_one(ChatLog).mark_receipt(ids, status):
+                    # the marks cannot be drawn in place: draw the chat again, once for the
                     # receipts of a short while (each reads the conversation's history)
                     self._receipts_due = True
                     self.set_timer(RECEIPT_REDRAW_S, self._redraw_receipts)
