@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import getpass
 import io
 import json
@@ -38,7 +37,7 @@ from kluis.errors import (
 
 if TYPE_CHECKING:
     from kluis.client.client import KluisClient
-    from kluis.client.transport import TransportFactory
+    from kluis.client.transport import Transport, TransportFactory
     from kluis.server.config import ServerConfig
 
 DEFAULT_TIMEOUT_S = 30.0  # WebSocketTransport's own default (client/transport/websocket.py)
@@ -239,10 +238,16 @@ def cmd_audit_storage(args: argparse.Namespace) -> None:
 
 
 def _dial(args: argparse.Namespace) -> TransportFactory:
-    """WebSocket transports whose every step ends within ``--timeout`` seconds."""
-    from kluis.client.transport.websocket import WebSocketTransport
+    """WebSocket transports whose every step ends within ``--timeout`` seconds; the transport
+    (aiohttp) loads when the first one is made: an offline command never does."""
+    timeout = args.timeout
 
-    return functools.partial(WebSocketTransport, timeout=args.timeout)
+    def dial(url: str) -> Transport:
+        from kluis.client.transport.websocket import WebSocketTransport
+
+        return WebSocketTransport(url, timeout=timeout)
+
+    return dial
 
 
 async def _register(args: argparse.Namespace) -> None:

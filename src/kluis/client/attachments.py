@@ -24,10 +24,8 @@ import os
 import secrets
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 from urllib.parse import urlsplit, urlunsplit
-
-import aiohttp
 
 from kluis.client.transport import Transport
 from kluis.crypto.attachment import Decryptor, Encryptor, ciphertext_size, new_key
@@ -43,11 +41,19 @@ from kluis.errors import (
 from kluis.protocol import frames as f
 from kluis.protocol.attachment import AttachmentRef
 
+if TYPE_CHECKING:  # loaded by the transfers only: a command that sends no file skips it
+    import aiohttp
+
 Progress = Callable[[int, int], None]
 """Called with (bytes done, bytes in all) of the plaintext as a transfer goes on."""
 
 _PIECE = 1024 * 1024  # file reads and writes
-_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=60)
+
+
+def _timeout() -> aiohttp.ClientTimeout:
+    import aiohttp
+
+    return aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=60)
 
 
 def http_base(server: str) -> str:
@@ -81,6 +87,8 @@ def _target(out: Path, ref: AttachmentRef) -> Path:
 
 
 async def _refusal(response: aiohttp.ClientResponse) -> KluisError:
+    import aiohttp  # loaded by the transfers only (see the TYPE_CHECKING import)
+
     try:
         body = await response.json(content_type=None)
         code, message = str(body["code"]), str(body["message"])
@@ -99,6 +107,8 @@ async def upload(
     mime: str = "",
 ) -> AttachmentRef:
     """Encrypt ``path`` to the server for ``recipients`` devices; return what to send them."""
+    import aiohttp  # loaded by the transfers only (see the TYPE_CHECKING import)
+
     size = path.stat().st_size
     sealed_size = ciphertext_size(size)
     ticket = await transport.request(
@@ -135,7 +145,7 @@ async def upload(
     url = f"{http_base(server)}/v1/blobs/{ticket.id}"
     try:
         async with (
-            aiohttp.ClientSession(timeout=_TIMEOUT) as session,
+            aiohttp.ClientSession(timeout=_timeout()) as session,
             session.put(url, data=body(), headers=headers) as response,
         ):
             if response.status != 201:
@@ -225,13 +235,15 @@ async def _fetch(
     size: int,
     progress: Progress | None,
 ) -> None:
+    import aiohttp  # loaded by the transfers only (see the TYPE_CHECKING import)
+
     url = f"{http_base(server)}/v1/blobs/{ticket.id}"
     headers = {"Authorization": f"Bearer {ticket.ticket}"}
     pending = bytearray()
     done = 0
     try:
         async with (
-            aiohttp.ClientSession(timeout=_TIMEOUT) as session,
+            aiohttp.ClientSession(timeout=_timeout()) as session,
             session.get(url, headers=headers) as response,
         ):
             if response.status != 200:

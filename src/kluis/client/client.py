@@ -42,7 +42,7 @@ from kluis.client.groups import GroupState, describe, is_group_id
 from kluis.client.outbox import Pending
 from kluis.client.records import Sealed
 from kluis.client.store import ProfileStore
-from kluis.client.transport import Transport, TransportFactory, WebSocketTransport
+from kluis.client.transport import Transport, TransportFactory
 from kluis.client.verification import State, Status, Verification
 from kluis.crypto.profile_key import KdfParams
 from kluis.errors import (
@@ -135,9 +135,17 @@ def _close_code(exc: TransportError) -> int | None:
     return code if isinstance(code, int) else None
 
 
+def websocket_transport(url: str) -> Transport:
+    """The default transport: a WebSocket, loaded at its first use (aiohttp alone is a quarter
+    of a second of start-up that an offline command does not need)."""
+    from kluis.client.transport.websocket import WebSocketTransport
+
+    return WebSocketTransport(url)
+
+
 class KluisClient:
     def __init__(
-        self, core: ClientCore, *, transport_factory: TransportFactory = WebSocketTransport
+        self, core: ClientCore, *, transport_factory: TransportFactory = websocket_transport
     ) -> None:
         self.core = core
         self._dial = transport_factory  # makes the transport to a server URL (tests: in memory)
@@ -164,7 +172,7 @@ class KluisClient:
         profile: Path,
         passphrase: str,
         *,
-        transport_factory: TransportFactory = WebSocketTransport,
+        transport_factory: TransportFactory = websocket_transport,
     ) -> KluisClient:
         """Unlock an existing profile (no network yet). The panic passphrase erases it and fails
         as for a folder without a profile (``client/wipe.py``)."""
@@ -183,7 +191,7 @@ class KluisClient:
         profile: Path,
         passphrase: str,
         *,
-        transport_factory: TransportFactory = WebSocketTransport,
+        transport_factory: TransportFactory = websocket_transport,
         kdf: KdfParams | None = None,
         device_name: str = "",
     ) -> KluisClient:
@@ -231,7 +239,7 @@ class KluisClient:
         passphrase: str,
         *,
         account: str = "",
-        transport_factory: TransportFactory = WebSocketTransport,
+        transport_factory: TransportFactory = websocket_transport,
         kdf: KdfParams | None = None,
         device_name: str = "",
     ) -> str:

@@ -13,12 +13,13 @@ import getpass
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kluis.errors import LocalProtocolError
-from kluis.server.admin import credentials as cred
-from kluis.server.admin.console import ConsoleError, create_user
-from kluis.server.admin.store import Role, admin_store_for
 from kluis.server.config import ServerConfig
+
+if TYPE_CHECKING:
+    from kluis.server.admin.store import Role
 
 
 def _password() -> str:
@@ -56,8 +57,13 @@ def cmd_create_user(args: argparse.Namespace) -> None:
     role: Role = "reseller" if args.role == "reseller" else "admin"
     password = _password()
 
+    # Not at import: every `kluis` command builds the parser that names these commands.
+    from kluis.server.admin import credentials as cred
+    from kluis.server.admin.console import ConsoleError, create_user
+    from kluis.server.admin.store import admin_store_for
+
     async def run() -> str:
-        from kluis.server.app import open_store  # not at import: every `kluis` command reads this
+        from kluis.server.app import open_store
 
         store = open_store(config)
         try:
