@@ -39,6 +39,7 @@ from tests.apps.tui_fakes import (
     at,
     fake_app,
     sample_history,
+    wait_workers,
 )
 
 row0 = Conversation("", "", False)  # stands for a row not there
@@ -72,7 +73,7 @@ def status_text(app: Any) -> str:
 
 async def settle(pilot: Pilot[Any]) -> None:
     await pilot.pause()
-    await pilot.app.workers.wait_for_complete()
+    await wait_workers(pilot.app)
     await pilot.pause()
 
 

@@ -15,7 +15,7 @@ from kluis.apps.tui.screens.main import MainScreen
 from kluis.apps.tui.widgets import ChatLog
 from kluis.client.records import Message
 from kluis.protocol.attachment import AttachmentRef
-from tests.apps.tui_fakes import ANNA, NOW, FakeBackend, fake_app
+from tests.apps.tui_fakes import ANNA, NOW, FakeBackend, fake_app, wait_workers
 
 
 def main_screen(app: Any) -> MainScreen:
@@ -31,7 +31,7 @@ def log_text(app: Any) -> str:
 
 async def settle(pilot: Pilot[Any]) -> None:
     await pilot.pause()
-    await pilot.app.workers.wait_for_complete()
+    await wait_workers(pilot.app)
     await pilot.pause()
 
 

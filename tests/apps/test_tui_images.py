@@ -22,7 +22,7 @@ from kluis.client.records import Message
 from kluis.client.verification import Status
 from kluis.errors import BadImage
 from kluis.protocol.attachment import AttachmentRef
-from tests.apps.tui_fakes import ANNA, NOW, FakeBackend, fake_app
+from tests.apps.tui_fakes import ANNA, NOW, FakeBackend, fake_app, wait_workers
 
 
 def png(size: tuple[int, int] = (64, 48), colour: tuple[int, int, int] = (200, 10, 10)) -> bytes:
@@ -135,9 +135,9 @@ def shown(screen: MainScreen) -> str:
 
 
 async def settle(pilot: Pilot[Any]) -> None:
-    await pilot.app.workers.wait_for_complete()
+    await wait_workers(pilot.app)
     await pilot.pause()
-    await pilot.app.workers.wait_for_complete()
+    await wait_workers(pilot.app)
     await pilot.pause()
 
 

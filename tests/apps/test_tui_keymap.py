@@ -23,7 +23,7 @@ from kluis.apps.tui.screens.contact import NicknameScreen
 from kluis.apps.tui.screens.dialogs import HelpScreen
 from kluis.apps.tui.screens.main import MainScreen
 from kluis.errors import BadConfig
-from tests.apps.tui_fakes import ANNA, NOW, FakeBackend
+from tests.apps.tui_fakes import ANNA, NOW, FakeBackend, wait_workers
 
 
 def test_profile_keys_win_over_the_config_folder(tmp_path: Path) -> None:
@@ -91,11 +91,11 @@ async def test_the_keymap_is_applied_and_the_help_shows_it(tmp_path: Path) -> No
     )
     async with app.run_test(size=(80, 24)) as pilot:
         await pilot.pause()
-        await app.workers.wait_for_complete()
+        await wait_workers(app)
         screen = app.screen
         assert isinstance(screen, MainScreen)
         screen.open_conversation(ANNA)
-        await app.workers.wait_for_complete()
+        await wait_workers(app)
         await pilot.press("ctrl+f")  # no longer search
         assert app.screen is screen
         await pilot.press("ctrl+b")

@@ -12,7 +12,7 @@ from kluis.apps.tui.screens.main import MainScreen
 from kluis.apps.tui.widgets import ComposeArea, ConversationList
 from kluis.client.verification import Status
 from kluis.errors import UntrustedDevice, VerificationBroken
-from tests.apps.tui_fakes import ANNA, BRAM, FakeBackend, fake_app
+from tests.apps.tui_fakes import ANNA, BRAM, FakeBackend, fake_app, wait_workers
 
 
 def main_screen(app: object) -> MainScreen:
@@ -39,7 +39,7 @@ async def test_verified_contacts_are_marked(tmp_path: Path) -> None:
     app = fake_app(tmp_path, backend)
     async with app.run_test(size=(100, 30)) as pilot:
         await pilot.pause()
-        await app.workers.wait_for_complete()
+        await wait_workers(app)
         await pilot.pause()
         book = main_screen(app).book
         assert (book.get(ANNA) or book.ensure(ANNA)).verification == "verified"
@@ -47,7 +47,7 @@ async def test_verified_contacts_are_marked(tmp_path: Path) -> None:
         text = list_text(app)
         assert "✓" in text and "⚠" in text
         main_screen(app).open_conversation(ANNA)
-        await app.workers.wait_for_complete()
+        await wait_workers(app)
         await pilot.pause()
         assert "✓ verified" in str(app.screen.query_one("#chat-title").render())
 
@@ -59,15 +59,15 @@ async def test_a_broken_verification_must_be_acknowledged_and_keeps_the_draft(
     app = fake_app(tmp_path, backend)
     async with app.run_test(size=(100, 30)) as pilot:
         await pilot.pause()
-        await app.workers.wait_for_complete()
+        await wait_workers(app)
         main_screen(app).open_conversation(ANNA)
-        await app.workers.wait_for_complete()
+        await wait_workers(app)
         backend.statuses[ANNA] = (Status.BROKEN, "its device abcdefgh… was revoked")
         backend.refuse = VerificationBroken(f"{ANNA} was verified, but ...", account=ANNA)
         screen = main_screen(app)
         screen.query_one(ComposeArea).focus()
         await pilot.press(*"secret", "enter")
-        await app.workers.wait_for_complete()
+        await wait_workers(app)
         await pilot.pause()
         warning = app.screen
         assert isinstance(warning, KeyChangeScreen)
@@ -92,12 +92,12 @@ async def test_an_uncertified_device_warns_too(tmp_path: Path) -> None:
     app = fake_app(tmp_path, backend)
     async with app.run_test(size=(100, 30)) as pilot:
         await pilot.pause()
-        await app.workers.wait_for_complete()
+        await wait_workers(app)
         main_screen(app).open_conversation(BRAM)
         backend.refuse = UntrustedDevice(f"device abcd… is not certified by the identity of {BRAM}")
         main_screen(app).query_one(ComposeArea).focus()
         await pilot.press(*"hi", "enter")
-        await app.workers.wait_for_complete()
+        await wait_workers(app)
         await pilot.pause()
         assert isinstance(app.screen, KeyChangeScreen)
         assert "not&#160;certified" in app.export_screenshot()

@@ -18,7 +18,7 @@ from kluis.apps.tui.widgets import ChatLog, ConversationList
 from kluis.client.events import DeviceAlarm, MessageReceived
 from kluis.client.records import Message
 from tests.apps.test_tui_server import make_app, until
-from tests.apps.tui_fakes import ANNA, BRAM, ME, NOW, FakeBackend
+from tests.apps.tui_fakes import ANNA, BRAM, ME, NOW, FakeBackend, wait_workers
 from tests.kluis_testing import PASSPHRASE, ServerProcess, register
 
 WORK = "work5q2zt7kd3vxa"
@@ -54,7 +54,7 @@ def list_text(screen: MainScreen) -> str:
 
 
 async def settle(pilot: Pilot[Any]) -> None:
-    await pilot.app.workers.wait_for_complete()
+    await wait_workers(pilot.app)
     await pilot.pause()
 
 

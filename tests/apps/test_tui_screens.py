@@ -12,7 +12,17 @@ from kluis.apps.tui.screens.main import MainScreen
 from kluis.apps.tui.widgets import ChatLog, ComposeArea, ConversationList
 from kluis.client.events import DeviceAlarm, MessageReceived, Undecryptable
 from kluis.client.records import Message
-from tests.apps.tui_fakes import ANNA, BRAM, GROUP, ME, NASTY, NOW, FakeBackend, fake_app
+from tests.apps.tui_fakes import (
+    ANNA,
+    BRAM,
+    GROUP,
+    ME,
+    NASTY,
+    NOW,
+    FakeBackend,
+    fake_app,
+    wait_workers,
+)
 
 
 def log_lines(app: object) -> list[str]:
@@ -31,7 +41,7 @@ async def test_a_hostile_message_is_shown_escaped_and_unambiguous(tmp_path: Path
     app = fake_app(tmp_path, backend)
     async with app.run_test(size=(100, 30)) as pilot:
         await pilot.pause()
-        await app.workers.wait_for_complete()
+        await wait_workers(app)
         await pilot.pause()
         lines = log_lines(app)
         text = "\n".join(lines)
@@ -52,13 +62,13 @@ async def test_enter_sends_ctrl_j_adds_a_line_unread_counts_and_status(tmp_path:
     backend = FakeBackend()
     app = fake_app(tmp_path, backend)
     async with app.run_test(size=(80, 24)) as pilot:
-        await app.workers.wait_for_complete()
+        await wait_workers(app)
         screen = main_screen(app)
         assert screen.book.open_id == GROUP and screen.online is True
         compose = screen.query_one(ComposeArea)
         assert compose.has_focus
         await pilot.press("h", "i", "ctrl+j", "y", "o", "enter")
-        await app.workers.wait_for_complete()
+        await wait_workers(app)
         await pilot.pause()
         assert backend.sent == [(GROUP, "hi\nyo")]
         assert compose.text == ""
@@ -81,14 +91,14 @@ async def test_unreadable_messages_and_device_alarms_are_never_silent(tmp_path: 
     backend = FakeBackend(quarantined=2)
     app = fake_app(tmp_path, backend)
     async with app.run_test(size=(80, 24)) as pilot:
-        await app.workers.wait_for_complete()
+        await wait_workers(app)
         screen = main_screen(app)
         backend.emit(Undecryptable("decryption", "no session with the sending device"))
         await pilot.pause()
         row = screen.book.get("!unreadable")
         assert row is not None and row.unread == 2
         screen.open_conversation("!unreadable")
-        await app.workers.wait_for_complete()
+        await wait_workers(app)
         await pilot.pause()
         shown = " ".join(line.strip() for line in log_lines(app))
         assert "2 earlier message(s) could not be read" in shown
@@ -106,7 +116,7 @@ async def test_keys_help_theme_members_new_conversation_and_group(tmp_path: Path
     backend = FakeBackend()
     app = fake_app(tmp_path, backend)
     async with app.run_test(size=(80, 24)) as pilot:
-        await app.workers.wait_for_complete()
+        await wait_workers(app)
         screen = main_screen(app)
         await pilot.press("f1")
         assert isinstance(app.screen, HelpScreen)
@@ -133,7 +143,7 @@ async def test_keys_help_theme_members_new_conversation_and_group(tmp_path: Path
         await pilot.press("ctrl+g", *"Walks", "enter")
         app.screen.query_one("#members").value = f"{ANNA}, {BRAM}"  # type: ignore[attr-defined]
         await pilot.press("enter")
-        await app.workers.wait_for_complete()
+        await wait_workers(app)
         await pilot.pause()
         opened = screen.book.get(screen.book.open_id or "")
         assert opened is not None and opened.title == "Walks" and len(opened.members) == 3

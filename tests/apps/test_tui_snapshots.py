@@ -36,6 +36,7 @@ from tests.apps.tui_fakes import (
     FakeBackend,
     fake_app,
     sample_history,
+    wait_workers,
 )
 
 SHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
@@ -47,7 +48,7 @@ def first_run_app(tmp: Path, theme: str = "textual-dark") -> KluisApp:
 
 
 async def settle(pilot: Pilot[Any]) -> None:
-    await pilot.app.workers.wait_for_complete()
+    await wait_workers(pilot.app)
     await pilot.pause()
 
 

@@ -6,6 +6,10 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
+
+from textual.app import App
+from textual.worker import WorkerCancelled
 
 from kluis.apps.tui.app import KluisApp
 from kluis.apps.tui.backend import BackendEvent, GroupAction, Online, Post, Progress
@@ -243,3 +247,16 @@ def fake_app(
         cursor_blink=False,
         theme=theme,
     )
+
+
+async def wait_workers(app: App[Any]) -> None:
+    """Wait until the app's workers are done. An exclusive worker replaced by a newer one (the
+    chat's loader when another conversation opens) ends cancelled, as it should: then wait for
+    what runs now (``wait_for_complete`` raises WorkerCancelled for it)."""
+    for _ in range(20):
+        try:
+            await app.workers.wait_for_complete()
+            return
+        except WorkerCancelled:
+            await asyncio.sleep(0)
+    await app.workers.wait_for_complete()
