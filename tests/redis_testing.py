@@ -4,10 +4,13 @@ one: other tests use it at the same time)."""
 from __future__ import annotations
 
 import contextlib
+import secrets
 import shutil
 import subprocess
+from collections.abc import AsyncIterator
 
 import pytest
+import redis.asyncio as aioredis
 
 from tests.kluis_testing import free_port
 
@@ -50,3 +53,23 @@ def drop_prefix(url: str, prefix: str) -> None:
         keys = list(client.scan_iter(match=f"{prefix}:*"))
         if keys:
             client.delete(*keys)
+
+
+@pytest.fixture
+async def prefix() -> AsyncIterator[str]:
+    """A Redis key prefix of this test's own; its keys are deleted afterwards. Skips when the
+    shared Redis does not answer."""
+    from tests.test_delivery_redis import REDIS_URL, _redis_reachable
+
+    reason = await _redis_reachable()
+    if reason is not None:
+        pytest.skip(reason)
+    name = f"kluis-test-{secrets.token_hex(6)}"
+    yield name
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        keys = [k async for k in client.scan_iter(match=f"{name}:*")]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()

@@ -8,34 +8,14 @@ nodes are raw frames, as a client with an old device list would send them."""
 
 from __future__ import annotations
 
-import secrets
-from collections.abc import AsyncIterator
 from pathlib import Path
-
-import pytest
-import redis.asyncio as aioredis
 
 from kluis.protocol import frames as f
 from kluis.server.config import ServerConfig
 from kluis.server.inprocess import InProcessEnd, InProcessServer, open_inprocess_server
 from tests.kluis_testing import link_device, register
-from tests.test_delivery_redis import REDIS_URL, _redis_reachable
-
-
-@pytest.fixture
-async def prefix() -> AsyncIterator[str]:
-    reason = await _redis_reachable()
-    if reason is not None:
-        pytest.skip(reason)
-    name = f"kluis-test-{secrets.token_hex(6)}"
-    yield name
-    client = aioredis.Redis.from_url(REDIS_URL)
-    try:
-        keys = [k async for k in client.scan_iter(match=f"{name}:*")]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
+from tests.redis_testing import prefix
+from tests.test_delivery_redis import REDIS_URL
 
 
 async def login(node: InProcessServer, client: object) -> InProcessEnd:
@@ -91,3 +71,6 @@ async def test_a_revocation_moves_the_version_and_no_node_uses_its_stale_list(
         for state in states:
             if state is not None:
                 await state.close()
+
+
+__all__ = ["prefix"]  # the shared fixture, imported for its name

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -23,26 +22,10 @@ from kluis.server.config import Limits
 from kluis.server.delivery.redis import RedisBus
 from kluis.server.ratelimit import BucketMap
 from kluis.server.redis_state import RedisState, RedisStateError
-from tests.redis_testing import PrivateRedis
-from tests.test_delivery_redis import REDIS_URL, Sub, _redis_reachable, until
+from tests.redis_testing import PrivateRedis, prefix
+from tests.test_delivery_redis import REDIS_URL, Sub, until
 
 State = Callable[..., Awaitable[RedisState]]
-
-
-@pytest.fixture
-async def prefix() -> AsyncIterator[str]:
-    reason = await _redis_reachable()
-    if reason is not None:
-        pytest.skip(reason)
-    name = f"kluis-test-{secrets.token_hex(6)}"
-    yield name
-    client = aioredis.Redis.from_url(REDIS_URL)
-    try:
-        keys = [k async for k in client.scan_iter(match=f"{name}:*")]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
 
 
 @pytest.fixture
@@ -268,3 +251,6 @@ async def test_blob_tickets_and_key_claims_share_their_buckets_across_nodes(
     assert await targets[0].take_many(["t1", "t2"]) == {"t1": True, "t2": True}
     assert await targets[1].take_many(["t1"]) == {"t1": True}
     assert await targets[0].take_many(["t1", "t2"]) == {"t1": False, "t2": True}
+
+
+__all__ = ["prefix"]  # the shared fixture, imported for its name
