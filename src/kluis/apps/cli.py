@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import getpass
 import io
 import json
@@ -16,11 +17,12 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kluis.apps.through_daemon import IN_DAEMON
 from kluis.client.groups import is_group_id
 from kluis.client.records import Message
 from kluis.client.store import ProfileStore
@@ -74,6 +76,8 @@ def _drain_seconds(text: str) -> float:
 def _passphrase(confirm: bool = False) -> str:
     """From KLUIS_PASSPHRASE, else typed at the terminal; a new profile (``confirm``) refuses
     an empty one."""
+    if IN_DAEMON.get() is not None:  # a command in the daemon must never ask on its terminal
+        raise LocalProtocolError("this command needs the passphrase: it cannot run in the daemon")
     env = os.environ.get("KLUIS_PASSPHRASE")
     if env is None:
         if not sys.stdin.isatty():
@@ -264,7 +268,10 @@ async def _register(args: argparse.Namespace) -> None:
 
 
 async def _whoami(args: argparse.Namespace) -> None:
-    client = _kluis().open(Path(args.profile), _passphrase(), transport_factory=_dial(args))
+    given = IN_DAEMON.get()
+    client = given or _kluis().open(
+        Path(args.profile), _passphrase(), transport_factory=_dial(args)
+    )
     try:
         if not client.account_id:  # a linked device learns its account at first login
             await client.connect()
@@ -275,7 +282,8 @@ async def _whoami(args: argparse.Namespace) -> None:
             print(f"subscription ends on {_day(end)}", file=sys.stderr)
         _notice(client)
     finally:
-        await client.close()
+        if given is None:
+            await client.close()
 
 
 async def _device_request(args: argparse.Namespace) -> None:
@@ -301,18 +309,48 @@ def _notice(client: KluisClient) -> None:
         print(notice, file=sys.stderr)
 
 
-async def _with_client(
-    args: argparse.Namespace, body: Callable[[KluisClient], Awaitable[None]]
-) -> None:
+@contextlib.asynccontextmanager
+async def _connected(args: argparse.Namespace) -> AsyncIterator[KluisClient]:
+    """The profile's client, logged in: opened here, or the daemon's when the command runs in
+    it (see apps/through_daemon.py: the daemon's connection, never closed here)."""
+    given = IN_DAEMON.get()
+    if given is not None:
+        if not given.connected:
+            raise TransportError(
+                "the kluis daemon is not connected to the server now (it retries by itself)"
+            )
+        yield given
+        return
     client = _kluis().open(Path(args.profile), _passphrase(), transport_factory=_dial(args))
     try:
         await client.connect()
+        yield client
+    finally:
+        await client.close()
+
+
+@contextlib.contextmanager
+def _opened(args: argparse.Namespace) -> Iterator[KluisClient]:
+    """The profile's client, not connected (a command that needs no server), or the daemon's."""
+    given = IN_DAEMON.get()
+    if given is not None:
+        yield given
+        return
+    client = _kluis().open(Path(args.profile), _passphrase())
+    try:
+        yield client
+    finally:
+        client.core.store.close()
+
+
+async def _with_client(
+    args: argparse.Namespace, body: Callable[[KluisClient], Awaitable[None]]
+) -> None:
+    async with _connected(args) as client:
         _alarm(client)
         _notice(client)
         _outbox_refused(client)
         await body(client)
-    finally:
-        await client.close()
 
 
 NOT_SENT = "not sent yet: kept in the outbox; it goes with the next command that reaches the server"
@@ -692,11 +730,8 @@ async def _safety_number(args: argparse.Namespace) -> None:
 
 async def _verify(args: argparse.Namespace) -> None:
     if args.status:
-        client = _kluis().open(Path(args.profile), _passphrase())
-        try:
+        with _opened(args) as client:
             status, reason = client.verification_status(args.id)
-        finally:
-            client.core.store.close()
         print(f"{status.value}: {reason}" if status is Status.BROKEN else status.value)
         return
     if isinstance(sys.stdout, io.TextIOWrapper):
@@ -726,16 +761,13 @@ async def _verify(args: argparse.Namespace) -> None:
 
 
 def cmd_history(args: argparse.Namespace) -> None:
-    client = _kluis().open(Path(args.profile), _passphrase())
-    try:
+    with _opened(args) as client:
         names = client.contacts()
         for message in client.history(args.id):
             _print_message(args, message, names, client)
         # Printed: read. history works offline, so its read receipts (when on) wait in the
         # profile and go with the next command that connects (inbox, send, ...).
         client.core.features.conversations.mark_read(args.id)
-    finally:
-        client.core.store.close()
 
 
 async def _group_create(args: argparse.Namespace) -> None:
@@ -753,14 +785,11 @@ async def _group_change(args: argparse.Namespace) -> None:
 
 
 def cmd_group_members(args: argparse.Namespace) -> None:
-    client = _kluis().open(Path(args.profile), _passphrase())
-    try:
+    with _opened(args) as client:
         state = client.group(args.group)
         print(f"{state.id}\t{state.name}" + ("" if state.member else "\t(you left)"))
         for account in state.members:
             print(account + ("\t(you)" if account == client.account_id else ""))
-    finally:
-        client.core.store.close()
 
 
 def cmd_trust(args: argparse.Namespace) -> None:
@@ -778,13 +807,10 @@ def cmd_trust(args: argparse.Namespace) -> None:
 
 def _offline(args: argparse.Namespace, body: Callable[[KluisClient], None]) -> None:
     """Commands that read or change only the profile: no server needed."""
-    client = _kluis().open(Path(args.profile), _passphrase())
-    try:
+    with _opened(args) as client:
         client.sweep()
         _notice(client)
         body(client)
-    finally:
-        client.core.store.close()
 
 
 async def _contact_set(args: argparse.Namespace) -> None:
@@ -927,7 +953,11 @@ def cmd_chat(args: argparse.Namespace) -> None:
 def _async(
     fn: Callable[[argparse.Namespace], Awaitable[None]],
 ) -> Callable[[argparse.Namespace], None]:
-    return lambda args: asyncio.run(fn(args))  # type: ignore[arg-type]
+    def run(args: argparse.Namespace) -> None:
+        asyncio.run(fn(args))  # type: ignore[arg-type]
+
+    run.coroutine = fn  # type: ignore[attr-defined]  # a daemon awaits it on its own loop
+    return run
 
 
 DEFAULT_CHAT_PROFILE = "~/.kluis/default"
@@ -1461,12 +1491,48 @@ def _add_operator_parsers(
     pp.set_defaults(func=cmd_panic_passphrase)
 
 
+# Commands that take the profile's lock themselves (daemon, chat, send, inbox) or make the
+# profile (register, device request); every other command with --profile goes through
+# _profile_command.
+_OWN_LOCK = frozenset({"daemon", "chat", "send", "inbox", "register"})
+
+
+def _profile_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Run a profile command alone, holding the profile's lock shared, or in the daemon that
+    holds the profile (apps/through_daemon.py): never both, so one store has one writer."""
+    from kluis.apps import daemon
+
+    profile = Path(args.profile)
+    with daemon.daemon_or_alone(profile, args.timeout) as rpc:
+        if rpc is None:
+            args.func(args)
+            return 0
+        if args.command == "wipe":
+            rpc.call("wipe", {}, longer=600.0)
+            print(f"the kluis daemon erased {profile} and stopped", file=sys.stderr)
+            return 0
+        # the daemon parses the line again and refuses what may not run in it
+        longer = 600.0 if args.command == "fetch" else 3 * args.timeout
+        answer = rpc.call("run", {"argv": list(argv), "cwd": os.getcwd()}, longer=longer)
+    sys.stdout.write(answer["stdout"])
+    sys.stdout.flush()
+    sys.stderr.write(answer["stderr"])
+    return int(answer["code"])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     # A shell starts background jobs with SIGINT ignored, and children inherit that: Ctrl-C
     # (or kill -INT) must still end a command cleanly, through asyncio's own handler.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    args = build_parser().parse_args(argv)
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(arguments)
     try:
+        if (
+            isinstance(getattr(args, "profile", None), str)
+            and args.command not in _OWN_LOCK
+            and (args.command, getattr(args, "action", None)) != ("device", "request")
+        ):
+            return _profile_command(args, arguments)
         args.func(args)
     except KluisError as exc:
         _report(exc, "error")

@@ -13,6 +13,11 @@ one response per line. Methods:
     inbox {"wait": SECONDS}                -> {"messages": [{"seq", "line", "json"}]}  not shown yet
     shown {"seq": N}                       -> {"read": COUNT}  printed up to N: shown, read
     history {"conversation": ID|GROUP|null} -> {"messages": [{"line", "json"}]}
+    run {"argv": [ARG, ...], "cwd": DIR}   -> {"code": N, "stdout": T, "stderr": T}
+                                              any other profile command of the CLI, run by
+                                              the CLI's own code on this client
+                                              (apps/through_daemon.py)
+    wipe {}                                -> {"wiped": true}  erase the profile, then exit
 
 A Kluis error answers ``{"code": -32000, "message": ..., "data": {"code": KLUIS_CODE}}``; a
 send that cannot reach the server is kept in the outbox (``not_sent``).
@@ -103,6 +108,10 @@ class Daemon:
         self.arrived = asyncio.Event()  # set on each new message (inbox waits on it)
         self.reason = ""
         self._last = 0.0
+        self._turn = asyncio.Lock()  # one CLI command at a time (they print through sys.stdout)
+        self._following: asyncio.Task[None] | None = None
+        # the daemon's own log: sys.stderr is redirected while a CLI command runs in it
+        self.log = sys.stderr
 
     async def run(self) -> str:
         """Serve until idle for ``lock_after`` or told to stop; return why it stopped."""
@@ -121,12 +130,12 @@ class Daemon:
         os.chmod(path, 0o600)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop, "stopped")
-        follow = asyncio.create_task(self._follow())
+        follow = self._following = asyncio.create_task(self._follow())
         idle = asyncio.create_task(self._idle())
         print(
             f"daemon: {self.client.account_id} listening on {path};"
             f" locks after {self.lock_after:g} s idle",
-            file=sys.stderr,
+            file=self.log,
             flush=True,
         )
         try:
@@ -170,17 +179,17 @@ class Daemon:
                     elif isinstance(event, MessageReceived):
                         self.arrived.set()
                         if self.attached == 0 and event.message.sender != self.client.account_id:
-                            notify()
+                            notify(self.log)
                     elif isinstance(event, Undecryptable):
                         print(
                             f"warning: a message could not be read: {event.code}",
-                            file=sys.stderr,
+                            file=self.log,
                             flush=True,
                         )
                     elif isinstance(event, DeviceAlarm):
-                        print(f"ALARM: {event.alarm}", file=sys.stderr, flush=True)
+                        print(f"ALARM: {event.alarm}", file=self.log, flush=True)
             except KluisError as exc:
-                print(f"daemon: {exc}", file=sys.stderr, flush=True)
+                print(f"daemon: {exc}", file=self.log, flush=True)
             await asyncio.sleep(backoff.down(going_away=going_away))
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -298,6 +307,30 @@ class Daemon:
         self.client.core.features.conversations.mark_read(conversation)
         return {"messages": [self._shown(m, names, receipt=True) for m in messages]}
 
+    async def rpc_run(self, argv: list[str], cwd: str) -> dict[str, Any]:
+        from kluis.apps.through_daemon import run_command
+
+        if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
+            raise TypeError("argv is a list of strings")
+        if not isinstance(cwd, str) or not os.path.isabs(cwd):
+            raise TypeError("cwd is an absolute path")
+        result = await run_command(self.client, self.profile, argv, cwd, self._turn)
+        return {"code": result.code, "stdout": result.stdout, "stderr": result.stderr}
+
+    async def rpc_wipe(self) -> dict[str, Any]:
+        """``kluis wipe`` while the daemon holds the profile: stop following, close the
+        profile, erase it, and exit (the key goes with the process)."""
+        from kluis.client.wipe import erase_profile
+
+        async with self._turn:
+            if self._following is not None:
+                self._following.cancel()
+                await asyncio.gather(self._following, return_exceptions=True)
+            await self.client.close()
+            erase_profile(self.profile)
+            self._stop("the profile was wiped")
+        return {"wiped": True}
+
 
 def _error(rid: object, code: int, message: str, data: object = None) -> dict[str, Any]:
     error: dict[str, Any] = {"code": code, "message": message}
@@ -306,8 +339,8 @@ def _error(rid: object, code: int, message: str, data: object = None) -> dict[st
     return {"jsonrpc": "2.0", "id": rid, "error": error}
 
 
-def notify() -> None:
-    """A desktop notification that something arrived, never what."""
+def notify(log: IO[str] | None = None) -> None:
+    """A desktop notification that something arrived, never what (else a bell on ``log``)."""
     if shutil.which("notify-send"):
         with contextlib.suppress(OSError):
             subprocess.Popen(
@@ -317,8 +350,9 @@ def notify() -> None:
                 stderr=subprocess.DEVNULL,
             )
             return
-    sys.stderr.write("\a")
-    sys.stderr.flush()
+    log = log or sys.stderr
+    log.write("\a")
+    log.flush()
 
 
 async def run(
@@ -329,6 +363,7 @@ async def run(
         raise LocalProtocolError("--lock-after must be more than 0 seconds")
     if not profile.is_dir():
         raise LocalProtocolError(f"no profile at {profile}")
+    profile = profile.resolve()  # commands run in it name paths from their own folders
     check_folder(profile)
     lock = _lock(profile, fcntl.LOCK_EX)
     if lock is None:
@@ -388,6 +423,14 @@ class Rpc:
         self._sock.close()
 
 
+def holder(profile: Path) -> str:
+    """The pid the daemon holding ``profile`` wrote in its lock file ("?" if unreadable)."""
+    try:
+        return (profile / LOCK).read_text().strip() or "?"
+    except OSError:
+        return "?"
+
+
 @contextlib.contextmanager
 def daemon_or_alone(profile: Path, timeout: float) -> Iterator[Rpc | None]:
     """The daemon holding ``profile``, or None with the profile's lock held shared for the
@@ -409,7 +452,7 @@ def daemon_or_alone(profile: Path, timeout: float) -> Iterator[Rpc | None]:
         sock.connect(str(path))
     except OSError as exc:
         sock.close()
-        pid = (profile / LOCK).read_text().strip() or "?"
+        pid = holder(profile)
         raise LocalProtocolError(
             f"a kluis daemon (pid {pid}) holds {profile} but its socket {path} does not answer"
             f" ({exc.strerror or exc}); stop it (kill {pid}) and try again"

@@ -6,8 +6,10 @@ unlocked and connected, ``send``, ``inbox``, ``history`` and ``whoami`` need onl
 exchange over the daemon's Unix socket. So this module, which imports nothing but the standard
 library, recognises those four commands in their plain forms, checks that a daemon holds the
 profile (its lock file is held exclusively), and asks it, printing what the full CLI prints
-through the daemon. Everything else goes to the full CLI (``kluis.apps.cli.main``) unchanged:
-another command, an option this parser does not know (``--help`` included), no daemon, a socket
+through the daemon. The other profile commands the daemon runs (:data:`_THROUGH`) are handed
+to it whole (its ``run`` method parses the line with the full CLI's parser and runs the CLI's
+own code: apps/through_daemon.py), so they cost one exchange too. Everything else goes to the
+full CLI (``kluis.apps.cli.main``) unchanged: another command, ``--help``, no daemon, a socket
 that does not answer. An error the daemon reports is printed by the full CLI's own code, loaded
 only then, so its wording and hints are the same on both paths.
 """
@@ -38,6 +40,27 @@ _COMMANDS = {
     "whoami": (0, 0, {"--profile"}),
 }
 _FLAGS = {"--json"}
+# the first words of the commands a daemon runs whole (kluis.apps.through_daemon.COMMANDS;
+# a test checks they are the same)
+_THROUGH = frozenset(
+    {
+        "contact",
+        "conversations",
+        "device",
+        "fetch",
+        "group",
+        "history",
+        "licence",
+        "notes",
+        "outbox",
+        "receipts",
+        "safety-number",
+        "timer",
+        "trust",
+        "verify",
+        "whoami",
+    }
+)
 
 
 class Plain:
@@ -56,14 +79,9 @@ class Plain:
 
 def parse(argv: Sequence[str]) -> Plain | None:
     """``argv`` as a :class:`Plain` command, or None when the full CLI must read it."""
-    args = list(argv)
-    timeout = DEFAULT_TIMEOUT_S
-    if args and (args[0] == "--timeout" or args[0].startswith("--timeout=")):
-        value, args = _take(args, "--timeout")
-        number = _number(value)
-        if number is None or not number > 0:
-            return None  # the full CLI refuses it in its own words
-        timeout = number
+    timeout, args = _timeout(argv)
+    if timeout is None:
+        return None  # the full CLI refuses it in its own words
     if not args or args[0] not in _COMMANDS:
         return None
     command, rest = args[0], args[1:]
@@ -96,6 +114,36 @@ def parse(argv: Sequence[str]) -> Plain | None:
             return None
         plain.wait = wait
     return plain
+
+
+def whole(argv: Sequence[str]) -> tuple[str, float] | None:
+    """(profile, timeout) when ``argv`` is a command a daemon may run whole, else None."""
+    timeout, args = _timeout(argv)
+    if timeout is None:
+        return None
+    if not args or args[0] not in _THROUGH or {"-h", "--help", "--"} & set(args):
+        return None
+    profiles = []
+    rest = args[1:]
+    while rest:
+        if rest[0] == "--profile" or rest[0].startswith("--profile="):
+            value, rest = _take(rest, "--profile")
+            profiles.append(value)
+        else:
+            rest = rest[1:]
+    if len(profiles) != 1 or profiles[0] is None:
+        return None  # the full CLI says what is wrong
+    return profiles[0], timeout
+
+
+def _timeout(argv: Sequence[str]) -> tuple[float | None, list[str]]:
+    """The global ``--timeout`` (None: not a positive number), and the words after it."""
+    args = list(argv)
+    if not args or not (args[0] == "--timeout" or args[0].startswith("--timeout=")):
+        return DEFAULT_TIMEOUT_S, args
+    value, args = _take(args, "--timeout")
+    number = _number(value)
+    return (number if number is not None and number > 0 else None), args
 
 
 def _take(args: list[str], name: str) -> tuple[str | None, list[str]]:
@@ -221,17 +269,31 @@ def _report(exc: DaemonError | OSError) -> int:
     return 1
 
 
+def run_whole(argv: Sequence[str], channel: Channel, timeout: float) -> int:
+    """Have the daemon run the command line ``argv``; print what it printed."""
+    longer = 600.0 if argv and "fetch" in argv[:3] else 3 * timeout  # downloads take longer
+    answer = channel.call("run", {"argv": list(argv), "cwd": os.getcwd()}, longer=longer)
+    sys.stdout.write(answer["stdout"])
+    sys.stdout.flush()
+    sys.stderr.write(answer["stderr"])
+    return int(answer["code"])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = sys.argv[1:] if argv is None else list(argv)
     plain = parse(arguments)
-    channel = connect(plain.profile, plain.timeout) if plain is not None else None
-    if plain is None or channel is None:
+    target = whole(arguments) if plain is None else (plain.profile, plain.timeout)
+    channel = connect(*target) if target is not None else None
+    if channel is None:
         from kluis.apps.cli import main as full
 
         return full(arguments)
     # As the full CLI: Ctrl-C ends the command even when started with SIGINT ignored.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
+        if plain is None:
+            assert target is not None
+            return run_whole(arguments, channel, target[1])
         run(plain, channel)
     except (DaemonError, OSError) as exc:
         return _report(exc)
