@@ -13,6 +13,7 @@ from textual.worker import WorkerCancelled
 
 from kluis.apps.tui.app import KluisApp
 from kluis.apps.tui.backend import BackendEvent, GroupAction, Online, Post, Progress
+from kluis.apps.tui.graphics import Mode
 from kluis.client.events import MessageReceived
 from kluis.client.groups import GroupState
 from kluis.client.records import Message
@@ -237,7 +238,11 @@ class FakeBackend:
 
 
 def fake_app(
-    tmp: Path, backend: FakeBackend | None = None, *, theme: str = "textual-dark"
+    tmp: Path,
+    backend: FakeBackend | None = None,
+    *,
+    theme: str = "textual-dark",
+    images: Mode = Mode.HALFBLOCK,
 ) -> KluisApp:
     return KluisApp(
         tmp / "profile",
@@ -246,6 +251,7 @@ def fake_app(
         tz=UTC,
         cursor_blink=False,
         theme=theme,
+        images=images,
     )
 
 

@@ -943,11 +943,16 @@ def _add_feature_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser
 
 def cmd_chat(args: argparse.Namespace) -> None:
     from kluis.apps.tui.app import KluisApp  # Textual loads only for this command
+    from kluis.apps.tui.graphics import detect
     from kluis.apps.tui.keys import keymap_paths, load_keymap
 
     profile, *more = [Path(p).expanduser() for p in args.profile or [DEFAULT_CHAT_PROFILE]]
     keymap = load_keymap(keymap_paths(profile))  # a bad file: one line, before the screen
-    KluisApp(profile, default_server=args.server, keymap=keymap, more_profiles=more).run()
+    images = detect()  # KLUIS_IMAGES, or the terminal's answer: before Textual reads stdin
+    app = KluisApp(
+        profile, default_server=args.server, keymap=keymap, more_profiles=more, images=images
+    )
+    app.run()
 
 
 def _async(

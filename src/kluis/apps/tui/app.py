@@ -12,6 +12,9 @@ hears only its own backend's events, so nothing of one profile shows in another'
 other profiles' unread counts show in the sidebar's heading.
 
 ``keymap`` (action -> keys, from :func:`~.keys.load_keymap`) replaces default keys.
+``images`` is how image previews are drawn (:class:`~.graphics.Mode`): half blocks unless the
+caller ran :func:`~.graphics.detect` before :meth:`run` (``kluis chat`` does), as the terminal
+can be asked only then.
 Time is injected (``clock``, ``tz``) and the cursor blink can be turned off, so that screenshots
 are the same on every run.
 """
@@ -30,6 +33,7 @@ from textual.notifications import SeverityLevel
 from textual.screen import ModalScreen, Screen
 
 from kluis.apps.tui.backend import Backend, profile_exists
+from kluis.apps.tui.graphics import Mode
 from kluis.apps.tui.model import ProfileTab
 from kluis.apps.tui.safe_text import safe_line
 from kluis.apps.tui.screens.dialogs import HelpScreen
@@ -145,8 +149,10 @@ class KluisApp(App[None]):
         keymap: Mapping[str, str] | None = None,
         more_profiles: Sequence[Path] = (),
         backends: Mapping[Path, Backend] | None = None,
+        images: Mode = Mode.HALFBLOCK,
     ) -> None:
         super().__init__()
+        self.images = images
         self.keys = dict(keymap or {})  # action -> keys, checked (see keys.load_keymap)
         # one screen and one backend per profile folder, however it is spelt: two clients on
         # one profile would write the same encrypted store

@@ -257,8 +257,9 @@ class ChatLog(RichLog):
         if message.id:
             self._by_id[message.id] = message
 
-    def add_preview(self, preview: Text) -> None:
-        """An image's preview (or why there is none), under its message's text."""
+    def add_preview(self, preview: RenderableType) -> None:
+        """An image's preview (half blocks or a kitty/sixel graphic, or why there is none),
+        under its message's text."""
         self._emit(Padding(preview, (0, 0, 0, 16)))
 
     def mark_receipt(self, ids: Iterable[bytes], status: str) -> bool:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from rich.console import RenderableType
 from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
@@ -27,6 +28,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, OptionList, Static
 
 from kluis.apps.tui.backend import Backend, BackendEvent, GroupAction, Offline, Online
+from kluis.apps.tui.graphics import ENV, Mode
 from kluis.apps.tui.images import MAX_IMAGE_BYTES, Preview, is_image, render_preview
 from kluis.apps.tui.model import (
     OPERATOR_TITLE,
@@ -404,15 +406,17 @@ class MainScreen(Screen[None]):
         row = self.book.get(m.sender)
         return row is not None and row.verification == "verified"
 
-    def _preview(self, m: Message, ref: AttachmentRef) -> Text:
+    def _preview(self, m: Message, ref: AttachmentRef) -> RenderableType:
         state = self.previews.get(ref.id)
+        if state is None and self.app.images is Mode.OFF:
+            return Text(f"image: previews are off ({ENV}=off)", "dim")
         if state is None:
             if not self._may_preview(m):
                 return Text("image: unverified sender · F5 shows it", "dim")
             self.previews[ref.id] = state = LOADING
             self._load_preview(ref, m.conversation)
         if isinstance(state, Preview):
-            return state.text
+            return state.renderable
         if state == LOADING:
             return Text("loading the preview…", style="dim italic")
         return safe_line(f"image not shown: {state}", "bold red")
@@ -422,7 +426,8 @@ class MainScreen(Screen[None]):
         """Fetch the image (the client's thread) and decode it (a thread of its own)."""
         try:
             data = await self.backend.attachment_bytes(ref, MAX_IMAGE_BYTES)
-            self.previews[ref.id] = await asyncio.to_thread(render_preview, data)
+            mode = self.app.images
+            self.previews[ref.id] = await asyncio.to_thread(render_preview, data, mode=mode)
         except KluisError as exc:
             self.previews[ref.id] = f"{exc.message} ({exc.code})"
         if conversation == self.book.open_id:
