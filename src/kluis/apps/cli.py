@@ -243,7 +243,7 @@ def cmd_audit_storage(args: argparse.Namespace) -> None:
 
 def _dial(args: argparse.Namespace) -> TransportFactory:
     """WebSocket transports whose every step ends within ``--timeout`` seconds; the transport
-    (aiohttp) loads when the first one is made: an offline command never does."""
+    (the websockets library) loads when the first one is made: an offline command never does."""
     timeout = args.timeout
 
     def dial(url: str) -> Transport:

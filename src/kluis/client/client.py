@@ -136,8 +136,8 @@ def _close_code(exc: TransportError) -> int | None:
 
 
 def websocket_transport(url: str) -> Transport:
-    """The default transport: a WebSocket, loaded at its first use (aiohttp alone is a quarter
-    of a second of start-up that an offline command does not need)."""
+    """The default transport: a WebSocket, loaded at its first use (start-up that an offline
+    command does not need)."""
     from kluis.client.transport.websocket import WebSocketTransport
 
     return WebSocketTransport(url)

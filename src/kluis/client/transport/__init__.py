@@ -1,7 +1,7 @@
 """Client transports: the :class:`Transport` protocol, over a WebSocket or in memory.
 
-``WebSocketTransport`` loads on first use (PEP 562): it brings aiohttp, which a command that
-needs no network should not pay for at start-up.
+``WebSocketTransport`` loads on first use (PEP 562): it brings the ``websockets`` library,
+which a command that needs no network should not pay for at start-up.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ Everything the server sends unasked (``Deliver``, ``KeysLow``, ``Synced``) goes,
 :attr:`Transport.pushes`; ``None`` there means the channel has ended. Every failure of the
 channel itself is a :class:`kluis.errors.TransportError`.
 
-Implementations: :mod:`.websocket` (aiohttp, the real thing) and :mod:`.memory` (a server
+Implementations: :mod:`.websocket` (the ``websockets`` library, the real thing) and :mod:`.memory` (a server
 application in the same process, for tests and embedding). Both carry encoded frames as bytes.
 """
 
