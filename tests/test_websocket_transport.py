@@ -66,7 +66,7 @@ async def test_a_challenge_then_an_answer_and_a_push(
         async for msg in ws:
             frame = f.decode_client_frame(msg.data)
             await ws.send_bytes(f.encode(f.KeysLow(otk_count=3)))
-            await ws.send_bytes(f.encode(f.Done(rid=frame.rid)))  # type: ignore[union-attr]
+            await ws.send_bytes(f.encode(f.Done(rid=frame.rid)))
 
     transport = WebSocketTransport(await hostile(script), timeout=5)
     assert await transport.connect() == b"n" * 32
