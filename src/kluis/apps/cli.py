@@ -64,13 +64,12 @@ def _port(text: str) -> int:
 
 
 def _drain_seconds(text: str) -> float:
+    from kluis.server.settings import DRAIN_SECONDS  # as --config and KLUIS_DRAIN_TIMEOUT read it
+
     try:
-        seconds = float(text)
+        return DRAIN_SECONDS(text)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from exc
-    if not 0 <= seconds <= 3600:
-        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 3600 seconds")
-    return seconds
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _passphrase(confirm: bool = False) -> str:

@@ -48,37 +48,33 @@ def _port(value: object) -> int:
     return value
 
 
-def _seconds(value: object) -> float:
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            raise ValueError(f"needs a number of seconds, not {value!r}") from None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ValueError(f"needs a positive number of seconds, not {value!r}")
-    return float(value)
+def _number(
+    what: str, low: float, high: float | None = None, *, whole: bool = False, above: bool = False
+) -> Callable[[object], float]:
+    """A converter to a number in [low, high] (``above``: more than ``low``; ``whole``: an
+    int), from TOML's numbers or an environment variable's text; ``what`` names it in errors."""
+
+    def convert(value: object) -> float:
+        given = value
+        if isinstance(value, str):
+            try:
+                value = int(value) if whole else float(value)
+            except ValueError:
+                raise ValueError(f"needs {what}, not {given!r}") from None
+        kinds = int if whole else int | float
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            raise ValueError(f"needs {what}, not {given!r}")
+        fits = value > low if above else value >= low
+        if not fits or (high is not None and value > high):
+            raise ValueError(f"needs {what}, not {given!r}")
+        return value if whole else float(value)
+
+    return convert
 
 
-def _pool(value: object) -> int:
-    if isinstance(value, str):
-        try:
-            value = int(value)
-        except ValueError:
-            raise ValueError(f"needs a number of connections (1 to 1000), not {value!r}") from None
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1000:
-        raise ValueError(f"needs a number of connections (1 to 1000), not {value!r}")
-    return value
-
-
-def _drain(value: object) -> float:
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            raise ValueError(f"needs a number of seconds (0 to 3600), not {value!r}") from None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 3600:
-        raise ValueError(f"needs a number of seconds (0 to 3600), not {value!r}")
-    return float(value)
+_seconds = _number("a positive number of seconds", 0, above=True)
+_pool = _number("a number of connections (1 to 1000)", 1, 1000, whole=True)
+DRAIN_SECONDS = _number("a number of seconds (0 to 3600)", 0, 3600)
 
 
 def _path(value: object) -> Path:
@@ -129,7 +125,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("metrics_port", "metrics_port", _port, "port of GET /metrics (none: off)"),
     Setting("metrics_token", "metrics_token", _text, "bearer token /metrics requires"),
     Setting(
-        "drain_timeout", "drain_timeout_s", _drain, "on SIGTERM: exit within this many seconds"
+        "drain_timeout",
+        "drain_timeout_s",
+        DRAIN_SECONDS,
+        "on SIGTERM: exit within this many seconds",
     ),
     Setting("ready_timeout_s", "ready_timeout_s", _seconds, "each /readyz check's deadline"),
     Setting("ready_cache_s", "ready_cache_s", _seconds, "how long a /readyz result is reused"),
