@@ -8,6 +8,7 @@ import asyncio
 import os
 from pathlib import Path
 
+import pytest
 from textual.widgets import Input
 
 from kluis.apps.tui.app import KluisApp
@@ -15,6 +16,7 @@ from kluis.apps.tui.remote import DaemonBackend
 from kluis.apps.tui.screens.main import MainScreen
 from kluis.apps.tui.screens.onboarding import UnlockScreen
 from kluis.client.records import Message
+from kluis.errors import TransportError
 from tests.apps.test_tui_server import main, shown, until
 from tests.integration.test_cli import kluis, lines
 from tests.integration.test_daemon import DaemonProcess
@@ -141,6 +143,75 @@ async def test_with_the_app_open_alone_a_daemon_is_refused(
     daemon = DaemonProcess(a, "--lock-after", "60")
     try:
         await asyncio.to_thread(daemon.wait_ready)
+    finally:
+        daemon.stop()
+    assert daemon.proc.returncode == 0, daemon.log.read_text()
+
+
+async def test_two_profiles_one_through_the_daemon_one_alone(
+    two: tuple[Path, str, Path, str],  # noqa: F811
+) -> None:
+    a, alice, b, bob = two
+    daemon = DaemonProcess(a, "--lock-after", "60")
+    try:
+        await asyncio.to_thread(daemon.wait_ready)
+        app = KluisApp(b, more_profiles=[a], cursor_blink=False, backoff_base=0.2)
+        async with app.run_test(size=(100, 24)) as pilot:
+            assert isinstance(app.screen, UnlockScreen)  # bob: alone, with his passphrase
+            app.screen.query_one("#passphrase", Input).value = "pw-cli"
+            await pilot.press("enter")
+            await until(
+                pilot, lambda: isinstance(app.screen, MainScreen) and main(app).online is True
+            )
+            assert main(app).backend.account_id == bob
+            await pilot.press("f8")  # alice: the daemon holds her profile; no passphrase
+            await until(
+                pilot,
+                lambda: (
+                    isinstance(app.screen, MainScreen)
+                    and main(app).backend.account_id == alice
+                    and main(app).online is True
+                ),
+            )
+            assert "via daemon" in str(app.screen.query_one("#status").render())
+            assert isinstance(app.backends[a], DaemonBackend)
+            assert not isinstance(app.backends[b], DaemonBackend)
+            # bob's profile is open alone in the app: no daemon may take it meanwhile
+            refused = await asyncio.to_thread(kluis, "daemon", "--profile", str(b), check=False)
+            assert refused.returncode == 1 and "in use" in refused.stderr
+            await app.backends[b].send(alice, "from bob's tab")
+            await until(pilot, lambda: main(app).book.get(bob) is not None)
+        assert daemon.proc.poll() is None
+    finally:
+        daemon.stop()
+    assert daemon.proc.returncode == 0, daemon.log.read_text()
+
+
+async def test_the_app_follows_the_daemon_going_and_coming_back(
+    two: tuple[Path, str, Path, str],  # noqa: F811
+) -> None:
+    a, alice, b, _ = two
+    daemon = DaemonProcess(a, "--lock-after", "60")
+    try:
+        await asyncio.to_thread(daemon.wait_ready)
+        app = KluisApp(a, cursor_blink=False)
+        async with app.run_test(size=(100, 24)) as pilot:
+            await until(
+                pilot, lambda: isinstance(app.screen, MainScreen) and main(app).online is True
+            )
+            backend = app.backend_required
+            await asyncio.to_thread(daemon.stop)
+            await until(pilot, lambda: main(app).online is False)
+            assert "daemon stopped" in str(app.screen.query_one("#status").render())
+            with pytest.raises(TransportError):
+                await backend.contacts()
+            daemon = DaemonProcess(a, "--lock-after", "60")  # started again (passphrase given)
+            await asyncio.to_thread(daemon.wait_ready)
+            await until(pilot, lambda: main(app).online is True, timeout=20)
+            assert await backend.contacts() == {}
+            await asyncio.to_thread(kluis, "send", "--profile", str(b), alice, "back again")
+            main(app).open_conversation(two[3])
+            await until(pilot, lambda: "back again" in shown(app))
     finally:
         daemon.stop()
     assert daemon.proc.returncode == 0, daemon.log.read_text()
