@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,7 @@ class DaemonBackend:
         self._reader: asyncio.Task[None] | None = None
         self._post: Post | None = None
         self._closed = False
+        self._tasks: set[asyncio.Task[None]] = set()  # held: a task nobody holds may vanish
 
     @classmethod
     async def attach(cls, profile: Path, *, timeout: float = 10.0) -> DaemonBackend:
@@ -124,7 +126,10 @@ class DaemonBackend:
 
     async def _op(self, op: str, progress: Progress | None = None, /, **args: Any) -> Any:
         result = await self._call(f"app.{op}", encode_params(op, args), progress)
-        return decode_result(op, result)
+        try:
+            return decode_result(op, result)
+        except msgspec.ValidationError as exc:  # a daemon of another version?
+            raise LocalProtocolError(f"daemon: unexpected answer to {op}: {exc}") from exc
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         try:
@@ -153,7 +158,8 @@ class DaemonBackend:
             return
         method, params = message.get("method"), message.get("params")
         if "id" in message and method is None:
-            future = self._pending.get(message["id"])
+            rid = message["id"]
+            future = self._pending.get(rid) if isinstance(rid, int) else None
             if future is None or future.done():
                 return
             error = message.get("error")
@@ -165,14 +171,20 @@ class DaemonBackend:
             with contextlib.suppress(msgspec.ValidationError):
                 self._post(decode_event(params))
         elif method == "app.progress" and isinstance(params, dict):
-            progress = self._progress.get(params.get("id", 0))
+            rid = params.get("id")
+            progress = self._progress.get(rid) if isinstance(rid, int) else None
             done, total = params.get("done"), params.get("total")
             if progress is not None and isinstance(done, int) and isinstance(total, int):
                 progress(done, total)
 
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     def _retry(self) -> None:
         if not self._closed:
-            asyncio.get_running_loop().create_task(self._reattach())
+            self._spawn(self._reattach())
 
     async def _reattach(self) -> None:
         try:
@@ -287,8 +299,7 @@ class DaemonBackend:
     def start(self, post: Post) -> None:
         if self._post is None:
             self._post = post
-            task = asyncio.get_running_loop().create_task(self._subscribe())
-            self._subscribing = task  # kept: a task nobody holds may be collected
+            self._spawn(self._subscribe())
 
     async def _subscribe(self) -> None:
         with contextlib.suppress(TransportError, LocalProtocolError):
@@ -301,9 +312,12 @@ class DaemonBackend:
             self._writer.close()
             with contextlib.suppress(ConnectionError, OSError):
                 await self._writer.wait_closed()
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
+        for task in (self._reader, *self._tasks):
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(
+            *(t for t in (self._reader, *self._tasks) if t is not None), return_exceptions=True
+        )
 
 
 def _error(error: dict[str, Any]) -> Exception:
