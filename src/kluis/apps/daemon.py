@@ -1,4 +1,5 @@
-"""``kluis daemon``: one unlocked profile, one connection, a JSON-RPC 2.0 socket for the CLI.
+"""``kluis daemon``: one unlocked profile, one connection, a JSON-RPC 2.0 socket for the CLI
+and the app.
 
 Theory of operation: the daemon takes the profile's lock file (``daemon.lock``, an exclusive
 ``flock``), unlocks the profile with the passphrase, and follows ``KluisClient.events()``,
@@ -18,15 +19,25 @@ one response per line. Methods:
                                               the CLI's own code on this client
                                               (apps/through_daemon.py)
     wipe {}                                -> {"wiped": true}  erase the profile, then exit
+    app.subscribe {}                       -> {}   then app.event notifications (the app's)
+    app.<operation> {NAME: VALUE, ...}     -> the value   ClientOps' operations, typed by their
+                                              hints (``apps/app_rpc.py``, ``apps/ops.py``)
+
+Each request of a connection is answered in a task of its own, in the order they complete (so
+several may be in flight: match answers by id), and the lines of a connection never interleave.
+A request line longer than ``app_rpc.MAX_REQUEST`` bytes is refused (-32600) and skipped; a
+connection goes on after any bad request.
 
 A Kluis error answers ``{"code": -32000, "message": ..., "data": {"code": KLUIS_CODE}}``; a
 send that cannot reach the server is kept in the outbox (``not_sent``).
 
-Each ``kluis send``/``inbox`` takes the same lock *shared* when it works alone, so the daemon
+Every profile command of the CLI takes the same lock *shared* when it works alone, so the daemon
 and a command never both hold the profile: a command that finds the lock taken talks to the
-socket, and says so clearly when nothing answers there. A new message while no client is
-attached raises a notification without its content (``notify-send``, else the terminal bell on
-stderr). After ``--lock-after`` seconds without a request the daemon *locks by exiting*: it
+socket, and says so clearly when nothing answers there; ``kluis chat`` does the same (working
+alone it holds the lock shared while the profile is open; else it attaches). A new message
+while no app has subscribed to events raises a notification without its content
+(``notify-send``, else the terminal bell on stderr). After ``--lock-after`` seconds without a
+request, and without an app subscribed, the daemon *locks by exiting*: it
 forgets the key, closes the profile, removes its socket and releases the lock, so the next
 command works alone (or a new ``kluis daemon`` asks for the passphrase again).
 """
@@ -60,6 +71,7 @@ from kluis.client.events import (
 )
 
 if TYPE_CHECKING:  # the client side of this module (Rpc) needs no network stack
+    from kluis.apps.app_rpc import AppService, Connection
     from kluis.client.client import KluisClient
     from kluis.client.records import Message
     from kluis.client.transport import TransportFactory
@@ -94,6 +106,20 @@ def _lock(profile: Path, how: int) -> IO[str] | None:
     return handle
 
 
+def hold_shared(profile: Path) -> IO[str] | None:
+    """The profile's lock held shared (close it to let go), as a command or the app working
+    alone holds it; None when a daemon holds the profile."""
+    return _lock(profile, fcntl.LOCK_SH)
+
+
+def holder(profile: Path) -> str:
+    """The pid of the daemon that holds ``profile`` ("?" if it does not say)."""
+    try:
+        return (profile / LOCK).read_text().strip() or "?"
+    except OSError:
+        return "?"
+
+
 # ---- the daemon -----------------------------------------------------------------------------
 
 
@@ -112,6 +138,10 @@ class Daemon:
         self._following: asyncio.Task[None] | None = None
         # the daemon's own log: sys.stderr is redirected while a CLI command runs in it
         self.log = sys.stderr
+        from kluis.apps.app_rpc import AppService  # loads the client's records: not for Rpc
+        from kluis.apps.ops import ClientOps
+
+        self.app: AppService = AppService(ClientOps(client))
 
     async def run(self) -> str:
         """Serve until idle for ``lock_after`` or told to stop; return why it stopped."""
@@ -159,26 +189,36 @@ class Daemon:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(min(1.0, self.lock_after / 4))
-            if self.busy == 0 and loop.time() - self._last >= self.lock_after:
+            if self.app.subscribers:  # an app is open on the profile: not idle
+                self._last = loop.time()
+            elif self.busy == 0 and loop.time() - self._last >= self.lock_after:
                 self._stop(f"locked after {self.lock_after:g} s idle")
                 return
 
     async def _follow(self) -> None:
         # client/backoff.py: 0.5-1 s first, doubling to 30-60 s; a stable connection resets it,
         # and a node that drains (1001) is left at once for another.
+        from kluis.apps.ops import Offline, Online, backend_event
+
         loop = asyncio.get_running_loop()
         backoff = Backoff(_BACKOFF, clock=loop.time, random=random.random)
         while True:
             going_away = False
+            reason = "not connected"
             try:
                 async for event in self.client.events():
                     if isinstance(event, ConnectionUp):
                         backoff.up()
+                        self.app.publish(Online())
                     elif isinstance(event, ConnectionDown):
+                        reason = event.reason
                         going_away = event.close_code == GOING_AWAY
-                    elif isinstance(event, MessageReceived):
+                    elif (shown := backend_event(event)) is not None:
+                        self.app.publish(shown)
+                    if isinstance(event, MessageReceived):
                         self.arrived.set()
-                        if self.attached == 0 and event.message.sender != self.client.account_id:
+                        mine = event.message.sender == self.client.account_id
+                        if not self.app.subscribers and not mine:
                             notify(self.log)
                     elif isinstance(event, Undecryptable):
                         print(
@@ -190,30 +230,50 @@ class Daemon:
                         print(f"ALARM: {event.alarm}", file=self.log, flush=True)
             except KluisError as exc:
                 print(f"daemon: {exc}", file=self.log, flush=True)
-            await asyncio.sleep(backoff.down(going_away=going_away))
+                reason = str(exc)
+            delay = backoff.down(going_away=going_away)
+            self.app.publish(Offline(reason, delay))
+            await asyncio.sleep(delay)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        from kluis.apps.app_rpc import MAX_REQUEST, Connection, TooLong, lines
+
         self.attached += 1
-        loop = asyncio.get_running_loop()
+        connection = Connection(writer)
+        tasks: set[asyncio.Task[None]] = set()
         try:
-            while line := await reader.readline():
-                self.busy += 1
-                self._last = loop.time()
-                try:
-                    answer = await self._answer(line)
-                finally:
-                    self.busy -= 1
-                    self._last = loop.time()
-                if answer is not None:
-                    writer.write(json.dumps(answer).encode() + b"\n")
-                    await writer.drain()
-        except (ConnectionError, asyncio.LimitOverrunError, ValueError):
+            async for line in lines(reader, MAX_REQUEST):
+                if isinstance(line, TooLong):
+                    message = f"invalid request: longer than {MAX_REQUEST} bytes"
+                    await connection.send(_error(None, -32600, message))
+                    continue
+                # each request in a task of its own: a slow one does not hold up the next; a
+                # request outlives its connection (it completes; its answer is dropped)
+                task = asyncio.create_task(self._request(line, connection))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+        except ConnectionError:
             pass
         finally:
             self.attached -= 1
+            self.app.gone(connection)
             writer.close()
 
-    async def _answer(self, line: bytes) -> dict[str, Any] | None:
+    async def _request(self, line: bytes, connection: Connection) -> None:
+        loop = asyncio.get_running_loop()
+        self.busy += 1
+        self._last = loop.time()
+        try:
+            answer = await self._answer(line, connection)
+            if answer is not None:
+                await connection.send(answer)
+        except ConnectionError:
+            pass
+        finally:
+            self.busy -= 1
+            self._last = loop.time()
+
+    async def _answer(self, line: bytes, connection: Connection) -> dict[str, Any] | None:
         try:
             request = json.loads(line)
         except ValueError:
@@ -224,15 +284,26 @@ class Daemon:
         method, params = request.get("method"), request.get("params", {})
         if not isinstance(method, str) or not isinstance(params, dict):
             return _error(rid, -32600, "invalid request")
-        handler = getattr(self, f"rpc_{method}", None)
-        if handler is None:
-            return _error(rid, -32601, f"no method {method!r}")
+        from kluis.apps.app_rpc import RpcError
+
         try:
-            result = await handler(**params)
+            if method.startswith("app."):
+                result = await self.app.call(method[4:], params, connection, rid)
+            else:
+                handler = getattr(self, f"rpc_{method}", None)
+                if handler is None:
+                    return _error(rid, -32601, f"no method {method!r}")
+                result = await handler(**params)
+        except RpcError as exc:
+            return _error(rid, exc.code, str(exc))
         except TypeError as exc:
             return _error(rid, -32602, f"invalid params: {exc}")
         except KluisError as exc:
             return _error(rid, _KLUIS_ERROR, exc.message, {"code": exc.code})
+        except Exception as exc:  # a bug, or input nothing checked: the daemon goes on
+            # the type only: an unexpected error's text may quote what it was given
+            print(f"daemon: {method}: {type(exc).__name__}", file=self.log, flush=True)
+            return _error(rid, -32603, f"internal error: {type(exc).__name__}")
         if "id" not in request:
             return None  # a notification gets no answer
         return {"jsonrpc": "2.0", "id": rid, "result": result}
@@ -368,7 +439,8 @@ async def run(
     lock = _lock(profile, fcntl.LOCK_EX)
     if lock is None:
         raise LocalProtocolError(
-            f"{profile} is in use (another kluis daemon or command holds {profile / LOCK})"
+            f"{profile} is in use (another kluis daemon, a command or kluis chat holds"
+            f" {profile / LOCK})"
         )
     try:
         lock.truncate(0)
@@ -421,14 +493,6 @@ class Rpc:
     def close(self) -> None:
         self._file.close()
         self._sock.close()
-
-
-def holder(profile: Path) -> str:
-    """The pid the daemon holding ``profile`` wrote in its lock file ("?" if unreadable)."""
-    try:
-        return (profile / LOCK).read_text().strip() or "?"
-    except OSError:
-        return "?"
 
 
 @contextlib.contextmanager

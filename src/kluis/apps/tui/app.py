@@ -3,7 +3,9 @@
     KluisApp(Path("~/.kluis/me").expanduser()).run()
 
 The app starts on the first-run screen when the profile folder holds no profile, else on the
-unlock screen; tests and screenshots may hand it a ready :class:`~.backend.Backend` instead.
+unlock screen (which attaches to the ``kluis daemon`` holding the profile, if one does, without
+asking for the passphrase); tests and screenshots may hand it a ready
+:class:`~.backend.Backend` instead.
 
 Several profiles (accounts) may be open at once (``more_profiles``): each has its own backend,
 connection and unlock, and its own :class:`MainScreen`, installed so that it lives on while

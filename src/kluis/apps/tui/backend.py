@@ -2,80 +2,66 @@
 
 Theory of operation: the client does its cryptography and profile storage synchronously inside
 its coroutines, so it runs on an event loop of its own, in a thread (:class:`ClientThread`);
-the app's loop only awaits futures of it (from Textual workers) and so never stutters. A pump
-task there follows ``client.events()``, reconnects with back-off and jitter when the stream
-ends with ``ConnectionDown``, and hands every event to a thread-safe callback as a
-:data:`BackendEvent`. The app depends on the :class:`Backend` protocol only, so tests and
-screenshots can drive it with a fake.
+the app's loop only awaits futures of it (from Textual workers) and so never stutters. The
+operations themselves are :class:`~kluis.apps.ops.ClientOps`'s, written once for the app alone
+and for the daemon. A pump task there follows ``client.events()``, reconnects with back-off and
+jitter when the stream ends with ``ConnectionDown``, and hands every event to a thread-safe
+callback as a :data:`BackendEvent`. Working alone, the app holds the profile's ``daemon.lock``
+shared for as long as the profile is open (as a CLI command does), so ``kluis daemon`` cannot
+start on it meanwhile; when a daemon holds the profile, the app attaches to it instead
+(:class:`~kluis.apps.tui.remote.DaemonBackend`, the same protocol over the daemon's socket).
+The app depends on the :class:`Backend` protocol only, so tests and screenshots can drive it
+with a fake.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import random
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol, TypeVar
+from typing import IO, Any, Protocol, TypeVar
 
+from kluis.apps.daemon import hold_shared, holder
+from kluis.apps.ops import (
+    BackendEvent,
+    ClientOps,
+    GroupAction,
+    Offline,
+    Online,
+    Post,
+    Progress,
+    backend_event,
+)
 from kluis.client.backoff import GOING_AWAY, Backoff, BackoffPolicy
 from kluis.client.client import KluisClient
-from kluis.client.events import (
-    ConnectionDown,
-    ConnectionUp,
-    ContactChanged,
-    DeviceAlarm,
-    MessageReceived,
-    MessagesExpired,
-    ReceiptReceived,
-    Undecryptable,
-    VerificationChanged,
-    VerificationRequested,
-)
+from kluis.client.events import ConnectionDown, ConnectionUp
 from kluis.client.groups import GroupState
 from kluis.client.records import Message
 from kluis.client.store import ProfileStore
 from kluis.client.transport import TransportFactory, WebSocketTransport
 from kluis.client.verification import Status, Verification
 from kluis.crypto.profile_key import KdfParams
-from kluis.errors import LocalProtocolError, NotSent, TransportError
+from kluis.errors import LocalProtocolError
 from kluis.protocol.attachment import AttachmentRef
 
+__all__ = [
+    "Backend",
+    "BackendEvent",
+    "ClientBackend",
+    "ClientThread",
+    "GroupAction",
+    "Offline",
+    "Online",
+    "Post",
+    "Progress",
+    "profile_exists",
+]
+
 T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True)
-class Online:
-    """Logged in (again)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Offline:
-    """The connection is down; the next attempt comes in ``retry_in`` seconds."""
-
-    reason: str
-    retry_in: float
-
-
-BackendEvent = (
-    Online
-    | Offline
-    | MessageReceived
-    | Undecryptable
-    | DeviceAlarm
-    | ReceiptReceived
-    | ContactChanged
-    | MessagesExpired
-    | VerificationRequested
-    | VerificationChanged
-)
-Post = Callable[[BackendEvent], None]
-GroupAction = Literal["add", "remove", "rename", "leave"]
-Progress = Callable[[int, int], None]  # (bytes done, bytes in all); called on the client thread
 
 
 class Backend(Protocol):
@@ -138,7 +124,8 @@ class Backend(Protocol):
     async def send_file(
         self, conversation: str, path: Path, caption: str, progress: Progress
     ) -> Message:
-        """Upload ``path`` encrypted and send it; ``progress`` is called from another thread."""
+        """Upload ``path`` encrypted and send it; ``progress`` may be called from another
+        thread (the client's), so it only posts messages."""
 
     async def save_file(self, ref: AttachmentRef, folder: Path, progress: Progress) -> Path:
         """Fetch, check and decrypt ``ref`` into ``folder``; return the path written."""
@@ -190,6 +177,8 @@ class ClientBackend:
         backoff_cap: float = 30.0,
     ) -> None:
         self._thread, self._client = thread, client
+        self._ops = ClientOps(client)
+        self._lock: IO[str] | None = None  # daemon.lock held shared while the profile is open
         self._pump: concurrent.futures.Future[None] | None = None
         self._base, self._cap = backoff_base, backoff_cap
         self._random = random.SystemRandom().random
@@ -205,6 +194,11 @@ class ClientBackend:
         transport_factory: TransportFactory = WebSocketTransport,
         **options: float,
     ) -> ClientBackend:
+        lock = hold_shared(profile)
+        if lock is None:
+            raise LocalProtocolError(
+                f"a kluis daemon (pid {holder(profile)}) holds {profile}: the app attaches to it"
+            )
         thread = ClientThread()
 
         async def open_() -> KluisClient:
@@ -214,8 +208,11 @@ class ClientBackend:
             client = await thread.call(open_)
         except BaseException:
             thread.stop()
+            lock.close()
             raise
-        return cls(thread, client, **options)
+        backend = cls(thread, client, **options)
+        backend._lock = lock
+        return backend
 
     @classmethod
     async def register(
@@ -241,7 +238,9 @@ class ClientBackend:
         except BaseException:
             thread.stop()
             raise
-        return cls(thread, client, **options)
+        backend = cls(thread, client, **options)
+        backend._lock = hold_shared(profile)  # new: no daemon can hold it yet
+        return backend
 
     # ---- the Backend protocol -------------------------------------------------------------------
 
@@ -256,96 +255,68 @@ class ClientBackend:
         return await self._thread.call(wrapped)
 
     async def history(self, conversation: str | None = None) -> list[Message]:
-        return await self._run(lambda: _value(self._client.history(conversation)))
+        return await self._run(lambda: self._ops.history(conversation))
 
     async def groups(self) -> list[GroupState]:
-        return await self._run(lambda: _value(self._client.groups()))
+        return await self._run(self._ops.groups)
 
     async def quarantined(self) -> int:
-        return await self._run(lambda: _value(self._client.quarantined))
+        return await self._run(self._ops.quarantined)
 
     async def send(self, conversation: str, text: str, reply_to: bytes = b"") -> Message:
-        async def send_() -> Message:
-            if not self._client.connected:
-                # offline: into the outbox, encrypted; the pump's next connect() sends it
-                self._client.keep(conversation, text, reply_to=reply_to)
-                raise NotSent("kept in the outbox: offline")
-            return await self._client.send(conversation, text, reply_to=reply_to)
-
-        try:
-            return await self._run(send_)
-        except LocalProtocolError as exc:
-            if "not connected" in str(exc):  # the connection went in the meantime
-                raise LocalProtocolError("offline: the message was not sent") from exc
-            raise
+        return await self._run(lambda: self._ops.send(conversation, text, reply_to))
 
     async def create_group(self, name: str, members: list[str]) -> GroupState:
-        return await self._run(lambda: self._client.create_group(name, members))
+        return await self._run(lambda: self._ops.create_group(name, members))
 
     async def change_group(
         self, group: str, action: GroupAction, accounts: list[str], name: str | None
     ) -> GroupState:
-        return await self._run(lambda: self._client.change_group(group, action, accounts, name))
+        return await self._run(lambda: self._ops.change_group(group, action, accounts, name))
 
     async def verification_status(self, peer: str) -> tuple[Status, str]:
-        return await self._run(lambda: _value(self._client.verification_status(peer)))
+        return await self._run(lambda: self._ops.verification_status(peer))
 
     async def start_verification(self, peer: str) -> Verification:
-        return await self._run(lambda: self._client.start_verification(peer))
+        return await self._run(lambda: self._ops.start_verification(peer))
 
     async def confirm_verification(self, txn: bytes, match: bool) -> None:
-        await self._run(lambda: self._client.confirm_verification(txn, match))
+        await self._run(lambda: self._ops.confirm_verification(txn, match))
 
     async def cancel_verification(self, txn: bytes) -> None:
-        await self._run(lambda: self._client.cancel_verification(txn))
+        await self._run(lambda: self._ops.cancel_verification(txn))
 
     async def contacts(self) -> dict[str, str]:
-        return await self._run(lambda: _value(self._client.contacts()))
+        return await self._run(self._ops.contacts)
 
     async def set_contact(self, account: str, name: str) -> None:
-        await self._run(lambda: self._client.set_contact(account, name))
+        await self._run(lambda: self._ops.set_contact(account, name))
 
     async def timers(self) -> dict[str, int]:
-        return await self._run(lambda: _value(self._client.timers()))
+        return await self._run(self._ops.timers)
 
     async def set_timer(self, conversation: str, seconds: int) -> Message:
-        return await self._run(lambda: self._client.set_timer(conversation, seconds))
+        return await self._run(lambda: self._ops.set_timer(conversation, seconds))
 
     async def mark_read(self, conversation: str) -> None:
-        async def mark() -> None:
-            # offline: the receipts wait in the profile for the next connection
-            with contextlib.suppress(TransportError):
-                await self._client.mark_read(conversation)
-
-        await self._run(mark)
+        await self._run(lambda: self._ops.mark_read(conversation))
 
     async def renewal_notice(self) -> str:
-        return await self._run(lambda: _value(self._client.renewal_notice()))
+        return await self._run(self._ops.renewal_notice)
 
     async def outbox_refused(self) -> list[tuple[str, str]]:
-        async def take() -> list[tuple[str, str]]:
-            refused = [(p.conversation, str(e)) for p, e in self._client.outbox_errors]
-            self._client.outbox_errors.clear()
-            return refused
-
-        return await self._run(take)
+        return await self._run(self._ops.outbox_refused)
 
     async def send_file(
         self, conversation: str, path: Path, caption: str, progress: Progress
     ) -> Message:
-        return await self._run(
-            lambda: self._client.send_file(conversation, path, caption, progress)
-        )
+        return await self._run(lambda: self._ops.send_file(conversation, path, caption, progress))
 
     async def save_file(self, ref: AttachmentRef, folder: Path, progress: Progress) -> Path:
-        async def save() -> Path:
-            folder.mkdir(parents=True, exist_ok=True)
-            return await self._client.download_attachment(ref, folder, progress)
-
-        return await self._run(save)
+        return await self._run(lambda: self._ops.save_file(ref, folder, progress))
 
     async def attachment_bytes(self, ref: AttachmentRef, limit: int) -> bytes:
-        return await self._run(lambda: self._client.attachment_bytes(ref, limit))
+        return await self._run(lambda: self._ops.attachment_bytes(ref, limit))
 
     def start(self, post: Post) -> None:
         if self._pump is None:
@@ -362,6 +333,9 @@ class ClientBackend:
             await self._thread.call(close_)
         finally:
             self._thread.stop()
+            if self._lock is not None:
+                self._lock.close()  # closed: a daemon may take the profile now
+                self._lock = None
 
     # ---- the pump (runs on the client thread) ---------------------------------------------------
 
@@ -376,26 +350,14 @@ class ClientBackend:
             going_away = False
             try:
                 async for event in self._client.events():
-                    match event:
-                        case ConnectionUp():
-                            backoff.up()
-                            post(Online())
-                        case ConnectionDown(reason=why, close_code=code):
-                            reason = why
-                            going_away = code == GOING_AWAY
-                        case (
-                            MessageReceived()
-                            | Undecryptable()
-                            | DeviceAlarm()
-                            | ReceiptReceived()
-                            | ContactChanged()
-                            | MessagesExpired()
-                            | VerificationRequested()
-                            | VerificationChanged()
-                        ):
-                            post(event)
-                        case _:
-                            pass  # notes: the app does not show them
+                    if isinstance(event, ConnectionUp):
+                        backoff.up()
+                        post(Online())
+                    elif isinstance(event, ConnectionDown):
+                        reason = event.reason
+                        going_away = event.close_code == GOING_AWAY
+                    elif (shown := backend_event(event)) is not None:
+                        post(shown)  # notes: the app does not show them
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # refused login, DNS, ...: say why, and try again later
@@ -403,7 +365,3 @@ class ClientBackend:
             delay = backoff.down(going_away=going_away)
             post(Offline(reason, delay))
             await asyncio.sleep(delay)
-
-
-async def _value(value: T) -> T:
-    return value

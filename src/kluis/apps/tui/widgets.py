@@ -397,13 +397,17 @@ class StatusLine(Static):
         detail: str = "",
         alarm: bool = False,
         notice: str = "",
+        via: str = "",
     ) -> None:
+        """``via``: how the profile is reached when not by this app itself ("via daemon")."""
         if online is None:
             text = Text("◌ connecting…", style="yellow")
         elif online:
             text = Text("● online", style="bold green")
         else:
             text = Text("○ offline", style="bold red")
+        if via:
+            text.append(f" {via}", style="dim")
         if detail:
             text.append("  ")
             text.append_text(safe_line(detail, "dim"))

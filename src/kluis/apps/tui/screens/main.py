@@ -38,6 +38,7 @@ from kluis.apps.tui.model import (
     Notice,
     is_person,
 )
+from kluis.apps.tui.remote import DaemonBackend
 from kluis.apps.tui.safe_text import safe_line
 from kluis.apps.tui.screens.contact import NicknameScreen, TimerScreen
 from kluis.apps.tui.screens.dialogs import (
@@ -384,8 +385,9 @@ class MainScreen(Screen[None]):
     # ---- showing --------------------------------------------------------------------------------
 
     def _show_status(self) -> None:
+        via = self.backend.via if isinstance(self.backend, DaemonBackend) else ""
         self.query_one(StatusLine).set_state(
-            self.online, self.book.me, self.status_detail, self.alarmed, self.expiry_notice
+            self.online, self.book.me, self.status_detail, self.alarmed, self.expiry_notice, via
         )
 
     def _show_message(self, m: Message) -> None:

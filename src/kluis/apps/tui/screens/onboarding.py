@@ -12,8 +12,10 @@ from textual.containers import Center, Vertical, VerticalScroll
 from textual.screen import ModalScreen, Screen
 from textual.widgets import Button, Input, Label, Static
 
+from kluis.apps.daemon import holder
 from kluis.apps.tui.backend import ClientBackend
 from kluis.apps.tui.model import strength
+from kluis.apps.tui.remote import DaemonBackend, held_by_daemon
 from kluis.apps.tui.safe_text import safe_line
 from kluis.apps.tui.widgets import qr_text
 from kluis.errors import KluisError, WrongPassphrase
@@ -129,7 +131,8 @@ class OnboardingScreen(Screen[None]):
 
 
 class UnlockScreen(Screen[None]):
-    """Later runs: the passphrase opens the profile."""
+    """Later runs: the passphrase opens the profile; or, when a ``kluis daemon`` holds it, the
+    app attaches to the daemon (no passphrase: the daemon has the profile open)."""
 
     app: KluisApp
 
@@ -149,9 +152,14 @@ class UnlockScreen(Screen[None]):
         field = self.query_one("#passphrase", Input)
         field.cursor_blink = self.app.cursor_blink
         field.focus()
+        if held_by_daemon(self.profile):
+            self._attach_daemon()
 
     @on(Input.Submitted, "#passphrase")
     def _submitted(self, event: Input.Submitted) -> None:
+        if held_by_daemon(self.profile):  # started meanwhile, or Enter tries the socket again
+            self._attach_daemon()
+            return
         if not event.value:
             return
         self.query_one("#error", Static).update(Text("unlocking…", style="italic"))
@@ -176,6 +184,19 @@ class UnlockScreen(Screen[None]):
             self.query_one("#error", Static).update(_error_text(exc))
             return
         app.enter_main(backend, profile=self.profile)
+
+    @work(exclusive=True, group="unlock")
+    async def _attach_daemon(self) -> None:
+        error = self.query_one("#error", Static)
+        error.update(
+            Text(f"a kluis daemon (pid {holder(self.profile)}) holds it: attaching…", "italic")
+        )
+        try:
+            backend = await DaemonBackend.attach(self.profile)
+        except Exception as exc:
+            error.update(_error_text(exc))
+            return
+        self.app.enter_main(backend, profile=self.profile)
 
 
 class IdScreen(ModalScreen[None]):
