@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from kluis.errors import QuotaExceeded
+from kluis.server.batching import GroupCommit
 from kluis.server.config import Limits
 from kluis.server.delivery.protocol import DeliveryBus
 from kluis.server.store.protocol import Store
@@ -73,8 +74,7 @@ class Mailbox:
         self._exact: set[str] = set()  # devices whose count has been exact since their last ack
         self._deposits: list[_Deposit] = []
         self._acks: list[_Ack] = []
-        self._committer: asyncio.Task[None] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._batch = GroupCommit(self._commit_queued, lambda: bool(self._deposits or self._acks))
         self._counters = counters
         self._full_until: dict[str, float] = {}  # several nodes: found full, until then
 
@@ -167,9 +167,9 @@ class Mailbox:
             for device_id, body in items:
                 counts[device_id] = counts.get(device_id, 0) + 1
                 sizes[device_id] = sizes.get(device_id, 0) + len(body)
-        fut: asyncio.Future[list[int]] = self._running_loop().create_future()
+        fut: asyncio.Future[list[int]] = self._batch.future()
         self._deposits.append((items, fut))
-        self._schedule()
+        self._batch.kick()
         return await fut
 
     async def _shared_admits(self, items: list[tuple[str, bytes]]) -> bool:
@@ -183,33 +183,15 @@ class Mailbox:
         return True
 
     async def acknowledge(self, device_id: str, ids: list[int]) -> None:
-        fut: asyncio.Future[None] = self._running_loop().create_future()
+        fut: asyncio.Future[None] = self._batch.future()
         self._acks.append(([(device_id, i) for i in ids], fut))
-        self._schedule()
+        self._batch.kick()
         await fut
 
-    def _running_loop(self) -> asyncio.AbstractEventLoop:
-        # asyncio.get_running_loop() makes a getpid() system call on every call (fork check);
-        # at two calls per message that was a tenth of the server's time (py-spy).
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            loop = self._loop = asyncio.get_running_loop()
-        return loop
-
-    def _schedule(self) -> None:
-        if self._committer is None:
-            # The task's first step runs after the callbacks already queued, so every request
-            # of this loop turn goes into its first batch.
-            self._committer = self._running_loop().create_task(self._commit_all())
-
-    async def _commit_all(self) -> None:
-        try:
-            while self._deposits or self._acks:
-                deposits, self._deposits = self._deposits, []
-                acks, self._acks = self._acks, []
-                await self._flush(deposits, acks)
-        finally:
-            self._committer = None
+    async def _commit_queued(self) -> None:
+        deposits, self._deposits = self._deposits, []
+        acks, self._acks = self._acks, []
+        await self._flush(deposits, acks)
 
     async def _flush(self, deposits: list[_Deposit], acks: list[_Ack]) -> None:
         """Commit a batch of deposits and acks in one transaction, then answer and announce."""

@@ -46,6 +46,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError
 
+from kluis.server.batching import GroupCommit
+
 log = logging.getLogger("kluis.server.redis_state")
 
 # KEYS: bucket keys. ARGV[1]: per key, "cost rate burst " (rate per second). Answers a string of
@@ -138,8 +140,9 @@ class RedisState:
         self._takes: list[_Take] = []
         self._versions: list[_Versions] = []
         self._counts: list[_Count] = []
-        self._flusher: asyncio.Task[None] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._batch = GroupCommit(
+            self._flush_queued, lambda: bool(self._takes or self._versions or self._counts)
+        )
         self._down_until = float("-inf")  # no Redis call before this (back-off)
         self._backoff = 0.0
         self.failures = 0  # batches answered None because Redis failed
@@ -165,9 +168,9 @@ class RedisState:
         self._redis = client
 
     async def close(self) -> None:
-        if self._flusher is not None:
+        if self._batch.running is not None:
             with contextlib.suppress(Exception):
-                await self._flusher  # answers what was queued
+                await self._batch.running  # answers what was queued
         if self._redis is not None:
             await self._redis.aclose()
             self._redis = None
@@ -183,23 +186,23 @@ class RedisState:
         self, kind: str, key: str, cost: float, rate: float, burst: int
     ) -> asyncio.Future[bool | None]:
         """Spend ``cost`` tokens of the shared bucket; None: Redis unavailable."""
-        fut: asyncio.Future[bool | None] = self._running_loop().create_future()
+        fut: asyncio.Future[bool | None] = self._batch.future()
         if not self.available:
             fut.set_result(None)
         else:
             self._takes.append((f"{self.prefix}:rl:{kind}:{key}", cost, rate, burst, fut))
-            self._schedule()
+            self._batch.kick()
         return fut
 
     def versions(self, accounts: list[str]) -> asyncio.Future[list[str | None] | None]:
         """The current device-list version of each account (None: none set); None overall:
         Redis unavailable."""
-        fut: asyncio.Future[list[str | None] | None] = self._running_loop().create_future()
+        fut: asyncio.Future[list[str | None] | None] = self._batch.future()
         if not self.available:
             fut.set_result(None)
         else:
             self._versions.append((accounts, fut))
-            self._schedule()
+            self._batch.kick()
         return fut
 
     async def bump_version(self, account: str) -> None:
@@ -215,12 +218,12 @@ class RedisState:
     def count(self, items: list[tuple[str, int]]) -> asyncio.Future[Bounds | None]:
         """Add one envelope of each (device, bytes) to the counters; their new values, and
         whether each counter was created by this call (it then counts this envelope only)."""
-        fut: asyncio.Future[Bounds | None] = self._running_loop().create_future()
+        fut: asyncio.Future[Bounds | None] = self._batch.future()
         if not self.available:
             fut.set_result(None)
         else:
             self._counts.append((items, fut))
-            self._schedule()
+            self._batch.kick()
         return fut
 
     async def set_count(self, device: str, count: int, size: int) -> None:
@@ -247,26 +250,11 @@ class RedisState:
         except (RedisError, OSError, TimeoutError) as exc:
             self._failed(exc)
 
-    def _running_loop(self) -> asyncio.AbstractEventLoop:
-        # As in the mailbox: asyncio.get_running_loop() makes a getpid() call on every call.
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            loop = self._loop = asyncio.get_running_loop()
-        return loop
-
-    def _schedule(self) -> None:
-        if self._flusher is None:
-            self._flusher = self._running_loop().create_task(self._flush_all())
-
-    async def _flush_all(self) -> None:
-        try:
-            while self._takes or self._versions or self._counts:
-                takes, self._takes = self._takes, []
-                versions, self._versions = self._versions, []
-                counts, self._counts = self._counts, []
-                await self._flush(takes, versions, counts)
-        finally:
-            self._flusher = None
+    async def _flush_queued(self) -> None:
+        takes, self._takes = self._takes, []
+        versions, self._versions = self._versions, []
+        counts, self._counts = self._counts, []
+        await self._flush(takes, versions, counts)
 
     async def _flush(
         self, takes: list[_Take], versions: list[_Versions], counts: list[_Count]
