@@ -1,6 +1,8 @@
 """Enter-to-peer latency of the Textual app: two app instances on a loopback server.
 
-Run: ``python -m bench.tui_latency [N]`` (N messages, 50 by default, at most 500). Starts a
+Run: ``python -m bench.tui_latency [N] [--daemon]`` (N messages, 50 by default, at most 500;
+``--daemon``: each app attached to a ``kluis daemon`` process holding its profile, so a message
+also crosses the daemon's socket on each side). Starts a
 server process on a free loopback port, registers two profiles (cheap KDF), opens both in
 :class:`~kluis.apps.tui.app.KluisApp` under Textual's pilot (headless, 80x24, one process, one
 UI event loop and one client thread per app), opens the conversation on both sides, then for
@@ -23,6 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -69,9 +73,16 @@ def _shows(log: ChatLog, marker: str) -> bool:
     return any(marker in "".join(s.text for s in strip) for strip in log.lines[-6:])
 
 
-async def measure(count: int, tmp: Path) -> dict[str, Any]:
+def _daemon(profile: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "KLUIS_PASSPHRASE": PASSPHRASE}
+    command = [sys.executable, "-m", "kluis.apps.cli", "daemon", "--profile", str(profile)]
+    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+async def measure(count: int, tmp: Path, *, via_daemon: bool = False) -> dict[str, Any]:
     server = ServerProcess(tmp / "server")
     server.start()
+    daemons: list[subprocess.Popen[bytes]] = []
     try:
         ids = []
         for name in ("alice", "bob"):
@@ -79,12 +90,16 @@ async def measure(count: int, tmp: Path) -> dict[str, Any]:
             ids.append(client.account_id)
             await client.close()
         alice_id, bob_id = ids
+        if via_daemon:
+            daemons = [_daemon(tmp / name) for name in ("alice", "bob")]
+            await _wait(lambda: all((tmp / n / "daemon.sock").exists() for n in ("alice", "bob")))
         alice, bob = _app(tmp / "alice", server), _app(tmp / "bob", server)
         async with alice.run_test(size=(80, 24)) as a, bob.run_test(size=(80, 24)) as b:
             for app, pilot in ((alice, a), (bob, b)):
                 await pilot.pause()
-                app.screen.query_one("#passphrase", Input).value = PASSPHRASE
-                await pilot.press("enter")
+                if not via_daemon:  # attached to a daemon, the app asks for no passphrase
+                    app.screen.query_one("#passphrase", Input).value = PASSPHRASE
+                    await pilot.press("enter")
             for app in (alice, bob):
                 await _wait(lambda app=app: (s := _main(app)) is not None and s.online is True)
             sender, receiver = _main(alice), _main(bob)
@@ -110,18 +125,29 @@ async def measure(count: int, tmp: Path) -> dict[str, Any]:
                 await a.pause()  # the sender's own view and the receipts: counted in the CPU
                 cpu += time.process_time() - cpu_started
         fields = {k: round(v, 2) for k, v in latency_fields(latencies).items()}
+        # the app's process only: a daemon's own CPU is not in it
         cpu_ms = round(cpu * 1000 / count, 1)
-        return {"messages": count, **fields, "cpu_ms_per_message": cpu_ms, "machine": machine()}
+        return {
+            "messages": count,
+            "via_daemon": via_daemon,
+            **fields,
+            "cpu_ms_per_message": cpu_ms,
+            "machine": machine(),
+        }
     finally:
+        for daemon in daemons:
+            daemon.terminate()
+            daemon.wait(10)
         server.stop()
 
 
-def main(count: int = 50) -> None:
+def main(count: int = 50, *, via_daemon: bool = False) -> None:
     count = max(1, min(count, MAX_MESSAGES))
     with tempfile.TemporaryDirectory(prefix="kluis-tui-latency-") as tmp:
-        result = asyncio.run(measure(count, Path(tmp)))
+        result = asyncio.run(measure(count, Path(tmp), via_daemon=via_daemon))
     print(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 50)
+    numbers = [a for a in sys.argv[1:] if a != "--daemon"]
+    main(int(numbers[0]) if numbers else 50, via_daemon="--daemon" in sys.argv[1:])
