@@ -35,6 +35,9 @@ from kluis.server.admin.store import (
     LicenceCount,
     ResellerRow,
     Role,
+    account_rows,
+    audit_entries,
+    reseller_rows,
     user_row,
 )
 from kluis.server.store.postgres import PostgresStore
@@ -123,10 +126,6 @@ async def _audit(conn: Any, now: int, actor: str, action: str, detail: str) -> N
         action,
         detail,
     )
-
-
-def _entries(rows: Any) -> list[AuditEntry]:
-    return [AuditEntry(int(r[0]), str(r[1]), str(r[2]), str(r[3])) for r in rows]
 
 
 class PostgresAdminStore:
@@ -230,7 +229,7 @@ class PostgresAdminStore:
             actor,
             limit,
         )
-        return _entries(rows)
+        return audit_entries(rows)
 
     async def audit_of(self, action: str, limit: int = 200) -> list[AuditEntry]:
         pool = await self._pool()
@@ -240,7 +239,7 @@ class PostgresAdminStore:
             action,
             limit,
         )
-        return _entries(rows)
+        return audit_entries(rows)
 
     async def issue_licences(
         self,
@@ -301,18 +300,7 @@ class PostgresAdminStore:
             reseller,
             limit,
         )
-        return [
-            AccountRow(
-                str(r[0]),
-                int(r[1]),
-                int(r[2]),
-                None if r[3] is None else int(r[3]),
-                r[4],
-                bool(r[5]),
-                bool(r[6]),
-            )
-            for r in rows
-        ]
+        return account_rows(rows)
 
     async def resellers(self) -> list[ResellerRow]:
         pool = await self._pool()
@@ -321,4 +309,4 @@ class PostgresAdminStore:
             "WHERE a.reseller = u.name) FROM admin_users u WHERE u.role = 'reseller' "
             'ORDER BY u.name COLLATE "C"'
         )
-        return [ResellerRow(str(r[0]), int(r[1]), int(r[2]), int(r[3])) for r in rows]
+        return reseller_rows(rows)

@@ -19,6 +19,10 @@ from kluis.server.admin.store import (
     LicenceCount,
     ResellerRow,
     Role,
+    account_rows,
+    audit_entries,
+    reseller_rows,
+    user_row,
 )
 from kluis.server.store.sqlite import SqliteDatabase, SqliteStore
 
@@ -57,10 +61,7 @@ _SCHEMA = (
 def _user(row: tuple[object, ...] | None) -> AdminUser | None:
     if row is None:
         return None
-    name, role, pw, totp, quota, issued = row
-    assert role == "admin" or role == "reseller"
-    assert isinstance(totp, bytes) and isinstance(quota, int) and isinstance(issued, int)
-    return AdminUser(str(name), role, str(pw), totp, quota, issued)
+    return user_row(*row)
 
 
 _USER_COLUMNS = "name, role, password_hash, totp, quota, issued"
@@ -183,7 +184,7 @@ class SqliteAdminStore:
                 "WHERE ? IS NULL OR actor = ? ORDER BY seq DESC LIMIT ?",
                 (actor, actor, limit),
             ).fetchall()
-            return [AuditEntry(int(r[0]), str(r[1]), str(r[2]), str(r[3])) for r in rows]
+            return audit_entries(rows)
 
         return await self._call(run)
 
@@ -196,7 +197,7 @@ class SqliteAdminStore:
                 "WHERE action = ? ORDER BY seq DESC LIMIT ?",
                 (action, limit),
             ).fetchall()
-            return [AuditEntry(int(r[0]), str(r[1]), str(r[2]), str(r[3])) for r in rows]
+            return audit_entries(rows)
 
         return await self._call(run)
 
@@ -255,18 +256,7 @@ class SqliteAdminStore:
                 "FROM accounts a WHERE ? OR a.reseller IS ? ORDER BY a.id LIMIT ?",
                 (everyone, reseller, limit),
             ).fetchall()
-            return [
-                AccountRow(
-                    str(r[0]),
-                    int(r[1]),
-                    int(r[2]),
-                    None if r[3] is None else int(r[3]),
-                    r[4],
-                    bool(r[5]),
-                    bool(r[6]),
-                )
-                for r in rows
-            ]
+            return account_rows(rows)
 
         return await self._call(run)
 
@@ -277,6 +267,6 @@ class SqliteAdminStore:
                 "WHERE a.reseller = u.name) FROM admin_users u WHERE u.role = 'reseller' "
                 "ORDER BY u.name"
             ).fetchall()
-            return [ResellerRow(str(r[0]), int(r[1]), int(r[2]), int(r[3])) for r in rows]
+            return reseller_rows(rows)
 
         return await self._call(run)

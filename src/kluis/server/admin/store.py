@@ -20,8 +20,9 @@ against each:
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from kluis.server.store.protocol import Store
 
@@ -70,6 +71,36 @@ class ResellerRow:
     quota: int
     issued: int
     accounts: int
+
+
+# Rows as both drivers give them (sqlite3 tuples, asyncpg Records), in the columns the stores'
+# queries select, to records: written once for both.
+
+
+def audit_entries(rows: Iterable[Sequence[Any]]) -> list[AuditEntry]:
+    """(at, actor, action, detail) rows."""
+    return [AuditEntry(int(r[0]), str(r[1]), str(r[2]), str(r[3])) for r in rows]
+
+
+def account_rows(rows: Iterable[Sequence[Any]]) -> list[AccountRow]:
+    """(id, expires_at, live devices, last_seen_day, reseller, suspended, operator_wipe) rows."""
+    return [
+        AccountRow(
+            str(r[0]),
+            int(r[1]),
+            int(r[2]),
+            None if r[3] is None else int(r[3]),
+            r[4],
+            bool(r[5]),
+            bool(r[6]),
+        )
+        for r in rows
+    ]
+
+
+def reseller_rows(rows: Iterable[Sequence[Any]]) -> list[ResellerRow]:
+    """(name, quota, issued, accounts) rows."""
+    return [ResellerRow(str(r[0]), int(r[1]), int(r[2]), int(r[3])) for r in rows]
 
 
 def user_row(
