@@ -5,6 +5,8 @@ as an event."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from kluis.client.client import KluisClient
@@ -20,10 +22,32 @@ from kluis.protocol.payload import Payload
 from kluis.server.inprocess import InProcessServer
 from tests.kluis_testing import register
 
+Queue = asyncio.Queue[Event]
+
 
 async def follow(client: KluisClient, into: asyncio.Queue[Event]) -> None:
     async for event in client.events():
         await into.put(event)
+
+
+@contextlib.asynccontextmanager
+async def following(
+    inproc: InProcessServer, tmp_path: Path
+) -> AsyncIterator[tuple[KluisClient, KluisClient, Queue, Queue, list[asyncio.Task[None]]]]:
+    """Alice and Bob, each with ``events()`` followed into a queue (qa, qb) by a task."""
+    alice = await register(inproc, tmp_path / "alice")
+    bob = await register(inproc, tmp_path / "bob")
+    qa: Queue = asyncio.Queue()
+    qb: Queue = asyncio.Queue()
+    tasks = [asyncio.create_task(follow(alice, qa)), asyncio.create_task(follow(bob, qb))]
+    try:
+        yield alice, bob, qa, qb, tasks
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for c in (alice, bob):
+            await c.close()
 
 
 async def next_of(queue: asyncio.Queue[Event], kind: type, state: State | None = None) -> Event:
@@ -41,12 +65,7 @@ async def next_of(queue: asyncio.Queue[Event], kind: type, state: State | None =
 async def test_verification_through_events_when_both_confirm(
     inproc: InProcessServer, tmp_path: Path
 ) -> None:
-    alice = await register(inproc, tmp_path / "alice")
-    bob = await register(inproc, tmp_path / "bob")
-    qa: asyncio.Queue[Event] = asyncio.Queue()
-    qb: asyncio.Queue[Event] = asyncio.Queue()
-    tasks = [asyncio.create_task(follow(alice, qa)), asyncio.create_task(follow(bob, qb))]
-    try:
+    async with following(inproc, tmp_path) as (alice, bob, qa, qb, _tasks):
         asked = await alice.start_verification(bob.account_id)
         assert asked.state is State.REQUESTED
         told = await next_of(qb, VerificationRequested)
@@ -64,23 +83,12 @@ async def test_verification_through_events_when_both_confirm(
             await next_of(queue, VerificationChanged, State.VERIFIED)
         assert alice.verification_status(bob.account_id)[0] is Status.VERIFIED
         assert bob.verification_status(alice.account_id)[0] is Status.VERIFIED
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for c in (alice, bob):
-            await c.close()
 
 
 async def test_a_declined_first_verification_leaves_both_unverified(
     inproc: InProcessServer, tmp_path: Path
 ) -> None:
-    alice = await register(inproc, tmp_path / "alice")
-    bob = await register(inproc, tmp_path / "bob")
-    qa: asyncio.Queue[Event] = asyncio.Queue()
-    qb: asyncio.Queue[Event] = asyncio.Queue()
-    tasks = [asyncio.create_task(follow(alice, qa)), asyncio.create_task(follow(bob, qb))]
-    try:
+    async with following(inproc, tmp_path) as (alice, bob, qa, qb, _tasks):
         await alice.start_verification(bob.account_id)
         await next_of(qb, VerificationRequested)
         await bob.start_verification(alice.account_id)
@@ -92,23 +100,12 @@ async def test_a_declined_first_verification_leaves_both_unverified(
         assert "cancelled" in cancelled.verification.reason
         assert alice.verification_status(bob.account_id)[0] is Status.UNVERIFIED
         assert bob.verification_status(alice.account_id)[0] is Status.UNVERIFIED
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for c in (alice, bob):
-            await c.close()
 
 
 async def test_an_answer_that_cannot_be_sent_cancels_the_flow_and_the_stream_goes_on(
     inproc: InProcessServer, tmp_path: Path
 ) -> None:
-    alice = await register(inproc, tmp_path / "alice")
-    bob = await register(inproc, tmp_path / "bob")
-    qa: asyncio.Queue[Event] = asyncio.Queue()
-    qb: asyncio.Queue[Event] = asyncio.Queue()
-    tasks = [asyncio.create_task(follow(alice, qa)), asyncio.create_task(follow(bob, qb))]
-    try:
+    async with following(inproc, tmp_path) as (alice, bob, _qa, qb, tasks):
         await alice.start_verification(bob.account_id)
         await next_of(qb, VerificationRequested)
         await bob.start_verification(alice.account_id)  # its accept goes out
@@ -124,9 +121,3 @@ async def test_an_answer_that_cannot_be_sent_cancels_the_flow_and_the_stream_goe
         await alice.send(bob.account_id, "still here")
         got = await next_of(qb, MessageReceived)
         assert isinstance(got, MessageReceived) and got.message.text == "still here"
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for c in (alice, bob):
-            await c.close()

@@ -169,18 +169,7 @@ async def test_a_node_killed_mid_stream_its_clients_reconnect_and_nothing_is_los
             ids = [c.account_id for c in clients]
             on_victim = lb.active[("127.0.0.1", victim.port)]
             assert on_victim == 2  # clients 0 and 3: each sends and receives
-            streams = [
-                asyncio.create_task(
-                    send_stream(
-                        sessions[i],
-                        tallies[i],
-                        ids[(i + 1) % 6],
-                        [f"{i}:{n}" for n in range(40)],
-                        interval=0.02,
-                    )
-                )
-                for i in range(6)
-            ]
+            streams = _streams(sessions, tallies, ids)
             await until(lambda: sum(len(t.received) for t in tallies) >= 60, 15, "the stream")
             before = [sum(map(len, t.accepted.values())) for t in tallies]
             victim.kill()  # SIGKILL, in the middle of it
@@ -199,6 +188,24 @@ async def test_a_node_killed_mid_stream_its_clients_reconnect_and_nothing_is_los
             assert sum(len(t.accepted.get(ids[(i + 1) % 6], [])) for i, t in enumerate(tallies))
         finally:
             await _close_all(clients, sessions)
+
+
+def _streams(
+    sessions: list[ReconnectingSession], tallies: list[Tally], ids: list[str]
+) -> list[asyncio.Task[None]]:
+    """Client i sends 40 messages, one every 20 ms, to client i + 1 (in a ring)."""
+    return [
+        asyncio.create_task(
+            send_stream(
+                sessions[i],
+                tallies[i],
+                ids[(i + 1) % len(ids)],
+                [f"{i}:{n}" for n in range(40)],
+                interval=0.02,
+            )
+        )
+        for i in range(len(ids))
+    ]
 
 
 def _all_in(tallies: list[Tally], ids: list[str]) -> bool:
@@ -234,18 +241,7 @@ async def test_sigterm_drains_a_node_its_clients_move_at_once_and_lose_nothing(
         for session in sessions:
             await session.wait_connected(5)
         ids = [c.account_id for c in clients]
-        streams = [
-            asyncio.create_task(
-                send_stream(
-                    sessions[i],
-                    tallies[i],
-                    ids[(i + 1) % 6],
-                    [f"{i}:{n}" for n in range(40)],
-                    interval=0.02,
-                )
-            )
-            for i in range(6)
-        ]
+        streams = _streams(sessions, tallies, ids)
         await until(lambda: sum(len(t.received) for t in tallies) >= 60, 15, "the stream")
         proc = three.terminate(victim)  # SIGTERM, in the middle of it
         assert await asyncio.to_thread(proc.wait, 10) == 0  # drained, then exited cleanly

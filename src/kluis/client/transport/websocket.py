@@ -122,7 +122,7 @@ class WebSocketTransport:
                         self.pushes.put_nowait(frame)
                         continue
                     settle_answer(self._waiting, frame)
-            error = self._ended("connection lost")
+            error = self._ended("connection lost", ws)
         except KluisError as exc:
             error = exc
         except OSError as exc:
@@ -138,7 +138,7 @@ class WebSocketTransport:
         """Send the frame ``make(rid)`` and return its answer; a server Error is raised typed."""
         ws = self._ws
         if ws is None or ws.state is not State.OPEN:
-            raise self._ended("not connected")
+            raise self._ended("not connected", ws)
         rid = next(self._rids)
         fut: asyncio.Future[f.ServerFrame] = asyncio.get_running_loop().create_future()
         self._waiting[rid] = fut
@@ -151,14 +151,14 @@ class WebSocketTransport:
             raise TransportError(f"no answer from the server within {self.timeout:g} s") from exc
         except (ConnectionClosed, OSError) as exc:
             self._waiting.pop(rid, None)
-            raise self._ended(f"send failed: {exc}") from exc
+            raise self._ended(f"send failed: {exc}", ws) from exc
         return expect_answer(answer, expect)
 
-    def _ended(self, reason: str) -> TransportError:
-        """The error for a channel that is gone: with the server's close code when the server
-        closed it (1001: the node is draining), else ``reason`` (lost: no close frame came, or
-        we closed it first, as after a missed heartbeat or a frame over the limit)."""
-        ws = self._ws
+    def _ended(self, reason: str, ws: ClientConnection | None) -> TransportError:
+        """The error for channel ``ws`` that is gone: with the server's close code when the
+        server closed it (1001: the node is draining), else ``reason`` (lost: no close frame
+        came, or we closed it first, as after a missed heartbeat or a frame over the limit).
+        ``ws`` is the caller's: ``close()`` may have dropped ``self._ws`` meanwhile."""
         received = None if ws is None else ws.protocol.close_rcvd
         ours_first = ws is not None and ws.protocol.close_rcvd_then_sent is False
         if received is None or ours_first or received.code == CloseCode.ABNORMAL_CLOSURE:
