@@ -21,7 +21,6 @@ from collections.abc import Callable
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
-from websockets.frames import CloseCode
 from websockets.protocol import State
 
 from kluis.client.transport.protocol import Push, T, expect_answer, settle_answer
@@ -67,7 +66,7 @@ class WebSocketTransport:
         self._waiting: dict[int, asyncio.Future[f.ServerFrame]] = {}
         self.pushes: asyncio.Queue[Push | None] = asyncio.Queue()  # None: connection ended
         self.server_origin = ""
-        self.close_code: int | None = None  # set when the server closed the socket
+        self._close_code: int | None = None  # the server's close code, once known
 
     async def connect(self, timeout: float | None = None) -> bytes:
         """Open the socket and return the server's challenge nonce."""
@@ -111,7 +110,7 @@ class WebSocketTransport:
         return challenge.nonce
 
     async def _read(self, ws: ClientConnection) -> None:
-        error: KluisError = TransportError("connection closed")
+        error: KluisError | None = None
         try:
             with contextlib.suppress(ConnectionClosed):  # how it ended: read below
                 async for data in ws:
@@ -128,6 +127,8 @@ class WebSocketTransport:
         except OSError as exc:
             error = TransportError(f"connection lost: {exc}")
         finally:
+            if error is None:  # close() cancelled the reader: still, the server may have said why
+                error = self._ended("connection closed", ws)
             for fut in self._waiting.values():
                 if not fut.done():
                     fut.set_exception(error)
@@ -154,23 +155,30 @@ class WebSocketTransport:
             raise self._ended(f"send failed: {exc}", ws) from exc
         return expect_answer(answer, expect)
 
+    @property
+    def close_code(self) -> int | None:
+        """The close code the server sent, if it closed the channel first (else None). Read
+        from the connection itself: the library answers a close frame at once, before our
+        reader has taken it in."""
+        if self._close_code is None and self._ws is not None:
+            self._close_code = _servers_code(self._ws)
+        return self._close_code
+
     def _ended(self, reason: str, ws: ClientConnection | None) -> TransportError:
         """The error for channel ``ws`` that is gone: with the server's close code when the
         server closed it (1001: the node is draining), else ``reason`` (lost: no close frame
         came, or we closed it first, as after a missed heartbeat or a frame over the limit).
         ``ws`` is the caller's: ``close()`` may have dropped ``self._ws`` meanwhile."""
-        received = None if ws is None else ws.protocol.close_rcvd
-        ours_first = ws is not None and ws.protocol.close_rcvd_then_sent is False
-        if received is None or ours_first or received.code == CloseCode.ABNORMAL_CLOSURE:
+        code = None if ws is None else _servers_code(ws)
+        if code is None:
             return TransportError(reason)
-        self.close_code = received.code
-        return TransportError(
-            f"connection closed by server ({received.code})", close_code=received.code
-        )
+        self._close_code = code
+        return TransportError(f"connection closed by server ({code})", close_code=code)
 
     async def close(self) -> None:
         ws, reader = self._ws, self._reader
         if ws is not None:
+            _ = self.close_code  # kept: the server may have said why before we close
             with contextlib.suppress(Exception):
                 await ws.close()
         if reader is not None:
@@ -178,3 +186,12 @@ class WebSocketTransport:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
         self._ws = self._reader = None
+
+
+def _servers_code(ws: ClientConnection) -> int | None:
+    """The code of the close frame the server sent first, if it did (a received close frame
+    never says 1006: that code only names a connection lost without one)."""
+    received = ws.protocol.close_rcvd
+    if received is None or ws.protocol.close_rcvd_then_sent is False:
+        return None
+    return received.code
