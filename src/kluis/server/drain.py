@@ -3,9 +3,13 @@
 Theory of operation: every WebSocket handler registers a :class:`Live` record in the node's
 :class:`Drain` for as long as it runs, and marks it ``busy`` while a request is being handled
 (a Send committing, say). :meth:`Drain.run`, once the listening socket is closed (no new
-connections), asks each connection to go: an idle one is closed at once with 1001 ("going
-away"), after what its outbox holds; a busy one finishes its request, writes the answer, and
-closes itself with 1001 (the handler checks :attr:`Live.going` after each request). A client
+connections), asks each connection to go: an idle one is woken out of its ``receive()`` and
+closes with 1001 ("going away") at once, after what its outbox holds; a busy one finishes its
+request, writes the answer, and closes itself with 1001 (the handler checks
+:attr:`Live.going` after each request). Either way the handler closes the WebSocket itself,
+with the whole close handshake: closed from another task while its ``receive()`` waits,
+aiohttp would close the socket at once, and with the client's last frames unread there the
+kernel answers with a reset, which can make the client lose our close frame and its 1001. A client
 that sees 1001 reconnects at once, through the balancer, to another node; nothing it was told
 was accepted is lost, since accepted means committed. A connection that arrives while draining
 (accepted before the socket closed) is sent away as soon as it registers. The drain waits for
@@ -30,18 +34,22 @@ GOING_AWAY_REASON = b"going away"
 class Live:
     """One running WebSocket handler, as the drain sees it."""
 
-    __slots__ = ("busy", "flush", "going", "ws")
+    __slots__ = ("busy", "flush", "going", "wake", "ws")
 
-    def __init__(self, ws: web.WebSocketResponse, flush: Callable[[], None]) -> None:
+    def __init__(
+        self, ws: web.WebSocketResponse, flush: Callable[[], None], wake: Callable[[], None]
+    ) -> None:
         self.ws, self.flush = ws, flush  # flush: write what the connection's outbox holds
+        self.wake = wake  # makes the handler's pending receive() return (see the handler)
         self.busy = False  # handling a request: it closes itself once answered
         self.going = False  # asked to go
 
     async def go_away(self) -> None:
-        """Ask to go: close now when idle, else after the request in hand (see the handler)."""
+        """Ask to go: the handler closes now when idle (woken), else after the request in
+        hand."""
         self.going = True
         if not self.busy:
-            await self.close()
+            self.wake()
 
     async def close(self) -> None:
         self.flush()

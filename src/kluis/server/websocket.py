@@ -29,7 +29,7 @@ import contextlib
 import struct
 from typing import Any
 
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import WSCloseCode, WSMessage, WSMsgType, web
 
 from kluis.errors import FrameTooLarge, MalformedFrame
 from kluis.protocol import frames as f
@@ -160,6 +160,25 @@ class PreLoginGate:
         self._parser.feed_eof()
 
 
+class _GoingAway(Exception):
+    """What :func:`wake_receive` hands a handler's ``receive()``: the node is draining."""
+
+
+GOING = _GoingAway("the node is draining")
+
+
+def wake_receive(ws: web.WebSocketResponse) -> None:
+    """Make the handler's pending ``ws.receive()`` return an ERROR message holding
+    :data:`GOING`, after the frames already read (server/drain.py says why the handler must
+    be the one to close). The aiohttp internal its own heartbeat uses to wake a receive()
+    (3.14: ``WebSocketResponse._reader.feed_data``); if aiohttp renames it, this raises and
+    tests/test_drain.py fails."""
+    reader = getattr(ws, "_reader", None)
+    if reader is None or not hasattr(reader, "feed_data"):
+        raise RuntimeError("aiohttp changed: no WebSocket reader to wake")
+    reader.feed_data(WSMessage(WSMsgType.ERROR, GOING, None), 0)
+
+
 def install_gate(request: web.Request, budget: int) -> PreLoginGate:
     """Put a :class:`PreLoginGate` in front of the reader that ``ws.prepare`` installed.
 
@@ -195,7 +214,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     conn = Connection(services, outbox.wake)
     outbox.attach(conn)
     drain = request.app.get(DRAIN)
-    live = Live(ws, outbox.flush)
+    live = Live(ws, outbox.flush, lambda: wake_receive(ws))
     if drain is not None:
         drain.add(live)
     try:
@@ -229,6 +248,8 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
                 err = MalformedFrame("frames are binary msgpack")
                 outbox.reply(f.encode(f.Error(rid=None, code=err.code, message=err.message)))
             elif msg.type == WSMsgType.ERROR:
+                if msg.data is GOING:
+                    continue  # the drain woke us: close with 1001 at the top of the loop
                 if isinstance(msg.data, Exception) and "too big" in str(msg.data).lower():
                     outbox.flush()
                     code = FrameTooLarge.code
