@@ -173,11 +173,13 @@ class KluisClient:
         passphrase: str,
         *,
         transport_factory: TransportFactory = websocket_transport,
+        key: bytes | None = None,
     ) -> KluisClient:
         """Unlock an existing profile (no network yet). The panic passphrase erases it and fails
-        as for a folder without a profile (``client/wipe.py``)."""
+        as for a folder without a profile (``client/wipe.py``). ``key``: the profile key,
+        derived already from ``passphrase`` (``ProfileStore.open``)."""
         wipe.check_panic(profile, passphrase)
-        store = ProfileStore.open(profile, passphrase)
+        store = ProfileStore.open(profile, passphrase, key=key)
         core = ClientCore.load(store, clock=time.time, random=secrets.token_bytes)
         client = cls(core, transport_factory=transport_factory)
         client.profile = profile

@@ -132,14 +132,27 @@ class ProfileStore:
         return cls(path, key)
 
     @classmethod
-    def open(cls, path: Path, passphrase: str) -> ProfileStore:
+    def _meta(cls, path: Path) -> ProfileMeta:
         if not cls.exists(path):
             raise LocalProtocolError(f"no profile in {path}; register or request a device first")
         try:
-            meta = msgspec.json.decode((path / cls.META).read_bytes(), type=ProfileMeta)
+            return msgspec.json.decode((path / cls.META).read_bytes(), type=ProfileMeta)
         except msgspec.DecodeError as exc:
             raise LocalProtocolError(f"{path / cls.META} is damaged") from exc
-        key = derive_key(passphrase, meta.kdf)
+
+    @classmethod
+    def kdf_params(cls, path: Path) -> KdfParams:
+        """The argon2id parameters of the profile in ``path`` (to derive its key elsewhere,
+        say while a command loads the rest of its code: see :meth:`open`'s ``key``)."""
+        return cls._meta(path).kdf
+
+    @classmethod
+    def open(cls, path: Path, passphrase: str, *, key: bytes | None = None) -> ProfileStore:
+        """Unlock the profile in ``path``; ``key``: derived already from ``passphrase`` with
+        :meth:`kdf_params` (checked all the same: a wrong one is a wrong passphrase)."""
+        meta = cls._meta(path)
+        if key is None:
+            key = derive_key(passphrase, meta.kdf)
         try:
             RecordCipher(_subkey(key, b"kluis-profile-verifier")).decrypt(meta.verifier, b"")
         except DecryptionError as exc:
