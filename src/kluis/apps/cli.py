@@ -47,11 +47,14 @@ if TYPE_CHECKING:
 DEFAULT_TIMEOUT_S = 30.0  # WebSocketTransport's own default (client/transport/websocket.py)
 
 
-def _unlock(args: argparse.Namespace, *, network: bool = False) -> KluisClient:
-    """Open the profile ``--profile``. Its argon2id derivation, most of an unlock, runs in a
-    thread while this one loads the client's code (and, for a ``network`` command, its
-    WebSocket transport): argon2 leaves the GIL, so on two cores a command is ready about a
-    tenth of a second sooner. The key is checked by the profile as always."""
+def _unlock(
+    args: argparse.Namespace, *, network: bool = False, preload: bool | None = None
+) -> KluisClient:
+    """Open the profile ``--profile`` (``network``: with transports within ``--timeout``).
+    Its argon2id derivation, most of an unlock, runs in a thread while this one loads the
+    client's code (and, with ``preload``, by default a ``network`` command's, the WebSocket
+    transport): argon2 leaves the GIL, so on two cores a command is ready about a tenth of a
+    second sooner. The key is checked by the profile as always."""
     from kluis.client.store.sqlite import ProfileStore
     from kluis.crypto.profile_key import derive_key
 
@@ -68,7 +71,7 @@ def _unlock(args: argparse.Namespace, *, network: bool = False) -> KluisClient:
     worker = threading.Thread(target=derive, name="kluis-unlock", daemon=True)
     worker.start()
     opener = _kluis()
-    if network:  # loaded now, used at connect
+    if network if preload is None else preload:  # loaded now, used at connect
         importlib.import_module("kluis.client.transport.websocket")
     worker.join()
     key = derived[0]
@@ -302,7 +305,7 @@ async def _register(args: argparse.Namespace) -> None:
 
 async def _whoami(args: argparse.Namespace) -> None:
     given = IN_DAEMON.get()
-    client = given or _unlock(args, network=True)
+    client = given or _unlock(args, network=True, preload=False)  # connects only when new
     try:
         if not client.account_id:  # a linked device learns its account at first login
             await client.connect()
