@@ -128,6 +128,10 @@ class MainScreen(Screen[None]):
         self.alarmed = False
         self.expiry_notice = ""  # the subscription's end, once near: stays in the status line
         self._receipts_due = False  # a redraw for new receipt marks is scheduled
+        # IDs of the others' messages the book has counted: a message is counted once, whether
+        # it comes as an event or is found in the history after a reattach (see _catch_up)
+        self._known: set[bytes] = set()
+        self._was_offline = False
         self._jump_to: object = None  # a message to bring into view once the chat is drawn
         # conversations whose last send was refused for a key change, until acknowledged:
         # the compose box takes no input for them meanwhile
@@ -229,6 +233,7 @@ class MainScreen(Screen[None]):
         groups = await backend.groups()
         quarantined = await backend.quarantined()
         self.book.load(history, groups, await backend.contacts(), await backend.timers())
+        self._known.update(m.id for m in history if m.sender != self.book.me and m.id)
         self.expiry_notice = await backend.renewal_notice()
         if self.expiry_notice:
             self.book.notice(Notice(self.app.now(), "operator", self.expiry_notice))
@@ -252,6 +257,29 @@ class MainScreen(Screen[None]):
         backend.start(self._post_event)
         self._check_verification([row.id for row in rows if is_person(row.id)])
 
+    @work(exclusive=True, group="catch-up")
+    async def _catch_up(self) -> None:
+        """Attached again to a daemon (it was away, or started again): what it received
+        meanwhile came as no event here, so the others' messages the book has not counted
+        are taken from the history, counted as unread where not in view."""
+        new = [m for m in await self.backend.history() if not self._counted(m)]
+        for m in new:
+            self.book.add(m, seen=self.in_view)
+        if new:
+            self._refresh_list()
+            if any(m.conversation == self.book.open_id for m in new):
+                self._fill_chat()
+
+    def _counted(self, m: Message) -> bool:
+        """Whether the book counted ``m`` already (else it is noted as counted now); our own
+        messages, and lines without an ID, are never looked up."""
+        if m.sender == self.book.me or not m.id:
+            return False
+        if m.id in self._known:
+            return True
+        self._known.add(m.id)
+        return False
+
     def _post_event(self, event: BackendEvent) -> None:
         """Called on the client thread: post_message is thread-safe."""
         self.post_message(BackendMessage(event))
@@ -263,13 +291,19 @@ class MainScreen(Screen[None]):
             case Online():
                 self.online, self.status_detail = True, ""
                 self._show_status()
+                if self._was_offline and isinstance(self.backend, DaemonBackend):
+                    self._catch_up()
+                self._was_offline = False
                 if self.book.open_id is not None:
                     self._fill_chat()  # what the outbox sent on reconnection shows now
                 self._outbox_refused()
             case Offline(reason=reason, retry_in=delay):
                 self.online = False
+                self._was_offline = True
                 self.status_detail = f"{reason} · reconnecting in {delay:.1f}s"
                 self._show_status()
+            case MessageReceived(message=m) if self._counted(m):
+                pass  # found by _catch_up first
             case MessageReceived(message=m):
                 self.book.add(m, seen=self.in_view)
                 if is_group_id(m.conversation):
