@@ -174,3 +174,24 @@ async def test_lines_cuts_a_long_line_and_goes_on() -> None:
         b"three",
     ]
     assert sum(isinstance(g, TooLong) for g in got) == 2
+
+
+async def test_a_type_error_inside_an_operation_is_a_bug_not_bad_params() -> None:
+    """Params are checked against the operation's hints before the call: a TypeError raised
+    inside it is the daemon's fault (an internal error), not the caller's."""
+    from kluis.apps.app_rpc import AppService, RpcError
+    from kluis.apps.ops import ClientOps
+
+    class Broken(ClientOps):
+        def __init__(self) -> None:  # no client: contacts() fails before touching one
+            pass
+
+        async def contacts(self) -> dict[str, str]:
+            raise TypeError("a bug")
+
+    service = AppService(Broken())
+    with pytest.raises(RuntimeError, match=r"app\.contacts failed"):
+        await service.call("contacts", {}, None, 1)  # type: ignore[arg-type]
+    with pytest.raises(RpcError) as refused:  # a caller's bad params stay theirs
+        await service.call("contacts", {"extra": 1}, None, 1)  # type: ignore[arg-type]
+    assert refused.value.code == -32602

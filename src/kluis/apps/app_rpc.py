@@ -252,6 +252,8 @@ class AppService:
             result = await getattr(self.ops, name)(**kwargs)
         except OSError as exc:  # a file to send or a folder to save in
             raise LocalProtocolError(f"{exc.strerror or exc}: {exc.filename or ''}") from exc
+        except TypeError as exc:  # the params were checked above: this is a bug, not the caller's
+            raise RuntimeError(f"app.{name} failed") from exc
         return encode(result)
 
 
