@@ -6,14 +6,21 @@ the profile and stops the daemon."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from kluis.apps import quick, through_daemon
+import pytest
+
+from kluis.apps import daemon as daemon_module
+from kluis.apps import peer, quick, through_daemon
+from kluis.apps.tui.remote import DaemonBackend
+from kluis.errors import LocalProtocolError
 from tests.integration.test_cli import kluis
 from tests.integration.test_cli_quick import quick_kluis
 from tests.integration.test_daemon import DaemonProcess, pair, rpc
@@ -163,3 +170,33 @@ def test_a_command_alone_holds_the_profile_and_wipe_goes_through_the_daemon(
     assert daemon.proc.returncode == 0
     assert "the profile was wiped" in daemon.log.read_text()
     assert list(Path(a).iterdir()) == []
+
+
+async def test_a_socket_of_another_user_gets_nothing(
+    pair: tuple[str, str, str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon's socket is trusted only when its file and the process behind it are this
+    user's: seen as another user (os.getuid patched), the CLI and the app send nothing to it."""
+    a = Path(pair[0])
+    daemon = DaemonProcess(a, "--lock-after", "60")
+    try:
+        await asyncio.to_thread(daemon.wait_ready)
+        me = os.getuid()
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(str(a / "daemon.sock"))
+            assert peer.peer_uid(sock) == me  # Linux says who serves it
+            assert peer.foreign(sock, str(a / "daemon.sock")) is None
+        monkeypatch.setattr(os, "getuid", lambda: me + 4242)
+        assert quick.connect(str(a), 5) is None  # the fast path leaves it to the full CLI
+        refused = pytest.raises(LocalProtocolError, match="belongs to another user")
+        with refused, daemon_module.daemon_or_alone(a, 5):
+            pass
+        with pytest.raises(LocalProtocolError, match="nothing is sent to it"):
+            await DaemonBackend.attach(a, timeout=5)
+        monkeypatch.undo()
+        backend = await DaemonBackend.attach(a, timeout=5)  # as its own user: attached
+        assert backend.account_id == pair[1]
+        await backend.close()
+    finally:
+        daemon.stop()
+    assert daemon.proc.returncode == 0, daemon.log.read_text()

@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from kluis.apps.cli import _day, account_label, message_json, message_line
+from kluis.apps.peer import foreign, peer_uid
 from kluis.client.backoff import GOING_AWAY, Backoff, BackoffPolicy
 from kluis.client.events import (
     ConnectionDown,
@@ -238,6 +239,10 @@ class Daemon:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         from kluis.apps.app_rpc import MAX_REQUEST, Connection, TooLong, lines
 
+        peer = writer.get_extra_info("socket")
+        if peer is not None and peer_uid(peer) not in (None, os.getuid()):
+            writer.close()  # the socket is 0600: only another user's process gets here if ever
+            return
         self.attached += 1
         connection = Connection(writer)
         tasks: set[asyncio.Task[None]] = set()
@@ -521,6 +526,10 @@ def daemon_or_alone(profile: Path, timeout: float) -> Iterator[Rpc | None]:
             f"a kluis daemon (pid {pid}) holds {profile} but its socket {path} does not answer"
             f" ({exc.strerror or exc}); stop it (kill {pid}) and try again"
         ) from exc
+    why = foreign(sock, str(path))
+    if why is not None:
+        sock.close()
+        raise LocalProtocolError(f"{why}: nothing is sent to it; check who can write {profile}")
     rpc = Rpc(sock, timeout)
     try:
         yield rpc

@@ -26,6 +26,8 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from kluis.apps.peer import foreign
+
 if TYPE_CHECKING:
     from typing import Any
 
@@ -212,9 +214,13 @@ def connect(profile: str, timeout: float) -> Channel | None:
         os.close(fd)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
+    path = os.path.join(profile, SOCKET)
     try:
-        sock.connect(os.path.join(profile, SOCKET))
+        sock.connect(path)
     except OSError:
+        sock.close()
+        return None
+    if foreign(sock, path) is not None:  # the full CLI refuses it, in its own words
         sock.close()
         return None
     return Channel(sock, timeout)

@@ -34,6 +34,7 @@ from kluis.apps.app_rpc import (
 )
 from kluis.apps.daemon import SOCKET, hold_shared, holder
 from kluis.apps.ops import GroupAction, Offline, Post, Progress
+from kluis.apps.peer import foreign
 from kluis.client.groups import GroupState
 from kluis.client.records import Message
 from kluis.client.verification import Status, Verification
@@ -95,9 +96,14 @@ class DaemonBackend:
         return backend
 
     async def _connect(self) -> None:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_unix_connection(str(self.profile / SOCKET)), self._timeout
-        )
+        path = str(self.profile / SOCKET)
+        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path), self._timeout)
+        why = foreign(writer.get_extra_info("socket"), path)
+        if why is not None:  # what the user types would go to it: not even a whoami
+            writer.close()
+            raise LocalProtocolError(
+                f"{why}: nothing is sent to it; check who can write {self.profile}"
+            )
         self._writer = writer
         self._reader = asyncio.create_task(self._read(reader))
 
