@@ -25,7 +25,6 @@ connection never makes the server hold a large unfinished frame.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import struct
 from typing import Any
 
@@ -64,7 +63,7 @@ def binary_frame(payload: bytes) -> bytes:
 class Outbox:
     """Coalesces one connection's replies and pushes into one write per event-loop turn."""
 
-    __slots__ = ("_close_task", "_conn", "_handle", "_loop", "_replies", "_transport", "_ws")
+    __slots__ = ("_conn", "_handle", "_loop", "_replies", "_transport", "_woken", "_ws")
 
     def __init__(self, ws: web.WebSocketResponse, transport: asyncio.Transport) -> None:
         self._ws = ws
@@ -73,7 +72,7 @@ class Outbox:
         self._replies: list[bytes] = []
         self._handle: asyncio.Handle | None = None
         self._conn: Connection | None = None
-        self._close_task: asyncio.Task[None] | None = None
+        self._woken = False  # the handler was woken to close (see flush)
 
     def attach(self, conn: Connection) -> None:
         self._conn = conn
@@ -108,22 +107,16 @@ class Outbox:
                     self._handle = self._loop.call_soon(self.flush)
         if out:
             transport.write(b"".join([binary_frame(p) for p in out]))
-        if conn is not None and conn.close_requested and self._close_task is None:
-            self._close_task = asyncio.ensure_future(self._close())
-
-    async def _close(self) -> None:
-        reason = self._conn.close_reason if self._conn is not None else b""
-        await self._ws.close(code=WSCloseCode.POLICY_VIOLATION, message=reason)
+        if conn is not None and conn.close_requested and not self._woken:
+            # replaced, revoked, wiped: the handler closes (1008) once woken, with the whole
+            # close handshake (server/drain.py says why not from here)
+            self._woken = True
+            wake_receive(self._ws)
 
     def cancel(self) -> None:
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
-
-    async def closed(self) -> None:
-        if self._close_task is not None:
-            with contextlib.suppress(Exception):
-                await self._close_task
 
 
 class PreLoginGate:
@@ -160,23 +153,24 @@ class PreLoginGate:
         self._parser.feed_eof()
 
 
-class _GoingAway(Exception):
-    """What :func:`wake_receive` hands a handler's ``receive()``: the node is draining."""
+class _Wake(Exception):
+    """What :func:`wake_receive` hands a handler's ``receive()``: look at the connection's
+    state (the node is draining, or the connection must close)."""
 
 
-GOING = _GoingAway("the node is draining")
+WAKE = _Wake("the handler has a close to make")
 
 
 def wake_receive(ws: web.WebSocketResponse) -> None:
     """Make the handler's pending ``ws.receive()`` return an ERROR message holding
-    :data:`GOING`, after the frames already read (server/drain.py says why the handler must
-    be the one to close). The aiohttp internal its own heartbeat uses to wake a receive()
+    :data:`WAKE`, after the frames already read: a close is the handler's to make, with the
+    whole close handshake (server/drain.py says why). The aiohttp internal its own heartbeat uses to wake a receive()
     (3.14: ``WebSocketResponse._reader.feed_data``); if aiohttp renames it, this raises and
     tests/test_drain.py fails."""
     reader = getattr(ws, "_reader", None)
     if reader is None or not hasattr(reader, "feed_data"):
         raise RuntimeError("aiohttp changed: no WebSocket reader to wake")
-    reader.feed_data(WSMessage(WSMsgType.ERROR, GOING, None), 0)
+    reader.feed_data(WSMessage(WSMsgType.ERROR, WAKE, None), 0)
 
 
 def install_gate(request: web.Request, budget: int) -> PreLoginGate:
@@ -225,6 +219,10 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
             if live.going:  # the node is draining: the last answer, then 1001 (server/drain.py)
                 await live.close()
                 break
+            if conn.close_requested:  # the reply, then the close (revoked itself, or replaced)
+                outbox.flush()
+                await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=conn.close_reason)
+                break
             while outbox.congested and not transport.is_closing():
                 await asyncio.sleep(_RETRY_S)  # flow control: read no more until it drains
             timeout = None
@@ -248,8 +246,8 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
                 err = MalformedFrame("frames are binary msgpack")
                 outbox.reply(f.encode(f.Error(rid=None, code=err.code, message=err.message)))
             elif msg.type == WSMsgType.ERROR:
-                if msg.data is GOING:
-                    continue  # the drain woke us: close with 1001 at the top of the loop
+                if msg.data is WAKE:
+                    continue  # a close to make: at the top of the loop
                 if isinstance(msg.data, Exception) and "too big" in str(msg.data).lower():
                     outbox.flush()
                     code = FrameTooLarge.code
@@ -257,16 +255,11 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
                 break
             else:  # CLOSE, CLOSING, CLOSED
                 break
-            if conn.close_requested:
-                outbox.flush()  # the reply, then the close (revoked itself, or replaced)
-                await outbox.closed()
-                break
     finally:
         if drain is not None:
             drain.discard(live)
         conn.closed()
         outbox.cancel()
-        await outbox.closed()
         if not ws.closed:
             await ws.close()
     return ws
