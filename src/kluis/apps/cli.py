@@ -1539,7 +1539,7 @@ _OWN_LOCK = frozenset({"daemon", "chat", "send", "inbox", "register"})
 def _profile_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Run a profile command alone, holding the profile's lock shared, or in the daemon that
     holds the profile (apps/through_daemon.py): never both, so one store has one writer."""
-    from kluis.apps import daemon
+    from kluis.apps import daemon, quick
 
     profile = Path(args.profile)
     with daemon.daemon_or_alone(profile, args.timeout) as rpc:
@@ -1551,12 +1551,7 @@ def _profile_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
             print(f"the kluis daemon erased {profile} and stopped", file=sys.stderr)
             return 0
         # the daemon parses the line again and refuses what may not run in it
-        longer = 600.0 if args.command == "fetch" else 3 * args.timeout
-        answer = rpc.call("run", {"argv": list(argv), "cwd": os.getcwd()}, longer=longer)
-    sys.stdout.write(answer["stdout"])
-    sys.stdout.flush()
-    sys.stderr.write(answer["stderr"])
-    return int(answer["code"])
+        return quick.run_whole(argv, rpc, args.timeout)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

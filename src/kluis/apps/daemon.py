@@ -62,10 +62,9 @@ from typing import IO, TYPE_CHECKING, Any
 
 from kluis.apps.cli import _day, account_label, message_json, message_line
 from kluis.apps.peer import foreign, peer_uid
-from kluis.client.backoff import GOING_AWAY, Backoff, BackoffPolicy
+from kluis.apps.quick import Channel, DaemonError, kluis_error
+from kluis.client.backoff import Backoff, BackoffPolicy
 from kluis.client.events import (
-    ConnectionDown,
-    ConnectionUp,
     DeviceAlarm,
     MessageReceived,
     Undecryptable,
@@ -73,10 +72,11 @@ from kluis.client.events import (
 
 if TYPE_CHECKING:  # the client side of this module (Rpc) needs no network stack
     from kluis.apps.app_rpc import AppService, Connection
+    from kluis.apps.ops import BackendEvent
     from kluis.client.client import KluisClient
     from kluis.client.records import Message
     from kluis.client.transport import TransportFactory
-from kluis.errors import KluisError, LocalProtocolError, NotSent, TransportError, error_for_code
+from kluis.errors import KluisError, LocalProtocolError, NotSent, TransportError
 
 SOCKET = "daemon.sock"
 LOCK = "daemon.lock"
@@ -129,7 +129,6 @@ class Daemon:
         self.client = client
         self.profile = profile
         self.lock_after = lock_after
-        self.attached = 0  # open socket connections (a CLI or an app)
         self.busy = 0  # requests being answered
         self.stop = asyncio.Event()
         self.arrived = asyncio.Event()  # set on each new message (inbox waits on it)
@@ -199,42 +198,29 @@ class Daemon:
     async def _follow(self) -> None:
         # client/backoff.py: 0.5-1 s first, doubling to 30-60 s; a stable connection resets it,
         # and a node that drains (1001) is left at once for another.
-        from kluis.apps.ops import Offline, Online, backend_event
+        from kluis.apps.ops import follow
 
         loop = asyncio.get_running_loop()
         backoff = Backoff(_BACKOFF, clock=loop.time, random=random.random)
-        while True:
-            going_away = False
-            reason = "not connected"
-            try:
-                async for event in self.client.events():
-                    if isinstance(event, ConnectionUp):
-                        backoff.up()
-                        self.app.publish(Online())
-                    elif isinstance(event, ConnectionDown):
-                        reason = event.reason
-                        going_away = event.close_code == GOING_AWAY
-                    elif (shown := backend_event(event)) is not None:
-                        self.app.publish(shown)
-                    if isinstance(event, MessageReceived):
-                        self.arrived.set()
-                        mine = event.message.sender == self.client.account_id
-                        if not self.app.subscribers and not mine:
-                            notify(self.log)
-                    elif isinstance(event, Undecryptable):
-                        print(
-                            f"warning: a message could not be read: {event.code}",
-                            file=self.log,
-                            flush=True,
-                        )
-                    elif isinstance(event, DeviceAlarm):
-                        print(f"ALARM: {event.alarm}", file=self.log, flush=True)
-            except KluisError as exc:
-                print(f"daemon: {exc}", file=self.log, flush=True)
-                reason = str(exc)
-            delay = backoff.down(going_away=going_away)
-            self.app.publish(Offline(reason, delay))
-            await asyncio.sleep(delay)
+
+        def failed(exc: Exception) -> None:
+            print(f"daemon: {exc}", file=self.log, flush=True)
+
+        await follow(self.client, backoff, self._heard, retry_on=(KluisError,), failed=failed)
+
+    def _heard(self, event: BackendEvent) -> None:
+        """An event of the stream (see ops.follow): to the attached apps, and what the daemon
+        itself does with it."""
+        self.app.publish(event)
+        if isinstance(event, MessageReceived):
+            self.arrived.set()
+            mine = event.message.sender == self.client.account_id
+            if not self.app.subscribers and not mine:
+                notify(self.log)
+        elif isinstance(event, Undecryptable):
+            print(f"warning: a message could not be read: {event.code}", file=self.log, flush=True)
+        elif isinstance(event, DeviceAlarm):
+            print(f"ALARM: {event.alarm}", file=self.log, flush=True)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         from kluis.apps.app_rpc import MAX_REQUEST, Connection, TooLong, lines
@@ -243,7 +229,6 @@ class Daemon:
         if peer is not None and peer_uid(peer) not in (None, os.getuid()):
             writer.close()  # the socket is 0600: only another user's process gets here if ever
             return
-        self.attached += 1
         connection = Connection(writer)
         tasks: set[asyncio.Task[None]] = set()
         try:
@@ -260,7 +245,6 @@ class Daemon:
         except ConnectionError:
             pass
         finally:
-            self.attached -= 1
             self.app.gone(connection)
             writer.close()
 
@@ -466,38 +450,14 @@ async def run(
 # ---- the CLI's side -------------------------------------------------------------------------
 
 
-class Rpc:
-    """A connection to a running daemon (blocking: the CLI does one thing at a time)."""
-
-    def __init__(self, sock: socket.socket, timeout: float) -> None:
-        self._sock = sock
-        self._file = sock.makefile("rb")
-        self._timeout = timeout
-        self._ids = 0
+class Rpc(Channel):
+    """The fast path's connection to a running daemon, its failures as Kluis errors."""
 
     def call(self, method: str, params: dict[str, Any], *, longer: float = 0.0) -> Any:
-        self._ids += 1
-        request = {"jsonrpc": "2.0", "id": self._ids, "method": method, "params": params}
-        self._sock.settimeout(self._timeout + longer)
         try:
-            self._sock.sendall(json.dumps(request).encode() + b"\n")
-            line = self._file.readline()
-        except OSError as exc:
-            raise TransportError(f"the kluis daemon did not answer: {exc}") from exc
-        if not line:
-            raise TransportError("the kluis daemon closed the connection")
-        answer = json.loads(line)
-        if "error" in answer:
-            error = answer["error"]
-            code = (error.get("data") or {}).get("code")
-            if code:
-                raise error_for_code(code, error.get("message", ""))
-            raise LocalProtocolError(f"daemon: {error.get('message')}")
-        return answer["result"]
-
-    def close(self) -> None:
-        self._file.close()
-        self._sock.close()
+            return super().call(method, params, longer=longer)
+        except (DaemonError, OSError) as exc:
+            raise kluis_error(exc) from exc
 
 
 @contextlib.contextmanager

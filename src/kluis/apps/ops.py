@@ -5,18 +5,23 @@ methods of :class:`ClientOps` on one :class:`KluisClient`, run on the loop the c
 ``ClientBackend`` runs them on its client thread (the app alone), the daemon on its own loop
 for an app attached to it (``apps/app_rpc.py``). Their type hints are also the wire schema of
 the daemon's ``app.*`` methods (:data:`OPERATIONS`), so an operation is written in one place.
-:func:`backend_event` picks from ``client.events()`` what the app shows.
+:func:`backend_event` picks from ``client.events()`` what the app shows, and :func:`follow`
+follows that stream for ever, with back-off, for the app alone and for the daemon alike.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from kluis.client.backoff import GOING_AWAY, Backoff
 from kluis.client.events import (
+    ConnectionDown,
+    ConnectionUp,
     ContactChanged,
     DeviceAlarm,
     Event,
@@ -107,6 +112,42 @@ MAX_ATTACHMENT_BYTES = 16 * 1024 * 1024  # attachment_bytes answers at most this
 def backend_event(event: Event) -> BackendEvent | None:
     """``event`` if the app shows it (connection changes aside: the follower says those)."""
     return event if isinstance(event, EVENT_KINDS) else None
+
+
+async def follow(
+    client: KluisClient,
+    backoff: Backoff,
+    post: Post,
+    *,
+    retry_on: tuple[type[Exception], ...] = (Exception,),
+    failed: Callable[[Exception], None] | None = None,
+) -> None:
+    """Follow ``client.events()`` for ever, handing ``post`` what the app shows: Online at each
+    login, the events of :func:`backend_event`, and Offline (why, and the wait) when the stream
+    ends; then wait and go again (``client/backoff.py``: reset after a stable connection, and
+    no wait when the node said it is going away, 1001: it drains, the next login lands
+    elsewhere). An exception of ``retry_on`` (a refused login, DNS, ...) ends a round as a lost
+    connection does, ``failed`` hearing it first; any other ends the follow."""
+    while True:
+        reason = "not connected"
+        going_away = False
+        try:
+            async for event in client.events():
+                if isinstance(event, ConnectionUp):
+                    backoff.up()
+                    post(Online())
+                elif isinstance(event, ConnectionDown):
+                    reason = event.reason
+                    going_away = event.close_code == GOING_AWAY
+                elif (shown := backend_event(event)) is not None:
+                    post(shown)  # notes: the app does not show them
+        except retry_on as exc:
+            if failed is not None:
+                failed(exc)
+            reason = str(exc) or type(exc).__name__
+        delay = backoff.down(going_away=going_away)
+        post(Offline(reason, delay))
+        await asyncio.sleep(delay)
 
 
 class ClientOps:

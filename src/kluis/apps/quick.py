@@ -31,6 +31,8 @@ from kluis.apps.peer import foreign
 if TYPE_CHECKING:
     from typing import Any
 
+    from kluis.errors import KluisError
+
 # Kept equal to kluis.apps.cli.DEFAULT_TIMEOUT_S (a test checks it): importing it costs the CLI.
 DEFAULT_TIMEOUT_S = 30.0
 SOCKET, LOCK = "daemon.sock", "daemon.lock"  # as kluis.apps.daemon names them (a test checks)
@@ -174,7 +176,9 @@ class DaemonError(Exception):
 
 
 class Channel:
-    """One JSON-RPC connection to the daemon (blocking, like kluis.apps.daemon.Rpc)."""
+    """One JSON-RPC connection to the daemon (blocking: a command does one thing at a time).
+    Failures are DaemonError (the daemon's answer) or OSError; ``kluis.apps.daemon.Rpc`` is the
+    same with Kluis errors (:func:`kluis_error`)."""
 
     def __init__(self, sock: socket.socket, timeout: float) -> None:
         self._sock, self._file, self._timeout, self._ids = sock, sock.makefile("rb"), timeout, 0
@@ -258,16 +262,23 @@ def run(plain: Plain, channel: Channel) -> None:
             print(answer["notice"], file=sys.stderr)
 
 
+def kluis_error(exc: DaemonError | OSError) -> KluisError:
+    """A failure of a :class:`Channel` as the Kluis error the full CLI reports (the error tree
+    loaded only now): the daemon's own Kluis error by its code, else a local or transport one."""
+    from kluis.errors import LocalProtocolError, TransportError, error_for_code
+
+    if isinstance(exc, OSError):
+        return TransportError(f"the kluis daemon did not answer: {exc}")
+    code = (exc.error.get("data") or {}).get("code")
+    return error_for_code(code, str(exc)) if code else LocalProtocolError(f"daemon: {exc}")
+
+
 def _report(exc: DaemonError | OSError) -> int:
     """The full CLI's wording for a failure on the fast path (loaded only now)."""
     from kluis.apps import cli
-    from kluis.errors import LocalProtocolError, NotSent, TransportError, error_for_code
+    from kluis.errors import NotSent
 
-    if isinstance(exc, OSError):
-        cli._report(TransportError(f"the kluis daemon did not answer: {exc}"), "error")
-        return 1
-    code = (exc.error.get("data") or {}).get("code")
-    err = error_for_code(code, str(exc)) if code else LocalProtocolError(f"daemon: {exc}")
+    err = kluis_error(exc)
     if isinstance(err, NotSent):
         print(f"{cli.NOT_SENT} ({err.message})", file=sys.stderr)
     else:
@@ -276,8 +287,10 @@ def _report(exc: DaemonError | OSError) -> int:
 
 
 def run_whole(argv: Sequence[str], channel: Channel, timeout: float) -> int:
-    """Have the daemon run the command line ``argv``; print what it printed."""
-    longer = 600.0 if argv and "fetch" in argv[:3] else 3 * timeout  # downloads take longer
+    """Have the daemon run the command line ``argv``; print what it printed; its exit status.
+    (The full CLI calls it too, with its own Channel.)"""
+    fetch = _timeout(argv)[1][:1] == ["fetch"]
+    longer = 600.0 if fetch else 3 * timeout  # downloads take longer
     answer = channel.call("run", {"argv": list(argv), "cwd": os.getcwd()}, longer=longer)
     sys.stdout.write(answer["stdout"])
     sys.stdout.flush()

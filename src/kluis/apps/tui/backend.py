@@ -34,11 +34,10 @@ from kluis.apps.ops import (
     Online,
     Post,
     Progress,
-    backend_event,
+    follow,
 )
-from kluis.client.backoff import GOING_AWAY, Backoff, BackoffPolicy
+from kluis.client.backoff import Backoff, BackoffPolicy
 from kluis.client.client import KluisClient
-from kluis.client.events import ConnectionDown, ConnectionUp
 from kluis.client.groups import GroupState
 from kluis.client.records import Message
 from kluis.client.store import ProfileStore
@@ -345,23 +344,4 @@ class ClientBackend:
         the node said it is going away (1001: it drains; the next login lands elsewhere)."""
         policy = BackoffPolicy(base_s=self._base, cap_s=self._cap, jitter="equal")
         backoff = Backoff(policy, clock=time.monotonic, random=self._random)
-        while True:
-            reason = "not connected"
-            going_away = False
-            try:
-                async for event in self._client.events():
-                    if isinstance(event, ConnectionUp):
-                        backoff.up()
-                        post(Online())
-                    elif isinstance(event, ConnectionDown):
-                        reason = event.reason
-                        going_away = event.close_code == GOING_AWAY
-                    elif (shown := backend_event(event)) is not None:
-                        post(shown)  # notes: the app does not show them
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # refused login, DNS, ...: say why, and try again later
-                reason = str(exc) or type(exc).__name__
-            delay = backoff.down(going_away=going_away)
-            post(Offline(reason, delay))
-            await asyncio.sleep(delay)
+        await follow(self._client, backoff, post)  # any failure: say why, and try again later
