@@ -269,8 +269,11 @@ def kluis_error(exc: DaemonError | OSError) -> KluisError:
 
     if isinstance(exc, OSError):
         return TransportError(f"the kluis daemon did not answer: {exc}")
-    code = (exc.error.get("data") or {}).get("code")
-    return error_for_code(code, str(exc)) if code else LocalProtocolError(f"daemon: {exc}")
+    data = exc.error.get("data")
+    code = data.get("code") if isinstance(data, dict) else None
+    if isinstance(code, str) and code:
+        return error_for_code(code, str(exc))
+    return LocalProtocolError(f"daemon: {exc}")
 
 
 def _report(exc: DaemonError | OSError) -> int:

@@ -35,10 +35,11 @@ from kluis.apps.app_rpc import (
 from kluis.apps.daemon import SOCKET, hold_shared, holder
 from kluis.apps.ops import GroupAction, Offline, Post, Progress
 from kluis.apps.peer import foreign
+from kluis.apps.quick import DaemonError, kluis_error
 from kluis.client.groups import GroupState
 from kluis.client.records import Message
 from kluis.client.verification import Status, Verification
-from kluis.errors import LocalProtocolError, TransportError, error_for_code
+from kluis.errors import LocalProtocolError, TransportError
 from kluis.protocol.attachment import AttachmentRef
 
 RETRY_S = 2.0
@@ -170,7 +171,7 @@ class DaemonBackend:
                 return
             error = message.get("error")
             if isinstance(error, dict):
-                future.set_exception(_error(error))
+                future.set_exception(kluis_error(DaemonError(error)))
             else:
                 future.set_result(message.get("result"))
         elif method == "app.event" and self._post is not None:
@@ -324,12 +325,3 @@ class DaemonBackend:
         await asyncio.gather(
             *(t for t in (self._reader, *self._tasks) if t is not None), return_exceptions=True
         )
-
-
-def _error(error: dict[str, Any]) -> Exception:
-    data = error.get("data")
-    code = data.get("code") if isinstance(data, dict) else None
-    message = str(error.get("message", ""))
-    if isinstance(code, str) and code:
-        return error_for_code(code, message)
-    return LocalProtocolError(f"daemon: {message}")
