@@ -194,7 +194,6 @@ class Connection:
 
     def __init__(self, writer: asyncio.StreamWriter) -> None:
         self.writer = writer
-        self.subscribed = False
         self._drain = asyncio.Lock()
 
     def push(self, message: dict[str, Any]) -> None:
@@ -238,7 +237,6 @@ class AppService:
             if params:
                 raise RpcError(INVALID_PARAMS, "invalid params: subscribe takes nothing")
             self.subscribers.add(connection)
-            connection.subscribed = True
             connection.push(
                 {"jsonrpc": "2.0", "method": "app.event", "params": encode_event(self.state)}
             )
