@@ -30,6 +30,7 @@ class Network:
         self.up = True
         self.lose_send_answers = 0  # the server stores a Send, its answer never arrives
         self.sends_left: int | None = None  # after this many Sends answered, the line drops
+        self.close_code: int | None = None  # the server's close code, when the line drops
 
     def factory(self, url: str) -> Transport:
         if not self.up:
@@ -49,6 +50,9 @@ class _Flaky(MemoryTransport):
 
     async def request(self, make: Callable[[int], f.ClientFrame], expect: type[T]) -> T:
         if not self._net.up:
+            if self._net.close_code is not None:
+                code = self._net.close_code
+                raise TransportError(f"connection closed by server ({code})", close_code=code)
             raise TransportError("connection lost")
         if isinstance(make(0), f.Send) and self._net.sends_left is not None:
             if self._net.sends_left == 0:
@@ -95,6 +99,25 @@ async def test_send_while_down_is_kept_and_goes_once_with_the_next_connect(
     await alice.connect()
     await alice.send(bob.account_id, "third")
     assert await _texts(bob) == ["first, while down", "second, kept offline", "third"]
+    await alice.close()
+    await bob.close()
+
+
+async def test_a_send_cut_by_a_draining_node_keeps_its_close_code(
+    inproc: InProcessServer, tmp_path: Path
+) -> None:
+    """NotSent carries the close code of what stopped the send: told 1001 (the node drains),
+    the caller reconnects at once instead of treating it as a connection lost."""
+    net = Network(inproc)
+    await register(inproc, tmp_path / "alice")
+    bob = await register(inproc, tmp_path / "bob")
+    alice = KluisClient.open(tmp_path / "alice", PASSPHRASE, transport_factory=net.factory)
+    await alice.connect()
+    net.up, net.close_code = False, 1001
+    with pytest.raises(NotSent) as refused:
+        await alice.send(bob.account_id, "as the node drains")
+    assert refused.value.details.get("close_code") == 1001
+    assert [p.text for p in alice.outbox()] == ["as the node drains"]
     await alice.close()
     await bob.close()
 

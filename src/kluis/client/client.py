@@ -519,7 +519,9 @@ class KluisClient:
             await self._deliver(payload)
         except TransportError as exc:
             self.core.outbox.keep(payload, int(time.time() * 1000))
-            raise NotSent(f"kept in the outbox ({exc.message})") from exc
+            # the cause's details go along: a close code (1001: the node drains) tells the
+            # caller to reconnect at once rather than as after a connection lost
+            raise NotSent(f"kept in the outbox ({exc.message})", **exc.details) from exc
         sent = self.core.record_sent(payload)
         # E.g. read receipts `kluis history` left in the profile. The message is stored by now:
         # a connection lost here must not read as a failed send (the caller would send it
